@@ -1,0 +1,74 @@
+"""create_app(): config -> hub -> services -> blueprints. No state lives outside the app."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import WebsocketMismatch
+
+from gateway import config as config_mod
+from gateway import cors, publish, site
+from gateway.config import Config
+from gateway.demo import Ticker
+from gateway.errors import BadRequest, error_response
+from gateway.hub import make_hub
+from gateway.transports import BLUEPRINTS, ws
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent  # the project root: templates/ and static/
+
+
+def create_app(overrides: dict[str, Any] | None = None, *, config: Config | None = None) -> Flask:
+    """Build the gateway. With no arguments the config comes from the file and environment;
+    `overrides` (plain data, as in config.toml) builds it from defaults without either."""
+    if config is None:
+        config = config_mod.load() if overrides is None else config_mod.from_mapping(overrides)
+    app = Flask("gateway", root_path=str(ROOT), template_folder="templates", static_folder="static")
+    app.json.sort_keys = False
+    hub = make_hub(config)
+    app.extensions["gateway.config"] = config
+    app.extensions["gateway.hub"] = hub
+    # channel -> callable(text): client WebSocket frames on that channel go to an upstream.
+    app.extensions["gateway.upstream_writers"] = {}
+    # Background work (tickers, upstream sources) that the server starts and stops.
+    app.extensions["gateway.services"] = []
+    if config.demo.channel:
+        app.extensions["gateway.services"].append(Ticker(hub, config.demo.channel, config.demo.interval_s))
+
+    ws.init_app(app)
+    cors.init_app(app)
+    app.register_blueprint(publish.bp)
+    for bp in BLUEPRINTS:
+        app.register_blueprint(bp)
+    app.register_blueprint(site.bp)
+    _register_error_handlers(app)
+    return app
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(BadRequest)
+    def bad_request(exc: BadRequest) -> Response:
+        return error_response(exc.status, exc.code, exc.detail)
+
+    @app.errorhandler(WebsocketMismatch)
+    def websocket_required(exc: WebsocketMismatch) -> Response:
+        return error_response(426, "websocket_required", "this route speaks WebSocket: open it with a WebSocket client",
+                              {"Upgrade": "websocket"})
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        headers = {"Allow": ", ".join(exc.valid_methods)} if getattr(exc, "valid_methods", None) else None
+        return error_response(exc.code or 500, code, exc.description or exc.name, headers)
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "the gateway failed to handle this request; see its log")

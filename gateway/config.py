@@ -1,0 +1,299 @@
+"""Configuration: TOML file + environment overrides -> typed, validated dataclasses.
+
+Every key has a default, so a config file holds only what it changes. Any mistake (an unknown
+key, a wrong type, a value out of range) raises ConfigError whose message is one line naming
+the key and the fix; app.py prints it and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load",
+    "from_mapping",
+]
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 5000
+    publish_token: str = ""
+    max_body_bytes: int = 1_048_576
+    allowed_origins: list[str] = field(default_factory=list)
+    shutdown_grace_s: float = 10.0
+    operator_token: str = ""
+    access_log: bool = True
+
+    def _check(self) -> None:
+        _range("server.port", self.port, 0, 65535)
+        _range("server.max_body_bytes", self.max_body_bytes, 1, 1 << 31)
+        _range("server.shutdown_grace_s", self.shutdown_grace_s, 0, 25)
+
+
+@dataclass
+class HistoryConfig:
+    size: int = 1000
+    max_age_s: float = 3600.0
+
+    def _check(self) -> None:
+        _range("history.size", self.size, 1, 1_000_000)
+        _range("history.max_age_s", self.max_age_s, 1, 30 * 86400)
+
+
+@dataclass
+class PollConfig:
+    max_batch: int = 100
+    longpoll_default_timeout_s: float = 25.0
+    longpoll_max_timeout_s: float = 25.0
+
+    def _check(self) -> None:
+        _range("poll.max_batch", self.max_batch, 1, 10_000)
+        _range("poll.longpoll_max_timeout_s", self.longpoll_max_timeout_s, 0, 3600)
+        _range(
+            "poll.longpoll_default_timeout_s",
+            self.longpoll_default_timeout_s,
+            0,
+            self.longpoll_max_timeout_s,
+        )
+
+
+@dataclass
+class SSEConfig:
+    heartbeat_s: float = 15.0
+    retry_ms: int = 3000
+    padding_bytes: int = 0
+
+    def _check(self) -> None:
+        _range("sse.heartbeat_s", self.heartbeat_s, 0.05, 3600)
+        _range("sse.retry_ms", self.retry_ms, 0, 3_600_000)
+        _range("sse.padding_bytes", self.padding_bytes, 0, 65536)
+
+
+@dataclass
+class WebSocketConfig:
+    ping_s: float = 25.0
+    # Channel names or glob patterns ("chat.*") whose WebSocket clients may publish.
+    client_publish: list[str] = field(default_factory=list)
+
+    def _check(self) -> None:
+        _range("websocket.ping_s", self.ping_s, 0.05, 3600)
+
+
+@dataclass
+class DemoConfig:
+    channel: str = ""
+    interval_s: float = 1.0
+
+    def _check(self) -> None:
+        _range("demo.interval_s", self.interval_s, 0.01, 3600)
+
+
+@dataclass
+class SourceConfig:
+    kind: str = ""
+    url: str = ""
+    channel: str = ""
+    interval: float = 2.0
+    headers: dict[str, str] = field(default_factory=dict)
+    mode: str = "eager"  # "eager" | "lazy"
+    lazy_grace_s: float = 30.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    timeout_s: float = 10.0
+    event: str = ""  # event name to use when the upstream gives none ("" -> "message")
+    items: bool = False  # poll only: one event per item of a JSON array
+    id_field: str = ""  # poll only, with items: de-duplicate items by this field
+    forward_client_messages: bool = False  # websocket only: client frames go upstream
+    max_event_bytes: int = 1_048_576
+
+    def _check(self, key: str = "sources") -> None:
+        if self.kind not in ("sse", "poll", "websocket"):
+            raise ConfigError(f'{key}.kind: must be "sse", "poll" or "websocket", not {self.kind!r}')
+        if not self.url.startswith(("http://", "https://", "ws://", "wss://")):
+            raise ConfigError(f"{key}.url: must be an absolute http(s):// or ws(s):// URL")
+        if not self.channel:
+            raise ConfigError(f"{key}.channel: name the channel this source feeds")
+        if self.mode not in ("eager", "lazy"):
+            raise ConfigError(f'{key}.mode: must be "eager" or "lazy", not {self.mode!r}')
+        _range(f"{key}.interval", self.interval, 0.05, 86400)
+        _range(f"{key}.backoff_initial_s", self.backoff_initial_s, 0.01, 3600)
+        _range(f"{key}.backoff_max_s", self.backoff_max_s, self.backoff_initial_s, 3600)
+        _range(f"{key}.timeout_s", self.timeout_s, 0.1, 3600)
+        _range(f"{key}.lazy_grace_s", self.lazy_grace_s, 0, 86400)
+        _range(f"{key}.max_event_bytes", self.max_event_bytes, 1, 1 << 30)
+
+
+@dataclass
+class ProxyConfig:
+    upstream: str = ""
+    timeout_s: float = 30.0
+
+    def _check(self) -> None:
+        if self.upstream and not self.upstream.startswith(("http://", "https://")):
+            raise ConfigError("proxy.upstream: must be an http:// or https:// URL, or empty to turn the proxy off")
+        _range("proxy.timeout_s", self.timeout_s, 0.1, 3600)
+
+
+@dataclass
+class RedisConfig:
+    url: str = ""
+
+    def _check(self) -> None:
+        if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("redis.url: must start with redis://, rediss:// or unix://")
+
+
+@dataclass
+class DiagnoseConfig:
+    hold_s: float = 15.0
+    thorough_hold_s: float = 65.0
+    max_reports: int = 1000
+
+    def _check(self) -> None:
+        _range("diagnose.hold_s", self.hold_s, 0.5, 600)
+        _range("diagnose.thorough_hold_s", self.thorough_hold_s, 0.5, 600)
+        _range("diagnose.max_reports", self.max_reports, 0, 1_000_000)
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    poll: PollConfig = field(default_factory=PollConfig)
+    sse: SSEConfig = field(default_factory=SSEConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    sources: list[SourceConfig] = field(default_factory=list)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+
+    def _check(self) -> None:
+        for name in ("server", "history", "poll", "sse", "websocket", "demo", "proxy", "redis", "diagnose"):
+            getattr(self, name)._check()
+        for i, source in enumerate(self.sources):
+            source._check(f"sources[{i}]")
+
+
+# Environment variables the contract names, and where each lands.
+ENV_OVERRIDES = {
+    "PORT": ("server", "port"),
+    "GATEWAY_PUBLISH_TOKEN": ("server", "publish_token"),
+    "GATEWAY_OPERATOR_TOKEN": ("server", "operator_token"),
+    "REDIS_URL": ("redis", "url"),
+}
+
+
+def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read the TOML file (missing default file = all defaults), then apply env overrides."""
+    env = os.environ if env is None else env
+    explicit = path is not None or "GATEWAY_CONFIG" in env
+    path = Path(path or env.get("GATEWAY_CONFIG") or Path(__file__).resolve().parent.parent / "config.toml")
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from None
+        except OSError as exc:
+            raise ConfigError(f"GATEWAY_CONFIG: cannot read {path} ({exc.strerror})") from None
+    elif explicit:
+        raise ConfigError(f"GATEWAY_CONFIG: no file at {path}; point it at a TOML file or unset it")
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var in env:
+            value: Any = env[var]
+            if key == "port":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise ConfigError(f"PORT: must be a whole number (got {env[var]!r})") from None
+            data.setdefault(section, {})
+            if not isinstance(data[section], dict):
+                raise ConfigError(f"{section}: must be a table")
+            data[section][key] = value
+    return from_mapping(data)
+
+
+def from_mapping(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from plain data (parsed TOML or a test's overrides)."""
+    config = _build(Config, data, "")
+    config._check()
+    return config
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge overrides into a copy of base (tables merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def as_mapping(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: must be a table")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{where}: unknown key; remove it or use one of: {known}")
+        kwargs[key] = _convert(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where + ".")
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: must be a list")
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{where}: must be a table of strings")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: must be a whole number")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f'{where}: must be a string (in quotes, e.g. "value")')
+        return value
+    return value
+
+
+def _range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: {value} is out of range; use a value from {low} to {high}")

@@ -1,0 +1,22 @@
+"""Channels: the Hub (fan-out, waiting, subscriber counts) over a Store (history and ids)."""
+
+from __future__ import annotations
+
+from gateway.config import Config
+from gateway.hub.events import Batch, Event, gap_event
+from gateway.hub.hub import Hub, Store
+from gateway.hub.memory import MemoryStore
+
+__all__ = ["Hub", "Store", "Event", "Batch", "gap_event", "MemoryStore", "make_hub"]
+
+
+def make_hub(config: Config) -> Hub:
+    """A hub on the store the config names: Redis when redis.url is set, else memory."""
+    if config.redis.url:
+        from gateway.hub.redis import RedisStore  # imported lazily: redis is optional
+
+        store = RedisStore(config.redis.url, config.history.size, config.history.max_age_s)
+        hub = Hub(store)
+        store.attach(hub)
+        return hub
+    return Hub(MemoryStore(config.history.size, config.history.max_age_s))

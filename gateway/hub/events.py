@@ -1,0 +1,77 @@
+"""An event, and a batch of events read from a channel; each event encodes itself once per wire
+format, so fan-out to thousands of subscribers reuses the same bytes."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from gateway.ids import Key
+
+__all__ = ["Event", "Batch", "gap_event"]
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+class Event:
+    __slots__ = ("id", "event", "data", "key", "prev", "time", "_json", "_sse")
+
+    def __init__(self, id: str, event: str, data: str, key: Key, prev: str, time: float) -> None:
+        self.id = id
+        self.event = event
+        self.data = data
+        self.key = key  # the parsed id, for ordering
+        self.prev = prev  # id of the event before this one on its channel
+        self.time = time  # wall clock at publish
+        self._json: str | None = None
+        self._sse: bytes | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "event": self.event, "data": self.data}
+
+    @property
+    def json(self) -> str:
+        """The event as a JSON object: a WebSocket frame, an item of a poll response."""
+        if self._json is None:
+            self._json = json.dumps(self.to_dict(), ensure_ascii=False)
+        return self._json
+
+    @property
+    def sse(self) -> bytes:
+        """The event as an SSE block; multi-line data goes out as several data: lines."""
+        if self._sse is None:
+            lines = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(self.data))
+            id_line = f"id: {self.id}\n" if self.id else ""
+            self._sse = f"{id_line}event: {self.event}\n{lines}\n".encode()
+        return self._sse
+
+    def __repr__(self) -> str:
+        return f"Event({self.id!r}, {self.event!r}, {self.data[:40]!r})"
+
+
+@dataclass
+class Batch:
+    """What a reader gets: events after its cursor (oldest first), its next cursor, and whether
+    events were lost between its cursor and the first one here (gap)."""
+
+    events: list[Event] = field(default_factory=list)
+    cursor: str = "0-0"
+    gap: bool = False
+    more: bool = False  # more events wait beyond this batch's limit
+
+    def poll_json(self) -> str:
+        events = ",".join(e.json for e in self.events)
+        gap = "true" if self.gap else "false"
+        more = "true" if self.more else "false"
+        return f'{{"events":[{events}],"cursor":{json.dumps(self.cursor)},"gap":{gap},"more":{more}}}'
+
+    def resync_id(self) -> str:
+        """The cursor from which this batch continues: where a gap event points the client."""
+        return self.events[0].prev if self.events else self.cursor
+
+
+def gap_event(batch: Batch, requested: str) -> Event:
+    """The `gap` event streams send before the next real event when history was lost."""
+    data = json.dumps({"requested": requested, "resumed_from": batch.resync_id()})
+    return Event(batch.resync_id(), "gap", data, (0, 0), "", 0.0)

@@ -1,0 +1,68 @@
+"""POST /publish/<channel>: the push way in (webhooks, back ends, curl)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from flask import Blueprint, Response, jsonify, request
+
+from gateway.errors import BadRequest
+from gateway.transports.common import channel_arg, config, hub
+
+__all__ = ["bp"]
+
+bp = Blueprint("publish", __name__)
+
+
+@bp.post("/publish/", defaults={"channel": ""})
+@bp.post("/publish/<path:channel>")
+def publish(channel: str) -> tuple[Response, int]:
+    server = config().server
+    if not server.publish_token:
+        raise BadRequest(
+            "publishing_off",
+            "publishing is off because no token is configured; set GATEWAY_PUBLISH_TOKEN "
+            "(or server.publish_token in config.toml) and send it as 'Authorization: Bearer <token>'",
+            403,
+        )
+    _check_token(server.publish_token)
+    channel = channel_arg(channel)
+    data, event = _read_body(server.max_body_bytes)
+    ev = hub().publish(channel, data, event)
+    return jsonify(id=ev.id, channel=channel), 202
+
+
+def _check_token(expected: str) -> None:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise BadRequest("unauthorized", "send the publish token as 'Authorization: Bearer <token>'", 401)
+
+
+def _read_body(limit: int) -> tuple[str, str]:
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise _too_large(limit)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("invalid_body", "the body must be UTF-8 text") from None
+    if request.mimetype != "application/json":
+        return text, "message"
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise BadRequest("invalid_json", "the body is declared application/json but is not valid JSON") from None
+    if not isinstance(body, dict) or "data" not in body:
+        raise BadRequest("invalid_json", 'a JSON body must be an object with "data" (and optionally "event")')
+    event = body.get("event", "message")
+    if not isinstance(event, str):
+        raise BadRequest("invalid_event", '"event" must be a string')
+    data = body["data"]
+    return (data if isinstance(data, str) else json.dumps(data)), event
+
+
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest("too_large", f"the body is over the {limit}-byte limit (server.max_body_bytes)", 413)

@@ -1,0 +1,55 @@
+"""Serving with gevent, and shutting down politely. The one place that knows about gevent."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+
+import gevent
+from flask import Flask
+from gevent.pywsgi import WSGIServer
+
+__all__ = ["serve"]
+
+log = logging.getLogger("gateway")
+
+
+def serve(app: Flask) -> None:
+    """Serve until SIGTERM/SIGINT, then: stop accepting, tell every stream to come back later
+    (SSE: a retry hint, WebSocket: close 1012, long poll: answer now), and exit within the
+    grace period (well inside Heroku's 30 s)."""
+    config = app.extensions["gateway.config"]
+    hub = app.extensions["gateway.hub"]
+    services = app.extensions["gateway.services"]
+    server = WSGIServer(
+        (config.server.host, config.server.port),
+        app,
+        log=sys.stderr if config.server.access_log else None,
+        error_log=sys.stderr,
+    )
+    server.start()
+    log.info("gateway listening on http://%s:%d", config.server.host, server.server_port)
+    for service in services:
+        service.start()
+
+    stopping = gevent.event.Event()
+
+    def on_signal() -> None:
+        stopping.set()
+
+    gevent.signal_handler(signal.SIGTERM, on_signal)
+    gevent.signal_handler(signal.SIGINT, on_signal)
+    stopping.wait()
+
+    log.info("shutting down: closing streams")
+    started = time.monotonic()
+    server.close()  # stop accepting; open connections keep going for now
+    hub.close()
+    for service in services:
+        service.stop()
+    # Give streams a moment to write their goodbye, then cut what is left.
+    server.stop(timeout=config.server.shutdown_grace_s)
+    hub.store.close()
+    log.info("stopped in %.1f s", time.monotonic() - started)

@@ -1,0 +1,53 @@
+"""Short poll and long poll: one JSON answer per request. Short poll is long poll with no wait."""
+
+from __future__ import annotations
+
+import math
+
+from flask import Blueprint, Response, request
+
+from gateway.errors import BadRequest
+from gateway.transports.common import channel_arg, config, hub, since_arg
+
+__all__ = ["bp"]
+
+bp = Blueprint("poll", __name__)
+
+
+@bp.get("/poll/", defaults={"channel": ""})
+@bp.get("/poll/<path:channel>")
+def short_poll(channel: str) -> Response:
+    channel = channel_arg(channel)
+    since = since_arg()
+    batch = hub().read(channel, since, config().poll.max_batch)
+    return _answer(batch.poll_json())
+
+
+@bp.get("/longpoll/", defaults={"channel": ""})
+@bp.get("/longpoll/<path:channel>")
+def long_poll(channel: str) -> Response:
+    channel = channel_arg(channel)
+    since = since_arg()
+    timeout = _timeout_arg()
+    gateway = hub()
+    with gateway.subscription(channel):
+        batch = gateway.wait(channel, since, timeout, config().poll.max_batch)
+    return _answer(batch.poll_json())
+
+
+def _timeout_arg() -> float:
+    poll = config().poll
+    raw = request.args.get("timeout")
+    if raw is None or raw == "":
+        return poll.longpoll_default_timeout_s
+    try:
+        timeout = float(raw)
+    except ValueError:
+        timeout = math.nan
+    if not math.isfinite(timeout) or timeout < 0:
+        raise BadRequest("invalid_timeout", "timeout must be a number of seconds, 0 or more")
+    return min(timeout, poll.longpoll_max_timeout_s)
+
+
+def _answer(body: str) -> Response:
+    return Response(body, mimetype="application/json", headers={"Cache-Control": "no-store"})

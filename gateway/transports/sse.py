@@ -1,0 +1,54 @@
+"""Server-Sent Events: one long response, events as `id:`/`event:`/`data:` blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from flask import Blueprint, Response
+
+from gateway.hub import Hub, gap_event
+from gateway.transports.common import channel_arg, config, hub, since_arg
+
+__all__ = ["bp"]
+
+bp = Blueprint("sse", __name__)
+
+HEARTBEAT = b": heartbeat\n\n"
+# On shutdown: come back soon (to this or another instance); Last-Event-ID resumes the stream.
+RECONNECT_HINT = b"retry: 1000\n\n"
+
+
+@bp.get("/sse/", defaults={"channel": ""})
+@bp.get("/sse/<path:channel>")
+def stream(channel: str) -> Response:
+    channel = channel_arg(channel)
+    since = since_arg(header=True)
+    gateway = hub()
+    cfg = config()
+    cursor = since if since is not None else gateway.last_id(channel)
+    head = b""
+    if cfg.sse.padding_bytes:
+        # Some proxies and old browsers hold the first few KB back; a comment pushes it through.
+        head += b":" + b" " * cfg.sse.padding_bytes + b"\n\n"
+    head += f"retry: {cfg.sse.retry_ms}\n\n".encode()
+    body = _events(gateway, channel, cursor, head, cfg.sse.heartbeat_s, cfg.poll.max_batch)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(body, mimetype="text/event-stream", headers=headers, direct_passthrough=True)
+
+
+def _events(gateway: Hub, channel: str, cursor: str, head: bytes, heartbeat_s: float, limit: int) -> Iterator[bytes]:
+    with gateway.subscription(channel):
+        yield head
+        while not gateway.closing:
+            batch = gateway.wait(channel, cursor, heartbeat_s, limit)
+            if batch.gap:
+                chunk = gap_event(batch, cursor).sse + b"".join(e.sse for e in batch.events)
+            elif batch.events:
+                chunk = b"".join(e.sse for e in batch.events)
+            elif gateway.closing:
+                break
+            else:
+                chunk = HEARTBEAT
+            cursor = batch.cursor
+            yield chunk
+        yield RECONNECT_HINT

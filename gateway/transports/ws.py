@@ -1,0 +1,133 @@
+"""WebSocket: one JSON text frame per event; frames from the client publish where allowed."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import threading
+from typing import Any
+
+from flask import Blueprint, current_app, request
+from flask_sock import Sock
+
+from gateway.errors import BadRequest
+from gateway.hub import Hub, gap_event
+from gateway.transports.common import channel_arg, config, hub, since_arg
+
+__all__ = ["bp", "sock", "init_app"]
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("ws", __name__)
+sock = Sock()
+
+SERVICE_RESTART = 1012  # close code: the server is restarting, reconnect
+
+
+def init_app(app: Any) -> None:
+    cfg = app.extensions["gateway.config"]
+    app.config["SOCK_SERVER_OPTIONS"] = {
+        "ping_interval": cfg.websocket.ping_s,
+        "max_message_size": cfg.server.max_body_bytes,
+    }
+
+
+@bp.before_request
+def _check_before_upgrade() -> None:
+    """Reject bad input with a JSON error before the handshake, while we can still answer HTTP."""
+    if request.view_args is not None and "channel" in request.view_args:
+        channel_arg(request.view_args["channel"])
+        since_arg()
+
+
+@sock.route("/ws/<path:channel>", bp=bp)
+def stream(ws: Any, channel: str) -> None:
+    gateway = hub()
+    cfg = config()
+    ws.sock = _SendAll(ws.sock)
+    send_lock = threading.Lock()
+
+    def send(text: str) -> None:
+        with send_lock:
+            ws.send(text)
+
+    cursor = since_arg() or gateway.last_id(channel)
+    forward = current_app.extensions["gateway.upstream_writers"].get(channel)
+    allowed = forward is not None or any(fnmatch.fnmatchcase(channel, p) for p in cfg.websocket.client_publish)
+    reader = threading.Thread(target=_read_client, args=(ws, gateway, channel, allowed, forward, send), daemon=True)
+    reader.start()
+    with gateway.subscription(channel):
+        while ws.connected and not gateway.closing:
+            batch = gateway.wait(channel, cursor, cfg.websocket.ping_s, cfg.poll.max_batch)
+            if batch.gap:
+                send(gap_event(batch, cursor).json)
+            for event in batch.events:
+                send(event.json)
+            cursor = batch.cursor
+    if gateway.closing and ws.connected:
+        ws.close(SERVICE_RESTART, "server restarting; reconnect with ?since=<last id>")
+
+
+def _read_client(ws: Any, gateway: Hub, channel: str, allowed: bool, forward: Any, send: Any) -> None:
+    """Frames from the client: publish (or forward upstream) where allowed, else an error frame."""
+    while ws.connected:
+        try:
+            message = ws.receive()
+        except Exception:  # ConnectionClosed or a dead socket: the sender loop notices too
+            return
+        if message is None:
+            continue
+        try:
+            if not allowed:
+                raise BadRequest(
+                    "publish_not_allowed",
+                    f"clients may not publish to {channel!r}; add it to websocket.client_publish to allow it",
+                    403,
+                )
+            if isinstance(message, bytes):
+                try:
+                    message = message.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise BadRequest("invalid_frame", "binary frames must be UTF-8 text") from None
+            if forward is not None:
+                forward(message)
+            else:
+                data, event = _parse_frame(message)
+                gateway.publish(channel, data, event)
+        except BadRequest as exc:
+            try:
+                send(json.dumps({"event": "error", "error": exc.code, "detail": exc.detail}))
+            except Exception:
+                return
+
+
+def _parse_frame(message: str) -> tuple[str, str]:
+    """A JSON object with "data" (and "event") publishes like POST /publish; any other text is
+    the data of a `message` event."""
+    try:
+        obj = json.loads(message)
+    except ValueError:
+        return message, "message"
+    if not isinstance(obj, dict) or "data" not in obj:
+        return message, "message"
+    data = obj["data"]
+    event = obj.get("event", "message")
+    if not isinstance(event, str):
+        raise BadRequest("invalid_event", "event must be a string")
+    return (data if isinstance(data, str) else json.dumps(data)), event
+
+
+class _SendAll:
+    """simple-websocket writes with socket.send(), which may write only part of a large frame
+    to a slow client; this makes every write whole."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def send(self, data: bytes) -> int:
+        self._sock.sendall(data)
+        return len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)

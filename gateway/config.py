@@ -60,12 +60,9 @@ class PollConfig:
     def _check(self) -> None:
         _range("poll.max_batch", self.max_batch, 1, 10_000)
         _range("poll.longpoll_max_timeout_s", self.longpoll_max_timeout_s, 0, 3600)
-        _range(
-            "poll.longpoll_default_timeout_s",
-            self.longpoll_default_timeout_s,
-            0,
-            self.longpoll_max_timeout_s,
-        )
+        _range("poll.longpoll_default_timeout_s", self.longpoll_default_timeout_s, 0, 3600)
+        # The cap applies to the default too, so lowering the cap alone is enough.
+        self.longpoll_default_timeout_s = min(self.longpoll_default_timeout_s, self.longpoll_max_timeout_s)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,15 @@ from typing import Any
 import pytest
 
 from tests.helpers import Gateway
+
+# The config of the shared `gateway` fixture: small limits, so tests reach them quickly.
+TEST_CONFIG: dict[str, Any] = {
+    "history": {"size": 50},
+    "sse": {"heartbeat_s": 0.5, "retry_ms": 500},
+    "websocket": {"ping_s": 5.0, "client_publish": ["chat.*"]},
+    "server": {"max_body_bytes": 4096},
+    "poll": {"max_batch": 100, "longpoll_max_timeout_s": 10.0},
+}
 
 
 @pytest.fixture
@@ -26,13 +36,15 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
         gw.stop()
 
 
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One gateway shared by a test module (tests use their own channels via `channel`)."""
+    gw = Gateway(TEST_CONFIG, tmp_path_factory.mktemp("gateway"))
+    yield gw
+    gw.stop()
+
+
 @pytest.fixture
-def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
-    """A gateway with small limits so tests reach them quickly."""
-    return start_gateway({
-        "history": {"size": 50},
-        "sse": {"heartbeat_s": 0.5, "retry_ms": 500},
-        "websocket": {"ping_s": 5.0, "client_publish": ["chat.*"]},
-        "server": {"max_body_bytes": 4096},
-        "poll": {"max_batch": 100, "longpoll_max_timeout_s": 10.0},
-    })
+def channel() -> str:
+    """A channel name no other test uses."""
+    return f"t.{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,101 @@
+"""Start-up (config errors, embedded default), health, the index page, and SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import requests
+import websocket
+
+from tests.clients import SSEClient, longpoll, poll
+from tests.helpers import ROOT, free_port
+
+
+def run_app(env: dict[str, str], timeout: float = 10) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "GATEWAY_PUBLISH_TOKEN")} | env
+    return subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_broken_config_stops_start_up_with_one_clear_line(tmp_path):
+    cases = {
+        "[server]\nprot = 1\n": "server.prot: unknown key",
+        "[history]\nsize = 'big'\n": "history.size: must be a whole number",
+        "[history]\nsize = 0\n": "history.size: 0 is out of range",
+        "[sse]\nheartbeat_s = true\n": "sse.heartbeat_s: must be a number",
+        "[[sources]]\nkind = 'ftp'\nurl = 'http://x'\nchannel = 'c'\n": "sources[0].kind",
+        "[server\n": "not valid TOML",
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "bad.toml"
+        path.write_text(text)
+        result = run_app({"GATEWAY_CONFIG": str(path), "PORT": str(free_port())})
+        assert result.returncode == 2, text
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (text, result.stderr)
+    result = run_app({"PORT": "eighty"})
+    assert result.returncode == 2 and "PORT: must be a whole number" in result.stderr
+    result = run_app({"GATEWAY_CONFIG": str(tmp_path / "missing.toml")})
+    assert result.returncode == 2 and "GATEWAY_CONFIG" in result.stderr
+
+
+def test_empty_config_file_is_valid(start_gateway, tmp_path, channel):
+    gw = start_gateway({})
+    assert requests.get(f"{gw.url}/healthz", timeout=5).json()["status"] == "ok"
+
+
+def test_shipped_config_serves_a_ticking_demo_channel_and_an_index(start_gateway):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_CONFIG", "REDIS_URL")} | {"PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        body = longpoll(url, "demo", timeout=5)
+        assert body["events"] and body["events"][0]["event"] == "tick"
+        page = requests.get(url + "/", timeout=5)
+        assert page.status_code == 200 and "/sse/demo" in page.text and "curl" in page.text
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_health(gateway):
+    r = requests.get(f"{gateway.url}/healthz", timeout=5)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_sigterm_tells_every_stream_to_come_back_and_exits_quickly(start_gateway, channel):
+    gw = start_gateway({"sse": {"heartbeat_s": 30}, "websocket": {"ping_s": 30}})
+    cursor = poll(gw.url, channel)["cursor"]
+    sse = SSEClient(f"{gw.url}/sse/{channel}")
+    ws = websocket.create_connection(f"{gw.ws_url}/ws/{channel}", timeout=10)
+    held: dict = {}
+    holder = threading.Thread(target=lambda: held.update(longpoll(gw.url, channel, cursor, timeout=9)))
+    holder.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    gw.proc.terminate()
+
+    # SSE: a reconnect hint, then the stream ends.
+    assert sse.next_event() is None
+    assert sse.retries[-1] == 1000
+    # WebSocket: close frame 1012 (service restart).
+    opcode, data = ws.recv_data(control_frame=True)
+    assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(data[:2], "big") == 1012
+    # Long poll: answered now, empty, with a cursor to resume from.
+    holder.join(5)
+    assert held == {"events": [], "cursor": cursor, "gap": False, "more": False}
+    assert gw.proc.wait(15) == 0
+    assert time.monotonic() - started < 10

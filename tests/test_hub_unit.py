@@ -1,0 +1,106 @@
+"""The hub and memory store as plain Python: ids, history limits, gaps, waiting, freeing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from gateway.errors import BadRequest
+from gateway.hub import Hub, MemoryStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(size: int = 5, age: float = 60.0) -> tuple[Hub, Clock]:
+    clock = Clock()
+    return Hub(MemoryStore(size, age, clock)), clock
+
+
+def test_ids_grow_within_one_millisecond_and_across_clock_steps():
+    hub, clock = make()
+    a = hub.publish("c", "1")
+    b = hub.publish("c", "2")
+    clock.now += 0.5
+    c = hub.publish("c", "3")
+    clock.now -= 10  # a clock that steps back never makes ids go backwards
+    d = hub.publish("c", "4")
+    keys = [e.key for e in (a, b, c, d)]
+    assert keys == sorted(keys) and len(set(keys)) == 4
+    assert a.prev == "0-0" and b.prev == a.id and d.prev == c.id
+
+
+def test_history_is_bounded_by_count_and_age():
+    hub, clock = make(size=3, age=10)
+    ids = [hub.publish("c", str(i)).id for i in range(5)]
+    batch = hub.read("c", ids[1], 100)
+    assert not batch.gap and [e.data for e in batch.events] == ["2", "3", "4"]
+    assert hub.read("c", ids[0], 100).gap
+    clock.now += 11
+    late = hub.publish("c", "late")
+    batch = hub.read("c", ids[4], 100)
+    assert not batch.gap and [e.id for e in batch.events] == [late.id]
+    assert hub.read("c", ids[3], 100).gap  # "4" expired by age
+
+
+def test_cursor_rules():
+    hub, _ = make()
+    assert hub.read("none", None, 10).cursor == "0-0"
+    assert not hub.read("none", "0-0", 10).gap
+    assert hub.read("none", "5-5", 10).gap
+    with pytest.raises(BadRequest):
+        hub.read("none", "x", 10)
+    e = hub.publish("c", "1")
+    assert hub.read("c", None, 10).cursor == e.id
+    assert hub.read("c", e.id, 10).events == []
+
+
+def test_unused_channels_without_history_are_freed():
+    hub, clock = make(age=10)
+    hub.publish("old", "x")
+    with hub.subscription("watched"):
+        hub.publish("watched", "y")
+        clock.now += 11
+        hub._next_sweep = 0
+        hub.publish("fresh", "z")
+        assert "old" not in hub.store.channels()
+        assert "watched" in hub.store.channels()  # someone listens
+        assert "fresh" in hub.store.channels()  # still has history
+
+
+def test_listeners_hear_first_and_last_subscriber():
+    hub, _ = make()
+    heard = []
+    hub.add_listener(lambda channel, n: heard.append((channel, n)))
+    with hub.subscription("c"), hub.subscription("c"):
+        pass
+    assert heard == [("c", 1), ("c", 0)]
+    assert hub.subscribers() == 0
+
+
+def test_wait_wakes_on_publish_and_on_close():
+    hub, _ = make()
+    results = []
+    t = threading.Thread(target=lambda: results.append(hub.wait("c", None, 5, 10)))
+    t.start()
+    threading.Timer(0.1, hub.publish, ("c", "hi")).start()
+    t.join(3)
+    assert [e.data for e in results[0].events] == ["hi"]
+    t = threading.Thread(target=lambda: results.append(hub.wait("c", results[0].cursor, 5, 10)))
+    t.start()
+    threading.Timer(0.1, hub.close).start()
+    t.join(3)
+    assert not t.is_alive() and results[1].events == []
+
+
+def test_event_encodings_are_computed_once():
+    hub, _ = make()
+    e = hub.publish("c", "a\r\nb", "x")
+    assert e.sse == f"id: {e.id}\nevent: x\ndata: a\ndata: b\n\n".encode()
+    assert e.sse is e.sse and e.json is e.json

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,13 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     operator_token: str = ""
     access_log: bool = True
+    stall_timeout_s: float = 120.0
 
     def _check(self) -> None:
         _range("server.port", self.port, 0, 65535)
         _range("server.max_body_bytes", self.max_body_bytes, 1, 1 << 31)
         _range("server.shutdown_grace_s", self.shutdown_grace_s, 0, 25)
+        _range("server.stall_timeout_s", self.stall_timeout_s, 1, 86400)
 
 
 @dataclass
@@ -129,6 +132,10 @@ class SourceConfig:
         _range(f"{key}.timeout_s", self.timeout_s, 0.1, 3600)
         _range(f"{key}.lazy_grace_s", self.lazy_grace_s, 0, 86400)
         _range(f"{key}.max_event_bytes", self.max_event_bytes, 1, 1 << 30)
+        for name, value in self.headers.items():
+            for var in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value):
+                if var not in os.environ:
+                    raise ConfigError(f"{key}.headers.{name}: environment variable {var} is not set; set it or drop ${{{var}}}")
 
 
 @dataclass
@@ -145,10 +152,13 @@ class ProxyConfig:
 @dataclass
 class RedisConfig:
     url: str = ""
+    prefix: str = "gw:"  # key prefix, so several deployments can share one Redis
 
     def _check(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("redis.url: must start with redis://, rediss:// or unix://")
+        if not self.prefix or any(c.isspace() for c in self.prefix):
+            raise ConfigError('redis.prefix: must be a non-empty string without spaces, e.g. "gw:"')
 
 
 @dataclass

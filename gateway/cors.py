@@ -44,13 +44,16 @@ def init_app(app: Flask) -> None:
                 f"requests from {origin[:100]} are not allowed; add it to server.allowed_origins",
             )
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
-            return Response(status=204, headers={
-                "Access-Control-Allow-Origin": origin,
-                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
-                "Access-Control-Max-Age": "600",
-                "Vary": "Origin",
-            })
+            return Response(
+                status=204,
+                headers={
+                    "Access-Control-Allow-Origin": origin,
+                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                    "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
+                    "Access-Control-Max-Age": "600",
+                    "Vary": "Origin",
+                },
+            )
         return None
 
     @app.after_request

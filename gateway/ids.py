@@ -21,8 +21,11 @@ def parse(text: str) -> Key:
     """Parse a client's cursor, or raise BadRequest (-> 400) when it is not one of our ids."""
     match = _ID.fullmatch(text)
     if not match:
-        raise BadRequest("invalid_since", f"{text[:64]!r} is not an event id of this gateway; "
-                         "pass back an id or cursor it gave you, or omit since to start from now")
+        raise BadRequest(
+            "invalid_since",
+            f"{text[:64]!r} is not an event id of this gateway; "
+            "pass back an id or cursor it gave you, or omit since to start from now",
+        )
     return int(match[1]), int(match[2])
 
 

@@ -9,9 +9,19 @@ import time
 
 import gevent
 from flask import Flask
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
 __all__ = ["serve"]
+
+
+class _Handler(WSGIHandler):
+    """Drops a connection whose socket makes no progress for server.stall_timeout_s (a client
+    that stopped reading, a half-open socket); otherwise it would hold its greenlet forever."""
+
+    def __init__(self, sock, address, server, rfile=None):  # noqa: ANN001 (gevent's signature)
+        sock.settimeout(server.stall_timeout_s)
+        super().__init__(sock, address, server, rfile)
+
 
 log = logging.getLogger("gateway")
 
@@ -26,9 +36,11 @@ def serve(app: Flask) -> None:
     server = WSGIServer(
         (config.server.host, config.server.port),
         app,
+        handler_class=_Handler,
         log=sys.stderr if config.server.access_log else None,
         error_log=sys.stderr,
     )
+    server.stall_timeout_s = config.server.stall_timeout_s
     server.start()
     log.info("gateway listening on http://%s:%d", config.server.host, server.server_port)
     for service in services:

@@ -19,8 +19,14 @@ def index() -> str:
     if cfg.demo.channel and cfg.demo.channel not in channels:
         channels.insert(0, cfg.demo.channel)
     base = request.host_url.rstrip("/")
-    return render_template("index.html", channels=channels, base=base, ws_base=base.replace("http", "ws", 1),
-                           publishing=bool(cfg.server.publish_token), sources=cfg.sources)
+    return render_template(
+        "index.html",
+        channels=channels,
+        base=base,
+        ws_base=base.replace("http", "ws", 1),
+        publishing=bool(cfg.server.publish_token),
+        sources=cfg.sources,
+    )
 
 
 @bp.get("/healthz")
@@ -29,5 +35,6 @@ def healthz() -> tuple[Response, int]:
     if gateway.closing:
         return jsonify(status="shutting_down"), 503
     backend = type(gateway.store).__name__
-    return jsonify(status="ok", backend=backend, channels=len(gateway.channels()),
-                   subscribers=gateway.subscribers()), 200
+    return jsonify(
+        status="ok", backend=backend, channels=len(gateway.channels()), subscribers=gateway.subscribers()
+    ), 200

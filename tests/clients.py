@@ -14,8 +14,9 @@ class SSEClient:
     """Reads an SSE stream over a real HTTP connection; keeps events, comments and retry hints."""
 
     def __init__(self, url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> None:
-        self.response = requests.get(url, headers={"Accept": "text/event-stream", **(headers or {})},
-                                     stream=True, timeout=timeout)
+        self.response = requests.get(
+            url, headers={"Accept": "text/event-stream", **(headers or {})}, stream=True, timeout=timeout
+        )
         self.status = self.response.status_code
         self.headers = self.response.headers
         self._chunks = self.response.iter_content(chunk_size=None)

@@ -90,8 +90,9 @@ class Gateway:
         full_env.update({"PORT": str(self.port), "GATEWAY_CONFIG": str(path), "PYTHONUNBUFFERED": "1"})
         full_env.update(env or {})
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=full_env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -109,11 +110,19 @@ class Gateway:
 
     def publish(self, channel: str, data: str, event: str | None = None) -> str:
         if event is None:
-            r = requests.post(f"{self.url}/publish/{channel}", data=data.encode(),
-                              headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/plain"}, timeout=5)
+            r = requests.post(
+                f"{self.url}/publish/{channel}",
+                data=data.encode(),
+                headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/plain"},
+                timeout=5,
+            )
         else:
-            r = requests.post(f"{self.url}/publish/{channel}", json={"data": data, "event": event},
-                              headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
+            r = requests.post(
+                f"{self.url}/publish/{channel}",
+                json={"data": data, "event": event},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=5,
+            )
         assert r.status_code == 202, r.text
         return r.json()["id"]
 

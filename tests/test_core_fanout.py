@@ -6,6 +6,8 @@ import socket
 import threading
 import time
 
+import requests
+
 from tests.clients import SSEClient, WSClient, longpoll, poll
 
 SUBSCRIBERS = 200
@@ -73,5 +75,24 @@ def test_a_subscriber_that_never_reads_does_not_delay_the_others(gateway, channe
             assert publish_time < 10
             fresh = gateway.publish(channel, "fresh")
             assert healthy.next_event()["id"] == fresh
+    finally:
+        stuck.close()
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_stall_timeout(start_gateway, channel):
+    gw = start_gateway({"server": {"stall_timeout_s": 1.0}, "history": {"size": 500}})
+    stuck = socket.create_connection(("127.0.0.1", gw.port))
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.sendall(f"GET /sse/{channel} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and requests.get(f"{gw.url}/healthz", timeout=5).json()["subscribers"] < 1:
+            time.sleep(0.05)
+        for i in range(150):  # ~9 MB: more than the kernel's socket buffers hold
+            gw.publish(channel, f"{i}:" + "x" * 60000)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and requests.get(f"{gw.url}/healthz", timeout=5).json()["subscribers"]:
+            time.sleep(0.2)
+        assert requests.get(f"{gw.url}/healthz", timeout=5).json()["subscribers"] == 0
     finally:
         stuck.close()

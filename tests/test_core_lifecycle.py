@@ -17,8 +17,9 @@ from tests.helpers import ROOT, free_port
 
 def run_app(env: dict[str, str], timeout: float = 10) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "GATEWAY_PUBLISH_TOKEN")} | env
-    return subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=full, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "app.py"], cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_broken_config_stops_start_up_with_one_clear_line(tmp_path):
@@ -51,8 +52,9 @@ def test_empty_config_file_is_valid(start_gateway, tmp_path, channel):
 def test_shipped_config_serves_a_ticking_demo_channel_and_an_index(start_gateway):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_CONFIG", "REDIS_URL")} | {"PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 10

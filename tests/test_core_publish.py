@@ -14,8 +14,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 def test_raw_body_is_the_data_of_a_message_event(gateway, channel):
     cursor = poll(gateway.url, channel)["cursor"]
-    r = requests.post(f"{gateway.url}/publish/{channel}", data="héllo\nworld".encode(),
-                      headers={**AUTH, "Content-Type": "text/plain; charset=utf-8"}, timeout=5)
+    r = requests.post(
+        f"{gateway.url}/publish/{channel}",
+        data="héllo\nworld".encode(),
+        headers={**AUTH, "Content-Type": "text/plain; charset=utf-8"},
+        timeout=5,
+    )
     assert r.status_code == 202
     body = r.json()
     assert body["channel"] == channel and body["id"]
@@ -83,14 +87,21 @@ def test_bad_bodies_and_names_get_400(gateway, channel):
 
 def test_cors_preflight_for_an_allowed_origin(start_gateway, channel):
     gw = start_gateway({"server": {"allowed_origins": ["https://app.example"]}})
-    r = requests.options(f"{gw.url}/publish/{channel}", headers={
-        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type"}, timeout=5)
+    r = requests.options(
+        f"{gw.url}/publish/{channel}",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+        timeout=5,
+    )
     assert r.status_code == 204
     assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert "authorization" in r.headers["Access-Control-Allow-Headers"].lower()
-    r = requests.post(f"{gw.url}/publish/{channel}", data=b"x",
-                      headers={**AUTH, "Origin": "https://app.example"}, timeout=5)
+    r = requests.post(
+        f"{gw.url}/publish/{channel}", data=b"x", headers={**AUTH, "Origin": "https://app.example"}, timeout=5
+    )
     assert r.status_code == 202 and r.headers["Access-Control-Allow-Origin"] == "https://app.example"
     r = requests.get(f"{gw.url}/poll/{channel}", headers={"Origin": "https://evil.example"}, timeout=5)
     assert r.status_code == 403 and r.json()["error"] == "origin_not_allowed"
@@ -103,6 +114,7 @@ def test_same_origin_is_allowed_and_cross_origin_refused_by_default(gateway, cha
         r = requests.get(gateway.url + path, headers={"Origin": "https://evil.example"}, timeout=5)
         assert r.status_code == 403, path
         assert r.json()["error"] == "origin_not_allowed"
-    r = requests.post(f"{gateway.url}/publish/{channel}", data=b"x",
-                      headers={**AUTH, "Origin": "https://evil.example"}, timeout=5)
+    r = requests.post(
+        f"{gateway.url}/publish/{channel}", data=b"x", headers={**AUTH, "Origin": "https://evil.example"}, timeout=5
+    )
     assert r.status_code == 403

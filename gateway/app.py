@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
 
 from gateway import config as config_mod
-from gateway import cors, publish, site
+from gateway import cors, proxy, publish, site, sources, status
 from gateway.config import Config
 from gateway.demo import Ticker
 from gateway.errors import BadRequest, error_response
@@ -48,6 +48,9 @@ def create_app(overrides: dict[str, Any] | None = None, *, config: Config | None
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
     app.register_blueprint(site.bp)
+    sources.init_app(app)
+    app.register_blueprint(status.bp)
+    proxy.init_app(app)
     _register_error_handlers(app)
     return app
 

@@ -1,0 +1,31 @@
+"""Upstream sources: each configured `[[sources]]` entry feeds one channel (sse, poll, websocket)."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from gateway.config import SourceConfig
+from gateway.hub import Hub
+from gateway.sources.base import Source, UpstreamError
+from gateway.sources.poll import PollSource
+from gateway.sources.sse import SSESource
+from gateway.sources.websocket import WebSocketSource
+
+__all__ = ["init_app", "make_source", "Source", "UpstreamError", "SSESource", "PollSource", "WebSocketSource"]
+
+KINDS: dict[str, type[Source]] = {"sse": SSESource, "poll": PollSource, "websocket": WebSocketSource}
+
+
+def make_source(cfg: SourceConfig, hub: Hub) -> Source:
+    return KINDS[cfg.kind](cfg, hub)
+
+
+def init_app(app: Flask) -> None:
+    """Build one source per config entry as a service; /status reads them from the app."""
+    hub = app.extensions["gateway.hub"]
+    sources = [make_source(cfg, hub) for cfg in app.extensions["gateway.config"].sources]
+    app.extensions["gateway.sources"] = sources
+    app.extensions["gateway.services"].extend(sources)
+    for source in sources:
+        if isinstance(source, WebSocketSource) and source.cfg.forward_client_messages:
+            app.extensions["gateway.upstream_writers"][source.cfg.channel] = source.send

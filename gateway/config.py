@@ -138,10 +138,6 @@ class SourceConfig:
                     raise ConfigError(
                         f"{key}.headers.{name}: environment variable {var} is not set; set it or drop ${{{var}}}"
                     )
-        for name, value in self.headers.items():
-            for var in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value):
-                if var not in os.environ:
-                    raise ConfigError(f"{key}.headers.{name}: environment variable {var} is not set; set it or drop ${{{var}}}")
 
 
 @dataclass

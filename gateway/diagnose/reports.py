@@ -1,0 +1,280 @@
+"""Shared diagnoses: POST /diagnose/reports keeps what a browser found, GET lists them for the operator.
+
+A person who ran /diagnose can send the verdict here. The operator (behind server.operator_token)
+sees every report and, across all of them, the share in which each transport worked, which tells
+them what their users' networks let through. Storage is bounded (diagnose.max_reports, oldest
+dropped); with redis.url set the reports also go to Redis, so every gateway process sees them all.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request
+
+from gateway.config import Config
+from gateway.errors import BadRequest
+
+__all__ = [
+    "bp",
+    "init_app",
+    "Reports",
+    "TRANSPORTS",
+    "MAX_REPORT_BYTES",
+    "validate",
+    "summarize",
+    "aggregate",
+]
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("diagnose_reports", __name__)
+
+TRANSPORTS = ("websocket", "sse", "long_poll", "short_poll")
+STATUSES = ("ok", "degraded", "broken")
+# A diagnosis with its path facts is a few KB; this leaves room and bounds memory at
+# max_reports * MAX_REPORT_BYTES in the worst case.
+MAX_REPORT_BYTES = 32 * 1024
+REDIS_KEY = "gateway:diagnose:reports"
+_EXTENSION = "gateway.diagnose_reports"
+
+
+def init_app(app: Flask) -> None:
+    """Create the report store for this app and register the routes."""
+    app.extensions[_EXTENSION] = Reports.from_config(app.extensions["gateway.config"])
+    app.register_blueprint(bp)
+
+
+# -- pure functions: checking, summarising and counting reports ----------------------------------
+def validate(payload: Any) -> dict[str, Any]:
+    """The submitted diagnosis if it has the contract's shape, else BadRequest naming what is wrong.
+
+    Transports it does not name count as not tested; keys beyond the contract's are kept as sent."""
+    if not isinstance(payload, dict):
+        raise BadRequest("invalid_report", "a report is the diagnosis JSON object (window.__diagnosis)")
+    transports = payload.get("transports")
+    if not isinstance(transports, dict):
+        raise BadRequest("invalid_report", 'a report needs "transports": an object keyed by transport name')
+    known = [name for name in TRANSPORTS if name in transports]
+    if not known:
+        raise BadRequest("invalid_report", f'"transports" names none of: {", ".join(TRANSPORTS)}')
+    for name in known:
+        entry = transports[name]
+        if not isinstance(entry, dict) or not isinstance(entry.get("ok"), bool):
+            raise BadRequest("invalid_report", f'transports.{name} must be an object with "ok": true or false')
+    recommended = payload.get("recommended")
+    if recommended is not None and recommended not in TRANSPORTS:
+        raise BadRequest("invalid_report", f'"recommended" must be null or one of: {", ".join(TRANSPORTS)}')
+    return payload
+
+
+def transport_status(entry: dict[str, Any]) -> str:
+    """ok / degraded / broken: the page's own status when it gives one, else derived from ok."""
+    status = entry.get("status")
+    if status in STATUSES:
+        return status
+    if entry.get("ok"):
+        return "ok"
+    return "degraded" if entry.get("buffered") else "broken"
+
+
+def summarize(diagnosis: dict[str, Any], *, client: str, forwarded_for: str, user_agent: str, now: float) -> dict:
+    """The record we keep: who sent it, when, and per transport its status, plus the whole diagnosis."""
+    transports = diagnosis["transports"]
+    statuses = {name: transport_status(transports[name]) for name in TRANSPORTS if name in transports}
+    return {
+        "time": round(now, 3),
+        "client": client,
+        "forwarded_for": forwarded_for,
+        "user_agent": user_agent,
+        "recommended": diagnosis.get("recommended"),
+        "transports": statuses,
+        "diagnosis": diagnosis,
+    }
+
+
+def aggregate(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Across reports: per transport how many tested it and in how many it was ok / degraded / broken,
+    the share in which it worked, and how often each transport was recommended."""
+    per: dict[str, dict[str, Any]] = {name: {"tested": 0, **dict.fromkeys(STATUSES, 0)} for name in TRANSPORTS}
+    recommended: dict[str, int] = {name: 0 for name in TRANSPORTS} | {"none": 0}
+    for report in reports:
+        for name, status in report.get("transports", {}).items():
+            if name in per and status in STATUSES:
+                per[name]["tested"] += 1
+                per[name][status] += 1
+        choice = report.get("recommended")
+        recommended[choice if choice in TRANSPORTS else "none"] += 1
+    for counts in per.values():
+        counts["share_ok"] = round(counts["ok"] / counts["tested"], 4) if counts["tested"] else None
+    times = [r["time"] for r in reports if isinstance(r.get("time"), (int, float))]
+    return {
+        "reports": len(reports),
+        "first": min(times) if times else None,
+        "last": max(times) if times else None,
+        "transports": per,
+        "recommended": recommended,
+    }
+
+
+# -- storage ---------------------------------------------------------------------------------------
+class Reports:
+    """The newest `limit` reports in memory; with a Redis URL also in one capped Redis list, which
+    is what listing reads (so all processes agree) unless Redis is down, when memory answers."""
+
+    def __init__(self, limit: int, redis_url: str = "") -> None:
+        self.limit = limit
+        self._memory: deque[dict[str, Any]] = deque(maxlen=max(limit, 1))
+        self._lock = threading.Lock()
+        self._redis: Any = None
+        if redis_url and limit:
+            import redis  # imported lazily: Redis is optional
+
+            self._redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Reports:
+        return cls(config.diagnose.max_reports, config.redis.url)
+
+    @property
+    def shared(self) -> bool:
+        return self._redis is not None
+
+    def add(self, record: dict[str, Any]) -> bool:
+        """Keep a record; True when it also reached Redis, where every gateway process sees it."""
+        with self._lock:
+            self._memory.append(record)
+        if self._redis is None:
+            return False
+        try:
+            pipe = self._redis.pipeline()
+            pipe.lpush(REDIS_KEY, json.dumps(record, separators=(",", ":")))
+            pipe.ltrim(REDIS_KEY, 0, self.limit - 1)
+            pipe.execute()
+            return True
+        except Exception as exc:  # redis errors, timeouts: the report is still in memory
+            log.warning("diagnose reports: Redis write failed (%s); kept in this process only", exc)
+            return False
+
+    def newest_first(self) -> tuple[list[dict[str, Any]], str]:
+        """The reports, newest first, and where they came from ("redis" or "memory")."""
+        if self._redis is not None:
+            try:
+                raw = self._redis.lrange(REDIS_KEY, 0, self.limit - 1)
+                return [r for r in (_loads(item) for item in raw) if r is not None], "redis"
+            except Exception as exc:
+                log.warning("diagnose reports: Redis read failed (%s); showing this process's copy", exc)
+        with self._lock:
+            return list(reversed(self._memory)), "memory"
+
+
+def _loads(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _reports() -> Reports:
+    return current_app.extensions[_EXTENSION]
+
+
+# -- routes ----------------------------------------------------------------------------------------
+@bp.post("/diagnose/reports")
+def submit() -> tuple[Response, int]:
+    reports = _reports()
+    if reports.limit == 0:
+        raise BadRequest(
+            "reports_off",
+            "this gateway keeps no reports (diagnose.max_reports = 0); ask its operator to set diagnose.max_reports",
+            403,
+        )
+    diagnosis = validate(_read_json(MAX_REPORT_BYTES))
+    record = summarize(
+        diagnosis,
+        client=request.remote_addr or "",
+        forwarded_for=request.headers.get("X-Forwarded-For", "")[:200],
+        user_agent=request.headers.get("User-Agent", "")[:300],
+        now=time.time(),
+    )
+    shared = reports.add(record)
+    return jsonify(stored=True, shared=shared, recommended=record["recommended"], transports=record["transports"]), 201
+
+
+@bp.get("/diagnose/reports")
+def listing() -> Response | str:
+    _check_operator()
+    records, source = _reports().newest_first()
+    summary = aggregate(records)
+    if _wants_json():
+        body = {"summary": summary, "source": source, "limit": _reports().limit, "reports": records}
+        return jsonify(body)
+    token = request.args.get("token", "")
+    return render_template(
+        "diagnose_reports.html",
+        summary=summary,
+        reports=records,
+        source=source,
+        limit=_reports().limit,
+        transports=TRANSPORTS,
+        token=token,
+        fmt_time=_fmt_time,
+    )
+
+
+def _read_json(limit: int) -> Any:
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise _too_large(limit)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadRequest("invalid_json", "the body must be the diagnosis as JSON text (UTF-8)") from None
+
+
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest("too_large", f"a report may be at most {limit} bytes of JSON", 413)
+
+
+def _check_operator() -> None:
+    expected = current_app.extensions["gateway.config"].server.operator_token
+    if not expected:
+        raise BadRequest(
+            "operator_view_off",
+            "the report view is off because no operator token is configured; "
+            "set GATEWAY_OPERATOR_TOKEN (or server.operator_token in config.toml) and open "
+            "/diagnose/reports?token=<token> or send 'Authorization: Bearer <token>'",
+            403,
+        )
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        given = request.args.get("token", "")
+    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise BadRequest(
+            "unauthorized", "send the operator token as 'Authorization: Bearer <token>' or as ?token=<token>", 401
+        )
+
+
+def _wants_json() -> bool:
+    fmt = request.args.get("format", "")
+    if fmt:
+        if fmt not in ("json", "html"):
+            raise BadRequest("invalid_format", "format must be json or html")
+        return fmt == "json"
+    # Browsers and */* get the page; a client that asks for JSON first gets JSON.
+    return request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json"
+
+
+def _fmt_time(ts: Any) -> str:
+    if not isinstance(ts, (int, float)):
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))

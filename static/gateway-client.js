@@ -1,0 +1,473 @@
+/*
+ * gateway-client.js: read one channel of the transport gateway over whichever transport gets through.
+ *
+ *   var client = new GatewayClient("https://gw.example", "prices", {
+ *     onEvent: function (ev, transport) { ... },        // ev = {id, event, data}, each exactly once, in order
+ *     onGap: function (info, transport) { ... },        // history was lost between two events: resync your state
+ *     onStatus: function (s) { ... },                   // {state, transport, reason, delayMs}
+ *     transports: ["websocket", "sse", "long_poll", "short_poll"]   // the order to try them in
+ *   });
+ *   client.close();
+ *
+ * It tries each transport in turn and moves on by itself when one is refused, fails before working,
+ * or stalls (a WebSocket that opened but passes no events, an SSE stream whose heartbeats stop).
+ * A connection that worked and then dropped is reconnected on the same transport. Every request
+ * resumes from the last id seen, so no event is lost or delivered twice across reconnects and
+ * fallbacks. After the last transport it starts again from the first with capped, jittered backoff.
+ * Plain ES5 + fetch streams, no build step, no dependencies.
+ */
+(function (root) {
+  "use strict";
+
+  var ORDER = ["websocket", "sse", "long_poll", "short_poll"];
+  var DEFAULTS = {
+    transports: ORDER,
+    since: null, // resume after this id; null: from now
+    stallMs: 35000, // silence after which a stream is checked: longer than the gateway's heartbeat (15 s)
+    graceMs: 3000, // WebSocket: time for events the channel has to arrive once we know they exist
+    connectTimeoutMs: 10000, // handshake, first SSE byte
+    longPollTimeoutS: 25,
+    pollIntervalMs: 2000,
+    backoffMs: 500,
+    maxBackoffMs: 30000,
+    onEvent: null,
+    onGap: null,
+    onStatus: null
+  };
+  var SEEN_MAX = 1024; // ids remembered to drop duplicates without comparing opaque ids
+
+  function GatewayClient(baseUrl, channel, options) {
+    if (!(this instanceof GatewayClient)) return new GatewayClient(baseUrl, channel, options);
+    var opts = {};
+    var key;
+    for (key in DEFAULTS) opts[key] = DEFAULTS[key];
+    for (key in options || {}) opts[key] = options[key];
+    opts.transports = (opts.transports || ORDER).filter(function (t) { return ORDER.indexOf(t) >= 0; });
+    if (!opts.transports.length) throw new Error("GatewayClient: no known transport in " + options.transports);
+    this.options = opts;
+    this.channel = channel;
+    this.base = httpBase(baseUrl);
+    this.lastId = opts.since || null;
+    this.transport = null;
+    this.state = "idle";
+    this.stats = {};
+    for (var i = 0; i < ORDER.length; i++) this.stats[ORDER[i]] = { requests: 0, frames: 0, events: 0, bytes: 0 };
+    this._seen = {};
+    this._seenOrder = [];
+    this._gen = 0; // bumped on every (re)connect: callbacks of an older attempt are ignored
+    this._index = 0;
+    this._round = 0;
+    this._drops = 0;
+    this._closed = false;
+    this._active = null;
+    this._timer = null;
+    this._start();
+  }
+
+  GatewayClient.transports = ORDER.slice();
+
+  GatewayClient.prototype.close = function () {
+    if (this._closed) return;
+    this._closed = true;
+    this._gen++;
+    clearTimeout(this._timer);
+    if (this._active) this._active.close();
+    this._status("closed", this.transport, "closed by the application");
+  };
+
+  // -- lifecycle ------------------------------------------------------------------------------
+  GatewayClient.prototype._start = function () {
+    var self = this;
+    if (this.lastId !== null) return this._connect();
+    // Learn the channel's cursor first, so whichever transport ends up working starts at the same place.
+    this._status("connecting", null, "reading the channel's cursor");
+    var gen = this._gen;
+    request(this, this.base + "/poll/" + enc(this.channel), this.options.connectTimeoutMs, null).then(
+      function (body) {
+        if (gen !== self._gen || self._closed) return;
+        if (self.lastId === null && typeof body.cursor === "string") self.lastId = body.cursor;
+        self._connect();
+      },
+      function (err) {
+        if (gen !== self._gen || self._closed) return;
+        if (err.fatal) return self._fatal(err.message);
+        self._connect(); // the transports start "from now" on their own
+      }
+    );
+  };
+
+  GatewayClient.prototype._connect = function () {
+    if (this._closed) return;
+    var self = this;
+    var name = this.options.transports[this._index];
+    var gen = ++this._gen;
+    var attempt = { healthy: false, started: now() };
+    var handle = {
+      name: name,
+      stats: this.stats[name],
+      alive: function () { return gen === self._gen && !self._closed; },
+      healthy: function () {
+        if (attempt.healthy || !handle.alive()) return;
+        attempt.healthy = true;
+        self._round = 0;
+        self._status("open", name, null);
+      },
+      deliver: function (ev) { if (handle.alive()) self._deliver(ev, name); },
+      gap: function (info) { if (handle.alive()) self._gap(info, name); },
+      // A transport that failed before it ever worked, or stalled, gives way to the next one.
+      fail: function (reason, stalled) {
+        if (!handle.alive()) return;
+        self._gen++;
+        if (self._active) self._active.close();
+        self._failed(name, reason, attempt, !!stalled);
+      },
+      fatal: function (reason) { if (handle.alive()) self._fatal(reason); }
+    };
+    this.transport = name;
+    this._status("connecting", name, null);
+    this._active = OPENERS[name](this, handle);
+  };
+
+  GatewayClient.prototype._failed = function (name, reason, attempt, stalled) {
+    var delay;
+    if (attempt.healthy && !stalled) {
+      // It worked, then dropped (server restart, proxy idle limit): reconnect the same transport.
+      if (now() - attempt.started > 30000) this._drops = 0;
+      delay = jitter(Math.min(this.options.maxBackoffMs, this.options.backoffMs * Math.pow(2, this._drops)));
+      this._drops++;
+    } else {
+      this._drops = 0;
+      this._index++;
+      if (this._index >= this.options.transports.length) {
+        this._index = 0;
+        this._round++;
+        delay = jitter(Math.min(this.options.maxBackoffMs, this.options.backoffMs * Math.pow(2, this._round - 1)));
+      } else {
+        delay = 0;
+      }
+    }
+    this._status("retry", this.options.transports[this._index], name + ": " + reason, delay);
+    var self = this;
+    clearTimeout(this._timer);
+    this._timer = setTimeout(function () { self._connect(); }, delay);
+  };
+
+  GatewayClient.prototype._fatal = function (reason) {
+    this._gen++;
+    this._closed = true;
+    clearTimeout(this._timer);
+    if (this._active) this._active.close();
+    this._status("failed", this.transport, reason);
+  };
+
+  GatewayClient.prototype._deliver = function (ev, name) {
+    if (ev.event === "gap") {
+      var info = parseJSON(ev.data) || {};
+      if (ev.id) this.lastId = ev.id;
+      return this._gap({ requested: info.requested || null, resumed_from: info.resumed_from || ev.id || null }, name);
+    }
+    if (typeof ev.id !== "string" || !ev.id) return;
+    if (this._seen[ev.id]) return; // already delivered (e.g. by the transport before this one)
+    this._seen[ev.id] = true;
+    this._seenOrder.push(ev.id);
+    if (this._seenOrder.length > SEEN_MAX) delete this._seen[this._seenOrder.shift()];
+    this.lastId = ev.id;
+    this.stats[name].events++;
+    call(this.options.onEvent, { id: ev.id, event: ev.event || "message", data: ev.data }, name);
+  };
+
+  GatewayClient.prototype._gap = function (info, name) {
+    call(this.options.onGap, info, name);
+  };
+
+  GatewayClient.prototype._status = function (state, transport, reason, delayMs) {
+    this.state = state;
+    var s = { state: state, transport: transport, reason: reason || null };
+    if (delayMs !== undefined) s.delayMs = Math.round(delayMs);
+    call(this.options.onStatus, s);
+  };
+
+  GatewayClient.prototype._sinceQuery = function (sep) {
+    return this.lastId ? sep + "since=" + enc(this.lastId) : "";
+  };
+
+  // -- transports: each opens, reports through the handle, and returns {close} ----------------
+  var OPENERS = {};
+
+  OPENERS.websocket = function (client, h) {
+    var opts = client.options;
+    if (typeof WebSocket === "undefined") {
+      later(function () { h.fail("this browser has no WebSocket"); });
+      return { close: noop };
+    }
+    var url = client.base.replace(/^http/, "ws") + "/ws/" + enc(client.channel) + client._sinceQuery("?");
+    var ws;
+    try {
+      ws = new WebSocket(url);
+    } catch (e) {
+      later(function () { h.fail("WebSocket refused: " + e.message); });
+      return { close: noop };
+    }
+    h.stats.requests++;
+    var opened = false;
+    var lastFrame = now();
+    var checking = false;
+    var handshake = setTimeout(function () {
+      h.fail("the WebSocket handshake did not finish in " + opts.connectTimeoutMs / 1000 + " s");
+    }, opts.connectTimeoutMs);
+    var watchdog = null;
+    ws.onopen = function () {
+      opened = true;
+      lastFrame = now();
+      clearTimeout(handshake);
+      watchdog = setInterval(check, Math.max(250, opts.stallMs / 4));
+    };
+    ws.onmessage = function (m) {
+      lastFrame = now();
+      h.stats.frames++;
+      h.stats.bytes += utf8Length(m.data);
+      var ev = parseJSON(m.data);
+      if (ev && typeof ev === "object" && typeof ev.event === "string") {
+        h.healthy();
+        h.deliver(ev);
+      }
+    };
+    ws.onclose = function (e) {
+      h.fail(opened ? "the WebSocket closed (code " + e.code + ")" : "the WebSocket was refused or cut during the handshake");
+    };
+    // Browsers show no WebSocket pings to scripts, so silence is checked against the channel itself:
+    // if it has moved past our last id and the events still do not come, the socket is stalled.
+    function check() {
+      if (checking || now() - lastFrame < opts.stallMs) return;
+      checking = true;
+      var asked = now();
+      request(client, client.base + "/poll/" + enc(client.channel), opts.connectTimeoutMs, h.stats).then(
+        function (body) {
+          if (!h.alive()) return;
+          if (body.cursor === client.lastId || client.lastId === null) {
+            // Quiet channel: nothing was missed, so the socket counts as working.
+            if (client.lastId === null) client.lastId = body.cursor;
+            checking = false;
+            lastFrame = now();
+            h.healthy();
+            return;
+          }
+          setTimeout(function () {
+            checking = false;
+            if (h.alive() && lastFrame < asked) h.fail("the WebSocket is open but events do not arrive", true);
+          }, opts.graceMs);
+        },
+        function () { checking = false; lastFrame = now(); }
+      );
+    }
+    return {
+      close: function () {
+        clearTimeout(handshake);
+        clearInterval(watchdog);
+        ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+        try { ws.close(); } catch (e) { /* already closed */ }
+      }
+    };
+  };
+
+  OPENERS.sse = function (client, h) {
+    var opts = client.options;
+    if (!root.fetch || !root.ReadableStream || !root.TextDecoder || !root.AbortController) {
+      later(function () { h.fail("this browser cannot stream responses"); });
+      return { close: noop };
+    }
+    var ctrl = new AbortController();
+    var url = client.base + "/sse/" + enc(client.channel) + client._sinceQuery("?");
+    var lastByte = now();
+    var started = false;
+    var parser = new SSEParser(function (ev) { h.deliver(ev); });
+    // The stream counts as working from its first byte; before that, the connect timeout applies.
+    var watchdog = setInterval(function () {
+      var limit = started ? opts.stallMs : opts.connectTimeoutMs;
+      if (now() - lastByte >= limit) {
+        h.fail(started ? "the event stream went silent (no events or heartbeats for " + Math.round(limit / 1000) + " s)"
+          : "the event stream sent nothing for " + Math.round(limit / 1000) + " s (a buffering proxy?)", true);
+      }
+    }, Math.max(200, Math.min(opts.stallMs, opts.connectTimeoutMs) / 4));
+    h.stats.requests++;
+    root.fetch(url, { signal: ctrl.signal, cache: "no-store", headers: { Accept: "text/event-stream" } }).then(
+      function (resp) {
+        if (!h.alive()) return;
+        if (!resp.ok) return httpError(resp).then(function (err) { err.fatal ? h.fatal(err.message) : h.fail(err.message); });
+        if ((resp.headers.get("Content-Type") || "").indexOf("text/event-stream") !== 0) {
+          return h.fail("the answer is not an event stream (" + resp.headers.get("Content-Type") + ")");
+        }
+        var reader = resp.body.getReader();
+        var decoder = new TextDecoder();
+        var pump = function () {
+          return reader.read().then(function (chunk) {
+            if (!h.alive()) return;
+            if (chunk.done) return h.fail("the event stream ended");
+            lastByte = now();
+            started = true;
+            h.stats.bytes += chunk.value.length;
+            h.healthy();
+            parser.push(decoder.decode(chunk.value, { stream: true }), h.stats);
+            return pump();
+          });
+        };
+        return pump();
+      }
+    ).catch(function (e) { h.fail("the event stream failed: " + (e && e.message)); });
+    return { close: function () { clearInterval(watchdog); ctrl.abort(); } };
+  };
+
+  OPENERS.long_poll = function (client, h) {
+    return pollLoop(client, h, function () {
+      return "/longpoll/" + enc(client.channel) + "?timeout=" + client.options.longPollTimeoutS + client._sinceQuery("&");
+    }, (client.options.longPollTimeoutS * 1000) + client.options.connectTimeoutMs, 0);
+  };
+
+  OPENERS.short_poll = function (client, h) {
+    return pollLoop(client, h, function () {
+      return "/poll/" + enc(client.channel) + client._sinceQuery("?");
+    }, client.options.connectTimeoutMs, client.options.pollIntervalMs);
+  };
+
+  function pollLoop(client, h, path, timeoutMs, intervalMs) {
+    var timer = null;
+    var stopped = false;
+    function once() {
+      if (stopped || !h.alive()) return;
+      var asked = client.lastId;
+      request(client, client.base + path(), timeoutMs, h.stats).then(
+        function (body) {
+          if (stopped || !h.alive()) return;
+          h.healthy();
+          var events = body.events || [];
+          if (body.gap) h.gap({ requested: asked, resumed_from: null });
+          h.stats.frames++;
+          for (var i = 0; i < events.length; i++) h.deliver(events[i]);
+          if (typeof body.cursor === "string" && h.alive()) client.lastId = body.cursor;
+          timer = setTimeout(once, body.more ? 0 : intervalMs);
+        },
+        function (err) {
+          if (err.fatal) h.fatal(err.message);
+          else h.fail(err.message);
+        }
+      );
+    }
+    once();
+    return { close: function () { stopped = true; clearTimeout(timer); } };
+  }
+
+  // -- helpers -----------------------------------------------------------------------------------
+  // GET JSON with a timeout; rejects with {message, fatal}. 4xx other than 408/429 is fatal:
+  // retrying the same request elsewhere cannot fix a bad channel name or a refused origin.
+  function request(client, url, timeoutMs, stats) {
+    var ctrl = root.AbortController ? new AbortController() : null;
+    var timer = setTimeout(function () { if (ctrl) ctrl.abort(); }, timeoutMs);
+    if (stats) stats.requests++;
+    return root.fetch(url, { signal: ctrl && ctrl.signal, cache: "no-store", headers: { Accept: "application/json" } })
+      .then(function (resp) {
+        if (!resp.ok) return httpError(resp).then(function (err) { throw err; });
+        return resp.text().then(function (text) {
+          if (stats) stats.bytes += utf8Length(text);
+          var body = parseJSON(text);
+          if (!body || typeof body !== "object") throw { message: "the answer is not the gateway's JSON", fatal: false };
+          return body;
+        });
+      }, function (e) {
+        var aborted = e && e.name === "AbortError";
+        throw { message: aborted ? "no answer within " + timeoutMs / 1000 + " s" : "network error: " + (e && e.message), fatal: false };
+      })
+      .then(function (body) { clearTimeout(timer); return body; }, function (err) {
+        clearTimeout(timer);
+        throw err.message ? err : { message: String(err), fatal: false };
+      });
+  }
+
+  function httpError(resp) {
+    return resp.text().then(function (text) {
+      var body = parseJSON(text);
+      var detail = body && body.detail ? ": " + body.detail : "";
+      var fatal = resp.status >= 400 && resp.status < 500 && resp.status !== 408 && resp.status !== 429;
+      return { message: "HTTP " + resp.status + detail, fatal: fatal, status: resp.status };
+    }, function () { return { message: "HTTP " + resp.status, fatal: false, status: resp.status }; });
+  }
+
+  // The text/event-stream format: fields per line, an empty line dispatches, ":" starts a comment.
+  function SSEParser(onEvent) {
+    this.onEvent = onEvent;
+    this.buf = "";
+    this.cr = false;
+    this.data = [];
+    this.event = "";
+    this.id = "";
+  }
+
+  SSEParser.prototype.push = function (chunk, stats) {
+    var text = this.buf + chunk;
+    if (this.cr && text.charAt(0) === "\n") text = text.slice(1);
+    this.cr = false;
+    var re = /\r\n|\r|\n/g;
+    var start = 0;
+    var m;
+    while ((m = re.exec(text))) {
+      if (m[0] === "\r" && re.lastIndex === text.length) this.cr = true; // maybe half of a \r\n
+      this.line(text.slice(start, m.index), stats);
+      start = re.lastIndex;
+    }
+    this.buf = text.slice(start);
+  };
+
+  SSEParser.prototype.line = function (line, stats) {
+    if (line === "") {
+      if (this.data.length) {
+        if (stats) stats.frames++;
+        this.onEvent({ id: this.id, event: this.event || "message", data: this.data.join("\n") });
+      }
+      this.data = [];
+      this.event = "";
+      return;
+    }
+    if (line.charAt(0) === ":") return; // comment: heartbeat or padding
+    var colon = line.indexOf(":");
+    var field = colon < 0 ? line : line.slice(0, colon);
+    var value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value.charAt(0) === " ") value = value.slice(1);
+    if (field === "data") this.data.push(value);
+    else if (field === "event") this.event = value;
+    else if (field === "id" && value.indexOf("\0") < 0) this.id = value;
+  };
+
+  function httpBase(baseUrl) {
+    var base = baseUrl || (root.location ? root.location.protocol + "//" + root.location.host : "");
+    if (root.location && base.charAt(0) === "/") base = root.location.protocol + "//" + root.location.host + base;
+    return base.replace(/\/+$/, "");
+  }
+
+  function call(fn) {
+    if (typeof fn !== "function") return;
+    try {
+      fn.apply(null, Array.prototype.slice.call(arguments, 1));
+    } catch (e) {
+      // A throwing handler must not break the connection or lose the cursor.
+      if (root.console) root.console.error("GatewayClient handler failed:", e);
+    }
+  }
+
+  function parseJSON(text) {
+    try { return JSON.parse(text); } catch (e) { return null; }
+  }
+
+  function utf8Length(text) {
+    if (typeof text !== "string") return text && text.byteLength ? text.byteLength : 0;
+    return root.TextEncoder ? new TextEncoder().encode(text).length : text.length;
+  }
+
+  function jitter(ms) { return ms * (0.5 + Math.random() * 0.5); }
+  function now() { return Date.now(); }
+  function enc(s) { return encodeURIComponent(s); }
+  function later(fn) { setTimeout(fn, 0); }
+  function noop() {}
+
+  GatewayClient.SSEParser = SSEParser;
+  root.GatewayClient = GatewayClient;
+  if (typeof module === "object" && module.exports) module.exports = GatewayClient;
+})(typeof window !== "undefined" ? window : this);

@@ -15,7 +15,7 @@ def make_hub(config: Config) -> Hub:
     if config.redis.url:
         from gateway.hub.redis import RedisStore  # imported lazily: redis is optional
 
-        store = RedisStore(config.redis.url, config.history.size, config.history.max_age_s)
+        store = RedisStore(config.redis.url, config.history.size, config.history.max_age_s, config.redis.prefix)
         hub = Hub(store)
         store.attach(hub)
         return hub

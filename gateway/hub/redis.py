@@ -1,0 +1,294 @@
+"""Redis channel store: channels and their history live in Redis Streams, so any number of
+gateway processes share them.
+
+Each channel is one stream (`<prefix>c:<channel>`); Redis issues the "<ms>-<seq>" ids, which
+grow per stream even across clock hiccups. Every entry records the id of the entry before it
+("p"), so gap detection is as exact as the memory store's. Appending and reading are each one
+Lua script (one round trip, atomic). An append PUBLISHes "<node> <channel>" on
+`<prefix>notify`; every process listens there and wakes its local readers of that channel.
+
+Faults: a Redis error becomes BadRequest("backend_unavailable", ..., 503) at this boundary.
+The one exception is a streaming reader (SSE, WebSocket, held long poll) that already holds a
+cursor: it is told "nothing new yet", keeps its connection, and is woken when the listener has
+reconnected, so streams outlive a short Redis outage instead of dropping every client at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from gateway.errors import BadRequest
+from gateway.hub.events import Batch, Event
+from gateway.hub.hub import Hub
+from gateway.ids import ZERO, format_id, parse
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger(__name__)
+
+BACKOFF_INITIAL_S = 0.1
+BACKOFF_MAX_S = 5.0
+KEEPALIVE_S = 30.0  # how often the TTLs of locally streamed channels are pushed out
+CONNECT_TIMEOUT_S = 2.0
+COMMAND_TIMEOUT_S = 5.0
+
+# Ids are compared as strings without leading zeros: longer is bigger, else lexicographic.
+# (Lua numbers are doubles, which cannot hold every 64-bit id part exactly.)
+_ID_LESS = """
+local function id_less(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
+end
+"""
+
+# KEYS[1] stream. ARGV: event, data, size, max_age_ms, ttl_ms, notify topic, notify message.
+# Returns {id, prev}.
+_APPEND = """
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = '0-0'
+if #top > 0 then prev = top[1][1] end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'e', ARGV[1], 'd', ARGV[2], 'p', prev)
+local cutoff = tonumber(string.match(id, '^(%d+)')) - tonumber(ARGV[4])
+if cutoff > 0 then redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', cutoff)) end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return {id, prev}
+"""
+
+# KEYS[1] stream. ARGV: since (canonical; "" = from now), limit, max_age_ms.
+# Returns {last ("" = no such channel), known (0/1), entries after since (up to limit + 1)}.
+# Events older than max_age are treated as gone even before an append trims them.
+_READ = (
+    _ID_LESS
+    + """
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #top == 0 then return {'', 0, {}} end
+local last = top[1][1]
+local since = ARGV[1]
+if since == '' or since == last then return {last, 1, {}} end
+local t = redis.call('TIME')
+local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])
+if cutoff < 0 then cutoff = 0 end
+local floor = string.format('%d-0', cutoff)
+local start = floor
+local known = 0
+local has_before = false
+if not id_less(since, floor) then
+  start = '(' .. since
+  local before = redis.call('XREVRANGE', KEYS[1], since, floor, 'COUNT', 1)
+  if #before > 0 then
+    has_before = true
+    if before[1][1] == since then known = 1 end
+  end
+end
+local entries = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', tonumber(ARGV[2]) + 1)
+if not has_before and #entries > 0 then
+  -- since precedes everything retained: known only as the oldest event's predecessor
+  local fields = entries[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'p' and fields[i + 1] == since then known = 1 end
+  end
+end
+return {last, known, entries}
+"""
+)
+
+
+class RedisStore:
+    """The Store protocol (see hub.py) over Redis; attach(hub) starts the cross-process wake-ups."""
+
+    def __init__(self, url: str, size: int, max_age_s: float, prefix: str = "gw:") -> None:
+        self._size = size
+        self._max_age_ms = max(1, int(max_age_s * 1000))
+        # Keys outlive their last event for a while, so a reader who comes back with the last id
+        # is still recognised; channels somebody streams here are kept alive by the listener.
+        self._ttl_ms = 2 * self._max_age_ms + 60_000
+        self._prefix = prefix
+        self._topic = f"{prefix}notify"
+        self._node = uuid.uuid4().hex[:12]
+        common: dict[str, Any] = {
+            "decode_responses": True,
+            "encoding_errors": "surrogatepass",
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        }
+        # One immediate retry replaces a pooled connection that died with a restarted Redis;
+        # timeouts are not retried, so an append that may have run is never run twice.
+        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+        self._client = redis.Redis.from_url(url, socket_timeout=COMMAND_TIMEOUT_S, retry=retry, **common)
+        self._listen_client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
+        self._append = self._client.register_script(_APPEND)
+        self._read = self._client.register_script(_READ)
+        self._hub: Hub | None = None
+        self._local: set[str] = set()  # channels with streaming readers in this process
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.connected = False  # the listener's view: subscribed to the notify topic right now
+
+    # -- wiring --------------------------------------------------------------------------
+    def attach(self, hub: Hub) -> None:
+        """Wake `hub`'s readers on events published by other processes (a background thread)."""
+        self._hub = hub
+        hub.add_listener(self._on_subscribers)
+        self._thread = threading.Thread(target=self._listen, name="redis-listener", daemon=True)
+        self._thread.start()
+
+    # -- the Store protocol ----------------------------------------------------------------
+    def append(self, channel: str, event: str, data: str) -> Event:
+        message = f"{self._node} {channel}"
+        args = [event, data, self._size, self._max_age_ms, self._ttl_ms, self._topic, message]
+        with _unavailable("publish"):
+            id_, prev = self._append(keys=[self._key(channel)], args=args)
+        key = parse(id_)
+        return Event(id_, event, data, key, prev, key[0] / 1000)
+
+    def read(self, channel: str, since: str | None, limit: int) -> Batch:
+        key = parse(since) if since is not None else None
+        canonical = format_id(key) if key is not None else ""
+        try:
+            last, known, entries = self._read(keys=[self._key(channel)], args=[canonical, limit, self._max_age_ms])
+        except RedisError as exc:
+            if since is not None and channel in self._local:
+                return Batch([], since)  # a stream waits out the outage; the listener wakes it
+            raise _backend_error("read", exc) from None
+        if not last:
+            return Batch([], ZERO, gap=canonical not in ("", ZERO))
+        if not entries:
+            return Batch([], last, gap=not known)
+        events = [_event(entry) for entry in entries[:limit]]
+        return Batch(events, events[-1].id, gap=not known, more=len(entries) > limit)
+
+    def last_id(self, channel: str) -> str:
+        with _unavailable("read"):
+            top = self._client.xrevrange(self._key(channel), count=1)
+        return top[0][0] if top else ZERO
+
+    def channels(self) -> list[str]:
+        start = len(self._prefix) + 2
+        with _unavailable("list channels"):
+            return [key[start:] for key in self._client.scan_iter(match=self._key("*"), count=1000)]
+
+    def sweep(self, busy: Callable[[str], bool]) -> int:
+        return 0  # Redis trims on append and expires idle channels itself
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        self._client.close()
+        self._listen_client.close()
+
+    def ping(self) -> bool:
+        """Whether Redis answers right now."""
+        try:
+            return bool(self._client.ping())
+        except RedisError:
+            return False
+
+    # -- cross-process wake-ups -----------------------------------------------------------
+    def _on_subscribers(self, channel: str, n: int) -> None:
+        if n:
+            self._local.add(channel)
+        else:
+            self._local.discard(channel)
+
+    def _listen(self) -> None:
+        delay = BACKOFF_INITIAL_S
+        first = True
+        while not self._stop.is_set():
+            pubsub = self._listen_client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self._topic)
+                self.connected = True
+                if not first:
+                    log.info("redis listener reconnected; waking readers of %d channel(s)", len(self._local))
+                    # Whatever was published while we were away: every local reader re-reads.
+                    for channel in list(self._local):
+                        self._wake(channel)
+                first = False
+                delay = BACKOFF_INITIAL_S
+                self._pump(pubsub)
+            except RedisError as exc:
+                if self._stop.is_set():
+                    break
+                self.connected = False
+                first = False
+                pause = delay * random.uniform(0.5, 1.0)
+                log.warning("redis listener: %s; retrying in %.2f s", exc, pause)
+                self._stop.wait(pause)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+            finally:
+                self.connected = False
+                try:
+                    pubsub.close()
+                except RedisError:
+                    pass
+
+    def _pump(self, pubsub: Any) -> None:
+        next_keepalive = time.monotonic() + KEEPALIVE_S
+        while not self._stop.is_set():
+            message = pubsub.get_message(timeout=1.0)
+            if message is not None and message.get("type") == "message":
+                node, _, channel = str(message["data"]).partition(" ")
+                if node != self._node:  # our own publishes already woke our readers
+                    self._wake(channel)
+            if time.monotonic() >= next_keepalive:
+                next_keepalive = time.monotonic() + KEEPALIVE_S
+                self._keep_alive()
+
+    def _keep_alive(self) -> None:
+        """Push out the TTL of channels streamed here (as memory's sweep spares busy channels)."""
+        if not self._local:
+            return
+        with self._client.pipeline(transaction=False) as pipe:
+            for channel in list(self._local):
+                pipe.pexpire(self._key(channel), self._ttl_ms)
+            pipe.execute()
+
+    def _wake(self, channel: str) -> None:
+        if self._hub is not None and channel:
+            self._hub.notify(channel)
+
+    def _key(self, channel: str) -> str:
+        return f"{self._prefix}c:{channel}"
+
+
+def _event(entry: list[Any]) -> Event:
+    id_, flat = entry
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    key = parse(id_)
+    return Event(id_, fields["e"], fields["d"], key, fields["p"], key[0] / 1000)
+
+
+def _backend_error(action: str, exc: Exception) -> BadRequest:
+    log.warning("redis unavailable (%s): %s", action, exc)
+    return BadRequest(
+        "backend_unavailable",
+        f"cannot {action}: the Redis backend is unavailable ({type(exc).__name__}); try again shortly",
+        503,
+    )
+
+
+@contextmanager
+def _unavailable(action: str) -> Iterator[None]:
+    """Map Redis errors to our 503 at the boundary."""
+    try:
+        yield
+    except RedisError as exc:
+        raise _backend_error(action, exc) from None

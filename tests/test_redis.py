@@ -1,0 +1,299 @@
+"""The Redis backend against a real redis-server: the memory store's cursor rules, wake-ups
+across processes, two gateways sharing channels over every transport, and a Redis outage."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from gateway.errors import BadRequest
+from gateway.hub import Batch, Hub, MemoryStore
+from gateway.hub.redis import RedisStore
+from tests.clients import SSEClient, WSClient, longpoll, poll
+from tests.helpers import TOKEN, Gateway
+from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
+
+GATEWAY_CONFIG = {
+    "history": {"size": 20},
+    "sse": {"heartbeat_s": 0.5, "retry_ms": 500},
+    "websocket": {"ping_s": 5.0},
+    "poll": {"longpoll_max_timeout_s": 10.0},
+}
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> Iterator[RedisStore]:  # noqa: F811
+    """A store on its own key prefix, so tests sharing the server never see each other's keys."""
+    s = RedisStore(redis_server.url, 5, 3600, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    yield s
+    s.close()
+
+
+def _attached(url: str, prefix: str, size: int = 20) -> tuple[RedisStore, Hub]:
+    s = RedisStore(url, size, 3600, prefix=prefix)
+    hub = Hub(s)
+    s.attach(hub)
+    _until(lambda: s.connected, "the listener subscribed")
+    return s, hub
+
+
+def _until(check, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+def _wait_in_thread(hub: Hub, channel: str, since: str, timeout: float) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        out["batch"] = hub.wait(channel, since, timeout, 100)
+        out["elapsed"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+# -- the store: the same rules as memory ------------------------------------------------------
+def test_store_answers_every_cursor_like_the_memory_store(store):
+    """Same publishes into both stores (history 5, 12 events), then every cursor either gave out
+    must read the same events (by position), gap, more and next cursor."""
+    memory = MemoryStore(5, 3600)
+    mem_ids, red_ids = ["0-0"], ["0-0"]
+    for i in range(12):
+        mem_ids.append(memory.append("c", "tick", f"d{i}").id)
+        red_ids.append(store.append("c", "tick", f"d{i}").id)
+    assert red_ids[1:] == sorted(red_ids[1:], key=lambda s: tuple(map(int, s.split("-"))))
+    assert len(set(red_ids)) == 13
+
+    def shape(batch: Batch, ids: list[str]) -> tuple:
+        return (
+            [ids.index(e.id) for e in batch.events],
+            [e.data for e in batch.events],
+            ids.index(batch.cursor),
+            batch.gap,
+            batch.more,
+        )
+
+    for n in range(13):
+        for limit in (2, 100):
+            expected = shape(memory.read("c", mem_ids[n], limit), mem_ids)
+            assert shape(store.read("c", red_ids[n], limit), red_ids) == expected, (n, limit)
+    assert store.read("c", None, 10) == Batch([], red_ids[-1])
+    assert store.last_id("c") == red_ids[-1]
+
+
+def test_resume_in_batches_gets_every_event_once_in_order(store):
+    ids = [store.append("r", "message", str(i)).id for i in range(5)]
+    cursor, seen = "0-0", []
+    for _ in range(10):
+        batch = store.read("r", cursor, 2)
+        assert not batch.gap
+        seen += [e.id for e in batch.events]
+        cursor = batch.cursor
+        if not batch.more:
+            break
+    assert seen == ids
+    assert store.read("r", cursor, 2) == Batch([], ids[-1])
+
+
+def test_events_keep_name_data_and_predecessor(store):
+    first = store.append("e", "greeting", "héllo\nwörld 🙂")
+    second = store.append("e", "message", '{"a": 1}')
+    (event,) = store.read("e", first.id, 10).events
+    assert event.to_dict() == {"id": second.id, "event": "message", "data": '{"a": 1}'}
+    assert event.prev == first.id and first.prev == "0-0"
+    assert store.read("e", "0-0", 10).events[0].data == "héllo\nwörld 🙂"
+    assert abs(event.time - time.time()) < 5
+
+
+def test_gaps_unknown_cursors_and_empty_channels(store):
+    assert store.read("none", "0-0", 10) == Batch([], "0-0")
+    assert store.read("none", None, 10) == Batch([], "0-0")
+    assert store.read("none", "123-4", 10).gap is True
+    ids = [store.append("g", "message", str(i)).id for i in range(8)]  # history holds the last 5
+    trimmed = store.read("g", ids[1], 10)
+    assert trimmed.gap and [e.id for e in trimmed.events] == ids[3:]
+    assert trimmed.resync_id() == ids[2]
+    assert store.read("g", ids[2], 10).gap is False  # the oldest retained event's predecessor
+    ms, seq = ids[5].split("-")
+    unknown = store.read("g", f"{ms}-{int(seq) + 1000}", 10)  # in range, never issued
+    assert unknown.gap is True
+    assert store.read("g", "99999999999999-0", 10).gap is True
+    assert store.read("g", "0001-0", 10).gap is True
+    with pytest.raises(BadRequest) as bad:
+        store.read("g", "not-an-id", 10)
+    assert bad.value.status == 400
+
+
+def test_history_expires_by_age(redis_server):  # noqa: F811
+    s = RedisStore(redis_server.url, 100, 0.3, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    try:
+        old = s.append("a", "message", "old").id
+        time.sleep(0.4)
+        assert s.read("a", "0-0", 10) == Batch([], old, gap=True)
+        assert s.read("a", old, 10) == Batch([], old)  # the tail is still known
+        new = s.append("a", "message", "new")
+        assert new.prev == old
+        assert [e.data for e in s.read("a", "0-0", 10).events] == ["new"]
+        assert s.read("a", old, 10).gap is False
+    finally:
+        s.close()
+
+
+def test_channels_lists_this_prefix_only(store, redis_server):  # noqa: F811
+    store.append("one", "message", "x")
+    store.append("two.b:c", "message", "x")
+    other = RedisStore(redis_server.url, 5, 3600, prefix=f"o{uuid.uuid4().hex[:8]}:")
+    try:
+        other.append("three", "message", "x")
+        assert sorted(store.channels()) == ["one", "two.b:c"]
+        assert other.channels() == ["three"]
+    finally:
+        other.close()
+
+
+# -- wake-ups across processes (two stores = two nodes) ----------------------------------------
+def test_a_publish_on_one_node_wakes_readers_on_another(redis_server):  # noqa: F811
+    prefix = f"w{uuid.uuid4().hex[:8]}:"
+    (a, hub_a), (b, hub_b) = _attached(redis_server.url, prefix), _attached(redis_server.url, prefix)
+    try:
+        cursor = hub_b.last_id("x")
+        thread, out = _wait_in_thread(hub_b, "x", cursor, 5.0)
+        time.sleep(0.2)  # let it block first
+        sent = hub_a.publish("x", "across")
+        thread.join(6)
+        assert [e.id for e in out["batch"].events] == [sent.id]
+        assert out["elapsed"] < 2.0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_outage_maps_to_503_keeps_streams_waiting_and_recovers(tmp_path: Path):
+    server = RedisServer(tmp_path)
+    s, hub = _attached(server.url, "o:")
+    try:
+        last = hub.publish("o", "before").id
+        with hub.subscription("o"):
+            server.stop()
+            for call in (
+                lambda: hub.publish("o", "x"),
+                lambda: hub.read("o", None, 10),
+                lambda: hub.read("other", last, 10),
+                lambda: hub.channels(),
+            ):
+                with pytest.raises(BadRequest) as down:
+                    call()
+                assert (down.value.status, down.value.code) == (503, "backend_unavailable")
+            assert s.ping() is False
+            # A streaming reader with a cursor is told "nothing yet" and keeps waiting.
+            assert hub.read("o", last, 10) == Batch([], last)
+            thread, out = _wait_in_thread(hub, "o", last, 8.0)
+            time.sleep(0.3)
+            server.start()  # empty: the history died with the server
+            _until(lambda: s.connected, "the listener reconnected")
+            sent = hub.publish("o", "after")
+            thread.join(9)
+        # Woken by the reconnect or by the publish: either way told of the gap, then the event.
+        batch = out["batch"]
+        assert batch.gap is True and out["elapsed"] < 8.0
+        rest = batch.events or hub.read("o", batch.cursor, 10).events
+        assert [(e.id, e.data) for e in rest] == [(sent.id, "after")]
+    finally:
+        s.close()
+        server.stop()
+
+
+# -- two gateway processes on one Redis ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Gateway]]:  # noqa: F811
+    tmp = tmp_path_factory.mktemp("pair")
+    env = {"REDIS_URL": redis_server.url}
+    a = Gateway(GATEWAY_CONFIG, tmp, env)
+    try:
+        b = Gateway(GATEWAY_CONFIG, tmp, env)
+    except Exception:
+        a.stop()
+        raise
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def test_two_gateways_share_channels_over_every_transport(pair, channel):
+    a, b = pair
+    health = requests.get(f"{b.url}/healthz", timeout=5).json()
+    assert health["status"] == "ok" and health["backend"] == "RedisStore"
+    with SSEClient(f"{b.url}/sse/{channel}") as sse, WSClient(f"{b.ws_url}/ws/{channel}") as ws:
+        held: dict = {}
+        poller = threading.Thread(target=lambda: held.update(longpoll(b.url, channel, b.cursor(channel), 8)))
+        poller.start()
+        time.sleep(0.3)  # all three readers are waiting on B
+        first = a.publish(channel, "from A", "note")
+        second = a.publish(channel, "again")
+        expected = [
+            {"id": first, "event": "note", "data": "from A"},
+            {"id": second, "event": "message", "data": "again"},
+        ]
+        assert sse.events(2) == expected
+        assert ws.events(2) == expected
+        poller.join(10)
+    assert held["events"][0] == expected[0] and held["gap"] is False
+    # Resume on B from an id A issued: the rest, once, in order; and A sees B's publishes.
+    third = b.publish(channel, "from B")
+    assert [e["id"] for e in poll(b.url, channel, first)["events"]] == [second, third]
+    assert poll(a.url, channel, second)["events"] == [{"id": third, "event": "message", "data": "from B"}]
+    assert channel in requests.get(f"{a.url}/", timeout=5).text
+
+
+def test_gateways_report_gap_for_history_trimmed_elsewhere(pair, channel):
+    a, b = pair
+    first = a.publish(channel, "lost")
+    ids = [b.publish(channel, str(i)) for i in range(22)]  # history holds 20
+    with SSEClient(f"{a.url}/sse/{channel}", {"Last-Event-ID": first}) as sse:
+        events = sse.events(21)
+    assert events[0]["event"] == "gap" and json.loads(events[0]["data"])["requested"] == first
+    assert [e["id"] for e in events[1:]] == ids[2:]
+
+
+def test_redis_outage_gives_503_then_recovers_and_streams_continue(start_gateway, tmp_path: Path, channel):
+    server = RedisServer(tmp_path)
+    try:
+        env = {"REDIS_URL": server.url}
+        a, b = start_gateway(GATEWAY_CONFIG, env), start_gateway(GATEWAY_CONFIG, env)
+        with SSEClient(f"{b.url}/sse/{channel}") as sse:
+            before = a.publish(channel, "before")
+            assert sse.next_event()["id"] == before
+            server.stop()
+            r = requests.post(
+                f"{a.url}/publish/{channel}",
+                data=b"x",
+                timeout=10,
+                headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/plain"},
+            )
+            assert r.status_code == 503 and r.json()["error"] == "backend_unavailable", r.text
+            health = requests.get(f"{a.url}/healthz", timeout=10)
+            assert health.status_code == 503 and health.json()["error"] == "backend_unavailable"
+            down = requests.get(f"{a.url}/poll/{channel}", timeout=10)
+            assert down.status_code == 503 and down.json()["error"] == "backend_unavailable"
+            time.sleep(1.0)  # B's stream sits through the outage on heartbeats
+            server.start()
+            _until(lambda: requests.get(f"{a.url}/healthz", timeout=5).status_code == 200, "A is healthy again")
+            after = a.publish(channel, "after")
+            gap, event = sse.events(2)
+        assert gap["event"] == "gap" and json.loads(gap["data"])["requested"] == before
+        assert event == {"id": after, "event": "message", "data": "after"}
+        assert "Traceback" not in a.log() + b.log()
+    finally:
+        server.stop()

@@ -1,0 +1,1 @@
+"""`python -m bench`: the gateway's benchmark suite, side by side with Nchan when installed."""

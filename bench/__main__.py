@@ -1,0 +1,178 @@
+"""`make bench` / `python -m bench [--quick] [--cases sse-1k,flood*] [--servers gateway,nchan]`.
+
+Runs each case against a fresh gateway and, when nginx with the Nchan module is installed, a
+fresh Nchan; prints one JSON line per case and server, then a table with gateway/Nchan ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.cases import Case, matrix, quick
+from bench.run import run_case
+from bench.servers import ROOT, GatewayServer, NchanServer, Server, nchan_module, raise_fd_limit
+
+COLUMNS = [
+    ("case", "case", 20),
+    ("server", "server", 8),
+    ("subs", "subscribers", 6),
+    ("deliv", "delivered", 9),
+    ("lost", "lost", 6),
+    ("dis", "disorder", 4),
+    ("p50", "p50_ms", 8),
+    ("p99", "p99_ms", 8),
+    ("max", "max_ms", 8),
+    ("deliv/s", "deliveries_per_s", 8),
+    ("cpu µs/d", "cpu_us_per_delivery", 8),
+    ("PSS MB", "peak_pss_mb", 7),
+    ("KB/conn", "kb_per_conn_pss", 8),
+    ("cli cpu", "client_cpu_max", 7),
+]
+RATIOS = [
+    ("cpu_us_per_delivery", "cpu/deliv"),
+    ("p99_ms", "p99"),
+    ("p50_ms", "p50"),
+    ("deliveries_per_s", "deliv/s"),
+    ("peak_pss_mb", "peak PSS"),
+    ("kb_per_conn_pss", "KB/conn"),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    cases = quick() if args.quick else matrix(args.messages)
+    if args.cases:
+        patterns = args.cases.split(",")
+        cases = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    if args.list:
+        for c in cases:
+            print(
+                f"{c.name:22} {c.transport:5} subscribers={c.subscribers} channels={c.channels} "
+                f"rate={c.rate or 'flood'} messages={c.messages}"
+            )
+        return 0
+    if not cases:
+        print("no case matches --cases; see --list", file=sys.stderr)
+        return 2
+    servers = args.servers.split(",")
+    module = nchan_module()
+    if "nchan" in servers and module is None:
+        print("# nchan: not installed (Debian: nginx libnginx-mod-nchan); running the gateway only", file=sys.stderr)
+        servers = [s for s in servers if s != "nchan"]
+    nofile = raise_fd_limit()
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')} on {platform.node()}: {os.cpu_count()} cpus, "
+        f"{platform.python_implementation()} {platform.python_version()}, fd limit {nofile}, "
+        f"{args.workers} load workers, load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for case in cases:
+            for name in servers:
+                results.append(_one(name, case, Path(tmp), module, args))
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
+    print()
+    print(table(results))
+    return 0
+
+
+def _one(name: str, case: Case, tmp: Path, module: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix=f"{case.name}-{name}-", dir=tmp))
+    server: Server | None = None
+    started = time.monotonic()
+    try:
+        if name == "gateway":
+            server = GatewayServer(workdir, args.gateway_toml, args.gateway_root)
+        else:
+            server = NchanServer(workdir, module or "")
+        result = run_case(server, case, args.workers, args.pad)
+    except Exception as exc:  # one failed case must not stop the rest of the matrix
+        result = {"server": name, "case": case.name, "error": f"{type(exc).__name__}: {exc}"}
+        if server is not None:
+            result["server_log"] = server.log()[-500:]
+    finally:
+        if server is not None:
+            server.stop()
+    result["seconds"] = round(time.monotonic() - started, 1)
+    print(json.dumps(result), flush=True)
+    if result.get("client_saturated"):
+        print(
+            f"# warning: a load worker used {result['client_cpu_max']:.0%} of a core in {case.name} "
+            f"({name}): the client may be the bottleneck",
+            file=sys.stderr,
+            flush=True,
+        )
+    return result
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The results as a fixed-width table, with gateway/Nchan ratio rows where both ran."""
+    lines = [" ".join(f"{title:>{width}}" for title, _, width in COLUMNS)]
+    by_case: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        by_case.setdefault(r["case"], {})[r["server"]] = r
+        if "error" in r:
+            lines.append(f"{r['case']:>20} {r['server']:>8} ERROR {r['error']}")
+            continue
+        lines.append(" ".join(f"{_fmt(r.get(key)):>{width}}" for _, key, width in COLUMNS))
+    ratio_lines = []
+    for case, servers in by_case.items():
+        gw, nc = servers.get("gateway"), servers.get("nchan")
+        if not gw or not nc or "error" in gw or "error" in nc:
+            continue
+        parts = []
+        for key, label in RATIOS:
+            a, b = gw.get(key), nc.get(key)
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+                parts.append(f"{label} {a / b:.2f}x")
+        ratio_lines.append(f"{case:>20}  gateway/nchan: " + ", ".join(parts))
+    if ratio_lines:
+        lines += ["", "ratios (below 1.0 = gateway lower; for deliv/s higher is better):"] + ratio_lines
+    return "\n".join(lines)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="a short subset (1k subscribers, fewer messages)")
+    p.add_argument("--cases", default="", help="comma-separated names or globs (see --list), e.g. 'sse-*,flood*'")
+    p.add_argument("--servers", default="gateway,nchan", help="which servers to run (default: gateway,nchan)")
+    p.add_argument("--messages", type=int, default=200, help="messages per 20 msg/s case (default 200 = 10 s)")
+    p.add_argument("--workers", type=int, default=2, help="load generator processes (default 2)")
+    p.add_argument("--pad", type=int, default=40, help="extra payload bytes per message (default 40)")
+    p.add_argument("--gateway-toml", default="", help="extra TOML appended to the gateway's bench config")
+    p.add_argument(
+        "--gateway-root",
+        type=Path,
+        default=ROOT,
+        help="the gateway checkout to run (default: this one), e.g. a `git archive` of main to compare",
+    )
+    p.add_argument("--out", default="", help="also write the JSON lines to this file")
+    p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The benchmark matrix: what each case opens, publishes and measures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Case", "matrix", "quick"]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    transport: str  # "sse" | "ws" | "lp" | "mixed" (idle: half SSE, half WebSocket)
+    subscribers: int
+    channels: int = 1
+    rate: float = 20.0  # messages/s over all channels; 0 = flood (as fast as the server answers)
+    messages: int = 200
+    idle: bool = False  # only open connections and measure memory
+
+    @property
+    def kind(self) -> str:
+        if self.idle:
+            return "idle"
+        return "flood" if self.rate == 0 else "rate"
+
+
+def matrix(messages: int = 200) -> list[Case]:
+    cases = []
+    for transport in ("sse", "ws", "lp"):
+        for n in (1000, 5000, 10000):
+            cases.append(Case(f"{transport}-{n // 1000}k", transport, n, messages=messages))
+    cases.append(Case("flood-sse-1k", "sse", 1000, rate=0, messages=max(messages * 10, 500)))
+    cases.append(Case("flood-ws-1k", "ws", 1000, rate=0, messages=max(messages * 10, 500)))
+    # Many channels, few subscribers each: 2,000 channels x 3 SSE subscribers, 200 msg/s in all.
+    cases.append(Case("channels-sse-2000x3", "sse", 6000, channels=2000, rate=200, messages=max(messages * 10, 2000)))
+    cases.append(Case("idle-10k", "mixed", 10000, messages=0, idle=True))
+    return cases
+
+
+def quick() -> list[Case]:
+    """A short subset for a quick look (about a minute with Nchan)."""
+    return [
+        Case("sse-1k", "sse", 1000, messages=60),
+        Case("ws-1k", "ws", 1000, messages=60),
+        Case("lp-1k", "lp", 1000, messages=60),
+        Case("flood-sse-1k", "sse", 1000, rate=0, messages=500),
+        Case("idle-2k", "mixed", 2000, messages=0, idle=True),
+    ]

@@ -1,0 +1,223 @@
+"""The servers under test: our gateway (`python app.py`) and, when installed, nginx + Nchan.
+
+Each server is started fresh for a case on a free loopback port with a generated config, and
+exposes the same small surface to the load generator: URLs per transport, a publish request,
+and its process id for CPU and memory readings from /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["Server", "GatewayServer", "NchanServer", "nchan_module", "cpu_seconds", "memory_kb", "raise_fd_limit"]
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "bench-token"
+NCHAN_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/etc/nginx/modules")
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kb(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in KB from /proc/<pid>/smaps_rollup."""
+    rss = pss = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1])
+    return rss, pss
+
+
+def nchan_module() -> str | None:
+    if not shutil.which("nginx"):
+        return None
+    for d in NCHAN_MODULE_DIRS:
+        path = Path(d) / "ngx_nchan_module.so"
+        if path.exists():
+            return str(path)
+    return None
+
+
+class Server:
+    name = "server"
+    proc: subprocess.Popen
+    port: int
+
+    def paths(self, transport: str, channel: str) -> str:
+        raise NotImplementedError
+
+    def publish_request(self, channel: str, body: bytes) -> bytes:
+        raise NotImplementedError
+
+    def longpoll_path(self, channel: str, cursor: str | None) -> str:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _wait_port(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start-up:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start listening:\n{self.log()}")
+
+    def log(self) -> str:
+        return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+class GatewayServer(Server):
+    """Our gateway as users run it: `python app.py` with a TOML config."""
+
+    name = "gateway"
+
+    def __init__(self, workdir: Path, extra_toml: str = "", root: Path = ROOT) -> None:
+        self.port = free_port()
+        config = workdir / "gateway.toml"
+        # Heartbeats and pings far apart, so that only events are measured; no access log.
+        config.write_text(
+            f'[server]\npublish_token = "{TOKEN}"\naccess_log = false\nmax_body_bytes = 65536\n'
+            "[sse]\nheartbeat_s = 600\n[websocket]\nping_s = 600\n"
+            "[poll]\nlongpoll_default_timeout_s = 25\n[history]\nsize = 5000\n" + extra_toml
+        )
+        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "GATEWAY_PUBLISH_TOKEN")}
+        env.update({"PORT": str(self.port), "GATEWAY_CONFIG": str(config), "PYTHONUNBUFFERED": "1"})
+        self._log_path = workdir / "gateway.log"
+        with open(self._log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(root / "app.py")], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self._wait_port()
+
+    def paths(self, transport: str, channel: str) -> str:
+        return {"sse": f"/sse/{channel}", "ws": f"/ws/{channel}"}[transport]
+
+    def longpoll_path(self, channel: str, cursor: str | None) -> str:
+        return f"/longpoll/{channel}?since={cursor or '0-0'}&timeout=25"
+
+    def publish_request(self, channel: str, body: bytes) -> bytes:
+        return (
+            f"POST /publish/{channel} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
+    def log(self) -> str:
+        return self._log_path.read_text(errors="replace")[-3000:]
+
+
+NGINX_CONF = """\
+load_module {module};
+worker_processes 1;
+daemon off;
+master_process off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {conns}; multi_accept on; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
+  uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+  nchan_shared_memory_size 256M;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location ~ ^/pub/(.+)$ {{
+      nchan_publisher; nchan_channel_id $1;
+      nchan_message_buffer_length 5000; nchan_message_timeout 1h;
+    }}
+    location ~ ^/sse/(.+)$ {{
+      nchan_subscriber eventsource; nchan_channel_id $1; nchan_subscriber_first_message newest;
+    }}
+    location ~ ^/ws/(.+)$ {{
+      nchan_subscriber websocket; nchan_channel_id $1; nchan_subscriber_first_message newest;
+    }}
+    location ~ ^/lp/(.+)$ {{
+      nchan_subscriber longpoll; nchan_channel_id $1; nchan_subscriber_first_message newest;
+    }}
+  }}
+}}
+"""
+
+
+class NchanServer(Server):
+    """nginx with the Nchan module: one worker process (master off, so its pid is the worker)."""
+
+    name = "nchan"
+
+    def __init__(self, workdir: Path, module: str) -> None:
+        self.port = free_port()
+        self._dir = Path(tempfile.mkdtemp(prefix="nchan-", dir=workdir))
+        conf = self._dir / "nginx.conf"
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        conf.write_text(
+            NGINX_CONF.format(
+                module=module, dir=self._dir, port=self.port, nofile=nofile, conns=max(1024, nofile - 100)
+            )
+        )
+        with open(self._dir / "stdout.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                ["nginx", "-p", str(self._dir), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        self._wait_port()
+
+    def paths(self, transport: str, channel: str) -> str:
+        return {"sse": f"/sse/{channel}", "ws": f"/ws/{channel}"}[transport]
+
+    def longpoll_path(self, channel: str, cursor: str | None) -> str:
+        return f"/lp/{channel}"
+
+    def publish_request(self, channel: str, body: bytes) -> bytes:
+        return (
+            f"POST /pub/{channel} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
+    def log(self) -> str:
+        path = self._dir / "error.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""

@@ -159,6 +159,14 @@ class RedisConfig:
     def _check(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("redis.url: must start with redis://, rediss:// or unix://")
+        if self.url:
+            from redis.connection import parse_url  # lazily: only a Redis deployment needs it
+
+            try:
+                parse_url(self.url)
+            except ValueError as exc:
+                reason = str(exc).rstrip(".")
+                raise ConfigError(f"redis.url (or REDIS_URL): {reason}; use e.g. redis://host:6379/0") from None
         if not self.prefix or any(c.isspace() for c in self.prefix):
             raise ConfigError('redis.prefix: must be a non-empty string without spaces, e.g. "gw:"')
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from gateway.errors import BadRequest
+from gateway.config import from_mapping
+from gateway.errors import BadRequest, ConfigError
 from gateway.hub import Batch, Hub, MemoryStore
 from gateway.hub.redis import RedisStore
 from tests.clients import SSEClient, WSClient, longpoll, poll
@@ -297,3 +298,11 @@ def test_redis_outage_gives_503_then_recovers_and_streams_continue(start_gateway
         assert "Traceback" not in a.log() + b.log()
     finally:
         server.stop()
+
+
+def test_config_rejects_a_malformed_redis_url_or_prefix():
+    with pytest.raises(ConfigError, match=r"^redis\.url \(or REDIS_URL\): Port could not be cast"):
+        from_mapping({"redis": {"url": "redis://127.0.0.1:notaport/0"}})
+    with pytest.raises(ConfigError, match=r"^redis\.prefix: "):
+        from_mapping({"redis": {"url": "redis://127.0.0.1:6379/0", "prefix": ""}})
+    assert from_mapping({"redis": {"url": "redis://127.0.0.1:6379/0"}}).redis.prefix == "gw:"

@@ -20,8 +20,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -44,6 +43,7 @@ BACKOFF_MAX_S = 5.0
 KEEPALIVE_S = 30.0  # how often the TTLs of locally streamed channels are pushed out
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
+ERROR_LOG_EVERY_S = 5.0
 
 # Ids are compared as strings without leading zeros: longer is bigger, else lexicographic.
 # (Lua numbers are doubles, which cannot hold every 64-bit id part exactly.)
@@ -140,6 +140,8 @@ class RedisStore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.connected = False  # the listener's view: subscribed to the notify topic right now
+        self._failures = 0
+        self._next_error_log = 0.0
 
     # -- wiring --------------------------------------------------------------------------
     def attach(self, hub: Hub) -> None:
@@ -153,20 +155,28 @@ class RedisStore:
     def append(self, channel: str, event: str, data: str) -> Event:
         message = f"{self._node} {channel}"
         args = [event, data, self._size, self._max_age_ms, self._ttl_ms, self._topic, message]
-        with _unavailable("publish"):
+        try:
             id_, prev = self._append(keys=[self._key(channel)], args=args)
+        except RedisError as exc:
+            raise self._unavailable("publish", exc) from None
         key = parse(id_)
         return Event(id_, event, data, key, prev, key[0] / 1000)
 
     def read(self, channel: str, since: str | None, limit: int) -> Batch:
         key = parse(since) if since is not None else None
         canonical = format_id(key) if key is not None else ""
+        # A stream's reader (it holds a cursor) waits out an outage: "nothing new yet", and the
+        # listener wakes it once it has reconnected. While the listener is down we do not even
+        # try, so thousands of heartbeats do not hammer a dead server.
+        waits_out = since is not None and channel in self._local
+        if waits_out and not self.connected:
+            return Batch([], since)
         try:
             last, known, entries = self._read(keys=[self._key(channel)], args=[canonical, limit, self._max_age_ms])
         except RedisError as exc:
-            if since is not None and channel in self._local:
-                return Batch([], since)  # a stream waits out the outage; the listener wakes it
-            raise _backend_error("read", exc) from None
+            if waits_out:
+                return Batch([], since)
+            raise self._unavailable("read", exc) from None
         if not last:
             return Batch([], ZERO, gap=canonical not in ("", ZERO))
         if not entries:
@@ -175,14 +185,18 @@ class RedisStore:
         return Batch(events, events[-1].id, gap=not known, more=len(entries) > limit)
 
     def last_id(self, channel: str) -> str:
-        with _unavailable("read"):
+        try:
             top = self._client.xrevrange(self._key(channel), count=1)
+        except RedisError as exc:
+            raise self._unavailable("read", exc) from None
         return top[0][0] if top else ZERO
 
     def channels(self) -> list[str]:
         start = len(self._prefix) + 2
-        with _unavailable("list channels"):
+        try:
             return [key[start:] for key in self._client.scan_iter(match=self._key("*"), count=1000)]
+        except RedisError as exc:
+            raise self._unavailable("list channels", exc) from None
 
     def sweep(self, busy: Callable[[str], bool]) -> int:
         return 0  # Redis trims on append and expires idle channels itself
@@ -218,9 +232,9 @@ class RedisStore:
                 self.connected = True
                 if not first:
                     log.info("redis listener reconnected; waking readers of %d channel(s)", len(self._local))
-                    # Whatever was published while we were away: every local reader re-reads.
-                    for channel in list(self._local):
-                        self._wake(channel)
+                # Whatever was published while we were not listening: every local reader re-reads.
+                for channel in list(self._local):
+                    self._wake(channel)
                 first = False
                 delay = BACKOFF_INITIAL_S
                 self._pump(pubsub)
@@ -268,27 +282,25 @@ class RedisStore:
     def _key(self, channel: str) -> str:
         return f"{self._prefix}c:{channel}"
 
+    def _unavailable(self, action: str, exc: Exception) -> BadRequest:
+        """Our 503 for a Redis error; logged at most every few seconds, however many requests fail."""
+        now = time.monotonic()
+        self._failures += 1
+        if now >= self._next_error_log:
+            self._next_error_log = now + ERROR_LOG_EVERY_S
+            log.warning(
+                "redis unavailable (%s): %s [%d failed call(s) since the last report]", action, exc, self._failures
+            )
+            self._failures = 0
+        return BadRequest(
+            "backend_unavailable",
+            f"cannot {action}: the Redis backend is unavailable ({type(exc).__name__}); try again shortly",
+            503,
+        )
+
 
 def _event(entry: list[Any]) -> Event:
     id_, flat = entry
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     key = parse(id_)
     return Event(id_, fields["e"], fields["d"], key, fields["p"], key[0] / 1000)
-
-
-def _backend_error(action: str, exc: Exception) -> BadRequest:
-    log.warning("redis unavailable (%s): %s", action, exc)
-    return BadRequest(
-        "backend_unavailable",
-        f"cannot {action}: the Redis backend is unavailable ({type(exc).__name__}); try again shortly",
-        503,
-    )
-
-
-@contextmanager
-def _unavailable(action: str) -> Iterator[None]:
-    """Map Redis errors to our 503 at the boundary."""
-    try:
-        yield
-    except RedisError as exc:
-        raise _backend_error(action, exc) from None

@@ -155,6 +155,7 @@ class ProxyConfig:
 class RedisConfig:
     url: str = ""
     prefix: str = "gw:"  # key prefix, so several deployments can share one Redis
+    tls_verify: bool = True  # rediss:// only; false for self-signed servers such as Heroku Redis
 
     def _check(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):

@@ -4,6 +4,7 @@ always stopped afterwards. Import the `redis_server` fixture (or use RedisServer
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,19 +18,28 @@ from tests.helpers import free_port, require_binary
 class RedisServer:
     """`redis-server` on a free port; stop() and start() again on the same port (an outage)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tls: bool = False) -> None:
         self.binary = require_binary("redis-server")
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls = tls
+        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}/0"
         self.workdir = workdir
+        if tls:  # a self-signed certificate, like Heroku Redis has
+            subprocess.run(
+                [require_binary("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                 "-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "cert.pem"],
+                cwd=workdir, check=True, capture_output=True, timeout=30,
+            )  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
+        ports = ["--port", "0", "--tls-port", str(self.port)] if self.tls else ["--port", str(self.port)]
+        tls = ["--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem", "--tls-auth-clients", "no"]
         args = [
             self.binary,
-            "--port",
-            str(self.port),
+            *ports,
+            *(tls if self.tls else []),
             "--bind",
             "127.0.0.1",
             "--save",
@@ -72,7 +82,12 @@ class RedisServer:
             return False
 
     def _command(self, raw: bytes) -> bytes:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as plain:
+            s = plain
+            if self.tls:
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                s = context.wrap_socket(plain)
             s.sendall(raw)
             return s.recv(64)
 

@@ -15,7 +15,8 @@ def make_hub(config: Config) -> Hub:
     if config.redis.url:
         from gateway.hub.redis import RedisStore  # imported lazily: redis is optional
 
-        store = RedisStore(config.redis.url, config.history.size, config.history.max_age_s, config.redis.prefix)
+        redis = config.redis
+        store = RedisStore(redis.url, config.history.size, config.history.max_age_s, redis.prefix, redis.tls_verify)
         hub = Hub(store)
         store.attach(hub)
         return hub

@@ -114,7 +114,7 @@ return {last, known, entries}
 class RedisStore:
     """The Store protocol (see hub.py) over Redis; attach(hub) starts the cross-process wake-ups."""
 
-    def __init__(self, url: str, size: int, max_age_s: float, prefix: str = "gw:") -> None:
+    def __init__(self, url: str, size: int, max_age_s: float, prefix: str = "gw:", tls_verify: bool = True) -> None:
         self._size = size
         self._max_age_ms = max(1, int(max_age_s * 1000))
         # Keys outlive their last event for a while, so a reader who comes back with the last id
@@ -128,6 +128,8 @@ class RedisStore:
             "encoding_errors": "surrogatepass",
             "socket_connect_timeout": CONNECT_TIMEOUT_S,
         }
+        if url.startswith("rediss://") and not tls_verify:
+            common["ssl_cert_reqs"] = "none"
         # One immediate retry replaces a pooled connection that died with a restarted Redis;
         # timeouts are not retried, so an append that may have run is never run twice.
         retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))

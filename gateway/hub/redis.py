@@ -246,7 +246,7 @@ class RedisStore:
                 self.connected = False
                 first = False
                 pause = delay * random.uniform(0.5, 1.0)
-                log.warning("redis listener: %s; retrying in %.2f s", exc, pause)
+                log.warning("redis listener disconnected (%s); retrying in %.2f s", exc, pause)
                 self._stop.wait(pause)
                 delay = min(delay * 2, BACKOFF_MAX_S)
             finally:

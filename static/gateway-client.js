@@ -101,16 +101,23 @@
     var self = this;
     var name = this.options.transports[this._index];
     var gen = ++this._gen;
-    var attempt = { healthy: false, started: now() };
+    var attempt = { opened: false, healthy: false, started: now() };
     var handle = {
       name: name,
       stats: this.stats[name],
       alive: function () { return gen === self._gen && !self._closed; },
+      // Connected (shown as "open"); not yet proof that events get through.
+      opened: function () {
+        if (attempt.opened || !handle.alive()) return;
+        attempt.opened = true;
+        self._status("open", name, null);
+      },
+      // Proven to work: a later drop reconnects this transport instead of moving on.
       healthy: function () {
         if (attempt.healthy || !handle.alive()) return;
         attempt.healthy = true;
         self._round = 0;
-        self._status("open", name, null);
+        handle.opened();
       },
       deliver: function (ev) { if (handle.alive()) self._deliver(ev, name); },
       gap: function (info) { if (handle.alive()) self._gap(info, name); },
@@ -220,6 +227,7 @@
       opened = true;
       lastFrame = now();
       clearTimeout(handshake);
+      h.opened();
       watchdog = setInterval(check, Math.max(250, opts.stallMs / 4));
     };
     ws.onmessage = function (m) {

@@ -41,7 +41,7 @@ STATUSES = ("ok", "degraded", "broken")
 # A diagnosis with its path facts is a few KB; this leaves room and bounds memory at
 # max_reports * MAX_REPORT_BYTES in the worst case.
 MAX_REPORT_BYTES = 32 * 1024
-REDIS_KEY = "gateway:diagnose:reports"
+REDIS_KEY = "gw:diagnose:reports"  # beside the hub's "gw:c:<channel>" keys
 _EXTENSION = "gateway.diagnose_reports"
 
 

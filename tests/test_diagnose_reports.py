@@ -1,0 +1,352 @@
+"""Shared diagnoses: validation and aggregation (pure), the report routes and operator view (in-process
+app), the env token and real sockets (live gateway), Redis sharing and outage, and the share buttons in
+a real headless Chromium."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from gateway.app import create_app
+from gateway.diagnose.reports import (
+    MAX_REPORT_BYTES,
+    Reports,
+    aggregate,
+    summarize,
+    transport_status,
+    validate,
+)
+from gateway.errors import BadRequest
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.helpers import Gateway, require_binary
+from tests.redis_server import RedisServer
+
+OP = "op-secret"
+
+
+def diagnosis(ws: bool = True, sse: str = "ok", lp: bool = True, sp: bool = True, **extra: Any) -> dict[str, Any]:
+    def entry(ok: bool, status: str | None = None) -> dict[str, Any]:
+        status = status or ("ok" if ok else "broken")
+        return {"ok": status == "ok", "status": status, "reason": f"{status} because of a test"}
+
+    transports = {
+        "short_poll": entry(sp),
+        "long_poll": entry(lp),
+        "sse": entry(sse == "ok", sse) | {"buffered": sse == "degraded"},
+        "websocket": entry(ws),
+    }
+    order = [n for n in ("websocket", "sse", "long_poll", "short_poll") if transports[n]["ok"]]
+    return {"transports": transports, "recommended": order[0] if order else None} | extra
+
+
+def record(d: dict[str, Any], ua: str = "UA") -> dict[str, Any]:
+    return summarize(validate(d), client="10.0.0.1", forwarded_for="", user_agent=ua, now=1_700_000_000.0)
+
+
+# -- pure functions ---------------------------------------------------------------------------------
+def test_validate_accepts_the_contract_shape_and_keeps_extra_keys() -> None:
+    d = diagnosis(path={"client_address": "1.2.3.4"}, summary="Use WebSocket.")
+    assert validate(copy.deepcopy(d)) == d
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        ([1, 2], "diagnosis JSON object"),
+        ({"recommended": "sse"}, '"transports"'),
+        ({"transports": ["sse"]}, '"transports"'),
+        ({"transports": {"carrier_pigeon": {"ok": True}}}, "names none of"),
+        ({"transports": {"sse": {"ok": "yes"}}}, "transports.sse"),
+        ({"transports": {"sse": True}}, "transports.sse"),
+        ({"transports": {"sse": {"ok": True}}, "recommended": "telnet"}, '"recommended"'),
+    ],
+)
+def test_validate_rejects_what_is_not_a_diagnosis(payload: Any, needle: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        validate(payload)
+    assert info.value.status == 400 and info.value.code == "invalid_report"
+    assert needle in info.value.detail
+
+
+def test_transport_status_prefers_the_pages_status_and_derives_one_otherwise() -> None:
+    assert transport_status({"ok": False, "status": "degraded"}) == "degraded"
+    assert transport_status({"ok": True}) == "ok"
+    assert transport_status({"ok": False, "buffered": True}) == "degraded"
+    assert transport_status({"ok": False}) == "broken"
+    assert transport_status({"ok": True, "status": "bogus"}) == "ok"
+
+
+def test_aggregate_counts_each_transport_over_the_reports_that_tested_it() -> None:
+    reports = [
+        record(diagnosis()),
+        record(diagnosis(ws=False)),
+        record(diagnosis(ws=False, sse="degraded")),
+        # A report that did not test WebSocket at all: not in WebSocket's denominator.
+        record({"transports": {"short_poll": {"ok": True}, "long_poll": {"ok": False}}, "recommended": "short_poll"}),
+        record(diagnosis(ws=False, sse="broken", lp=False, sp=False)),
+    ]
+    reports[-1]["time"] = 1_700_000_100.0
+    summary = aggregate(reports)
+    ws, sse, lp, sp = (summary["transports"][n] for n in ("websocket", "sse", "long_poll", "short_poll"))
+    assert ws == {"tested": 4, "ok": 1, "degraded": 0, "broken": 3, "share_ok": 0.25}
+    assert sse == {"tested": 4, "ok": 2, "degraded": 1, "broken": 1, "share_ok": 0.5}
+    assert lp == {"tested": 5, "ok": 3, "degraded": 0, "broken": 2, "share_ok": 0.6}
+    assert sp == {"tested": 5, "ok": 4, "degraded": 0, "broken": 1, "share_ok": 0.8}
+    assert summary["recommended"] == {"websocket": 1, "sse": 1, "long_poll": 1, "short_poll": 1, "none": 1}
+    assert summary["reports"] == 5
+    assert (summary["first"], summary["last"]) == (1_700_000_000.0, 1_700_000_100.0)
+
+
+def test_aggregate_of_nothing_has_no_shares() -> None:
+    summary = aggregate([])
+    assert summary["reports"] == 0 and summary["first"] is None
+    assert all(t["share_ok"] is None and t["tested"] == 0 for t in summary["transports"].values())
+
+
+# -- the routes, in-process --------------------------------------------------------------------------
+def client(**diagnose: Any) -> Any:
+    app = create_app({"server": {"operator_token": OP}, "diagnose": {"max_reports": 3} | diagnose})
+    return app.test_client()
+
+
+def listing(c: Any, **kw: Any) -> Any:
+    r = c.get("/diagnose/reports?format=json", headers={"Authorization": f"Bearer {OP}"}, **kw)
+    assert r.status_code == 200, r.data
+    return r.json
+
+
+def test_submitted_reports_are_listed_newest_first_with_who_sent_them() -> None:
+    c = client()
+    r = c.post(
+        "/diagnose/reports",
+        json=diagnosis(ws=False),
+        headers={"User-Agent": "Firefox/1", "X-Forwarded-For": "203.0.113.9"},
+    )
+    assert r.status_code == 201
+    assert r.json == {
+        "stored": True,
+        "shared": False,
+        "recommended": "sse",
+        "transports": {"websocket": "broken", "sse": "ok", "long_poll": "ok", "short_poll": "ok"},
+    }
+    c.post("/diagnose/reports", json=diagnosis(), headers={"User-Agent": "Chrome/2"})
+    body = listing(c)
+    assert [r["user_agent"] for r in body["reports"]] == ["Chrome/2", "Firefox/1"]
+    first = body["reports"][1]
+    assert first["client"] == "127.0.0.1" and first["forwarded_for"] == "203.0.113.9"
+    assert first["recommended"] == "sse" and first["diagnosis"] == diagnosis(ws=False)
+    assert body["summary"]["transports"]["websocket"]["share_ok"] == 0.5
+    assert body["source"] == "memory" and body["limit"] == 3
+
+
+def test_storage_is_bounded_and_drops_the_oldest() -> None:
+    c = client()
+    for i in range(5):
+        assert c.post("/diagnose/reports", json=diagnosis(), headers={"User-Agent": f"UA{i}"}).status_code == 201
+    body = listing(c)
+    assert [r["user_agent"] for r in body["reports"]] == ["UA4", "UA3", "UA2"]
+    assert body["summary"]["reports"] == 3
+
+
+def test_max_reports_zero_turns_submission_off() -> None:
+    r = client(max_reports=0).post("/diagnose/reports", json=diagnosis())
+    assert r.status_code == 403 and r.json["error"] == "reports_off"
+    assert "diagnose.max_reports" in r.json["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "code"),
+    [
+        (b"not json", "application/json", 400, "invalid_json"),
+        (b"\xff\xfe", "application/json", 400, "invalid_json"),
+        (b"[" * 15000 + b"]" * 15000, "application/json", 400, "invalid_json"),
+        (json.dumps({"transports": {"sse": {"ok": 1}}}).encode(), "application/json", 400, "invalid_report"),
+        (json.dumps(diagnosis(pad="x" * MAX_REPORT_BYTES)).encode(), "application/json", 413, "too_large"),
+    ],
+)
+def test_bad_submissions_get_a_json_error_and_store_nothing(body: bytes, ctype: str, status: int, code: str) -> None:
+    c = client()
+    r = c.post("/diagnose/reports", data=body, content_type=ctype)
+    assert r.status_code == status and r.json["error"] == code and r.json["detail"]
+    assert listing(c)["reports"] == []
+
+
+def test_operator_view_needs_a_configured_token() -> None:
+    c = create_app({}).test_client()
+    r = c.get("/diagnose/reports")
+    assert r.status_code == 403 and r.json["error"] == "operator_view_off"
+    assert "GATEWAY_OPERATOR_TOKEN" in r.json["detail"]
+    # Sending reports still works: the operator may turn the view on later (or use Redis).
+    assert c.post("/diagnose/reports", json=diagnosis()).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [({}, ""), ({"Authorization": "Bearer wrong"}, ""), ({}, "?token=wrong"), ({"Authorization": OP}, "")],
+)
+def test_operator_view_refuses_a_missing_or_wrong_token(headers: dict[str, str], query: str) -> None:
+    r = client().get("/diagnose/reports" + query, headers=headers)
+    assert r.status_code == 401 and r.json["error"] == "unauthorized"
+
+
+def test_operator_page_shows_reports_and_the_share_per_transport() -> None:
+    c = client()
+    for d in (diagnosis(), diagnosis(ws=False), diagnosis(ws=False, sse="degraded")):
+        c.post("/diagnose/reports", json=d, headers={"User-Agent": "<b>Agent</b>"})
+    r = c.get(f"/diagnose/reports?token={OP}")
+    assert r.status_code == 200 and r.mimetype == "text/html"
+    page = r.data.decode()
+    assert '<tr data-transport="websocket">' in page and "33% (1 of 3)" in page  # WebSocket
+    assert "67% (2 of 3)" in page  # SSE: one degraded
+    assert page.count('<tr class="report">') == 3
+    assert "&lt;b&gt;Agent&lt;/b&gt;" in page and "<b>Agent</b>" not in page  # escaped
+    assert f"format=json&amp;token={OP}" in page  # the JSON link keeps the token
+    # Content negotiation: Accept picks JSON, ?format=html wins over it, anything else is refused.
+    auth = {"Authorization": f"Bearer {OP}"}
+    assert c.get("/diagnose/reports", headers=auth | {"Accept": "application/json"}).json["summary"]["reports"] == 3
+    assert c.get("/diagnose/reports?format=html", headers=auth | {"Accept": "application/json"}).mimetype == "text/html"
+    assert c.get("/diagnose/reports?format=xml", headers=auth).status_code == 400
+
+
+def test_live_page_validates_its_arguments() -> None:
+    c = create_app({"demo": {"channel": "ticks"}}).test_client()
+    page = c.get("/diagnose/live").data.decode()
+    assert '"channel": "ticks"' in page or '"channel":"ticks"' in page
+    assert "gateway-client.js" in page and "live.js" in page
+    assert c.get("/diagnose/live?channel=prices&interval=500").status_code == 200
+    for query in ("channel=%2Fbad", "interval=5", "interval=nan", "timeout=-1"):
+        r = c.get("/diagnose/live?" + query)
+        assert r.status_code == 400 and r.json["error"].startswith("invalid_"), query
+
+
+# -- a real gateway process: the env token, real sockets ---------------------------------------------
+def test_env_operator_token_and_reports_over_real_sockets(start_gateway: Any) -> None:
+    gw = start_gateway({"diagnose": {"max_reports": 10}}, env={"GATEWAY_OPERATOR_TOKEN": "from-env"})
+    r = requests.post(
+        gw.url + "/diagnose/reports", json=diagnosis(sse="degraded"), timeout=5, headers={"User-Agent": "pytest-agent"}
+    )
+    assert r.status_code == 201, r.text
+    assert requests.get(gw.url + "/diagnose/reports?token=nope", timeout=5).status_code == 401
+    r = requests.get(
+        gw.url + "/diagnose/reports",
+        headers={"Authorization": "Bearer from-env", "Accept": "application/json"},
+        timeout=5,
+    )
+    assert r.status_code == 200
+    (report,) = r.json()["reports"]
+    assert report["user_agent"] == "pytest-agent" and report["transports"]["sse"] == "degraded"
+
+
+# -- Redis: every process sees every report; an outage falls back to memory ---------------------------
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis-reports"))
+    yield server
+    server.stop()
+
+
+def test_reports_in_redis_are_shared_between_processes_and_capped(redis_url: RedisServer) -> None:
+    one, two = Reports(3, redis_url.url), Reports(3, redis_url.url)
+    assert one.add(record(diagnosis(), ua="from-one")) is True
+    for i in range(3):
+        assert two.add(record(diagnosis(ws=False), ua=f"from-two-{i}")) is True
+    for store in (one, two):
+        reports, source = store.newest_first()
+        assert source == "redis"
+        assert [r["user_agent"] for r in reports] == ["from-two-2", "from-two-1", "from-two-0"]
+
+
+def test_a_redis_outage_keeps_reports_in_memory(redis_url: RedisServer) -> None:
+    redis_url.flush()
+    store = Reports(5, redis_url.url)
+    store.add(record(diagnosis(), ua="before"))
+    redis_url.stop()
+    try:
+        assert store.add(record(diagnosis(), ua="during")) is False
+        reports, source = store.newest_first()
+        assert source == "memory" and [r["user_agent"] for r in reports] == ["during", "before"]
+    finally:
+        redis_url.start()
+
+
+def test_the_app_shares_reports_through_redis(redis_url: RedisServer) -> None:
+    redis_url.flush()
+    apps = [create_app({"redis": {"url": redis_url.url}, "server": {"operator_token": OP}}) for _ in range(2)]
+    try:
+        assert apps[0].test_client().post("/diagnose/reports", json=diagnosis()).json["shared"] is True
+        body = listing(apps[1].test_client())
+        assert body["source"] == "redis" and len(body["reports"]) == 1
+    finally:
+        for app in apps:
+            app.extensions["gateway.hub"].store.close()
+
+
+# -- the share buttons, in a real browser ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def share_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = Gateway({"server": {"operator_token": OP}}, Path(tmp_path_factory.mktemp("share")))
+    yield gw
+    gw.stop()
+
+
+def test_share_buttons_copy_and_send_the_diagnosis(share_gateway: Gateway, chromium: Any) -> None:
+    d = diagnosis(ws=False, summary="Use Server-Sent Events.")
+    context = chromium.new_context(permissions=["clipboard-read", "clipboard-write"])
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(share_gateway.url + "/healthz")  # any page of the gateway's origin
+        page.set_content('<h1>verdict</h1><div id="diagnose-share"></div>')
+        page.add_script_tag(url="/static/diagnose-share.js")
+        send = page.locator("#diagnose-send")
+        assert send.is_disabled() and page.locator("#diagnose-copy").is_disabled()  # no verdict yet
+        page.evaluate("d => { window.__diagnosis = d; }", d)
+        page.wait_for_function("!document.getElementById('diagnose-send').disabled", timeout=5000)
+
+        page.click("#diagnose-copy")
+        page.wait_for_function(
+            "document.getElementById('diagnose-share-result').textContent.includes('Copied')", timeout=5000
+        )
+        assert json.loads(page.evaluate("navigator.clipboard.readText()")) == d
+
+        page.click("#diagnose-send")
+        page.wait_for_function(
+            "document.getElementById('diagnose-share-result').textContent.startsWith('Sent')", timeout=5000
+        )
+        assert send.is_disabled()  # one report per run
+        r = requests.get(
+            share_gateway.url + "/diagnose/reports?format=json", timeout=5, headers={"Authorization": f"Bearer {OP}"}
+        )
+        (report,) = r.json()["reports"]
+        assert report["diagnosis"] == d and "HeadlessChrome" in report["user_agent"]
+
+        # A refused report says why, and the button stays usable.
+        page.evaluate("() => { window.__diagnosis = {transports: {sse: {ok: 'maybe'}}}; }")
+        page.wait_for_function("!document.getElementById('diagnose-send').disabled", timeout=5000)
+        page.click("#diagnose-send")
+        page.wait_for_function(
+            "document.getElementById('diagnose-share-result').textContent.includes('transports.sse')", timeout=5000
+        )
+        assert not send.is_disabled()
+        assert errors == []
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    require_binary(CHROMIUM)
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -142,6 +142,68 @@ class Upstream:
                 with up._cond:
                     up._conns.discard(conn)
 
+        # -- for the reverse-proxy tests ---------------------------------------------------
+        methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+
+        @app.route("/echo", methods=methods)
+        @app.route("/echo/<path:rest>", methods=methods)
+        def echo(rest: str = "") -> Response:
+            digest = hashlib.sha256()
+            size = 0
+            while chunk := request.stream.read(65536):  # streamed: the test sends hundreds of MB
+                digest.update(chunk)
+                size += len(chunk)
+            body = {
+                "method": request.method,
+                "path": request.path,
+                "raw_query": request.query_string.decode(),
+                "headers": dict(request.headers),
+                "size": size,
+                "sha256": digest.hexdigest(),
+            }
+            out = Response(
+                json.dumps(body), status=201 if request.method == "POST" else 200, mimetype="application/json"
+            )
+            out.headers["X-Upstream"] = "yes"
+            out.headers.add("Set-Cookie", "a=1")
+            out.headers.add("Set-Cookie", "b=2")
+            out.headers["Keep-Alive"] = "timeout=5"  # hop-by-hop: the proxy must not pass it on
+            return out
+
+        @app.get("/download")
+        def download() -> Response:
+            mb = int(request.args.get("mb", "1"))
+            block = bytes(range(256)) * 4096  # 1 MiB
+
+            def body() -> Iterator[bytes]:
+                for _ in range(mb):
+                    yield block
+
+            return Response(body(), mimetype="application/octet-stream", headers={"Content-Length": str(mb << 20)})
+
+        @app.get("/timed-sse")
+        def timed_sse() -> Response:
+            def body() -> Iterator[bytes]:
+                for i in range(3):
+                    yield f"id: {i}\ndata: tick {i}\n\n".encode()
+                    time.sleep(0.4)
+
+            return Response(body(), mimetype="text/event-stream")
+
+        @app.get("/slow")
+        def slow() -> Response:
+            time.sleep(float(request.args.get("s", "3")))
+            return Response("late")
+
+        @sock.route("/socket")
+        def socket_echo(ws: Any) -> None:
+            ws.send(json.dumps({"hello": dict(request.headers).get("X-Forwarded-For", "")}))
+            while True:
+                message = ws.receive(timeout=10)
+                if message is None:
+                    return
+                ws.send("echo:" + message)
+
         return app
 
     def _ws_reader(self, ws: Any) -> None:

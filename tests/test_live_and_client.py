@@ -4,6 +4,7 @@ direct, behind an nginx that refuses WebSocket and buffers SSE, and behind one t
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -227,3 +228,81 @@ def test_client_resumes_on_the_same_transport_after_a_cut(gw: Gateway, cutting: 
     retry = next(s for s in page.evaluate("window.statuses") if s["state"] == "retry")
     assert retry["transport"] == "websocket" and "closed" in retry["reason"]
     assert page.evaluate("window.client.stats.websocket.requests") == 2
+
+
+# -- a middlebox that completes WebSocket handshakes, then passes nothing back ---------------------------
+class SilentWebSocketRelay:
+    """A TCP relay on 127.0.0.1 in front of the gateway. Plain HTTP passes both ways; on a connection
+    that starts with GET /ws/ it forwards the handshake answer and then drops every frame the
+    gateway sends: the socket looks open, no events arrive (as with some antivirus proxies)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            upstream.settimeout(None)
+            self.sockets += [client, upstream]
+            first = client.recv(65536)
+            upstream.sendall(first)
+            silent = first.startswith(b"GET /ws/")
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, silent), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, swallow_after_headers: bool) -> None:
+        head = b""
+        try:
+            while chunk := src.recv(65536):
+                if swallow_after_headers:
+                    if b"\r\n\r\n" in head:
+                        continue  # a frame: dropped
+                    head += chunk
+                    chunk = head[: head.index(b"\r\n\r\n") + 4] if b"\r\n\r\n" in head else b""
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.sockets:
+            s.close()
+
+
+@pytest.fixture
+def silent_relay(gw: Gateway) -> Iterator[SilentWebSocketRelay]:
+    relay = SilentWebSocketRelay(gw.port)
+    yield relay
+    relay.close()
+
+
+def test_client_leaves_a_websocket_that_is_open_but_silent(
+    gw: Gateway, silent_relay: SilentWebSocketRelay, open_page: Any
+) -> None:
+    # The gateway checks Origin against Host; the relay keeps both, so the handshake succeeds.
+    page = open_page(silent_relay.url + "/healthz")
+    start_client(page, "client.silent", **FAST)
+    page.wait_for_function("window.client.state === 'open'", timeout=10_000)
+    ids = publish_many(gw, "client.silent", 5, every_s=0.1)
+    got = wait_for_count(page, 5)
+    assert [g[0] for g in got] == ids
+    assert {g[3] for g in got} == {"sse"}  # the WebSocket delivered nothing; SSE resumed from the cursor
+    retry = next(s for s in page.evaluate("window.statuses") if s["state"] == "retry")
+    assert retry["reason"] == "websocket: the WebSocket is open but events do not arrive", retry
+    ids += publish_many(gw, "client.silent", 3, start=5)
+    assert [g[0] for g in wait_for_count(page, 8)] == ids

@@ -99,6 +99,10 @@ class DemoConfig:
         _range("demo.interval_s", self.interval_s, 0.01, 3600)
 
 
+# The contract's channel-name rule (gateway/names.py checks requests; this checks config).
+_CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
 @dataclass
 class SourceConfig:
     kind: str = ""
@@ -124,6 +128,10 @@ class SourceConfig:
             raise ConfigError(f"{key}.url: must be an absolute http(s):// or ws(s):// URL")
         if not self.channel:
             raise ConfigError(f"{key}.channel: name the channel this source feeds")
+        if not _CHANNEL_NAME.fullmatch(self.channel):
+            raise ConfigError(f"{key}.channel: {self.channel!r} is not a valid channel name (A-Z a-z 0-9 . _ : -)")
+        if self.kind != "websocket" and self.url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"{key}.url: a {self.kind} source needs an http(s):// URL")
         if self.mode not in ("eager", "lazy"):
             raise ConfigError(f'{key}.mode: must be "eager" or "lazy", not {self.mode!r}')
         _range(f"{key}.interval", self.interval, 0.05, 86400)

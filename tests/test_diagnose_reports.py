@@ -260,6 +260,8 @@ def test_reports_in_redis_are_shared_between_processes_and_capped(redis_url: Red
         reports, source = store.newest_first()
         assert source == "redis"
         assert [r["user_agent"] for r in reports] == ["from-two-2", "from-two-1", "from-two-0"]
+    # Deployments sharing one Redis under different redis.prefix values keep their own reports.
+    assert Reports(3, redis_url.url, prefix="other:").newest_first() == ([], "redis")
 
 
 def test_a_redis_outage_keeps_reports_in_memory(redis_url: RedisServer) -> None:

@@ -37,11 +37,12 @@ log = logging.getLogger(__name__)
 bp = Blueprint("diagnose_reports", __name__)
 
 TRANSPORTS = ("websocket", "sse", "long_poll", "short_poll")
+LABELS = {"websocket": "WebSocket", "sse": "Server-Sent Events", "long_poll": "long poll", "short_poll": "short poll"}
 STATUSES = ("ok", "degraded", "broken")
 # A diagnosis with its path facts is a few KB; this leaves room and bounds memory at
 # max_reports * MAX_REPORT_BYTES in the worst case.
 MAX_REPORT_BYTES = 32 * 1024
-REDIS_KEY = "gw:diagnose:reports"  # beside the hub's "gw:c:<channel>" keys
+REDIS_KEY = "diagnose:reports"  # after redis.prefix, beside the hub's "<prefix>c:<channel>" keys
 _EXTENSION = "gateway.diagnose_reports"
 
 
@@ -128,19 +129,24 @@ class Reports:
     """The newest `limit` reports in memory; with a Redis URL also in one capped Redis list, which
     is what listing reads (so all processes agree) unless Redis is down, when memory answers."""
 
-    def __init__(self, limit: int, redis_url: str = "") -> None:
+    def __init__(self, limit: int, redis_url: str = "", prefix: str = "gw:", tls_verify: bool = True) -> None:
         self.limit = limit
         self._memory: deque[dict[str, Any]] = deque(maxlen=max(limit, 1))
         self._lock = threading.Lock()
+        self._key = prefix + REDIS_KEY
         self._redis: Any = None
         if redis_url and limit:
             import redis  # imported lazily: Redis is optional
 
-            self._redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+            options: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 2}
+            if redis_url.startswith("rediss://") and not tls_verify:
+                options["ssl_cert_reqs"] = "none"
+            self._redis = redis.Redis.from_url(redis_url, **options)
 
     @classmethod
     def from_config(cls, config: Config) -> Reports:
-        return cls(config.diagnose.max_reports, config.redis.url)
+        r = config.redis
+        return cls(config.diagnose.max_reports, r.url, r.prefix, r.tls_verify)
 
     @property
     def shared(self) -> bool:
@@ -154,8 +160,8 @@ class Reports:
             return False
         try:
             pipe = self._redis.pipeline()
-            pipe.lpush(REDIS_KEY, json.dumps(record, separators=(",", ":")))
-            pipe.ltrim(REDIS_KEY, 0, self.limit - 1)
+            pipe.lpush(self._key, json.dumps(record, separators=(",", ":")))
+            pipe.ltrim(self._key, 0, self.limit - 1)
             pipe.execute()
             return True
         except Exception as exc:  # redis errors, timeouts: the report is still in memory
@@ -166,7 +172,7 @@ class Reports:
         """The reports, newest first, and where they came from ("redis" or "memory")."""
         if self._redis is not None:
             try:
-                raw = self._redis.lrange(REDIS_KEY, 0, self.limit - 1)
+                raw = self._redis.lrange(self._key, 0, self.limit - 1)
                 return [r for r in (_loads(item) for item in raw) if r is not None], "redis"
             except Exception as exc:
                 log.warning("diagnose reports: Redis read failed (%s); showing this process's copy", exc)
@@ -224,6 +230,7 @@ def listing() -> Response | str:
         source=source,
         limit=_reports().limit,
         transports=TRANSPORTS,
+        labels=LABELS,
         token=token,
         fmt_time=_fmt_time,
     )

@@ -154,6 +154,17 @@ def test_upstream_sse_passes_through_unbuffered(gw: Gateway) -> None:
     assert all(0.25 < g < 0.7 for g in gaps), gaps  # the upstream's 0.4 s spacing is kept
 
 
+def test_upstream_dying_mid_body_truncates_visibly(gw: Gateway) -> None:
+    """The client must not get a short body that looks complete: the connection is cut."""
+    with requests.get(gw.url + "/dies-midway", stream=True, timeout=10) as r:
+        assert r.status_code == 200
+        with pytest.raises(requests.exceptions.RequestException):
+            for _ in r.iter_content(65536):
+                pass
+    assert requests.get(gw.url + "/echo", timeout=5).status_code == 200  # and the proxy carries on
+    assert "Traceback" not in gw.log()
+
+
 def test_websocket_handshake_is_bridged(gw: Gateway) -> None:
     ws = websocket.create_connection(gw.ws_url + "/socket", timeout=5)
     try:

@@ -181,6 +181,17 @@ class Upstream:
 
             return Response(body(), mimetype="application/octet-stream", headers={"Content-Length": str(mb << 20)})
 
+        @app.get("/dies-midway")
+        def dies_midway() -> Response:
+            conn = request.environ.get("werkzeug.socket")
+
+            def body() -> Iterator[bytes]:
+                yield b"a" * (1 << 20)
+                time.sleep(0.1)
+                conn.shutdown(socket.SHUT_RDWR)  # a crash: the final chunk never comes
+
+            return Response(body(), mimetype="application/octet-stream")  # chunked: no length to check
+
         @app.get("/timed-sse")
         def timed_sse() -> Response:
             def body() -> Iterator[bytes]:

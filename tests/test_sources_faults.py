@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.clients import SSEClient, poll
+from tests.clients import SSEClient, WSClient, poll
 from tests.helpers import Gateway
 from tests.upstreams import Upstream, wait_for
 
@@ -182,3 +182,22 @@ def test_missing_header_variable_stops_start_up(start_gateway: Callable[..., Gat
     with pytest.raises(RuntimeError) as info:
         start_gateway({"sources": [source]})
     assert "sources[0].headers.Authorization: environment variable NO_SUCH_VAR_XYZ is not set" in str(info.value)
+
+
+def test_forwarding_to_a_down_websocket_upstream_is_an_error_frame(
+    start_gateway: Callable[..., Gateway], upstream: Upstream
+) -> None:
+    source = {**all_kinds(upstream)[2], "forward_client_messages": True}
+    gw = start_gateway({"sources": [source]})
+    wait_for(lambda: status(gw)["w"]["state"] == "connected")
+    upstream.kill()
+    wait_for(lambda: status(gw)["w"]["state"] == "error")
+    with WSClient(f"{gw.ws_url}/ws/w") as client:
+        client.send("anyone there?")
+        frame = client.next_frame()
+    assert frame["event"] == "error" and frame["error"] == "upstream_unavailable"
+    upstream.restart()
+    wait_for(lambda: status(gw)["w"]["state"] == "connected")
+    with WSClient(f"{gw.ws_url}/ws/w") as client:
+        client.send("back again")
+        wait_for(lambda: "back again" in upstream.received)

@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
 
 from gateway import config as config_mod
-from gateway import cors, proxy, publish, site, sources, status
+from gateway import cors, diagnose, proxy, publish, site, sources, status
 from gateway.config import Config
 from gateway.demo import Ticker
 from gateway.errors import BadRequest, error_response
@@ -50,6 +50,7 @@ def create_app(overrides: dict[str, Any] | None = None, *, config: Config | None
     app.register_blueprint(site.bp)
     sources.init_app(app)
     app.register_blueprint(status.bp)
+    diagnose.init_app(app)
     proxy.init_app(app)
     _register_error_handlers(app)
     return app

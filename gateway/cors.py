@@ -19,6 +19,10 @@ __all__ = ["init_app", "OWN_PREFIXES"]
 # The routes the gateway answers itself; everything else may go to the reverse proxy.
 OWN_PREFIXES = ("/poll/", "/longpoll/", "/sse/", "/ws/", "/publish/", "/diagnose", "/healthz", "/status", "/static/")
 
+# Harmless from any origin (bounded test bursts on diag.* channels, a pure verdict function), and
+# /diagnose must work even behind a proxy that rewrites Host, which would fail the origin check.
+OPEN_PATHS = ("/diagnose/burst", "/diagnose/verdict")
+
 
 def init_app(app: Flask) -> None:
     allowed = set(app.extensions["gateway.config"].server.allowed_origins)
@@ -26,8 +30,10 @@ def init_app(app: Flask) -> None:
     def origin_ok(origin: str) -> bool:
         if "*" in allowed or origin in allowed:
             return True
-        host = request.headers.get("X-Forwarded-Host") or request.host
-        return urlsplit(origin).netloc.lower() == host.split(",")[0].strip().lower()
+        host = (request.headers.get("X-Forwarded-Host") or request.host).split(",")[0].strip().lower()
+        netloc = urlsplit(origin).netloc.lower()
+        # A proxy forwarding `Host $host` (nginx's usual line) drops the port: then compare host names.
+        return netloc == host or (":" not in host and netloc.rsplit(":", 1)[0] == host)
 
     def owned() -> bool:
         return request.path == "/" or request.path.startswith(OWN_PREFIXES)
@@ -35,7 +41,7 @@ def init_app(app: Flask) -> None:
     @app.before_request
     def check_origin() -> Response | None:
         origin = request.headers.get("Origin")
-        if not origin or not owned():
+        if not origin or not owned() or request.path in OPEN_PATHS:
             return None
         if not origin_ok(origin):
             return error_response(

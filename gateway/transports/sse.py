@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from gateway.hub import Hub, gap_event
 from gateway.transports.common import channel_arg, config, hub, since_arg
@@ -27,9 +27,11 @@ def stream(channel: str) -> Response:
     cfg = config()
     cursor = since if since is not None else gateway.last_id(channel)
     head = b""
-    if cfg.sse.padding_bytes:
+    # ?padding=<bytes> (0-65536; unparseable -> the config's) lets /diagnose test whether padding helps.
+    padding = min(max(request.args.get("padding", cfg.sse.padding_bytes, type=int), 0), 65536)
+    if padding:
         # Some proxies and old browsers hold the first few KB back; a comment pushes it through.
-        head += b":" + b" " * cfg.sse.padding_bytes + b"\n\n"
+        head += b":" + b" " * padding + b"\n\n"
     head += f"retry: {cfg.sse.retry_ms}\n\n".encode()
     body = _events(gateway, channel, cursor, head, cfg.sse.heartbeat_s, cfg.poll.max_batch)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -11,6 +11,7 @@ from typing import Any
 from flask import Blueprint, current_app, request
 from flask_sock import Sock
 
+from gateway.diagnose import is_diag_channel
 from gateway.errors import BadRequest
 from gateway.hub import Hub, gap_event
 from gateway.transports.common import channel_arg, config, hub, since_arg
@@ -54,7 +55,11 @@ def stream(ws: Any, channel: str) -> None:
 
     cursor = since_arg() or gateway.last_id(channel)
     forward = current_app.extensions["gateway.upstream_writers"].get(channel)
-    allowed = forward is not None or any(fnmatch.fnmatchcase(channel, p) for p in cfg.websocket.client_publish)
+    allowed = (
+        forward is not None
+        or is_diag_channel(channel)
+        or any(fnmatch.fnmatchcase(channel, p) for p in cfg.websocket.client_publish)
+    )
     reader = threading.Thread(target=_read_client, args=(ws, gateway, channel, allowed, forward, send), daemon=True)
     reader.start()
     with gateway.subscription(channel):

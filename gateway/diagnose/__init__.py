@@ -1,0 +1,28 @@
+"""/diagnose: probe the four transports through whatever sits between a client and the gateway.
+
+probes.py serves the page and the helper endpoints, facts.py describes the network path as the
+server sees it, verdict.py turns raw probe results into the verdict (pure functions shared by
+the page and the CLI in __main__.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["DIAG_PREFIX", "is_diag_channel", "init_app"]
+
+# Probes use fresh channels under this prefix only, so they never touch real channels; clients
+# may publish to them (bounded) without the publish token.
+DIAG_PREFIX = "diag."
+
+
+def is_diag_channel(channel: str) -> bool:
+    return channel.startswith(DIAG_PREFIX) and len(channel) > len(DIAG_PREFIX)
+
+
+def init_app(app: Any) -> None:
+    from gateway.diagnose import live, probes, reports
+
+    probes.init_app(app)
+    reports.init_app(app)  # POST/GET /diagnose/reports
+    app.register_blueprint(live.bp)  # GET /diagnose/live

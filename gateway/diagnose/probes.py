@@ -1,0 +1,260 @@
+"""The /diagnose page and the helper endpoints its probes (and the CLI) call.
+
+Probes run over the real transport routes on fresh `diag.*` channels. The helpers here only
+ever publish onto such channels, without the publish token, so they are bounded: small
+server-made payloads, a few events per burst, a per-client rate limit and a cap on bursts in
+flight at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, render_template, request
+
+from gateway.diagnose import DIAG_PREFIX, is_diag_channel
+from gateway.diagnose.facts import path_facts, request_record
+from gateway.diagnose.verdict import verdict
+from gateway.errors import BadRequest
+from gateway.names import check_channel
+from gateway.transports.common import config, hub
+
+__all__ = ["bp", "init_app", "RateLimit"]
+
+bp = Blueprint("diagnose", __name__)
+
+MAX_BURST = 20
+MAX_GAP_MS = 2000
+MAX_DELAY_MS = 120_000
+MAX_IN_FLIGHT = 200  # bursts scheduled at once, across all clients
+MAX_VERDICT_BYTES = 256 * 1024
+MIN_HOLD_S = 1.0
+MAX_HOLD_S = 600.0
+_TRANSPORT_PATHS = {"/poll/": "short_poll", "/longpoll/": "long_poll", "/sse/": "sse", "/ws/": "websocket"}
+
+
+class RateLimit:
+    """Token bucket per client address: `burst` at once, refilled at `rate` per second."""
+
+    def __init__(self, rate: float = 2.0, burst: float = 30.0, max_clients: int = 10_000) -> None:
+        self.rate, self.burst, self.max_clients = rate, burst, max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, client: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last = self._buckets.pop(client, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            allowed = tokens >= 1
+            self._buckets[client] = (tokens - 1 if allowed else tokens, now)
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+            return allowed
+
+
+class SeenLog:
+    """The last few probe requests per diag channel as they arrived (Upgrade header, HTTP
+    version...), so a WebSocket that failed in the browser can be explained. Bounded."""
+
+    def __init__(self, max_channels: int = 2000, per_channel: int = 10) -> None:
+        self.max_channels, self.per_channel = max_channels, per_channel
+        self._log: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, channel: str, record: dict[str, Any]) -> None:
+        with self._lock:
+            records = self._log.pop(channel, [])
+            records = (records + [record])[-self.per_channel :]
+            self._log[channel] = records
+            while len(self._log) > self.max_channels:
+                self._log.popitem(last=False)
+
+    def get(self, channel: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._log.get(channel, []))
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["gateway.diagnose"] = {"limit": RateLimit(), "seen": SeenLog(), "in_flight": [0]}
+    app.register_blueprint(bp)
+    share = Path(app.static_folder or "static") / "diagnose-share.js"
+
+    def _record_probe_request() -> None:
+        for prefix, transport in _TRANSPORT_PATHS.items():
+            if request.path.startswith(prefix + DIAG_PREFIX):
+                channel = request.path[len(prefix) :]
+                record = request_record(request, transport)
+                record["t_ms"] = int(time.time() * 1000)
+                app.extensions["gateway.diagnose"]["seen"].add(channel[:128], record)
+                g.diag_record = record
+                return
+
+    @app.after_request
+    def _record_answer(response: Response) -> Response:
+        # The same dict sits in the SeenLog: what the gateway answered (403 origin, 426, ...).
+        record = g.pop("diag_record", None)
+        if record is not None:
+            record["status"] = response.status_code
+            if response.status_code >= 400 and response.mimetype == "application/json":
+                body = response.get_json(silent=True)
+                record["error"] = body.get("error") if isinstance(body, dict) else None
+        return response
+
+    # First in line, so requests that a later check (origin, bad input) refuses are recorded too.
+    app.before_request_funcs.setdefault(None, []).insert(0, _record_probe_request)
+    app.extensions["gateway.diagnose"]["share_script"] = share
+
+
+def _state() -> dict[str, Any]:
+    return current_app.extensions["gateway.diagnose"]
+
+
+def _client_key() -> str:
+    # Behind a proxy every client shares its address; the forwarded one separates them (it can
+    # be forged, which MAX_IN_FLIGHT bounds).
+    forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+    return f"{request.remote_addr}|{forwarded[:64]}"
+
+
+def _rate_limited() -> None:
+    if not _state()["limit"].allow(_client_key()):
+        raise BadRequest("rate_limited", "too many diagnostic requests from this client; wait a few seconds", 429)
+
+
+def _diag_channel(value: str | None) -> str:
+    channel = check_channel(value or "")
+    if not is_diag_channel(channel):
+        raise BadRequest("not_diagnostic", f"diagnostic helpers only publish to channels starting with {DIAG_PREFIX!r}")
+    return channel
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest("invalid_argument", f"{name} must be a whole number from {low} to {high}") from None
+    if not low <= value <= high:
+        raise BadRequest("invalid_argument", f"{name} must be a whole number from {low} to {high}")
+    return value
+
+
+def hold_arg(default: float) -> float:
+    """?hold=<s> for short test runs; bounded so a URL cannot make the page hang for hours."""
+    raw = request.args.get("hold")
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        return default
+    if value != value:  # NaN
+        return default
+    return max(MIN_HOLD_S, min(MAX_HOLD_S, value))
+
+
+@bp.get("/diagnose")
+@bp.get("/diagnose/")
+def page() -> str:
+    cfg = config().diagnose
+    thorough = request.args.get("mode") == "thorough"
+    default = cfg.thorough_hold_s if thorough else cfg.hold_s
+    hold = hold_arg(default)
+    mode = "thorough" if thorough else ("quick" if hold == cfg.hold_s else "custom")
+    return render_template(
+        "diagnose.html",
+        hold=hold,
+        mode=mode,
+        quick_hold=cfg.hold_s,
+        thorough_hold=cfg.thorough_hold_s,
+        share_script=_state()["share_script"].exists(),
+    )
+
+
+@bp.get("/diagnose/facts")
+def facts() -> Response:
+    cfg = config()
+    body = path_facts(request)
+    body["gateway"] = {
+        "sse_heartbeat_s": cfg.sse.heartbeat_s,
+        "sse_padding_bytes": cfg.sse.padding_bytes,
+        "websocket_ping_s": cfg.websocket.ping_s,
+        "longpoll_max_timeout_s": cfg.poll.longpoll_max_timeout_s,
+        "hold_s": cfg.diagnose.hold_s,
+        "thorough_hold_s": cfg.diagnose.thorough_hold_s,
+        "time_ms": int(time.time() * 1000),
+    }
+    response = jsonify(body)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.post("/diagnose/burst")
+def burst() -> tuple[Response, int]:
+    """Publish n events `gap_ms` apart onto a diag channel, the first after `delay_ms`. Each
+    event's data carries its sequence number and server send time, so a client can compare
+    arrival spacing with send spacing."""
+    _rate_limited()
+    channel = _diag_channel(request.args.get("channel"))
+    n = _int_arg("n", 5, 1, MAX_BURST)
+    gap_ms = _int_arg("gap_ms", 300, 0, MAX_GAP_MS)
+    delay_ms = _int_arg("delay_ms", 0, 0, MAX_DELAY_MS)
+    tag = "".join(c for c in request.args.get("tag", "burst")[:32] if c.isalnum() or c in "-_") or "burst"
+    state = _state()
+    if state["in_flight"][0] >= MAX_IN_FLIGHT:
+        raise BadRequest("busy", "too many diagnostic bursts in flight; try again in a few seconds", 503)
+    gateway = hub()
+    state["in_flight"][0] += 1
+
+    def run() -> None:
+        try:
+            start = time.monotonic() + delay_ms / 1000
+            for seq in range(n):
+                pause = start + seq * gap_ms / 1000 - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                if gateway.closing:
+                    return
+                data = json.dumps({"seq": seq, "n": n, "tag": tag, "sent_ms": int(time.time() * 1000)})
+                gateway.publish(channel, data, tag)
+        finally:
+            state["in_flight"][0] -= 1
+
+    threading.Thread(target=run, daemon=True, name=f"diag-burst-{channel}").start()
+    body = {"channel": channel, "n": n, "gap_ms": gap_ms, "delay_ms": delay_ms, "tag": tag}
+    body["server_ms"] = int(time.time() * 1000)
+    return jsonify(body), 202
+
+
+@bp.get("/diagnose/seen")
+def seen() -> Response:
+    channel = _diag_channel(request.args.get("channel"))
+    response = jsonify(channel=channel, requests=_state()["seen"].get(channel))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.post("/diagnose/verdict")
+def compute_verdict() -> Response:
+    """Raw probe results in, the verdict out: the page and the CLI share verdict.py."""
+    _rate_limited()
+    if request.content_length is not None and request.content_length > MAX_VERDICT_BYTES:
+        raise BadRequest("too_large", f"probe results are limited to {MAX_VERDICT_BYTES} bytes", 413)
+    raw = request.get_data(cache=False)[: MAX_VERDICT_BYTES + 1]
+    if len(raw) > MAX_VERDICT_BYTES:
+        raise BadRequest("too_large", f"probe results are limited to {MAX_VERDICT_BYTES} bytes", 413)
+    try:
+        results = json.loads(raw)
+    except ValueError:
+        raise BadRequest("invalid_json", "send the raw probe results as a JSON object") from None
+    if not isinstance(results, dict):
+        raise BadRequest("invalid_json", "send the raw probe results as a JSON object")
+    return jsonify(verdict(results))

@@ -1,0 +1,571 @@
+/* /diagnose: probe the four transports through whatever sits between this browser and the
+ * gateway, collect raw measurements, get the verdict from POST /diagnose/verdict (the same
+ * Python code the CLI uses) or, if that fails, from a small fallback here, and show it.
+ * Every probe has a hard deadline, so window.__diagnosis and #diagnosis-json are always set. */
+(function () {
+  "use strict";
+
+  var CONFIG = JSON.parse(document.getElementById("diagnose-config").textContent);
+  var HOLD = Number(CONFIG.hold) || 15;
+  var ORDER = ["websocket", "sse", "long_poll", "short_poll"];
+  var BURST_N = 5, BURST_GAP = 300, PADDING = 2048;
+  var now = function () { return performance.now(); };
+  var sleep = function (ms) { return new Promise(function (r) { setTimeout(r, Math.max(0, ms)); }); };
+
+  function randomId() {
+    var a = new Uint8Array(8);
+    (window.crypto || window.msCrypto).getRandomValues(a);
+    return Array.prototype.map.call(a, function (b) { return ("0" + b.toString(16)).slice(-2); }).join("");
+  }
+
+  function errText(e) {
+    if (!e) return "unknown error";
+    if (e.name === "AbortError") return "no answer before the deadline";
+    return String(e.message || e).slice(0, 200);
+  }
+
+  /* Resolve when cond() is true (checked every 50 ms) or after ms; returns cond(). */
+  async function waitFor(cond, ms) {
+    var end = now() + ms;
+    while (!cond() && now() < end) await sleep(Math.min(50, end - now()));
+    return cond();
+  }
+
+  /* fetch with a deadline; never throws. */
+  async function call(url, opts, ms) {
+    var ctrl = new AbortController();
+    var timer = setTimeout(function () { ctrl.abort(); }, ms);
+    var t0 = now(), out = { status: null, json: null, ms: null, error: null, headers: null };
+    try {
+      var resp = await fetch(url, Object.assign({ cache: "no-store", signal: ctrl.signal }, opts || {}));
+      out.status = resp.status;
+      out.headers = resp.headers;
+      var text = await resp.text();
+      out.ms = Math.round(now() - t0);
+      try { out.json = JSON.parse(text); } catch (e) { out.json = null; }
+    } catch (e) {
+      out.error = errText(e);
+      out.ms = Math.round(now() - t0);
+    } finally {
+      clearTimeout(timer);
+    }
+    return out;
+  }
+
+  /* Ask the gateway to publish a timed burst on a diag channel; arrivals are recorded into
+   * the returned record by whichever probe is listening (at_ms is relative to this request). */
+  function burst(channel, n, gapMs, delayMs, tag) {
+    var rec = { n: n, gap_ms: gapMs, delay_ms: delayMs, tag: tag, arrivals: [], t0: now() };
+    var url = "/diagnose/burst?channel=" + encodeURIComponent(channel) + "&n=" + n + "&gap_ms=" + gapMs +
+      "&delay_ms=" + delayMs + "&tag=" + tag;
+    rec.request = call(url, { method: "POST" }, 8000).then(function (r) {
+      rec.post_status = r.status;
+      rec.post_ms = r.ms;
+      if (r.status !== 202) rec.post_error = r.error || ("HTTP " + r.status);
+      return r;
+    });
+    rec.arrive = function (data) {
+      var d;
+      try { d = JSON.parse(data); } catch (e) { return false; }
+      if (!d || d.tag !== tag || typeof d.seq !== "number") return false;
+      if (rec.arrivals.some(function (a) { return a.seq === d.seq; })) return true;
+      rec.arrivals.push({ seq: d.seq, sent_ms: d.sent_ms, at_ms: Math.round(now() - rec.t0) });
+      return true;
+    };
+    return rec;
+  }
+
+  function burstJSON(b) {
+    return b ? { n: b.n, gap_ms: b.gap_ms, delay_ms: b.delay_ms, arrivals: b.arrivals, post_status: b.post_status,
+      post_ms: b.post_ms, post_error: b.post_error } : null;
+  }
+
+  /* The same test as verdict.py's analyse_burst, for deciding on the padding retry and the fallback. */
+  function analyseBurst(b) {
+    var arr = (b && b.arrivals || []).slice().sort(function (x, y) { return x.seq - y.seq; });
+    var out = { received: arr.length, expected: b ? b.n : 0, bunched: false, first_latency_ms: null };
+    if (!arr.length) return out;
+    out.first_latency_ms = Math.max(0, arr[0].at_ms - (b.delay_ms || 0) - arr[0].seq * b.gap_ms);
+    if (arr.length >= 3) {
+      var send = (arr[arr.length - 1].sent_ms - arr[0].sent_ms);
+      if (!(send >= 0)) send = (arr[arr.length - 1].seq - arr[0].seq) * b.gap_ms;
+      var spread = arr[arr.length - 1].at_ms - arr[0].at_ms;
+      out.bunched = send >= 400 && spread < 0.5 * send;
+    }
+    return out;
+  }
+
+  // ---- the page --------------------------------------------------------------------------
+  var ui = {};
+  ORDER.forEach(function (name) {
+    var el = document.getElementById("probe-" + name);
+    ui[name] = {
+      el: el, bar: el.querySelector("progress"), step: el.querySelector(".step"), badge: el.querySelector(".badge"),
+      reason: el.querySelector(".reason"), fix: el.querySelector(".fix"), metrics: el.querySelector(".metrics"),
+      start: null, expect: 1,
+    };
+  });
+
+  function begin(name, seconds) {
+    var u = ui[name];
+    u.start = now();
+    u.expect = seconds * 1000;
+    u.el.className = "probe running";
+    u.badge.textContent = "testing";
+  }
+
+  function step(name, text) { ui[name].step.textContent = text; }
+
+  var ticker = setInterval(function () {
+    ORDER.forEach(function (name) {
+      var u = ui[name];
+      if (u.start !== null && u.el.classList.contains("running")) {
+        u.bar.value = Math.min(0.97, (now() - u.start) / u.expect);
+      }
+    });
+  }, 200);
+
+  function finishProbe(name, text) {
+    var u = ui[name];
+    u.bar.value = 1;
+    u.el.className = "probe measured";
+    u.badge.textContent = "measured";
+    u.step.textContent = text || "done; waiting for the verdict";
+  }
+
+  function showTransport(name, t) {
+    var u = ui[name];
+    u.el.className = "probe " + t.status;
+    u.bar.value = 1;
+    u.badge.textContent = t.status === "ok" ? "works" : t.status;
+    u.reason.textContent = t.reason || "";
+    if (t.fix) { u.fix.hidden = false; u.fix.textContent = "What to change: " + t.fix; } else { u.fix.hidden = true; }
+    u.metrics.textContent = "";
+    var labels = { latency_ms: "latency (ms)", held_s: "held (s)", cut_after_s: "cut after (s)", events: "events",
+      buffered: "buffered", works_with_padding: "works with padding", heartbeats: "heartbeats",
+      first_byte_ms: "first byte (ms)", close_code: "close code", requests: "requests" };
+    Object.keys(labels).forEach(function (k) {
+      if (t[k] === undefined || t[k] === null) return;
+      var div = document.createElement("div"), dt = document.createElement("dt"), dd = document.createElement("dd");
+      dt.textContent = labels[k];
+      dd.textContent = String(t[k]);
+      div.appendChild(dt); div.appendChild(dd); u.metrics.appendChild(div);
+    });
+  }
+
+  function showFacts(raw, verdict) {
+    var f = raw.facts || {}, c = raw.client, p = verdict.path || {};
+    var rows = [
+      ["Your address as the server sees it", f.client_address],
+      ["Page loaded over", c.protocol || "unknown"],
+      ["HTTP version of the last hop to the gateway", f.http_version],
+      ["Proxy in the path", p.proxy ? "yes: " + (p.evidence || []).join("; ") : "none detected"],
+      ["Known platform", f.platform_limits ? f.platform_limits.name : "none recognised"],
+      ["Idle connections cut after", p.idle_limit_s ? "~" + p.idle_limit_s + " s" : "not seen in this run"],
+      ["Server header seen by the browser", c.response_headers && c.response_headers.server],
+    ];
+    Object.keys(f.headers || {}).forEach(function (h) { rows.push([h + " (seen by the server)", f.headers[h]]); });
+    var body = document.querySelector("#facts tbody");
+    body.textContent = "";
+    rows.forEach(function (r) {
+      if (r[1] === undefined || r[1] === null || r[1] === "") return;
+      var tr = document.createElement("tr"), th = document.createElement("th"), td = document.createElement("td");
+      th.textContent = r[0]; td.textContent = String(r[1]);
+      tr.appendChild(th); tr.appendChild(td); body.appendChild(tr);
+    });
+    var warn = document.getElementById("warnings");
+    warn.textContent = "";
+    (p.warnings || []).forEach(function (w) {
+      var d = document.createElement("p");
+      d.className = "warning";
+      d.textContent = w;
+      warn.appendChild(d);
+    });
+  }
+
+  // ---- probes ------------------------------------------------------------------------------
+  async function probeShortPoll(ch, rec) {
+    begin("short_poll", 3);
+    rec.polls = [];
+    var first = await call("/poll/" + ch, {}, 8000);
+    rec.polls.push(pollRecord(first));
+    if (!(first.status === 200 && first.json && first.json.cursor)) {
+      rec.error = first.error || "HTTP " + first.status;
+      return;
+    }
+    var cursor = first.json.cursor;
+    step("short_poll", "publishing a test event");
+    var b = burst(ch, 1, 0, 0, "sp");
+    await b.request;
+    rec.event_seen = false;
+    var t0 = now();
+    for (var i = 0; i < 8 && !rec.event_seen; i++) {
+      step("short_poll", "polling (" + (i + 1) + ")");
+      var r = await call("/poll/" + ch + "?since=" + encodeURIComponent(cursor), {}, 8000);
+      rec.polls.push(pollRecord(r));
+      var events = r.json && r.json.events;
+      if (Array.isArray(events) && events.some(function (e) { return b.arrive(e.data); })) {
+        rec.event_seen = true;
+        rec.event_latency_ms = Math.round(now() - t0);
+      } else {
+        await sleep(250);
+      }
+    }
+    rec.burst = burstJSON(b);
+  }
+
+  function pollRecord(r) {
+    return { status: r.status, ms: r.ms, error: r.error,
+      json: !!(r.json && Array.isArray(r.json.events)), events: r.json && r.json.events ? r.json.events.length : null };
+  }
+
+  async function probeLongPoll(ch, rec, cap) {
+    var hold = Math.max(1, Math.min(HOLD, cap));
+    rec.hold_s = hold;
+    begin("long_poll", hold + 1);
+    step("long_poll", "holding a request for " + hold + " s and publishing one event during another");
+    var deadline = (hold + 15) * 1000;
+    var idleP = (async function () {
+      var t0 = now();
+      var r = await call("/longpoll/" + ch + ".idle?since=0-0&timeout=" + hold, {}, deadline);
+      rec.idle = { status: r.status, error: r.error, elapsed_s: Math.round(now() - t0) / 1000,
+        json: !!(r.json && Array.isArray(r.json.events)), events: r.json && r.json.events ? r.json.events.length : null };
+    })();
+    var evP = (async function () {
+      var evCh = ch + ".event";
+      var pending = call("/longpoll/" + evCh + "?since=0-0&timeout=" + hold, {}, deadline);
+      var b = burst(evCh, 1, 0, 1000, "lp");
+      var r = await pending;
+      var events = (r.json && r.json.events) || [];
+      var arrived = Array.isArray(events) && events.some(function (e) { return b.arrive(e.data); });
+      rec.event = { status: r.status, error: r.error, arrived: arrived, json: !!(r.json && Array.isArray(r.json.events)),
+        latency_ms: arrived ? Math.max(0, b.arrivals[0].at_ms - 1000) : null };
+      await b.request;
+      if (!arrived && b.post_error) rec.event.error = "publishing the test event failed: " + b.post_error;
+    })();
+    await Promise.all([idleP, evP]);
+  }
+
+  /* Read an SSE body: calls onBytes for the first byte, onEvent({id,event,data}), onComment(text). */
+  async function readSSE(body, h) {
+    var reader = body.getReader(), decoder = new TextDecoder(), buf = "", ev = { data: [] };
+    h.reader = reader;
+    for (;;) {
+      var chunk = await reader.read();
+      if (chunk.done) return;
+      if (h.onBytes) h.onBytes();
+      buf += decoder.decode(chunk.value, { stream: true });
+      var lines = buf.split(/\r\n|\r|\n/);
+      buf = lines.pop();
+      lines.forEach(function (line) {
+        if (line === "") {
+          if (ev.data.length) h.onEvent({ id: ev.id, event: ev.event || "message", data: ev.data.join("\n") });
+          ev = { data: [] };
+        } else if (line.charAt(0) === ":") {
+          h.onComment(line.slice(1));
+        } else {
+          var i = line.indexOf(":"), field = i < 0 ? line : line.slice(0, i);
+          var value = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
+          if (field === "data") ev.data.push(value);
+          else if (field === "id") ev.id = value;
+          else if (field === "event") ev.event = value;
+        }
+      });
+    }
+  }
+
+  /* Open one SSE stream; returns a handle with its timings and events. */
+  function openSSE(url, headers, maxMs) {
+    var s = { ctrl: new AbortController(), t0: now(), events: [], heartbeats: 0, ended: null, error: null,
+      status: null, content_type: null, headers_ms: null, first_byte_ms: null, last_byte: null, handlers: [] };
+    var timer = setTimeout(function () { s.ctrl.abort(); }, maxMs);
+    s.done = (async function () {
+      try {
+        var resp = await fetch(url, { headers: Object.assign({ Accept: "text/event-stream" }, headers || {}),
+          cache: "no-store", signal: s.ctrl.signal });
+        s.status = resp.status;
+        s.content_type = resp.headers.get("content-type");
+        s.headers_ms = Math.round(now() - s.t0);
+        if (resp.status !== 200 || !/text\/event-stream/.test(s.content_type || "") || !resp.body) {
+          s.error = resp.status !== 200 ? "HTTP " + resp.status : "not an event stream";
+          try { await resp.text(); } catch (e) { /* ignore */ }
+          return;
+        }
+        await readSSE(resp.body, {
+          onBytes: function () {
+            s.last_byte = now();
+            if (s.first_byte_ms === null) s.first_byte_ms = Math.round(s.last_byte - s.t0);
+          },
+          onEvent: function (e) { s.events.push(e); s.handlers.forEach(function (f) { f(e); }); },
+          onComment: function (c) { if (/heartbeat/.test(c)) s.heartbeats++; },
+        });
+      } catch (e) {
+        if (!s.closedByUs) s.error = errText(e);
+      } finally {
+        clearTimeout(timer);
+        if (s.ended === null) s.ended = now();
+      }
+    })();
+    s.close = function () { s.closedByUs = true; s.ctrl.abort(); };
+    s.isOpen = function () { return s.ended === null || s.closedByUs; };
+    return s;
+  }
+
+  async function probeSSE(ch, rec, heartbeat) {
+    begin("sse", HOLD + 4);
+    rec.hold_s = HOLD;
+    rec.heartbeat_s = heartbeat;
+    step("sse", "opening the stream and sending a timed burst of " + BURST_N + " events");
+    var s = openSSE("/sse/" + ch + "?since=0-0", null, (HOLD + 15) * 1000);
+    var b = burst(ch, BURST_N, BURST_GAP, 0, "burst");
+    s.handlers.push(function (e) { b.arrive(e.data); });
+    await waitFor(function () { return b.arrivals.length >= BURST_N || s.ended !== null; }, BURST_N * BURST_GAP + 3000);
+    step("sse", "holding the stream open, idle, until " + HOLD + " s");
+    await waitFor(function () { return s.ended !== null; }, s.t0 + HOLD * 1000 - now());
+    if (s.ended === null) {
+      step("sse", "checking the stream still delivers");
+      var alive = burst(ch, 1, 0, 0, "alive");
+      s.handlers.push(function (e) { alive.arrive(e.data); });
+      var got = await waitFor(function () { return alive.arrivals.length > 0 || s.ended !== null; }, 3000);
+      rec.alive = { arrived: !!(got && alive.arrivals.length),
+        latency_ms: alive.arrivals.length ? alive.arrivals[0].at_ms : null };
+    } else {
+      rec.ended_after_s = Math.round(s.ended - s.t0) / 1000;
+      rec.idle_before_end_s = Math.round(s.ended - (s.last_byte || s.t0)) / 1000;
+    }
+    s.close();
+    Object.assign(rec, { status: s.status, content_type: s.content_type, headers_ms: s.headers_ms,
+      first_byte_ms: s.first_byte_ms, heartbeats: s.heartbeats, error: s.error, burst: burstJSON(b) });
+    // What reached the gateway: tells "held back on the way" from "never arrived".
+    var seen = await call("/diagnose/seen?channel=" + encodeURIComponent(ch), {}, 5000);
+    rec.seen = seen.json && seen.json.requests || [];
+    // Resume: reconnect with Last-Event-ID and compare with what a poll says came after it.
+    var withIds = s.events.filter(function (e) { return e.id && e.event !== "gap"; });
+    if (withIds.length) {
+      step("sse", "reconnecting with Last-Event-ID");
+      rec.resume = await resumeCheck(ch, withIds[0].id);
+    }
+    var a = analyseBurst(b);
+    var late = s.first_byte_ms !== null && s.headers_ms !== null && s.first_byte_ms - s.headers_ms > 1500;
+    var answered = rec.seen.some(function (r) { return r.transport === "sse" && r.status === 200; });
+    if ((s.status === 200 || (s.status === null && answered)) && (a.bunched || late || a.received < BURST_N)) {
+      step("sse", "events were held back: trying again with " + PADDING + " bytes of padding");
+      rec.padding = await paddingCheck(ch + ".pad");
+    }
+  }
+
+  async function resumeCheck(ch, lastId) {
+    var expect = await call("/poll/" + ch + "?since=" + encodeURIComponent(lastId), {}, 5000);
+    var want = (expect.json && expect.json.events || []).map(function (e) { return e.id; });
+    var s = openSSE("/sse/" + ch, { "Last-Event-ID": lastId }, 6000);
+    await waitFor(function () { return s.events.length >= want.length || s.ended !== null; }, 4000);
+    s.close();
+    var got = s.events.map(function (e) { return e.event === "gap" ? "gap" : e.id; }).slice(0, want.length);
+    var ok = want.length > 0 && got.join(",") === want.join(",");
+    var out = { ok: ok, expected: want.length, received: got.length, gap: got.indexOf("gap") >= 0 };
+    if (!want.length) out.error = "could not list the events to expect (" + (expect.error || "HTTP " + expect.status) + ")";
+    else if (!ok) out.error = got.length ? "got different events than were missed" : "no missed events came back";
+    return out;
+  }
+
+  async function paddingCheck(ch) {
+    var s = openSSE("/sse/" + ch + "?since=0-0&padding=" + PADDING, null, BURST_N * BURST_GAP + 8000);
+    var b = burst(ch, BURST_N, BURST_GAP, 0, "burst");
+    s.handlers.push(function (e) { b.arrive(e.data); });
+    await waitFor(function () { return b.arrivals.length >= BURST_N || s.ended !== null; }, BURST_N * BURST_GAP + 3000);
+    s.close();
+    return { bytes: PADDING, status: s.status, first_byte_ms: s.first_byte_ms, error: s.error, burst: burstJSON(b) };
+  }
+
+  async function probeWebSocket(ch, rec) {
+    begin("websocket", HOLD + 3);
+    rec.hold_s = HOLD;
+    rec.opened = false;
+    step("websocket", "opening");
+    var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws/" + ch;
+    var t0 = now(), ws, closedAt = null, echoes = {}, b = null, lastFrame = null;
+    try {
+      ws = new WebSocket(url);
+    } catch (e) {
+      rec.error = errText(e);
+    }
+    if (ws) {
+      var opened = await new Promise(function (resolve) {
+        var timer = setTimeout(function () { rec.error = "no handshake within 10 s"; resolve(false); }, 10000);
+        ws.onopen = function () { clearTimeout(timer); resolve(true); };
+        ws.onerror = function () { rec.error = rec.error || "the handshake failed"; };
+        ws.onclose = function (ev) {
+          closedAt = now();
+          rec.close_code = ev.code;
+          rec.close_reason = (ev.reason || "").slice(0, 120);
+          clearTimeout(timer);
+          resolve(false);
+        };
+      });
+      ws.onmessage = function (m) {
+        lastFrame = now();
+        var e;
+        try { e = JSON.parse(m.data); } catch (x) { return; }
+        if (e.event === "echo" && echoes[e.data]) echoes[e.data].back = now();
+        else if (b && e.event === "burst") b.arrive(e.data);
+      };
+      if (opened) {
+        rec.opened = true;
+        rec.open_ms = Math.round(now() - t0);
+        var echo = function (label, ms) {
+          var e = echoes[label] = { sent: now(), back: null };
+          try { ws.send(JSON.stringify({ event: "echo", data: label })); } catch (x) { return Promise.resolve(e); }
+          return waitFor(function () { return e.back !== null || closedAt !== null; }, ms).then(function () { return e; });
+        };
+        step("websocket", "sending a message and waiting for it to come back");
+        var e1 = await echo("echo-1", 5000);
+        rec.echo = { arrived: e1.back !== null, rtt_ms: e1.back !== null ? Math.round(e1.back - e1.sent) : null };
+        step("websocket", "receiving a timed burst from the server");
+        b = burst(ch, BURST_N, BURST_GAP, 0, "burst");
+        await waitFor(function () { return b.arrivals.length >= BURST_N || closedAt !== null; },
+          BURST_N * BURST_GAP + 3000);
+        step("websocket", "holding the connection open, idle, until " + HOLD + " s");
+        await waitFor(function () { return closedAt !== null; }, t0 + HOLD * 1000 - now());
+        if (closedAt === null) {
+          var e2 = await echo("echo-2", 3000);
+          rec.alive = { arrived: e2.back !== null, rtt_ms: e2.back !== null ? Math.round(e2.back - e2.sent) : null };
+        }
+        if (closedAt !== null) {
+          rec.closed_after_s = Math.round(closedAt - t0) / 1000;
+          rec.idle_before_close_s = Math.round(closedAt - (lastFrame || t0)) / 1000;
+        }
+        rec.burst = burstJSON(b);
+      }
+      try { ws.onclose = null; ws.close(1000); } catch (x) { /* ignore */ }
+    }
+    // What reached the gateway for this channel: explains a failed handshake.
+    var seen = await call("/diagnose/seen?channel=" + encodeURIComponent(ch), {}, 5000);
+    rec.seen = seen.json && seen.json.requests || [];
+    if (!rec.opened) {
+      var plain = await call("/ws/" + ch, {}, 5000);
+      rec.http_status = plain.status;
+      if (plain.json && plain.json.error) rec.http_error = plain.json.error;
+    }
+  }
+
+  // ---- the fallback verdict (only when POST /diagnose/verdict cannot be reached) -------------
+  function fallbackVerdict(raw) {
+    var p = raw.probes, t = {};
+    function res(status, reason, extra) { return Object.assign({ ok: status === "ok", status: status, reason: reason }, extra || {}); }
+    var sp = p.short_poll || {};
+    t.short_poll = sp.event_seen ? res("ok", "a published event showed up in a poll") : res("broken", "no event came through polling");
+    var lp = p.long_poll || {}, idle = lp.idle || {}, ev = lp.event || {};
+    var cut = idle.status !== 200 || idle.elapsed_s < (lp.hold_s || 0) - 1;
+    t.long_poll = ev.arrived ? (cut ? res("degraded", "held requests are cut after ~" + Math.round(idle.elapsed_s) + " s",
+      { cut_after_s: idle.elapsed_s }) : res("ok", "held requests survive and events arrive"))
+      : res("broken", "no event came through long polling");
+    var sse = p.sse || {}, a = analyseBurst(sse.burst), sseCut = sse.ended_after_s != null;
+    var buffered = sse.status === 200 && (a.bunched || (a.received === 0 && !sseCut));
+    t.sse = a.received === 0 ? res("broken", buffered ? "the stream is buffered: no event came through" : "no event came through", { buffered: buffered })
+      : buffered ? res("degraded", "events arrive bunched: the stream is buffered", { buffered: true })
+      : sseCut ? res("degraded", "the stream is cut after ~" + Math.round(sse.ended_after_s) + " s", { buffered: false, cut_after_s: sse.ended_after_s })
+      : (sse.alive && !sse.alive.arrived) ? res("degraded", "the stream went silent", { buffered: false })
+      : res("ok", "events arrive as sent and the stream survived the hold", { buffered: false });
+    var ws = p.websocket || {}, wb = analyseBurst(ws.burst), echo = ws.echo || {};
+    t.websocket = !ws.opened ? res("broken", "the WebSocket handshake failed")
+      : (!echo.arrived && !wb.received) ? res("broken", "the WebSocket opened but nothing arrives")
+      : ws.closed_after_s != null ? res("degraded", "the connection is closed after ~" + Math.round(ws.closed_after_s) + " s", { cut_after_s: ws.closed_after_s })
+      : (ws.alive && !ws.alive.arrived) ? res("degraded", "the connection went silent")
+      : res("ok", "frames flow both ways and the connection survived the hold");
+    var ok = ORDER.filter(function (n) { return t[n].ok; });
+    return { transports: t, recommended: ok.length ? ok[0] : null, mode: raw.mode, hold_s: raw.hold_s, path: {},
+      summary: ok.length ? "Use " + ok[0] + "." : "No transport works cleanly from here.", source: "browser" };
+  }
+
+  // ---- the run -------------------------------------------------------------------------------
+  async function collect(raw) {
+    var base = "diag." + randomId();
+    var facts = await call("/diagnose/facts", {}, 8000);
+    raw.facts = facts.json || { error: facts.error || "HTTP " + facts.status };
+    if (facts.headers) {
+      ["server", "via", "x-cache", "cf-ray", "age", "x-served-by"].forEach(function (h) {
+        var v = facts.headers.get(h);
+        if (v) raw.client.response_headers[h] = v.slice(0, 200);
+      });
+    }
+    var gw = (facts.json && facts.json.gateway) || {};
+    var cap = Number(gw.longpoll_max_timeout_s) || 25;
+    ORDER.forEach(function (n) { raw.probes[n] = {}; });
+    function guarded(name, fn) {
+      return fn().catch(function (e) { raw.probes[name].error = errText(e); })
+        .then(function () { finishProbe(name); });
+    }
+    await Promise.all([
+      guarded("websocket", function () { return probeWebSocket(base + ".ws", raw.probes.websocket); }),
+      guarded("sse", function () { return probeSSE(base + ".sse", raw.probes.sse, Number(gw.sse_heartbeat_s) || null); }),
+      guarded("long_poll", function () { return probeLongPoll(base + ".lp", raw.probes.long_poll, cap); }),
+      guarded("short_poll", function () { return probeShortPoll(base + ".sp", raw.probes.short_poll); }),
+    ]);
+  }
+
+  async function run() {
+    var nav = performance.getEntriesByType && performance.getEntriesByType("navigation")[0];
+    var raw = {
+      version: 1, mode: CONFIG.mode, hold_s: HOLD, started: new Date().toISOString(), facts: null, probes: {},
+      client: { agent: "browser", user_agent: navigator.userAgent, host: location.host, secure: location.protocol === "https:",
+        protocol: nav && nav.nextHopProtocol || null, response_headers: {} },
+    };
+    window.__diagnoseRaw = raw;
+    document.getElementById("rerun").disabled = true;
+    var hardStop = sleep((HOLD + 45) * 1000).then(function () { raw.timed_out = true; });
+    try {
+      await Promise.race([collect(raw), hardStop]);
+    } catch (e) {
+      raw.error = errText(e);
+    }
+    var verdict = null;
+    try {
+      var r = await call("/diagnose/verdict", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(raw) }, 8000);
+      if (r.status === 200 && r.json && r.json.transports) verdict = r.json;
+    } catch (e) { /* fall through to the local verdict */ }
+    if (!verdict) {
+      try { verdict = fallbackVerdict(raw); } catch (e) {
+        verdict = { transports: {}, recommended: null, error: errText(e), source: "browser" };
+        ORDER.forEach(function (n) { verdict.transports[n] = { ok: false, status: "broken", reason: "no result" }; });
+        verdict.transports.sse.buffered = false;
+      }
+    }
+    verdict.started = raw.started;
+    publish(raw, verdict);
+  }
+
+  function publish(raw, verdict) {
+    clearInterval(ticker);
+    window.__diagnosis = verdict;
+    var text = JSON.stringify(verdict, null, 2);
+    document.getElementById("diagnosis-json").textContent = text;
+    try {
+      ORDER.forEach(function (n) { if (verdict.transports[n]) showTransport(n, verdict.transports[n]); });
+      showFacts(raw, verdict);
+      var names = { websocket: "WebSocket", sse: "Server-Sent Events", long_poll: "long polling", short_poll: "short polling" };
+      var box = document.getElementById("overall");
+      box.className = "overall " + (verdict.recommended === "websocket" || verdict.recommended === "sse" ? "good"
+        : verdict.recommended ? "warn" : "bad");
+      document.getElementById("summary").textContent = verdict.summary || "Done.";
+      document.getElementById("recommendation").textContent = verdict.recommended
+        ? "Recommended from here: " + names[verdict.recommended] + "."
+        : "No method works cleanly from here" + (verdict.fallback ? "; the best of the rest is " + names[verdict.fallback] : "") + ".";
+    } finally {
+      var copy = document.getElementById("copy-json");
+      copy.disabled = false;
+      document.getElementById("rerun").disabled = false;
+      document.dispatchEvent(new CustomEvent("diagnosis", { detail: verdict }));
+    }
+  }
+
+  document.getElementById("copy-json").addEventListener("click", function () {
+    var text = document.getElementById("diagnosis-json").textContent, status = document.getElementById("copy-status");
+    var done = function (ok) { status.textContent = ok ? "copied" : "select the text below and copy it"; };
+    if (navigator.clipboard && navigator.clipboard.writeText) navigator.clipboard.writeText(text).then(function () { done(true); }, function () { done(false); });
+    else done(false);
+  });
+  document.getElementById("rerun").addEventListener("click", function () { location.reload(); });
+
+  run();
+})();

@@ -1,0 +1,64 @@
+"""Headless Debian Chromium driven by Playwright (never `playwright install`), launched with
+the project's flags: no network beyond loopback, no background traffic."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import ROOT, require_binary
+
+__all__ = ["browser", "CHROMIUM_ARGS", "ARTIFACTS", "run_diagnose"]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
+]
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    require_binary(CHROMIUM)
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def run_diagnose(browser: Any, url: str, hold: float, name: str) -> dict[str, Any]:
+    """Open {url}/diagnose?hold=N, wait for the verdict, save a screenshot, and return the
+    verdict after checking that window.__diagnosis and #diagnosis-json agree."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    console: list[str] = []
+    page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
+    page.on("pageerror", lambda exc: console.append(f"pageerror: {exc}"))
+    try:
+        page.goto(f"{url}/diagnose?hold={hold}", wait_until="domcontentloaded", timeout=15_000)
+        page.wait_for_function("window.__diagnosis !== undefined", timeout=(hold + 60) * 1000, polling=200)
+        verdict = page.evaluate("window.__diagnosis")
+        shown = json.loads(page.text_content("#diagnosis-json") or "null")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(Path(ARTIFACTS) / f"diagnose-{name}.png"), full_page=True)
+        raw = page.evaluate("window.__diagnoseRaw")
+        (ARTIFACTS / f"diagnose-{name}.json").write_text(json.dumps({"verdict": verdict, "raw": raw}, indent=2))
+    finally:
+        context.close()
+    assert shown == verdict, "#diagnosis-json must hold the same verdict as window.__diagnosis"
+    assert not [c for c in console if c.startswith("pageerror")], console
+    return verdict

@@ -37,7 +37,8 @@
     box.appendChild(sendButton);
     box.appendChild(result);
     refresh();
-    // The verdict appears when the probes finish; a re-run replaces it.
+    // The verdict appears when the probes finish (the page also says so with a "diagnosis" event).
+    document.addEventListener("diagnosis", refresh);
     setInterval(refresh, 300);
   }
 

@@ -342,6 +342,27 @@ def test_share_buttons_copy_and_send_the_diagnosis(share_gateway: Gateway, chrom
         context.close()
 
 
+def test_a_real_diagnose_run_reaches_the_operator(share_gateway: Gateway, chromium: Any) -> None:
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        page.goto(share_gateway.url + "/diagnose?hold=1", wait_until="domcontentloaded")
+        page.wait_for_function("window.__diagnosis !== undefined", timeout=60_000, polling=200)
+        page.click("#diagnose-send")
+        page.wait_for_function(
+            "document.getElementById('diagnose-share-result').textContent.startsWith('Sent')", timeout=5000
+        )
+        verdict = page.evaluate("window.__diagnosis")
+    finally:
+        context.close()
+    r = requests.get(share_gateway.url + f"/diagnose/reports?format=json&token={OP}", timeout=5)
+    report = r.json()["reports"][0]
+    assert report["diagnosis"] == verdict
+    assert report["recommended"] == verdict["recommended"]
+    assert report["transports"] == {name: verdict["transports"][name]["status"] for name in report["transports"]}
+    assert set(report["transports"]) == {"websocket", "sse", "long_poll", "short_poll"}
+
+
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     require_binary(CHROMIUM)

@@ -81,7 +81,7 @@ def _request_headers(upstream: str) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name, value in request.headers.items():
         low = name.lower()
-        if low in HOP_BY_HOP or low in connection_named or low in ("host", "content-length"):
+        if low in HOP_BY_HOP or low in connection_named or low in ("host", "content-length", "expect"):
             continue
         headers[name] = value
     client = request.environ.get("REMOTE_ADDR", "")
@@ -185,7 +185,7 @@ def _bridge_websocket(upstream: str, timeout_s: float) -> Response:
         return error_response(504, "upstream_timeout", f"the upstream app did not answer within {timeout_s:g} s")
     except OSError:
         return error_response(502, "upstream_unavailable", "the upstream app refused the WebSocket connection")
-    up.settimeout(None)
+    up.settimeout(client.gettimeout())  # the server's stall timeout, if it sets one
     headers = _request_headers(upstream)
     headers["Connection"] = "Upgrade"
     headers["Upgrade"] = request.headers.get("Upgrade", "websocket")
@@ -215,11 +215,21 @@ def _client_socket() -> socket.socket | None:
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(CHUNK):
+    """Copy one direction. A quiet side is fine (push-only sockets are); a side that stops
+    reading makes sendall time out after the server's stall timeout, which ends the bridge."""
+    while True:
+        try:
+            data = src.recv(CHUNK)
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        if not data:
+            return
+        try:
             dst.sendall(data)
-    except OSError:
-        pass
+        except OSError:
+            return
 
 
 class _Handled(Response):

@@ -235,3 +235,18 @@ def test_refused_and_reset_upstreams_are_502(tmp_path: Path) -> None:
     finally:
         gateway.stop()
         listener.close()
+
+
+def test_bridged_websocket_survives_being_idle_past_the_stall_timeout(app_upstream: Upstream, tmp_path: Path) -> None:
+    gateway = Gateway({"proxy": {"upstream": app_upstream.url}, "server": {"stall_timeout_s": 1.0}}, tmp_path)
+    try:
+        ws = websocket.create_connection(gateway.ws_url + "/socket", timeout=5)
+        try:
+            ws.recv()  # hello
+            time.sleep(2.2)  # both directions quiet for over twice the stall timeout
+            ws.send("still there?")
+            assert ws.recv() == "echo:still there?"
+        finally:
+            ws.close()
+    finally:
+        gateway.stop()

@@ -4,6 +4,7 @@ HTML, sends malformed SSE or a 10 MB event, or trickles; lazy mode; headers from
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -201,3 +202,25 @@ def test_forwarding_to_a_down_websocket_upstream_is_an_error_frame(
     with WSClient(f"{gw.ws_url}/ws/w") as client:
         client.send("back again")
         wait_for(lambda: "back again" in upstream.received)
+
+
+def test_sse_retry_hint_is_honoured_after_a_clean_close(
+    start_gateway: Callable[..., Gateway], upstream: Upstream
+) -> None:
+    upstream.retry_ms = 900
+    gw = start_gateway({"sources": all_kinds(upstream)[:1]})
+    wait_for(lambda: status(gw)["s"]["state"] == "connected")
+    upstream.kill()  # ends the open stream cleanly (EOF)...
+    upstream.restart()  # ...and is back at once: the source must still wait the upstream's retry:
+    wait_for(lambda: len(upstream.seen("/events")) == 2)
+    first, second = upstream.seen("/events")
+    assert 0.8 < second["time"] - first["time"] < 3.0
+    assert status(gw)["s"]["reconnects"] == 1
+
+
+def test_shutdown_with_connected_sources_is_prompt(start_gateway: Callable[..., Gateway], upstream: Upstream) -> None:
+    gw = start_gateway({"sources": all_kinds(upstream)})
+    wait_for(lambda: all(s["state"] == "connected" for s in status(gw).values()))
+    started = time.monotonic()
+    assert gw.stop() == 0
+    assert time.monotonic() - started < 5

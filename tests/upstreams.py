@@ -93,7 +93,7 @@ class Upstream:
 
         @app.before_request
         def record() -> None:
-            up.requests.append({"path": request.path, "headers": dict(request.headers)})
+            up.requests.append({"path": request.path, "headers": dict(request.headers), "time": time.monotonic()})
 
         @app.get("/events")
         def events() -> Response:

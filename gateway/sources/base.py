@@ -94,6 +94,7 @@ class Source:
         self._thread: threading.Thread | None = None
         self._delay = cfg.backoff_initial_s
         self.retry_s: float | None = None  # the upstream's own reconnect hint (SSE retry:)
+        self._was_connected = False
         if cfg.mode == "lazy":
             # Registered now, not in start(): a client may subscribe before services start.
             hub.add_listener(self._on_subscribers)
@@ -170,6 +171,7 @@ class Source:
                 continue
             self.state = "connecting"
             self._replaying = True
+            self._was_connected = False
             try:
                 self._session()
                 error = None
@@ -180,11 +182,15 @@ class Source:
             if not self._wanted:
                 continue  # lazy and idle: disconnected on purpose, no backoff
             self.reconnects += 1
-            if error is None:
-                # The upstream ended the stream cleanly: come back after its retry hint.
+            if error is None or self._was_connected:
+                # A stream that had been up ended (closed, or cut): come back after the upstream's
+                # retry hint, as an EventSource would; backoff is for failures to connect.
                 wait = self.retry_s if self.retry_s is not None else self.cfg.backoff_initial_s
                 self.state = "reconnecting"
-                log.info("source %s: upstream closed the stream; reconnecting in %.2f s", self.name, wait)
+                if error is not None:
+                    self.last_error = error
+                why = "closed the stream" if error is None else f"dropped the stream ({error})"
+                log.info("source %s: upstream %s; reconnecting in %.2f s", self.name, why, wait)
             else:
                 wait = self._delay * random.uniform(0.5, 1.0)  # jitter: many gateways must not retry in step
                 self._delay = min(self._delay * 2, self.cfg.backoff_max_s)
@@ -197,6 +203,7 @@ class Source:
     def _connected(self) -> None:
         """The upstream accepted us: reset the backoff."""
         self.state = "connected"
+        self._was_connected = True
         self._delay = self.cfg.backoff_initial_s
 
     def _pause(self, seconds: float) -> None:

@@ -48,6 +48,7 @@
     this.channel = channel;
     this.base = httpBase(baseUrl);
     this.lastId = opts.since || null;
+    this.longPollHoldS = opts.longPollTimeoutS; // shortened when a proxy cuts held requests
     this.transport = null;
     this.state = "idle";
     this.stats = {};
@@ -326,24 +327,38 @@
   };
 
   OPENERS.long_poll = function (client, h) {
-    return pollLoop(client, h, function () {
-      return "/longpoll/" + enc(client.channel) + "?timeout=" + client.options.longPollTimeoutS + client._sinceQuery("&");
-    }, (client.options.longPollTimeoutS * 1000) + client.options.connectTimeoutMs, 0);
+    var path = function () {
+      return "/longpoll/" + enc(client.channel) + "?timeout=" + client.longPollHoldS + client._sinceQuery("&");
+    };
+    var timeout = function () { return client.longPollHoldS * 1000 + client.options.connectTimeoutMs; };
+    // A request answered with an error after being held a while, but before its hold was up, was cut
+    // by something on the path (nginx proxy_read_timeout, a router's idle limit): hold for less.
+    var cut = function (err, elapsedMs) {
+      var held = elapsedMs / 1000;
+      if (err.fatal || held < 2 || held > client.longPollHoldS - 0.5) return false;
+      client.longPollHoldS = Math.max(1, Math.floor(held * 0.7));
+      h.healthy();
+      client._status("open", h.name, "held requests are cut after ~" + Math.round(held) + " s; holding " +
+        client.longPollHoldS + " s from now on");
+      return true;
+    };
+    return pollLoop(client, h, path, timeout, 0, cut);
   };
 
   OPENERS.short_poll = function (client, h) {
     return pollLoop(client, h, function () {
       return "/poll/" + enc(client.channel) + client._sinceQuery("?");
-    }, client.options.connectTimeoutMs, client.options.pollIntervalMs);
+    }, function () { return client.options.connectTimeoutMs; }, client.options.pollIntervalMs, null);
   };
 
-  function pollLoop(client, h, path, timeoutMs, intervalMs) {
+  function pollLoop(client, h, path, timeoutMs, intervalMs, onCut) {
     var timer = null;
     var stopped = false;
     function once() {
       if (stopped || !h.alive()) return;
       var asked = client.lastId;
-      request(client, client.base + path(), timeoutMs, h.stats).then(
+      var sent = now();
+      request(client, client.base + path(), timeoutMs(), h.stats).then(
         function (body) {
           if (stopped || !h.alive()) return;
           h.healthy();
@@ -355,7 +370,9 @@
           timer = setTimeout(once, body.more ? 0 : intervalMs);
         },
         function (err) {
-          if (err.fatal) h.fatal(err.message);
+          if (stopped || !h.alive()) return;
+          if (onCut && onCut(err, now() - sent)) timer = setTimeout(once, 0);
+          else if (err.fatal) h.fatal(err.message);
           else h.fail(err.message);
         }
       );

@@ -306,3 +306,17 @@ def test_client_leaves_a_websocket_that_is_open_but_silent(
     assert retry["reason"] == "websocket: the WebSocket is open but events do not arrive", retry
     ids += publish_many(gw, "client.silent", 3, start=5)
     assert [g[0] for g in wait_for_count(page, 8)] == ids
+
+
+def test_long_poll_holds_for_less_behind_a_proxy_that_cuts_held_requests(
+    gw: Gateway, cutting: Nginx, open_page: Any
+) -> None:
+    page = open_page(cutting.url + "/healthz")
+    start_client(page, "client.lpcut", **(FAST | {"transports": ["long_poll"], "longPollTimeoutS": 8}))
+    # nginx answers 504 after 2 s of holding; the client then holds for 1 s and stays on long poll.
+    page.wait_for_function("window.client.longPollHoldS < 2", timeout=8000, polling=50)
+    ids = publish_many(gw, "client.lpcut", 3, every_s=0.7)
+    assert [g[0] for g in wait_for_count(page, 3)] == ids
+    statuses = page.evaluate("window.statuses")
+    assert not [s for s in statuses if s["state"] in ("retry", "failed")], statuses
+    assert any("cut after ~2 s" in (s["reason"] or "") for s in statuses), statuses

@@ -164,6 +164,28 @@ def test_channels_lists_this_prefix_only(store, redis_server):  # noqa: F811
         other.close()
 
 
+def test_hundreds_of_simultaneous_readers_queue_for_connections_instead_of_failing(store):
+    first = store.append("busy", "message", "x").id
+    store.append("busy", "message", "y")
+    start = threading.Barrier(200, timeout=10)
+    failures: list[Exception] = []
+    got: list[int] = []
+
+    def reader() -> None:
+        start.wait()
+        try:
+            got.append(len(store.read("busy", first, 10).events))
+        except Exception as exc:  # a pool that refuses when full would land here
+            failures.append(exc)
+
+    threads = [threading.Thread(target=reader, daemon=True) for _ in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert failures == [] and got == [1] * 200
+
+
 # -- wake-ups across processes (two stores = two nodes) ----------------------------------------
 def test_a_publish_on_one_node_wakes_readers_on_another(redis_server):  # noqa: F811
     prefix = f"w{uuid.uuid4().hex[:8]}:"

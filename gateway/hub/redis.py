@@ -44,6 +44,8 @@ KEEPALIVE_S = 30.0  # how often the TTLs of locally streamed channels are pushed
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 ERROR_LOG_EVERY_S = 5.0
+POOL_SIZE = 50  # Redis connections per process for commands (the listener has its own)
+POOL_WAIT_S = 5.0  # how long a command waits for a free pooled connection
 
 # Ids are compared as strings without leading zeros: longer is bigger, else lexicographic.
 # (Lua numbers are doubles, which cannot hold every 64-bit id part exactly.)
@@ -133,7 +135,12 @@ class RedisStore:
         # One immediate retry replaces a pooled connection that died with a restarted Redis;
         # timeouts are not retried, so an append that may have run is never run twice.
         retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-        self._client = redis.Redis.from_url(url, socket_timeout=COMMAND_TIMEOUT_S, retry=retry, **common)
+        # A bounded pool that makes callers wait their turn (gevent-friendly) rather than fail
+        # when hundreds of readers are woken at once.
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, socket_timeout=COMMAND_TIMEOUT_S, retry=retry, **common
+        )
+        self._client = redis.Redis(connection_pool=pool)
         self._listen_client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
         self._append = self._client.register_script(_APPEND)
         self._read = self._client.register_script(_READ)

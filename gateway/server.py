@@ -22,6 +22,15 @@ class _Handler(WSGIHandler):
         sock.settimeout(server.stall_timeout_s)
         super().__init__(sock, address, server, rfile)
 
+    def get_environ(self) -> dict:
+        # Streams take the fast path (gateway/transports/push.py): the publisher writes encoded
+        # events straight to this socket. pywsgi hides the socket of plain HTTP responses, and
+        # whether it frames the body as chunks, so hand both over.
+        env = super().get_environ()
+        env["gateway.socket"] = self.socket
+        env["gateway.chunked"] = lambda: self.response_use_chunked
+        return env
+
 
 log = logging.getLogger("gateway")
 
@@ -41,6 +50,8 @@ def serve(app: Flask) -> None:
         error_log=sys.stderr,
     )
     server.stall_timeout_s = config.server.stall_timeout_s
+    # Flush pushed events once the publishing greenlet yields: a burst shares one write.
+    hub.defer = gevent.get_hub().loop.run_callback
     server.start()
     log.info("gateway listening on http://%s:%d", config.server.host, server.server_port)
     for service in services:

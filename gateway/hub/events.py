@@ -15,7 +15,7 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 class Event:
-    __slots__ = ("id", "event", "data", "key", "prev", "time", "_json", "_sse")
+    __slots__ = ("id", "event", "data", "key", "prev", "time", "_json", "_sse", "_ws")
 
     def __init__(self, id: str, event: str, data: str, key: Key, prev: str, time: float) -> None:
         self.id = id
@@ -26,6 +26,7 @@ class Event:
         self.time = time  # wall clock at publish
         self._json: str | None = None
         self._sse: bytes | None = None
+        self._ws: bytes | None = None
 
     def to_dict(self) -> dict[str, str]:
         return {"id": self.id, "event": self.event, "data": self.data}
@@ -45,6 +46,21 @@ class Event:
             id_line = f"id: {self.id}\n" if self.id else ""
             self._sse = f"{id_line}event: {self.event}\n{lines}\n".encode()
         return self._sse
+
+    @property
+    def ws(self) -> bytes:
+        """The event as one whole WebSocket text frame (server to client: unmasked)."""
+        if self._ws is None:
+            payload = self.json.encode()
+            n = len(payload)
+            if n < 126:
+                head = bytes((0x81, n))
+            elif n < 65536:
+                head = bytes((0x81, 126)) + n.to_bytes(2, "big")
+            else:
+                head = bytes((0x81, 127)) + n.to_bytes(8, "big")
+            self._ws = head + payload
+        return self._ws
 
     def __repr__(self) -> str:
         return f"Event({self.id!r}, {self.event!r}, {self.data[:40]!r})"

@@ -4,6 +4,12 @@ Readers never get events pushed into per-subscriber queues. Each reader holds a 
 when woken, reads everything after it from the channel's history in one batch. So a publish
 costs the same whatever the readers do, a slow reader can never block the publisher or the
 others, and a reader that fell behind the history is told so (gap) instead of losing events.
+
+The fast path for streams: a Pusher (SSE, WebSocket) attached to a channel is handed the
+already-encoded bytes of new events right after they are published, and writes them to its
+socket without blocking and without a greenlet switch. Events published close together are
+flushed as one batch (one write per subscriber). A pusher that cannot take the bytes at once
+(busy, behind, or its socket is full) is only woken, and catches up from history by cursor.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Protocol
 from gateway.hub.events import Batch, Event
 from gateway.names import check_channel, check_event_name
 
-__all__ = ["Hub", "Store"]
+__all__ = ["Hub", "Store", "Pusher"]
 
 SWEEP_EVERY_S = 30.0
 
@@ -37,6 +43,22 @@ class Store(Protocol):
 Listener = Callable[[str, int], None]
 
 
+class Pusher(Protocol):
+    """A streaming subscriber that can take encoded events straight from the publisher."""
+
+    kind: str  # the wire format: pushers of one kind share one encoding of each batch
+    cursor: str  # id of the last event it has written (or will have, once its backlog is out)
+
+    def ready(self) -> bool: ...  # idle, with nothing of its own being written
+    def encode(self, events: list[Event]) -> bytes: ...
+    def push(self, data: bytes, cursor: str) -> None: ...  # never blocks
+    def wake(self) -> None: ...  # catch up from history by cursor
+
+
+def _call_now(fn: Callable[[str], None], channel: str) -> None:
+    fn(channel)
+
+
 class Hub:
     def __init__(self, store: Store, event_class: type = threading.Event) -> None:
         self.store = store
@@ -47,6 +69,11 @@ class Hub:
         self._listeners: list[Listener] = []
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         self.published = 0
+        self._pushers: dict[str, dict[Pusher, None]] = {}  # insertion-ordered sets
+        self._pending: dict[str, list[Event]] = {}
+        # How a flush is scheduled: at once by default; the server passes gevent's "after the
+        # current greenlet yields" so events published in one go share one write per subscriber.
+        self.defer: Callable[[Callable[[str], None], str], None] = _call_now
 
     # -- writing -------------------------------------------------------------------------
     def publish(self, channel: str, data: str, event: str = "message") -> Event:
@@ -54,15 +81,61 @@ class Hub:
         check_event_name(event)
         ev = self.store.append(channel, event, data)
         self.published += 1
-        self.notify(channel)
+        if channel in self._pushers:
+            pending = self._pending.get(channel)
+            if pending is None:
+                self._pending[channel] = [ev]
+                self.defer(self._flush, channel)
+            else:
+                pending.append(ev)
+        self._wake_waiters(channel)
         self._maybe_sweep()
         return ev
 
     def notify(self, channel: str) -> None:
-        """Wake every reader waiting on this channel (also called for events from other nodes)."""
+        """Wake every reader of this channel (also called for events from other nodes)."""
+        self._wake_waiters(channel)
+        for pusher in list(self._pushers.get(channel, ())):
+            pusher.wake()
+
+    def _wake_waiters(self, channel: str) -> None:
         signal = self._signals.pop(channel, None)
         if signal is not None:
             signal.set()
+
+    # -- the fast path for streams ---------------------------------------------------------
+    def attach(self, channel: str, pusher: Pusher) -> None:
+        """Hand this pusher every event published here from now on (see the module doc)."""
+        self._pushers.setdefault(channel, {})[pusher] = None
+
+    def detach(self, channel: str, pusher: Pusher) -> None:
+        pushers = self._pushers.get(channel)
+        if pushers is not None:
+            pushers.pop(pusher, None)
+            if not pushers:
+                del self._pushers[channel]
+
+    def _flush(self, channel: str) -> None:
+        events = self._pending.pop(channel, None)
+        pushers = self._pushers.get(channel)
+        if not events or not pushers:
+            return
+        first, last = events[0].prev, events[-1].id
+        # Only a run of consecutive events can be appended to a cursor (a backend that appends
+        # concurrently may finish out of order): otherwise everyone reads from history.
+        consecutive = all(events[i].prev == events[i - 1].id for i in range(1, len(events)))
+        encoded: dict[str, bytes] = {}
+        for pusher in list(pushers):
+            cursor = pusher.cursor
+            if cursor == last:
+                continue  # it read these from history already
+            if not consecutive or cursor != first or not pusher.ready():
+                pusher.wake()
+                continue
+            data = encoded.get(pusher.kind)
+            if data is None:
+                data = encoded[pusher.kind] = pusher.encode(events)
+            pusher.push(data, last)
 
     # -- reading -------------------------------------------------------------------------
     def read(self, channel: str, since: str | None, limit: int) -> Batch:
@@ -119,7 +192,7 @@ class Hub:
     def close(self) -> None:
         """Shutting down: wake every reader so each can tell its client to come back."""
         self.closing = True
-        for channel in list(self._signals):
+        for channel in list(self._signals) + list(self._pushers):
             self.notify(channel)
 
     def _tell(self, channel: str, n: int) -> None:

@@ -10,11 +10,13 @@ from typing import Any
 
 from flask import Blueprint, current_app, request
 from flask_sock import Sock
+from simple_websocket import ConnectionClosed
 
 from gateway.diagnose import is_diag_channel
 from gateway.errors import BadRequest
-from gateway.hub import Hub, gap_event
+from gateway.hub import Hub
 from gateway.transports.common import channel_arg, config, hub, since_arg
+from gateway.transports.push import Pusher, ws_encode
 
 __all__ = ["bp", "sock", "init_app"]
 
@@ -40,46 +42,52 @@ def _check_before_upgrade() -> None:
     if request.view_args is not None and "channel" in request.view_args:
         channel_arg(request.view_args["channel"])
         since_arg()
+    # Refuse permessage-deflate: compressing per connection would undo encode-once fan-out
+    # (every frame is written as the same bytes to every subscriber; see push.py).
+    request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
 
 
 @sock.route("/ws/<path:channel>", bp=bp)
 def stream(ws: Any, channel: str) -> None:
     gateway = hub()
     cfg = config()
-    ws.sock = _SendAll(ws.sock)
-    send_lock = threading.Lock()
-
-    def send(text: str) -> None:
-        with send_lock:
-            ws.send(text)
-
     cursor = since_arg() or gateway.last_id(channel)
+    # Events go out through the pusher, straight from the publisher when the socket can take
+    # them; every other write (pings, pongs, error frames, close) goes through its lock too.
+    pusher = Pusher(ws.sock, "ws", ws_encode, cursor)
+    ws.sock = _SendAll(ws.sock, pusher)
+    send = ws.send
     forward = current_app.extensions["gateway.upstream_writers"].get(channel)
     allowed = (
         forward is not None
         or is_diag_channel(channel)
         or any(fnmatch.fnmatchcase(channel, p) for p in cfg.websocket.client_publish)
     )
-    reader = threading.Thread(target=_read_client, args=(ws, gateway, channel, allowed, forward, send), daemon=True)
+    reader = threading.Thread(
+        target=_read_client, args=(ws, gateway, channel, allowed, forward, send, pusher), daemon=True
+    )
     reader.start()
     with gateway.subscription(channel):
-        while ws.connected and not gateway.closing:
-            batch = gateway.wait(channel, cursor, cfg.websocket.ping_s, cfg.poll.max_batch)
-            if batch.gap:
-                send(gap_event(batch, cursor).json)
-            for event in batch.events:
-                send(event.json)
-            cursor = batch.cursor
+        try:
+            # simple-websocket pings on its own; the pusher only has to notice a closed socket.
+            pusher.serve(gateway, channel, cfg.poll.max_batch, cfg.websocket.ping_s, _nothing, lambda: ws.connected)
+        except (ConnectionClosed, OSError):  # the client went away mid-write
+            return
     if gateway.closing and ws.connected:
         ws.close(SERVICE_RESTART, "server restarting; reconnect with ?since=<last id>")
 
 
-def _read_client(ws: Any, gateway: Hub, channel: str, allowed: bool, forward: Any, send: Any) -> None:
+def _nothing() -> None:
+    pass
+
+
+def _read_client(ws: Any, gateway: Hub, channel: str, allowed: bool, forward: Any, send: Any, pusher: Pusher) -> None:
     """Frames from the client: publish (or forward upstream) where allowed, else an error frame."""
     while ws.connected:
         try:
             message = ws.receive()
         except Exception:  # ConnectionClosed or a dead socket: the sender loop notices too
+            pusher.wake()
             return
         if message is None:
             continue
@@ -102,7 +110,8 @@ def _read_client(ws: Any, gateway: Hub, channel: str, allowed: bool, forward: An
                 gateway.publish(channel, data, event)
         except BadRequest as exc:
             try:
-                send(json.dumps({"event": "error", "error": exc.code, "detail": exc.detail}))
+                detail = {"error": exc.code, "detail": exc.detail}
+                send(json.dumps({"event": "error", "data": json.dumps(detail), **detail}))
             except Exception:
                 return
 
@@ -125,13 +134,14 @@ def _parse_frame(message: str) -> tuple[str, str]:
 
 class _SendAll:
     """simple-websocket writes with socket.send(), which may write only part of a large frame
-    to a slow client; this makes every write whole."""
+    to a slow client; this makes every write whole, and serialises it with the pusher's."""
 
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, sock: Any, pusher: Pusher) -> None:
         self._sock = sock
+        self._pusher = pusher
 
     def send(self, data: bytes) -> int:
-        self._sock.sendall(data)
+        self._pusher.write(data)
         return len(data)
 
     def __getattr__(self, name: str) -> Any:

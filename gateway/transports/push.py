@@ -1,0 +1,156 @@
+"""The streams' fast path: a subscriber whose socket the publisher writes to directly.
+
+The hub hands every attached Pusher the encoded bytes of newly published events (one encoding
+per wire format per batch, shared by all subscribers). When the subscriber is idle and up to
+date, those bytes go out with one non-blocking send from the publishing side: no greenlet
+switch, no queue. Everything else (a full socket, a backlog, a gap, a heartbeat, an event from
+another node) falls back to the subscriber's own greenlet, which catches up from the channel's
+history by cursor, so no event is lost or reordered, and a slow client never slows the others.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from gateway.hub import Event, Hub, gap_event
+
+__all__ = ["Pusher", "chunk", "sse_encoder", "ws_encode"]
+
+Encode = Callable[[list[Event]], bytes]
+
+
+def _sse_raw(events: list[Event]) -> bytes:
+    return b"".join([e.sse for e in events])
+
+
+def chunk(body: bytes) -> bytes:
+    """One chunk of an HTTP/1.1 chunked body."""
+    return b"%x\r\n%s\r\n" % (len(body), body)
+
+
+def _sse_chunked(events: list[Event]) -> bytes:
+    return chunk(b"".join([e.sse for e in events]))
+
+
+def sse_encoder(chunked: bool) -> tuple[str, Encode]:
+    """(kind, encode) for an SSE body: HTTP/1.1 responses are framed as chunks, 1.0 ones not."""
+    return ("sse-chunked", _sse_chunked) if chunked else ("sse", _sse_raw)
+
+
+def ws_encode(events: list[Event]) -> bytes:
+    """Each event its own text frame; several frames go out in one write."""
+    return b"".join([e.ws for e in events])
+
+
+class Pusher:
+    __slots__ = (
+        "kind",
+        "cursor",
+        "encode",
+        "dead",
+        "_sock",
+        "_raw",
+        "_busy",
+        "_writing",
+        "_dirty",
+        "_backlog",
+        "_wakeup",
+        "_lock",
+    )
+
+    def __init__(self, sock: Any, kind: str, encode: Encode, cursor: str) -> None:
+        self.kind = kind
+        self.encode = encode
+        self.cursor = cursor
+        self.dead = False
+        self._sock = sock  # blocking API (gevent: waits by yielding)
+        # Under gevent the OS socket below is non-blocking: a send there never switches greenlets.
+        self._raw = getattr(sock, "_sock", None)
+        self._busy = False  # its own greenlet is catching up: the publisher must not write
+        self._writing = 0  # writes of ours or of a protocol library (pings) in progress
+        self._dirty = False  # woken while busy: read history once more before going idle
+        self._backlog = b""  # the unsent tail of a pushed write
+        self._wakeup = threading.Event()
+        self._lock = threading.Lock()  # one blocking writer at a time (e.g. a ping and a catch-up)
+
+    # -- called by the hub, from the publishing side; never blocks -------------------------
+    def ready(self) -> bool:
+        return not (self._busy or self._writing or self.dead) and self._raw is not None
+
+    def push(self, data: bytes, cursor: str) -> None:
+        self.cursor = cursor  # these bytes are committed to this stream, sent now or from the backlog
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the client is gone
+            self.dead = True
+            sent = len(data)
+        if sent < len(data):
+            self._backlog = data[sent:]
+            self._busy = True
+        if sent < len(data) or self.dead:
+            self.wake()
+
+    def wake(self) -> None:
+        self._dirty = True
+        self._wakeup.set()
+
+    # -- called from the subscriber's own greenlet -----------------------------------------
+    def write(self, data: bytes) -> None:
+        """A blocking write that the publisher will not interleave with."""
+        self._writing += 1
+        try:
+            with self._lock:
+                self._sock.sendall(data)
+        finally:
+            self._writing -= 1
+
+    def serve(
+        self,
+        hub: Hub,
+        channel: str,
+        limit: int,
+        idle_s: float,
+        on_idle: Callable[[], None],
+        alive: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Run this subscriber until the client goes, the hub closes or alive() turns false;
+        on_idle() runs after idle_s without events (a heartbeat). Socket errors propagate."""
+        hub.attach(channel, self)
+        try:
+            while not hub.closing and not self.dead and alive():
+                self._wakeup.clear()
+                self._catch_up(hub, channel, limit)
+                if hub.closing or self.dead:
+                    break
+                if not self._wakeup.wait(idle_s) and alive():
+                    self._busy = True
+                    try:
+                        on_idle()
+                    finally:
+                        self._busy = False
+        finally:
+            hub.detach(channel, self)
+
+    def _catch_up(self, hub: Hub, channel: str, limit: int) -> None:
+        self._busy = True
+        try:
+            while not self.dead:
+                self._dirty = False
+                if self._backlog:
+                    data, self._backlog = self._backlog, b""
+                    self.write(data)
+                cursor = self.cursor
+                batch = hub.read(channel, cursor, limit)
+                if batch.gap:
+                    self.write(self.encode([gap_event(batch, cursor), *batch.events]))
+                elif batch.events:
+                    self.write(self.encode(batch.events))
+                elif not self._dirty:
+                    return
+                self.cursor = batch.cursor
+        finally:
+            self._busy = False

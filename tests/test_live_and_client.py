@@ -23,11 +23,8 @@ REFUSE_WS_BUFFER_SSE = """
     proxy_buffering on;
     proxy_ignore_headers X-Accel-Buffering;
 """
-# Realtime settings, but a connection with nothing to read for 2 s is cut. Host keeps its port
-# ($http_host): with $host the gateway's same-origin check refuses the WebSocket's Origin.
-CUT_IDLE = REALTIME.replace("proxy_read_timeout 3600s;", "proxy_read_timeout 2s;").replace(
-    "Host $host;", "Host $http_host;"
-)
+# Realtime settings, but a connection with nothing to read for 2 s is cut.
+CUT_IDLE = REALTIME.replace("proxy_read_timeout 3600s;", "proxy_read_timeout 2s;")
 GATEWAY = {
     "sse": {"heartbeat_s": 0.5, "retry_ms": 500},
     # Pings would keep the socket busy; here silence must be real so nginx's idle cut happens.

@@ -224,3 +224,28 @@ def test_shutdown_with_connected_sources_is_prompt(start_gateway: Callable[..., 
     started = time.monotonic()
     assert gw.stop() == 0
     assert time.monotonic() - started < 5
+
+
+def test_poll_whole_body_publishes_only_on_change(start_gateway: Callable[..., Gateway], upstream: Upstream) -> None:
+    upstream.emit("a")
+    source = {
+        "kind": "poll",
+        "url": upstream.url + "/items",
+        "channel": "body",
+        "interval": 0.05,
+        "event": "doc",
+        **FAST,
+    }
+    gw = start_gateway({"sources": [source]})
+    wait_for(lambda: len(upstream.seen("/items")) >= 6)  # many polls of an unchanged body...
+    first = poll(gw.url, "body", "0-0")["events"]
+    assert [(e["event"], json.loads(e["data"])[-1]["data"]) for e in first] == [("doc", "a")]  # ...one event
+    assert any(r["headers"].get("If-None-Match") for r in upstream.seen("/items"))  # answered with 304s
+    upstream.emit("b")
+    wait_for(lambda: len(poll(gw.url, "body", "0-0")["events"]) == 2)
+    upstream.poll_mode = "500"
+    p = wait_for(lambda: (x := status(gw)["body"])["state"] == "error" and x)
+    assert "HTTP 500" in p["last_error"]
+    upstream.poll_mode = "ok"
+    wait_for(lambda: status(gw)["body"]["state"] == "connected")
+    assert len(poll(gw.url, "body", "0-0")["events"]) == 2  # recovery re-published nothing

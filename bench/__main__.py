@@ -49,6 +49,8 @@ RATIOS = [
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     cases = quick() if args.quick else matrix(args.messages)
     if args.cases:
         patterns = args.cases.split(",")
@@ -96,7 +98,7 @@ def _one(name: str, case: Case, tmp: Path, module: str | None, args: argparse.Na
             server = GatewayServer(workdir, args.gateway_toml, args.gateway_root)
         else:
             server = NchanServer(workdir, module or "")
-        result = run_case(server, case, args.workers, args.pad)
+        result = run_case(server, case, args.workers, args.pad, args.profile)
     except Exception as exc:  # one failed case must not stop the rest of the matrix
         result = {"server": name, "case": case.name, "error": f"{type(exc).__name__}: {exc}"}
         if server is not None:
@@ -105,7 +107,10 @@ def _one(name: str, case: Case, tmp: Path, module: str | None, args: argparse.Na
         if server is not None:
             server.stop()
     result["seconds"] = round(time.monotonic() - started, 1)
+    profile = result.pop("profile", None)
     print(json.dumps(result), flush=True)
+    if profile:
+        print(f"# profile of the gateway in {case.name}:\n{profile}", file=sys.stderr, flush=True)
     if result.get("client_saturated"):
         print(
             f"# warning: a load worker used {result['client_cpu_max']:.0%} of a core in {case.name} "
@@ -168,6 +173,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=ROOT,
         help="the gateway checkout to run (default: this one), e.g. a `git archive` of main to compare",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="sample the gateway with py-spy during each case; raw stacks go to this folder",
     )
     p.add_argument("--out", default="", help="also write the JSON lines to this file")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")

@@ -7,10 +7,12 @@ import asyncio
 import multiprocessing
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from bench.cases import Case
 from bench.load import run_worker
+from bench.profile import Profiler
 from bench.publisher import Publisher
 from bench.servers import Server, cpu_seconds, memory_kb
 from bench.stats import merge, percentiles
@@ -20,8 +22,8 @@ __all__ = ["run_case"]
 SATURATED = 0.85  # a worker busier than this share of a core may itself be the bottleneck
 
 
-def run_case(server: Server, case: Case, workers: int, pad: int) -> dict[str, Any]:
-    return asyncio.run(_run(server, case, workers, pad))
+def run_case(server: Server, case: Case, workers: int, pad: int, profile: Path | None = None) -> dict[str, Any]:
+    return asyncio.run(_run(server, case, workers, pad, profile))
 
 
 def _assign(server: Server, case: Case, workers: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
@@ -66,7 +68,7 @@ async def _recv(conn: Connection, timeout: float) -> Any:
     return conn.recv()
 
 
-async def _run(server: Server, case: Case, workers: int, pad: int) -> dict[str, Any]:
+async def _run(server: Server, case: Case, workers: int, pad: int, profile: Path | None) -> dict[str, Any]:
     if case.transport == "mixed" and workers < 2:
         workers = 2
     specs, expected = _assign(server, case, workers)
@@ -117,7 +119,13 @@ async def _run(server: Server, case: Case, workers: int, pad: int) -> dict[str, 
             rss, pss = memory_kb(server.pid)
             result.update(_idle_figures(base_rss, base_pss, rss, pss, connected))
         else:
+            profiler = None
+            if profile is not None and server.name == "gateway":
+                seconds = case.messages / case.rate if case.rate else 5
+                profiler = Profiler(server.pid, profile / f"{case.name}.raw", seconds)
             await _publish_and_wait(server, case, conns, result, pad)
+            if profiler is not None:
+                result["profile"] = profiler.stop()
         for conn in conns:
             conn.send(("stop",))
         reports = []

@@ -5,13 +5,23 @@ from __future__ import annotations
 import math
 
 from flask import Blueprint, Response, request
+from flask.blueprints import BlueprintSetupState
 
+from gateway.config import PollConfig
 from gateway.errors import BadRequest
 from gateway.transports.common import channel_arg, config, hub, since_arg
+from gateway.transports.fastpoll import FastLongPoll
 
 __all__ = ["bp"]
 
 bp = Blueprint("poll", __name__)
+
+
+@bp.record_once
+def _install_fast_path(state: BlueprintSetupState) -> None:
+    """Plain long polls skip Flask's per-request machinery (see fastpoll.py)."""
+    app = state.app
+    app.wsgi_app = FastLongPoll(app.wsgi_app, app.extensions["gateway.hub"], app.extensions["gateway.config"], _timeout)
 
 
 @bp.get("/poll/", defaults={"channel": ""})
@@ -36,8 +46,10 @@ def long_poll(channel: str) -> Response:
 
 
 def _timeout_arg() -> float:
-    poll = config().poll
-    raw = request.args.get("timeout")
+    return _timeout(request.args.get("timeout"), config().poll)
+
+
+def _timeout(raw: str | None, poll: PollConfig) -> float:
     if raw is None or raw == "":
         return poll.longpoll_default_timeout_s
     try:

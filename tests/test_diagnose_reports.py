@@ -16,6 +16,7 @@ import requests
 from gateway.app import create_app
 from gateway.diagnose.reports import (
     MAX_REPORT_BYTES,
+    REPORT_BURST,
     Reports,
     aggregate,
     summarize,
@@ -152,6 +153,28 @@ def test_storage_is_bounded_and_drops_the_oldest() -> None:
     body = listing(c)
     assert [r["user_agent"] for r in body["reports"]] == ["UA4", "UA3", "UA2"]
     assert body["summary"]["reports"] == 3
+
+
+def test_one_address_cannot_flood_the_store() -> None:
+    c = client(max_reports=100)
+    codes = [c.post("/diagnose/reports", json=diagnosis()).status_code for _ in range(int(REPORT_BURST) + 1)]
+    assert codes[:-1] == [201] * int(REPORT_BURST)
+    r = c.post("/diagnose/reports", json=diagnosis())
+    assert r.status_code == 429 and r.json["error"] == "too_many_reports"
+    # Another address is not affected.
+    other = c.post("/diagnose/reports", json=diagnosis(), environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    assert other.status_code == 201
+    assert listing(c)["summary"]["reports"] == int(REPORT_BURST) + 1
+
+
+def test_the_page_lists_the_newest_rows_and_counts_them_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.diagnose.reports.SHOWN_ROWS", 2)
+    c = client()
+    for i in range(3):
+        c.post("/diagnose/reports", json=diagnosis(), headers={"User-Agent": f"UA{i}"})
+    page = c.get(f"/diagnose/reports?token={OP}").data.decode()
+    assert page.count('<tr class="report">') == 2 and "UA2" in page and "UA0" not in page
+    assert "Showing the newest 2 of\n3" in page and "100% (3 of 3)" in page
 
 
 def test_max_reports_zero_turns_submission_off() -> None:

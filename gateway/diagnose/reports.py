@@ -19,6 +19,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request
 
 from gateway.config import Config
+from gateway.diagnose.probes import RateLimit
 from gateway.errors import BadRequest
 
 __all__ = [
@@ -43,12 +44,18 @@ STATUSES = ("ok", "degraded", "broken")
 # max_reports * MAX_REPORT_BYTES in the worst case.
 MAX_REPORT_BYTES = 32 * 1024
 REDIS_KEY = "diagnose:reports"  # after redis.prefix, beside the hub's "<prefix>c:<channel>" keys
+# Per client address: a burst of 30, then one every 10 s. Generous for people behind one proxy,
+# but one sender cannot push everyone else's reports out in a moment.
+REPORT_BURST, REPORTS_PER_S = 30.0, 0.1
+SHOWN_ROWS = 200  # rows on the HTML page; the summary and the JSON cover every report
 _EXTENSION = "gateway.diagnose_reports"
+_LIMIT = "gateway.diagnose_reports_limit"
 
 
 def init_app(app: Flask) -> None:
     """Create the report store for this app and register the routes."""
     app.extensions[_EXTENSION] = Reports.from_config(app.extensions["gateway.config"])
+    app.extensions[_LIMIT] = RateLimit(rate=REPORTS_PER_S, burst=REPORT_BURST)
     app.register_blueprint(bp)
 
 
@@ -202,6 +209,8 @@ def submit() -> tuple[Response, int]:
             "this gateway keeps no reports (diagnose.max_reports = 0); ask its operator to set diagnose.max_reports",
             403,
         )
+    if not current_app.extensions[_LIMIT].allow(request.remote_addr or ""):
+        raise BadRequest("too_many_reports", "too many reports from this address; try again in a minute", 429)
     diagnosis = validate(_read_json(MAX_REPORT_BYTES))
     record = summarize(
         diagnosis,
@@ -226,7 +235,7 @@ def listing() -> Response | str:
     return render_template(
         "diagnose_reports.html",
         summary=summary,
-        reports=records,
+        reports=records[:SHOWN_ROWS],
         source=source,
         limit=_reports().limit,
         transports=TRANSPORTS,

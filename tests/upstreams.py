@@ -55,7 +55,14 @@ class Upstream:
         return eid
 
     def start(self) -> None:
-        self._server = make_server("127.0.0.1", self.port, self.app, threaded=True)
+        for _ in range(40):  # the killed server's sockets may hold the port for a moment
+            try:
+                self._server = make_server("127.0.0.1", self.port, self.app, threaded=True)
+                break
+            except (OSError, SystemExit):  # werkzeug exits on "Address already in use"
+                time.sleep(0.05)
+        else:
+            raise RuntimeError(f"port {self.port} stayed busy")
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()

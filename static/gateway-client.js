@@ -53,7 +53,7 @@
     this.state = "idle";
     this.stats = {};
     for (var i = 0; i < ORDER.length; i++) this.stats[ORDER[i]] = { requests: 0, frames: 0, events: 0, bytes: 0 };
-    this._seen = {};
+    this._seen = Object.create(null);
     this._seenOrder = [];
     this._gen = 0; // bumped on every (re)connect: callbacks of an older attempt are ignored
     this._index = 0;

@@ -16,7 +16,7 @@ from gateway.sources.base import RecentIds, expand_env, public_url
         ({"kind": "sse", "url": "ws://x/e", "channel": "a"}, "sources[0].url: a sse source needs an http(s):// URL"),
         ({"kind": "sse", "url": "x/e", "channel": "a"}, "sources[0].url: must be an absolute"),
         ({"kind": "poll", "url": "http://x", "channel": "bad name"}, "sources[0].channel: 'bad name' is not a valid"),
-        ({"kind": "poll", "url": "http://x", "channel": "a", "interval": 0}, "sources[0].interval: 0.0 is out of range"),
+        ({"kind": "poll", "url": "http://x", "channel": "a", "interval": 0}, "interval: 0.0 is out of range"),
         ({"kind": "sse", "url": "http://x", "channel": "a", "mode": "sometimes"}, 'sources[0].mode: must be "eager"'),
         ({"kind": "sse", "url": "http://x", "channel": "a", "colour": 1}, "sources[0].colour: unknown key"),
         ({"kind": "sse", "url": "http://x", "channel": "a", "headers": {"A": 1}}, "must be a table of strings"),

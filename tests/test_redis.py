@@ -186,6 +186,40 @@ def test_hundreds_of_simultaneous_readers_queue_for_connections_instead_of_faili
     assert failures == [] and got == [1] * 200
 
 
+def test_readers_woken_together_share_one_read_but_never_a_stale_one(store):
+    """Readers of a channel streamed here share an in-flight read (and its Event objects), unless
+    a publish came after it began: then they read afresh, so sharing never delays an event."""
+    hub = Hub(store)
+    store.attach(hub)
+    cursor = store.append("s", "message", "old").id
+    gate, calls = threading.Event(), []
+    real = store._fetch_now
+
+    def slow(*args):
+        result = real(*args)  # what Redis held when the call ran
+        calls.append(args)
+        gate.wait(5)
+        return result
+
+    store._fetch_now = slow
+    with hub.subscription("s"):
+        fresh = store.append("s", "message", "fresh")
+        leader, out = _wait_in_thread(hub, "s", cursor, 5.0)
+        _until(lambda: len(calls) == 1, "the first read ran")
+        follower, out2 = _wait_in_thread(hub, "s", cursor, 5.0)
+        time.sleep(0.2)
+        assert len(calls) == 1  # the follower waits for the leader's read instead of making its own
+        newer = hub.publish("s", "newer")
+        late, out3 = _wait_in_thread(hub, "s", cursor, 5.0)
+        _until(lambda: len(calls) == 2, "the late reader ran its own read")
+        gate.set()
+        for t in (leader, follower, late):
+            t.join(6)
+    assert [e.id for e in out["batch"].events] == [fresh.id]
+    assert out2["batch"].events[0] is out["batch"].events[0]  # shared: encoded once
+    assert [e.id for e in out3["batch"].events] == [fresh.id, newer.id]
+
+
 # -- wake-ups across processes (two stores = two nodes) ----------------------------------------
 def test_a_publish_on_one_node_wakes_readers_on_another(redis_server):  # noqa: F811
     prefix = f"w{uuid.uuid4().hex[:8]}:"

@@ -46,6 +46,7 @@ COMMAND_TIMEOUT_S = 5.0
 ERROR_LOG_EVERY_S = 5.0
 POOL_SIZE = 50  # Redis connections per process for commands (the listener has its own)
 POOL_WAIT_S = 5.0  # how long a command waits for a free pooled connection
+FLIGHT_WAIT_S = 30.0  # bound on waiting for another reader's identical read (its own timeouts come first)
 
 # Ids are compared as strings without leading zeros: longer is bigger, else lexicographic.
 # (Lua numbers are doubles, which cannot hold every 64-bit id part exactly.)
@@ -151,6 +152,8 @@ class RedisStore:
         self.connected = False  # the listener's view: subscribed to the notify topic right now
         self._failures = 0
         self._next_error_log = 0.0
+        self._flights: dict[tuple[str, str, int], _Flight] = {}  # reads in progress, see _fetch
+        self._gens: dict[str, int] = {}  # channels streamed here -> count of wake-ups so far
 
     # -- wiring --------------------------------------------------------------------------
     def attach(self, hub: Hub) -> None:
@@ -168,6 +171,7 @@ class RedisStore:
             id_, prev = self._append(keys=[self._key(channel)], args=args)
         except RedisError as exc:
             raise self._unavailable("publish", exc) from None
+        self._bump(channel)  # before the hub wakes this process's readers
         key = parse(id_)
         return Event(id_, event, data, key, prev, key[0] / 1000)
 
@@ -181,17 +185,16 @@ class RedisStore:
         if waits_out and not self.connected:
             return Batch([], since)
         try:
-            last, known, entries = self._read(keys=[self._key(channel)], args=[canonical, limit, self._max_age_ms])
+            last, known, events, more = self._fetch(channel, canonical, limit)
         except RedisError as exc:
             if waits_out:
                 return Batch([], since)
             raise self._unavailable("read", exc) from None
         if not last:
             return Batch([], ZERO, gap=canonical not in ("", ZERO))
-        if not entries:
+        if not events:
             return Batch([], last, gap=not known)
-        events = [_event(entry) for entry in entries[:limit]]
-        return Batch(events, events[-1].id, gap=not known, more=len(entries) > limit)
+        return Batch(list(events), events[-1].id, gap=not known, more=more)
 
     def last_id(self, channel: str) -> str:
         try:
@@ -224,12 +227,53 @@ class RedisStore:
         except RedisError:
             return False
 
+    def _fetch(self, channel: str, canonical: str, limit: int) -> _Result:
+        """One round trip per (channel, cursor, limit) at a time: the readers one publish wakes
+        share it, and share its Event objects, so each event is encoded once per wire format
+        rather than once per subscriber. A reader joins a call only if no wake-up for the
+        channel came since the call began (same generation): any later event then still wakes
+        it, so sharing never delays an event. Only channels streamed here are shared."""
+        gen = self._gens.get(channel)
+        if gen is None:
+            return self._fetch_now(channel, canonical, limit)
+        key = (channel, canonical, limit)
+        flight = self._flights.get(key)
+        if flight is not None and flight.gen == gen:
+            if not flight.done.wait(FLIGHT_WAIT_S):
+                raise RedisConnectionError("timed out waiting for a shared read")
+            if flight.error is not None:
+                raise RedisConnectionError(str(flight.error))
+            assert flight.result is not None
+            return flight.result
+        flight = self._flights[key] = _Flight(gen)
+        try:
+            flight.result = self._fetch_now(channel, canonical, limit)
+            return flight.result
+        except RedisError as exc:
+            flight.error = exc
+            raise
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            flight.done.set()
+
+    def _fetch_now(self, channel: str, canonical: str, limit: int) -> _Result:
+        last, known, entries = self._read(keys=[self._key(channel)], args=[canonical, limit, self._max_age_ms])
+        return last, bool(known), [_event(entry) for entry in entries[:limit]], len(entries) > limit
+
     # -- cross-process wake-ups -----------------------------------------------------------
     def _on_subscribers(self, channel: str, n: int) -> None:
         if n:
             self._local.add(channel)
+            self._gens.setdefault(channel, 0)
         else:
             self._local.discard(channel)
+            self._gens.pop(channel, None)
+
+    def _bump(self, channel: str) -> None:
+        """A wake-up is coming for this channel: reads begun before it may no longer be shared."""
+        if channel in self._gens:
+            self._gens[channel] += 1
 
     def _listen(self) -> None:
         delay = BACKOFF_INITIAL_S
@@ -285,6 +329,7 @@ class RedisStore:
             pipe.execute()
 
     def _wake(self, channel: str) -> None:
+        self._bump(channel)
         if self._hub is not None and channel:
             self._hub.notify(channel)
 
@@ -306,6 +351,19 @@ class RedisStore:
             f"cannot {action}: the Redis backend is unavailable ({type(exc).__name__}); try again shortly",
             503,
         )
+
+
+_Result = tuple[str, bool, list[Event], bool]  # last id ("" = no channel), cursor known, events, more
+
+
+class _Flight:
+    __slots__ = ("gen", "done", "result", "error")
+
+    def __init__(self, gen: int) -> None:
+        self.gen = gen
+        self.done = threading.Event()
+        self.result: _Result | None = None
+        self.error: Exception | None = None
 
 
 def _event(entry: list[Any]) -> Event:

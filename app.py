@@ -16,11 +16,11 @@ from gateway.server import serve  # noqa: E402
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load()
+        app = create_app(config=load())
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
-    serve(create_app(config=config))
+    serve(app)
 
 
 if __name__ == "__main__":

@@ -63,8 +63,12 @@ def _register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(WebsocketMismatch)
     def websocket_required(exc: WebsocketMismatch) -> Response:
-        return error_response(426, "websocket_required", "this route speaks WebSocket: open it with a WebSocket client",
-                              {"Upgrade": "websocket"})
+        return error_response(
+            426,
+            "websocket_required",
+            "this route speaks WebSocket: open it with a WebSocket client",
+            {"Upgrade": "websocket"},
+        )
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

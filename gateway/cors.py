@@ -14,10 +14,15 @@ from flask import Flask, Response, request
 
 from gateway.errors import error_response
 
-__all__ = ["init_app", "OWN_PREFIXES"]
+__all__ = ["init_app", "is_owned"]
 
 # The routes the gateway answers itself; everything else may go to the reverse proxy.
-OWN_PREFIXES = ("/poll/", "/longpoll/", "/sse/", "/ws/", "/publish/", "/diagnose", "/healthz", "/status", "/static/")
+_OWN_PATHS = frozenset({"/", "/diagnose", "/healthz", "/status"})
+_OWN_PREFIXES = ("/poll/", "/longpoll/", "/sse/", "/ws/", "/publish/", "/diagnose/", "/static/")
+
+
+def is_owned(path: str) -> bool:
+    return path in _OWN_PATHS or path.startswith(_OWN_PREFIXES)
 
 # Harmless from any origin (bounded test bursts on diag.* channels, a pure verdict function), and
 # /diagnose must work even behind a proxy that rewrites Host, which would fail the origin check.
@@ -36,7 +41,7 @@ def init_app(app: Flask) -> None:
         return netloc == host or (":" not in host and netloc.rsplit(":", 1)[0] == host)
 
     def owned() -> bool:
-        return request.path == "/" or request.path.startswith(OWN_PREFIXES)
+        return is_owned(request.path)
 
     @app.before_request
     def check_origin() -> Response | None:

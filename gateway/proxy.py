@@ -1,7 +1,7 @@
 """The reverse proxy: with `[proxy] upstream` set, every request the gateway does not own goes to
 the upstream app with its method, path, query, headers and body, streamed both ways in chunks.
 
-Owned paths ("/" and cors.OWN_PREFIXES) are never proxied, so they keep their own 404/405 JSON.
+Owned paths (cors.is_owned) are never proxied, so they keep their own 404/405 JSON.
 WebSocket handshakes on proxied paths are spliced to the upstream as raw bytes after the
 gateway forwards the handshake, so the upstream does the WebSocket protocol itself.
 """
@@ -20,7 +20,7 @@ from flask import Flask, Response, request
 from requests.adapters import HTTPAdapter
 from urllib3.util import SKIP_HEADER
 
-from gateway.cors import OWN_PREFIXES
+from gateway.cors import is_owned
 from gateway.errors import error_response
 
 __all__ = ["init_app"]
@@ -58,15 +58,11 @@ def init_app(app: Flask) -> None:
     @app.before_request
     def forward() -> Response | None:
         # Only requests no route of ours matched, on paths we do not own.
-        if request.routing_exception is None or _owned(request.path):
+        if request.routing_exception is None or is_owned(request.path):
             return None
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return _bridge_websocket(upstream, cfg.timeout_s)
         return _forward(http, upstream, cfg.timeout_s)
-
-
-def _owned(path: str) -> bool:
-    return path == "/" or path.startswith(OWN_PREFIXES)
 
 
 def _target(upstream: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 from tests.helpers import Gateway, require_binary
 from tests.proxies import REALTIME, Nginx
 
@@ -137,6 +137,8 @@ def test_live_view_shows_every_event_on_all_four_transports(gw: Gateway, open_pa
         shown = page.text_content(f"#col-{name} [data-k=events]")
         assert shown == "3", (name, shown)
         assert "ms" in page.text_content(f"#col-{name} [data-k=latency]")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "live-view.png"), full_page=True)
     stats = {name: col["stats"] for name, col in live["transports"].items()}
     # The trade-offs: one request for each stream, a request per event for long poll, one every
     # interval for short poll.

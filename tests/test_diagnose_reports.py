@@ -223,7 +223,7 @@ def test_operator_page_shows_reports_and_the_share_per_transport() -> None:
     for d in (diagnosis(), diagnosis(ws=False), diagnosis(ws=False, sse="degraded")):
         c.post("/diagnose/reports", json=d, headers={"User-Agent": "<b>Agent</b>"})
     r = c.get(f"/diagnose/reports?token={OP}")
-    assert r.status_code == 200 and r.mimetype == "text/html"
+    assert r.status_code == 200 and r.mimetype == "text/html" and r.headers["Cache-Control"] == "no-store"
     page = r.data.decode()
     assert '<tr data-transport="websocket">' in page and "33% (1 of 3)" in page  # WebSocket
     assert "67% (2 of 3)" in page  # SSE: one degraded

@@ -224,13 +224,21 @@ def submit() -> tuple[Response, int]:
 
 
 @bp.get("/diagnose/reports")
-def listing() -> Response | str:
+def listing() -> Response:
     _check_operator()
     records, source = _reports().newest_first()
     summary = aggregate(records)
     if _wants_json():
         body = {"summary": summary, "source": source, "limit": _reports().limit, "reports": records}
-        return jsonify(body)
+        response = jsonify(body)
+    else:
+        response = Response(_page(summary, records, source), mimetype="text/html")
+    # Client addresses and, with ?token=, the token itself: keep it out of shared caches.
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _page(summary: dict[str, Any], records: list[dict[str, Any]], source: str) -> str:
     token = request.args.get("token", "")
     return render_template(
         "diagnose_reports.html",

@@ -108,6 +108,11 @@ class Pusher:
         finally:
             self._writing -= 1
 
+    @property
+    def wakeup(self) -> threading.Event:
+        """The event this subscriber's greenlet waits on; setting it runs one more round."""
+        return self._wakeup
+
     def serve(
         self,
         hub: Hub,
@@ -116,9 +121,11 @@ class Pusher:
         idle_s: float,
         on_idle: Callable[[], None],
         alive: Callable[[], bool] = lambda: True,
+        on_wake: Callable[[], None] | None = None,
     ) -> None:
-        """Run this subscriber until the client goes, the hub closes or alive() turns false;
-        on_idle() runs after idle_s without events (a heartbeat). Socket errors propagate."""
+        """Run this subscriber until the client goes, the hub closes or alive() turns false.
+        Each round catches up from history, then runs on_wake(); on_idle() runs after idle_s
+        without a wake-up (a heartbeat). Socket errors propagate."""
         hub.attach(channel, self)
         try:
             while not hub.closing and not self.dead and alive():
@@ -126,6 +133,8 @@ class Pusher:
                 self._catch_up(hub, channel, limit)
                 if hub.closing or self.dead:
                     break
+                if on_wake is not None:
+                    on_wake()
                 if not self._wakeup.wait(idle_s) and alive():
                     self._busy = True
                     try:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import threading
+import time
 from typing import Any
 
 from flask import Blueprint, current_app, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
+from wsproto.events import Ping
 
 from gateway.diagnose import is_diag_channel
 from gateway.errors import BadRequest
@@ -26,14 +27,14 @@ bp = Blueprint("ws", __name__)
 sock = Sock()
 
 SERVICE_RESTART = 1012  # close code: the server is restarting, reconnect
+POLICY_VIOLATION = 1008  # close code: no pong to our ping
 
 
 def init_app(app: Any) -> None:
     cfg = app.extensions["gateway.config"]
-    app.config["SOCK_SERVER_OPTIONS"] = {
-        "ping_interval": cfg.websocket.ping_s,
-        "max_message_size": cfg.server.max_body_bytes,
-    }
+    # No ping_interval: the stream's own greenlet pings (see stream()), so simple-websocket's
+    # reader needs no selector and each connection one greenlet less.
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": cfg.server.max_body_bytes}
 
 
 @bp.before_request
@@ -56,64 +57,86 @@ def stream(ws: Any, channel: str) -> None:
     # them; every other write (pings, pongs, error frames, close) goes through its lock too.
     pusher = Pusher(ws.sock, "ws", ws_encode, cursor)
     ws.sock = _SendAll(ws.sock, pusher)
-    send = ws.send
+    # simple-websocket's reader sets ws.event when a frame arrives or the socket closes: make
+    # that wake this stream's greenlet, which then handles the frames itself (no reader thread).
+    ws.event = pusher.wakeup
     forward = current_app.extensions["gateway.upstream_writers"].get(channel)
     allowed = (
         forward is not None
         or is_diag_channel(channel)
         or any(fnmatch.fnmatchcase(channel, p) for p in cfg.websocket.client_publish)
     )
-    reader = threading.Thread(
-        target=_read_client, args=(ws, gateway, channel, allowed, forward, send, pusher), daemon=True
-    )
-    reader.start()
+    keepalive = _KeepAlive(ws, cfg.websocket.ping_s)
+
+    def on_wake() -> None:
+        while ws.input_buffer:
+            _handle_frame(ws, gateway, channel, allowed, forward, ws.input_buffer.pop(0))
+        keepalive.ping_if_due()
+
     with gateway.subscription(channel):
         try:
-            # simple-websocket pings on its own; the pusher only has to notice a closed socket.
-            pusher.serve(gateway, channel, cfg.poll.max_batch, cfg.websocket.ping_s, _nothing, lambda: ws.connected)
+            pusher.serve(
+                gateway,
+                channel,
+                cfg.poll.max_batch,
+                cfg.websocket.ping_s,
+                keepalive.ping,
+                lambda: ws.connected,
+                on_wake,
+            )
         except (ConnectionClosed, OSError):  # the client went away mid-write
             return
     if gateway.closing and ws.connected:
         ws.close(SERVICE_RESTART, "server restarting; reconnect with ?since=<last id>")
 
 
-def _nothing() -> None:
-    pass
+class _KeepAlive:
+    """Pings every ping_s; a client that has not answered the previous ping by the next one is
+    closed (as simple-websocket would)."""
 
+    def __init__(self, ws: Any, ping_s: float) -> None:
+        self.ws = ws
+        self.ping_s = ping_s
+        self.next = time.monotonic() + ping_s
 
-def _read_client(ws: Any, gateway: Hub, channel: str, allowed: bool, forward: Any, send: Any, pusher: Pusher) -> None:
-    """Frames from the client: publish (or forward upstream) where allowed, else an error frame."""
-    while ws.connected:
-        try:
-            message = ws.receive()
-        except Exception:  # ConnectionClosed or a dead socket: the sender loop notices too
-            pusher.wake()
+    def ping_if_due(self) -> None:
+        if time.monotonic() >= self.next:
+            self.ping()
+
+    def ping(self) -> None:
+        ws = self.ws
+        self.next = time.monotonic() + self.ping_s
+        if not ws.connected:
             return
-        if message is None:
-            continue
-        try:
-            if not allowed:
-                raise BadRequest(
-                    "publish_not_allowed",
-                    f"clients may not publish to {channel!r}; add it to websocket.client_publish to allow it",
-                    403,
-                )
-            if isinstance(message, bytes):
-                try:
-                    message = message.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise BadRequest("invalid_frame", "binary frames must be UTF-8 text") from None
-            if forward is not None:
-                forward(message)
-            else:
-                data, event = _parse_frame(message)
-                gateway.publish(channel, data, event)
-        except BadRequest as exc:
+        if not ws.pong_received:
+            ws.close(POLICY_VIOLATION, "Ping/Pong timeout")
+            return
+        ws.pong_received = False
+        ws.sock.send(ws.ws.send(Ping()))
+
+
+def _handle_frame(ws: Any, gateway: Hub, channel: str, allowed: bool, forward: Any, message: str | bytes) -> None:
+    """A frame from the client: publish (or forward upstream) where allowed, else an error frame."""
+    try:
+        if not allowed:
+            raise BadRequest(
+                "publish_not_allowed",
+                f"clients may not publish to {channel!r}; add it to websocket.client_publish to allow it",
+                403,
+            )
+        if isinstance(message, bytes):
             try:
-                detail = {"error": exc.code, "detail": exc.detail}
-                send(json.dumps({"event": "error", "data": json.dumps(detail), **detail}))
-            except Exception:
-                return
+                message = message.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("invalid_frame", "binary frames must be UTF-8 text") from None
+        if forward is not None:
+            forward(message)
+        else:
+            data, event = _parse_frame(message)
+            gateway.publish(channel, data, event)
+    except BadRequest as exc:
+        detail = {"error": exc.code, "detail": exc.detail}
+        ws.send(json.dumps({"event": "error", "data": json.dumps(detail), **detail}))
 
 
 def _parse_frame(message: str) -> tuple[str, str]:

@@ -30,6 +30,7 @@
     pollIntervalMs: 2000,
     backoffMs: 500,
     maxBackoffMs: 30000,
+    upgradeAfterMs: 60000, // on a fallback, retry a better transport that worked earlier after this long
     onEvent: null,
     onGap: null,
     onStatus: null
@@ -59,6 +60,10 @@
     this._index = 0;
     this._round = 0;
     this._drops = 0;
+    this._worked = Object.create(null); // transports that have worked in this session
+    this._upgradeWait = opts.upgradeAfterMs;
+    this._upgradeTimer = null;
+    this._upgrading = false;
     this._closed = false;
     this._active = null;
     this._timer = null;
@@ -72,6 +77,7 @@
     this._closed = true;
     this._gen++;
     clearTimeout(this._timer);
+    clearTimeout(this._upgradeTimer);
     if (this._active) this._active.close();
     this._status("closed", this.transport, "closed by the application");
   };
@@ -102,7 +108,8 @@
     var self = this;
     var name = this.options.transports[this._index];
     var gen = ++this._gen;
-    var attempt = { opened: false, healthy: false, started: now() };
+    var attempt = { opened: false, healthy: false, started: now(), upgrade: this._upgrading };
+    this._upgrading = false;
     var handle = {
       name: name,
       stats: this.stats[name],
@@ -118,7 +125,10 @@
         if (attempt.healthy || !handle.alive()) return;
         attempt.healthy = true;
         self._round = 0;
+        self._worked[name] = true;
+        if (attempt.upgrade) self._upgradeWait = self.options.upgradeAfterMs;
         handle.opened();
+        self._scheduleUpgrade();
       },
       deliver: function (ev) { if (handle.alive()) self._deliver(ev, name); },
       gap: function (info) { if (handle.alive()) self._gap(info, name); },
@@ -138,6 +148,9 @@
 
   GatewayClient.prototype._failed = function (name, reason, attempt, stalled) {
     var delay;
+    clearTimeout(this._upgradeTimer);
+    // A better transport that let us down again: wait twice as long before the next try.
+    if (attempt.upgrade && !attempt.healthy) this._upgradeWait = Math.min(600000, this._upgradeWait * 2);
     if (attempt.healthy && !stalled) {
       // It worked, then dropped (server restart, proxy idle limit): reconnect the same transport.
       if (now() - attempt.started > 30000) this._drops = 0;
@@ -160,10 +173,36 @@
     this._timer = setTimeout(function () { self._connect(); }, delay);
   };
 
+  // After an outage or a network change the client may have settled on a worse transport than one
+  // that worked before (say long poll after WebSocket); try that one again now and then. Only
+  // transports that worked in this session are retried, so a path that never allowed one costs nothing.
+  GatewayClient.prototype._scheduleUpgrade = function () {
+    var order = this.options.transports;
+    var best = -1;
+    for (var i = 0; i < this._index; i++) {
+      if (this._worked[order[i]]) { best = i; break; }
+    }
+    clearTimeout(this._upgradeTimer);
+    if (best < 0 || !this.options.upgradeAfterMs) return;
+    var self = this;
+    var gen = this._gen;
+    this._upgradeTimer = setTimeout(function () {
+      if (gen !== self._gen || self._closed) return;
+      var from = self.transport;
+      self._gen++;
+      if (self._active) self._active.close();
+      self._index = best;
+      self._upgrading = true;
+      self._status("retry", order[best], from + ": trying " + order[best] + " again, it worked earlier", 0);
+      self._connect();
+    }, this._upgradeWait);
+  };
+
   GatewayClient.prototype._fatal = function (reason) {
     this._gen++;
     this._closed = true;
     clearTimeout(this._timer);
+    clearTimeout(this._upgradeTimer);
     if (this._active) this._active.close();
     this._status("failed", this.transport, reason);
   };

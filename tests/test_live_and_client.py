@@ -229,18 +229,28 @@ def test_client_resumes_on_the_same_transport_after_a_cut(gw: Gateway, cutting: 
     assert page.evaluate("window.client.stats.websocket.requests") == 2
 
 
-# -- a middlebox that completes WebSocket handshakes, then passes nothing back ---------------------------
-class SilentWebSocketRelay:
-    """A TCP relay on 127.0.0.1 in front of the gateway. Plain HTTP passes both ways; on a connection
-    that starts with GET /ws/ it forwards the handshake answer and then drops every frame the
-    gateway sends: the socket looks open, no events arrive (as with some antivirus proxies)."""
+# -- a middlebox in front of the gateway that misbehaves with WebSockets on demand --------------------------
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of the gateway; plain HTTP passes both ways. With
+    `silent_ws` it forwards a WebSocket handshake's answer, then drops every frame the gateway sends
+    (the socket looks open, nothing arrives, as with some antivirus proxies). block_ws(True) cuts
+    WebSocket connections, open and new, as a network that stops allowing them would."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, silent_ws: bool = False) -> None:
         self.upstream_port = upstream_port
+        self.silent_ws = silent_ws
+        self.blocking = False
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.sockets: list[socket.socket] = []
+        self.ws_sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def block_ws(self, on: bool) -> None:
+        self.blocking = on
+        if on:
+            for s in self.ws_sockets:
+                _shutdown(s)
 
     def _accept(self) -> None:
         while True:
@@ -248,14 +258,25 @@ class SilentWebSocketRelay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
-            upstream.settimeout(None)
-            self.sockets += [client, upstream]
+            self.sockets.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
             first = client.recv(65536)
-            upstream.sendall(first)
-            silent = first.startswith(b"GET /ws/")
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, silent), daemon=True).start()
+            is_ws = first.startswith(b"GET /ws/")
+            if not first or (is_ws and self.blocking):
+                return _shutdown(client)
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+        except OSError:
+            return _shutdown(client)
+        upstream.settimeout(None)
+        self.sockets.append(upstream)
+        if is_ws:
+            self.ws_sockets += [client, upstream]
+        upstream.sendall(first)
+        threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+        self._pipe(upstream, client, is_ws and self.silent_ws)
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket, swallow_after_headers: bool) -> None:
@@ -271,28 +292,38 @@ class SilentWebSocketRelay:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shutdown(src)
+            _shutdown(dst)
 
     def close(self) -> None:
         self.listener.close()
         for s in self.sockets:
+            _shutdown(s)
             s.close()
 
 
+def _shutdown(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 @pytest.fixture
-def silent_relay(gw: Gateway) -> Iterator[SilentWebSocketRelay]:
-    relay = SilentWebSocketRelay(gw.port)
+def silent_relay(gw: Gateway) -> Iterator[Relay]:
+    relay = Relay(gw.port, silent_ws=True)
     yield relay
     relay.close()
 
 
-def test_client_leaves_a_websocket_that_is_open_but_silent(
-    gw: Gateway, silent_relay: SilentWebSocketRelay, open_page: Any
-) -> None:
+@pytest.fixture
+def relay(gw: Gateway) -> Iterator[Relay]:
+    relay = Relay(gw.port)
+    yield relay
+    relay.close()
+
+
+def test_client_leaves_a_websocket_that_is_open_but_silent(gw: Gateway, silent_relay: Relay, open_page: Any) -> None:
     # The gateway checks Origin against Host; the relay keeps both, so the handshake succeeds.
     page = open_page(silent_relay.url + "/healthz")
     start_client(page, "client.silent", **FAST)
@@ -319,3 +350,29 @@ def test_long_poll_holds_for_less_behind_a_proxy_that_cuts_held_requests(
     statuses = page.evaluate("window.statuses")
     assert not [s for s in statuses if s["state"] in ("retry", "failed")], statuses
     assert any("cut after ~2 s" in (s["reason"] or "") for s in statuses), statuses
+
+
+def test_client_returns_to_websocket_once_it_works_again(gw: Gateway, relay: Relay, open_page: Any) -> None:
+    page = open_page(relay.url + "/healthz")
+    start_client(page, "client.upgrade", **(FAST | {"upgradeAfterMs": 1000, "stallMs": 20_000}))
+    page.wait_for_function("window.client.state === 'open'", timeout=10_000)
+    ids = publish_many(gw, "client.upgrade", 2)
+    wait_for_count(page, 2)
+
+    relay.block_ws(True)  # the network stops allowing WebSockets: the client moves to SSE
+    page.wait_for_function("window.client.transport === 'sse' && window.client.state === 'open'", timeout=10_000)
+    ids += publish_many(gw, "client.upgrade", 2, start=2)
+    wait_for_count(page, 4)
+    # It tries WebSocket again now and then, since it worked before; while blocked that fails.
+    page.wait_for_function(
+        "window.statuses.some(s => (s.reason || '').includes('again, it worked earlier'))", timeout=5000
+    )
+    relay.block_ws(False)
+    page.wait_for_function(
+        "window.client.transport === 'websocket' && window.client.state === 'open'", timeout=10_000, polling=50
+    )
+    ids += publish_many(gw, "client.upgrade", 2, start=4)
+    got = wait_for_count(page, 6)
+    time.sleep(0.3)
+    assert [g[0] for g in page.evaluate("window.got")] == ids  # once each, in order, across both switches
+    assert [g[3] for g in got] == ["websocket", "websocket", "sse", "sse", "websocket", "websocket"]

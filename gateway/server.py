@@ -13,6 +13,8 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 
 __all__ = ["serve"]
 
+READ_BUFFER = 1024  # bytes; pywsgi's default is 8 KB per connection
+
 
 class _Handler(WSGIHandler):
     """Drops a connection whose socket makes no progress for server.stall_timeout_s (a client
@@ -20,6 +22,10 @@ class _Handler(WSGIHandler):
 
     def __init__(self, sock, address, server, rfile=None):  # noqa: ANN001 (gevent's signature)
         sock.settimeout(server.stall_timeout_s)
+        if rfile is None:
+            # A small read buffer: a streaming connection keeps it for its whole life, and
+            # requests are small (bodies are read past the buffer anyway).
+            rfile = sock.makefile("rb", READ_BUFFER)
         super().__init__(sock, address, server, rfile)
 
     def get_environ(self) -> dict:

@@ -7,6 +7,7 @@ fresh Nchan; prints one JSON line per case and server, then a table with gateway
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import json
 import os
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
-    cases = quick() if args.quick else matrix(args.messages)
+    cases = quick() if args.quick else matrix(args.messages or 200)
+    if args.quick and args.messages:
+        cases = [c if c.idle else dataclasses.replace(c, messages=args.messages) for c in cases]
     if args.cases:
         patterns = args.cases.split(",")
         cases = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
@@ -65,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         print("no case matches --cases; see --list", file=sys.stderr)
         return 2
+    if args.subscribers:
+        cases = [
+            dataclasses.replace(c, subscribers=args.subscribers, channels=min(c.channels, args.subscribers))
+            for c in cases
+        ]
     servers = args.servers.split(",")
     module = nchan_module()
     if "nchan" in servers and module is None:
@@ -164,7 +172,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a short subset (1k subscribers, fewer messages)")
     p.add_argument("--cases", default="", help="comma-separated names or globs (see --list), e.g. 'sse-*,flood*'")
     p.add_argument("--servers", default="gateway,nchan", help="which servers to run (default: gateway,nchan)")
-    p.add_argument("--messages", type=int, default=200, help="messages per 20 msg/s case (default 200 = 10 s)")
+    p.add_argument("--messages", type=int, default=0, help="messages per 20 msg/s case (default 200 = 10 s)")
+    p.add_argument("--subscribers", type=int, default=0, help="override every selected case's subscriber count")
     p.add_argument("--workers", type=int, default=2, help="load generator processes (default 2)")
     p.add_argument("--pad", type=int, default=40, help="extra payload bytes per message (default 40)")
     p.add_argument("--gateway-toml", default="", help="extra TOML appended to the gateway's bench config")

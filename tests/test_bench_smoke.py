@@ -1,0 +1,53 @@
+"""The benchmark runs end to end: a tiny SSE and long-poll case against a real gateway, checked
+for delivery (no timing asserted: benchmarks never run in `make test`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+
+def test_bench_help_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0 and "--quick" in out.stdout
+
+
+def test_a_tiny_case_delivers_every_event_in_order(tmp_path):
+    out_file = tmp_path / "results.jsonl"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--cases",
+            "sse-1k,ws-1k,lp-1k",
+            "--servers",
+            "gateway",
+            "--subscribers",
+            "6",
+            "--messages",
+            "8",
+            "--workers",
+            "1",
+            "--out",
+            str(out_file),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["case"] for r in results] == ["sse-1k", "ws-1k", "lp-1k"]
+    for r in results:
+        assert "error" not in r, r
+        assert r["connected"] == 6 and r["expected"] == 48, r
+        assert r["delivered"] == 48 and r["lost"] == 0 and r["disorder"] == 0, r
+        assert r["cpu_us_per_delivery"] is not None and r["peak_pss_mb"] > 0, r

@@ -16,6 +16,7 @@ import requests
 from gateway.config import from_mapping
 from gateway.errors import BadRequest, ConfigError
 from gateway.hub import Batch, Hub, MemoryStore
+from gateway.hub import redis as redis_store
 from gateway.hub.redis import RedisStore
 from tests.clients import SSEClient, WSClient, longpoll, poll
 from tests.helpers import TOKEN, Gateway
@@ -152,16 +153,34 @@ def test_history_expires_by_age(redis_server):  # noqa: F811
         s.close()
 
 
-def test_channels_lists_this_prefix_only(store, redis_server):  # noqa: F811
-    store.append("one", "message", "x")
-    store.append("two.b:c", "message", "x")
-    other = RedisStore(redis_server.url, 5, 3600, prefix=f"o{uuid.uuid4().hex[:8]}:")
+def test_channels_lists_this_prefix_only(redis_server):  # noqa: F811
+    base = f"t{uuid.uuid4().hex[:8]}"
+    # Unescaped, "<base>*:" would match the other prefix's keys too.
+    stores = [RedisStore(redis_server.url, 5, 3600, prefix=p) for p in (f"{base}*:", f"{base}x:", f"{base}[x]:")]
     try:
-        other.append("three", "message", "x")
-        assert sorted(store.channels()) == ["one", "two.b:c"]
-        assert other.channels() == ["three"]
+        stores[0].append("one", "message", "x")
+        stores[0].append("two.b:c", "message", "x")
+        stores[1].append("three", "message", "x")
+        assert sorted(stores[0].channels()) == ["one", "two.b:c"]
+        assert stores[1].channels() == ["three"]
+        assert stores[2].channels() == []
     finally:
-        other.close()
+        for s in stores:
+            s.close()
+
+
+def test_a_silently_dead_subscription_is_noticed_and_renewed(redis_server, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(redis_store, "KEEPALIVE_S", 0.1)
+    monkeypatch.setattr(redis_store, "ECHO_TIMEOUT_S", 0.6)
+    s, hub = _attached(redis_server.url, f"d{uuid.uuid4().hex[:8]}:")
+    try:
+        first = s._pubsub
+        time.sleep(1.5)
+        assert s._pubsub is first  # echoes keep coming back: no reconnect
+        first.unsubscribe()  # from now on nothing arrives, and nothing fails either
+        _until(lambda: s._pubsub is not first and s.connected, "the listener subscribed afresh", timeout=5)
+    finally:
+        s.close()
 
 
 def test_hundreds_of_simultaneous_readers_queue_for_connections_instead_of_failing(store):

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 5.0
-KEEPALIVE_S = 30.0  # how often the TTLs of locally streamed channels are pushed out
+KEEPALIVE_S = 15.0  # how often the listener probes its subscription and renews local channels' TTLs
+ECHO_TIMEOUT_S = 2 * KEEPALIVE_S + 5  # no probe came back for this long: reconnect
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 ERROR_LOG_EVERY_S = 5.0
@@ -149,6 +150,7 @@ class RedisStore:
         self._local: set[str] = set()  # channels with streaming readers in this process
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pubsub: Any = None  # the listener's current subscription
         self.connected = False  # the listener's view: subscribed to the notify topic right now
         self._failures = 0
         self._next_error_log = 0.0
@@ -205,8 +207,9 @@ class RedisStore:
 
     def channels(self) -> list[str]:
         start = len(self._prefix) + 2
+        pattern = _glob_escape(self._key("")) + "*"
         try:
-            return [key[start:] for key in self._client.scan_iter(match=self._key("*"), count=1000)]
+            return [key[start:] for key in self._client.scan_iter(match=pattern, count=1000)]
         except RedisError as exc:
             raise self._unavailable("list channels", exc) from None
 
@@ -279,7 +282,7 @@ class RedisStore:
         delay = BACKOFF_INITIAL_S
         first = True
         while not self._stop.is_set():
-            pubsub = self._listen_client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._pubsub = self._listen_client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self._topic)
                 self.connected = True
@@ -291,13 +294,16 @@ class RedisStore:
                 first = False
                 delay = BACKOFF_INITIAL_S
                 self._pump(pubsub)
-            except RedisError as exc:
+            except Exception as exc:  # the listener must outlive anything, or wake-ups stop for good
                 if self._stop.is_set():
                     break
                 self.connected = False
                 first = False
                 pause = delay * random.uniform(0.5, 1.0)
-                log.warning("redis listener disconnected (%s); retrying in %.2f s", exc, pause)
+                if isinstance(exc, RedisError):
+                    log.warning("redis listener disconnected (%s); retrying in %.2f s", exc, pause)
+                else:
+                    log.exception("redis listener failed; retrying in %.2f s", pause)
                 self._stop.wait(pause)
                 delay = min(delay * 2, BACKOFF_MAX_S)
             finally:
@@ -308,22 +314,27 @@ class RedisStore:
                     pass
 
     def _pump(self, pubsub: Any) -> None:
-        next_keepalive = time.monotonic() + KEEPALIVE_S
+        next_keepalive = heard = time.monotonic()
         while not self._stop.is_set():
-            message = pubsub.get_message(timeout=1.0)
+            message = pubsub.get_message(timeout=min(1.0, KEEPALIVE_S))
+            now = time.monotonic()
             if message is not None and message.get("type") == "message":
+                heard = now
                 node, _, channel = str(message["data"]).partition(" ")
                 if node != self._node:  # our own publishes already woke our readers
                     self._wake(channel)
-            if time.monotonic() >= next_keepalive:
-                next_keepalive = time.monotonic() + KEEPALIVE_S
+            if now >= next_keepalive:
+                next_keepalive = now + KEEPALIVE_S
                 self._keep_alive()
+            if now - heard > ECHO_TIMEOUT_S:
+                # A connection that died without a word (a network partition) never errors.
+                raise RedisConnectionError(f"no echo on {self._topic} for {now - heard:.0f} s")
 
     def _keep_alive(self) -> None:
-        """Push out the TTL of channels streamed here (as memory's sweep spares busy channels)."""
-        if not self._local:
-            return
+        """Echo a probe through our own subscription (proof it still works), and push out the
+        TTL of channels streamed here (as memory's sweep spares busy channels)."""
         with self._client.pipeline(transaction=False) as pipe:
+            pipe.publish(self._topic, f"{self._node} ")
             for channel in list(self._local):
                 pipe.pexpire(self._key(channel), self._ttl_ms)
             pipe.execute()
@@ -364,6 +375,11 @@ class _Flight:
         self.done = threading.Event()
         self.result: _Result | None = None
         self.error: Exception | None = None
+
+
+def _glob_escape(text: str) -> str:
+    """A key prefix as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _event(entry: list[Any]) -> Event:

@@ -48,8 +48,8 @@ class Pusher(Protocol):
 
     kind: str  # the wire format: pushers of one kind share one encoding of each batch
     cursor: str  # id of the last event it has written (or will have, once its backlog is out)
+    hold: int  # 0 when idle, with nothing of its own being written: push() may be called
 
-    def ready(self) -> bool: ...  # idle, with nothing of its own being written
     def encode(self, events: list[Event]) -> bytes: ...
     def push(self, data: bytes, cursor: str) -> None: ...  # never blocks
     def wake(self) -> None: ...  # catch up from history by cursor
@@ -123,19 +123,19 @@ class Hub:
         first, last = events[0].prev, events[-1].id
         # Only a run of consecutive events can be appended to a cursor (a backend that appends
         # concurrently may finish out of order): otherwise everyone reads from history.
-        consecutive = all(events[i].prev == events[i - 1].id for i in range(1, len(events)))
+        if not all(events[i].prev == events[i - 1].id for i in range(1, len(events))):
+            first = None
         encoded: dict[str, bytes] = {}
+        kind, data = None, b""
+        # The hot loop: one non-blocking send per subscriber, nothing else that costs.
         for pusher in list(pushers):
-            cursor = pusher.cursor
-            if cursor == last:
-                continue  # it read these from history already
-            if not consecutive or cursor != first or not pusher.ready():
+            if pusher.cursor == first and not pusher.hold:
+                if pusher.kind is not kind:
+                    kind = pusher.kind
+                    data = encoded.get(kind) or encoded.setdefault(kind, pusher.encode(events))
+                pusher.push(data, last)
+            elif pusher.cursor != last:  # behind, busy, or out of order: it reads from history
                 pusher.wake()
-                continue
-            data = encoded.get(pusher.kind)
-            if data is None:
-                data = encoded[pusher.kind] = pusher.encode(events)
-            pusher.push(data, last)
 
     # -- reading -------------------------------------------------------------------------
     def read(self, channel: str, since: str | None, limit: int) -> Batch:

@@ -48,12 +48,11 @@ class Pusher:
     __slots__ = (
         "kind",
         "cursor",
+        "hold",
         "encode",
         "dead",
         "_sock",
         "_raw",
-        "_busy",
-        "_writing",
         "_dirty",
         "_backlog",
         "_wakeup",
@@ -68,18 +67,17 @@ class Pusher:
         self._sock = sock  # blocking API (gevent: waits by yielding)
         # Under gevent the OS socket below is non-blocking: a send there never switches greenlets.
         self._raw = getattr(sock, "_sock", None)
-        self._busy = False  # its own greenlet is catching up: the publisher must not write
-        self._writing = 0  # writes of ours or of a protocol library (pings) in progress
+        # Above 0 while the publisher must not write: a catch-up, a blocking write (ours or a
+        # protocol library's ping), an unsent backlog, or no non-blocking socket at all.
+        self.hold = 0 if self._raw is not None else 1
         self._dirty = False  # woken while busy: read history once more before going idle
         self._backlog = b""  # the unsent tail of a pushed write
         self._wakeup = threading.Event()
         self._lock = threading.Lock()  # one blocking writer at a time (e.g. a ping and a catch-up)
 
     # -- called by the hub, from the publishing side; never blocks -------------------------
-    def ready(self) -> bool:
-        return not (self._busy or self._writing or self.dead) and self._raw is not None
-
     def push(self, data: bytes, cursor: str) -> None:
+        """Called only when hold is 0 and the cursor is where these bytes start."""
         self.cursor = cursor  # these bytes are committed to this stream, sent now or from the backlog
         try:
             sent = self._raw.send(data)
@@ -87,11 +85,12 @@ class Pusher:
             sent = 0
         except OSError:  # the client is gone
             self.dead = True
-            sent = len(data)
+            self.hold += 1
+            self.wake()
+            return
         if sent < len(data):
             self._backlog = data[sent:]
-            self._busy = True
-        if sent < len(data) or self.dead:
+            self.hold += 1  # released once the greenlet has written the backlog
             self.wake()
 
     def wake(self) -> None:
@@ -101,12 +100,12 @@ class Pusher:
     # -- called from the subscriber's own greenlet -----------------------------------------
     def write(self, data: bytes) -> None:
         """A blocking write that the publisher will not interleave with."""
-        self._writing += 1
+        self.hold += 1
         try:
             with self._lock:
                 self._sock.sendall(data)
         finally:
-            self._writing -= 1
+            self.hold -= 1
 
     @property
     def wakeup(self) -> threading.Event:
@@ -136,22 +135,25 @@ class Pusher:
                 if on_wake is not None:
                     on_wake()
                 if not self._wakeup.wait(idle_s) and alive():
-                    self._busy = True
+                    self.hold += 1
                     try:
                         on_idle()
                     finally:
-                        self._busy = False
+                        self.hold -= 1
         finally:
             hub.detach(channel, self)
 
     def _catch_up(self, hub: Hub, channel: str, limit: int) -> None:
-        self._busy = True
+        self.hold += 1
         try:
             while not self.dead:
                 self._dirty = False
                 if self._backlog:
                     data, self._backlog = self._backlog, b""
-                    self.write(data)
+                    try:
+                        self.write(data)
+                    finally:
+                        self.hold -= 1  # the backlog's hold
                 cursor = self.cursor
                 batch = hub.read(channel, cursor, limit)
                 if batch.gap:
@@ -162,4 +164,4 @@ class Pusher:
                     return
                 self.cursor = batch.cursor
         finally:
-            self._busy = False
+            self.hold -= 1

@@ -155,7 +155,7 @@ def test_history_expires_by_age(redis_server):  # noqa: F811
 
 def test_channels_lists_this_prefix_only(redis_server):  # noqa: F811
     base = f"t{uuid.uuid4().hex[:8]}"
-    # Unescaped, "<base>*:" would match the other prefix's keys too.
+    # Prefixes that would glob-match each other's keys still keep their channels apart.
     stores = [RedisStore(redis_server.url, 5, 3600, prefix=p) for p in (f"{base}*:", f"{base}x:", f"{base}[x]:")]
     try:
         stores[0].append("one", "message", "x")

@@ -62,16 +62,20 @@ local function id_less(a, b)
 end
 """
 
-# KEYS[1] stream. ARGV: event, data, size, max_age_ms, ttl_ms, notify topic, notify message.
+# KEYS[1] stream, KEYS[2] channel index (zset: channel -> last publish ms).
+# ARGV: event, data, size, max_age_ms, ttl_ms, notify topic, notify message, channel.
 # Returns {id, prev}.
 _APPEND = """
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local prev = '0-0'
 if #top > 0 then prev = top[1][1] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'e', ARGV[1], 'd', ARGV[2], 'p', prev)
-local cutoff = tonumber(string.match(id, '^(%d+)')) - tonumber(ARGV[4])
+local ms = tonumber(string.match(id, '^(%d+)'))
+local cutoff = ms - tonumber(ARGV[4])
 if cutoff > 0 then redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', cutoff)) end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[2], ms, ARGV[8])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', ms - tonumber(ARGV[5])))
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 return {id, prev}
 """
@@ -126,6 +130,7 @@ class RedisStore:
         self._ttl_ms = 2 * self._max_age_ms + 60_000
         self._prefix = prefix
         self._topic = f"{prefix}notify"
+        self._index = f"{prefix}channels"
         self._node = uuid.uuid4().hex[:12]
         common: dict[str, Any] = {
             "decode_responses": True,
@@ -168,9 +173,9 @@ class RedisStore:
     # -- the Store protocol ----------------------------------------------------------------
     def append(self, channel: str, event: str, data: str) -> Event:
         message = f"{self._node} {channel}"
-        args = [event, data, self._size, self._max_age_ms, self._ttl_ms, self._topic, message]
+        args = [event, data, self._size, self._max_age_ms, self._ttl_ms, self._topic, message, channel]
         try:
-            id_, prev = self._append(keys=[self._key(channel)], args=args)
+            id_, prev = self._append(keys=[self._key(channel), self._index], args=args)
         except RedisError as exc:
             raise self._unavailable("publish", exc) from None
         self._bump(channel)  # before the hub wakes this process's readers
@@ -206,10 +211,11 @@ class RedisStore:
         return top[0][0] if top else ZERO
 
     def channels(self) -> list[str]:
-        start = len(self._prefix) + 2
-        pattern = _glob_escape(self._key("")) + "*"
+        """Channels published to within a key's lifetime (an index, not a SCAN of the keyspace:
+        /healthz and / call this, and Redis may hold millions of other keys)."""
+        since_ms = int(time.time() * 1000) - self._ttl_ms
         try:
-            return [key[start:] for key in self._client.scan_iter(match=pattern, count=1000)]
+            return self._client.zrangebyscore(self._index, since_ms, "+inf")
         except RedisError as exc:
             raise self._unavailable("list channels", exc) from None
 
@@ -333,10 +339,12 @@ class RedisStore:
     def _keep_alive(self) -> None:
         """Echo a probe through our own subscription (proof it still works), and push out the
         TTL of channels streamed here (as memory's sweep spares busy channels)."""
+        now_ms = int(time.time() * 1000)
         with self._client.pipeline(transaction=False) as pipe:
             pipe.publish(self._topic, f"{self._node} ")
             for channel in list(self._local):
                 pipe.pexpire(self._key(channel), self._ttl_ms)
+                pipe.zadd(self._index, {channel: now_ms}, xx=True)
             pipe.execute()
 
     def _wake(self, channel: str) -> None:
@@ -375,11 +383,6 @@ class _Flight:
         self.done = threading.Event()
         self.result: _Result | None = None
         self.error: Exception | None = None
-
-
-def _glob_escape(text: str) -> str:
-    """A key prefix as a literal in a SCAN MATCH pattern."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _event(entry: list[Any]) -> Event:

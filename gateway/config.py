@@ -120,6 +120,7 @@ class SourceConfig:
     id_field: str = ""  # poll only, with items: de-duplicate items by this field
     forward_client_messages: bool = False  # websocket only: client frames go upstream
     max_event_bytes: int = 1_048_576
+    lease_ttl_s: float = 10.0  # with Redis: one process relays it; a standby takes over within ~1 ttl
 
     def _check(self, key: str = "sources") -> None:
         if self.kind not in ("sse", "poll", "websocket"):
@@ -140,6 +141,7 @@ class SourceConfig:
         _range(f"{key}.timeout_s", self.timeout_s, 0.1, 3600)
         _range(f"{key}.lazy_grace_s", self.lazy_grace_s, 0, 86400)
         _range(f"{key}.max_event_bytes", self.max_event_bytes, 1, 1 << 30)
+        _range(f"{key}.lease_ttl_s", self.lease_ttl_s, 0.5, 3600)
         for name, value in self.headers.items():
             for var in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value):
                 if var not in os.environ:

@@ -23,7 +23,16 @@ def make_source(cfg: SourceConfig, hub: Hub) -> Source:
 def init_app(app: Flask) -> None:
     """Build one source per config entry as a service; /status reads them from the app."""
     hub = app.extensions["gateway.hub"]
-    sources = [make_source(cfg, hub) for cfg in app.extensions["gateway.config"].sources]
+    config = app.extensions["gateway.config"]
+    sources = [make_source(cfg, hub) for cfg in config.sources]
+    if config.redis.url and sources:
+        # Processes share channels through Redis: each upstream is relayed by the one holding its lease.
+        from gateway.sources.lease import LeaseStore  # lazily: only a Redis deployment needs it
+
+        timeout = min(2.0, max(0.1, min(s.cfg.lease_ttl_s for s in sources) / 4))
+        leases = LeaseStore(config.redis, timeout)
+        for source in sources:
+            source.use_lease(leases.lease(source.cfg))
     app.extensions["gateway.sources"] = sources
     app.extensions["gateway.services"].extend(sources)
     for source in sources:

@@ -8,14 +8,15 @@ any library error) when something went wrong. The loop here decides when to (re)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
 import re
 import threading
 import time
-from collections import OrderedDict
-from typing import Any
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.config import SourceConfig
@@ -23,15 +24,28 @@ from gateway.errors import BadRequest, GatewayError
 from gateway.hub import Hub
 from gateway.names import RESERVED_EVENTS, check_event_name
 
-__all__ = ["Source", "UpstreamError", "RecentIds", "expand_env", "public_url"]
+if TYPE_CHECKING:
+    from gateway.sources.lease import Lease
+
+__all__ = ["Source", "UpstreamError", "LeaseError", "LeaseLost", "RecentIds", "expand_env", "public_url"]
 
 log = logging.getLogger("gateway.sources")
+
+STOP_WAIT_S = 2.0  # how long stop() waits for the loop to hand the lease back
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class UpstreamError(GatewayError):
     """The upstream answered, but not with what this source can relay (500, HTML, bad JSON...)."""
+
+
+class LeaseError(GatewayError):
+    """Redis could not be asked about a source's lease (down, unreachable, timed out)."""
+
+
+class LeaseLost(GatewayError):
+    """This process no longer holds the source's lease: it must stop relaying."""
 
 
 def expand_env(value: str, env: dict[str, str] | os._Environ | None = None) -> str:
@@ -51,23 +65,41 @@ def public_url(url: str) -> str:
 
 
 class RecentIds:
-    """A bounded set of recently relayed upstream ids: old ones fall out first."""
+    """A bounded set of recently relayed upstream ids: old ones fall out first. Long keys (a whole
+    poll item) are kept as a hash. With a `journal`, additions are also queued there, for the
+    lease to hand on to the next leader."""
 
     def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
         self._ids: OrderedDict[str, None] = OrderedDict()
+        self.journal: deque[str] | None = None
 
     def __contains__(self, key: str) -> bool:
-        return key in self._ids
+        return _compact(key) in self._ids
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def add(self, key: str) -> None:
+        key = _compact(key)
+        self._load(key)
+        if self.journal is not None:
+            self.journal.append(key)
+
+    def load(self, keys: list[str]) -> None:
+        """Remember keys another process relayed (oldest first), without journalling them."""
+        for key in keys:
+            self._load(_compact(key))
+
+    def _load(self, key: str) -> None:
         self._ids[key] = None
         self._ids.move_to_end(key)
         while len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
+
+
+def _compact(key: str) -> str:
+    return key if len(key) <= 200 else "#" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Source:
@@ -95,6 +127,9 @@ class Source:
         self._delay = cfg.backoff_initial_s
         self.retry_s: float | None = None  # the upstream's own reconnect hint (SSE retry:)
         self._was_connected = False
+        self.lease: Lease | None = None  # with Redis: relay only while holding it (see lease.py)
+        self._saved_state: dict[str, str] = {}
+        self._standby_for = ""  # the holder we last logged standing by for
         if cfg.mode == "lazy":
             # Registered now, not in start(): a client may subscribe before services start.
             hub.add_listener(self._on_subscribers)
@@ -116,8 +151,14 @@ class Source:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         self._interrupt()
+        thread = self._thread
+        if self.lease is not None and thread is not None and thread is not threading.current_thread():
+            # The loop hands the lease back on its way out; wait for it (briefly) so a standby
+            # can take over at once instead of after the ttl.
+            thread.join(STOP_WAIT_S)
 
     def status(self) -> dict[str, Any]:
+        lease = self.lease
         return {
             "kind": self.kind,
             "url": public_url(self.cfg.url),
@@ -130,6 +171,9 @@ class Source:
             "reconnects": self.reconnects,
             "dropped": self.dropped,
             "duplicates": self.duplicates,
+            "lease": None
+            if lease is None
+            else {"leader": lease.valid(), "holder": lease.holder or None, "ttl_s": lease.ttl_s},
         }
 
     # -- lazy mode -----------------------------------------------------------------------
@@ -159,15 +203,18 @@ class Source:
         self._interrupt()
 
     def _active(self) -> bool:
-        return self._wanted and not self._stop.is_set()
+        return self._wanted and not self._stop.is_set() and (self.lease is None or self.lease.valid())
 
     # -- the loop ------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
             if not self._wanted:
+                self._step_down()  # lazy and nobody listens here: let a process with listeners lead
                 self.state = "idle"
                 self._alert.wait()
                 self._alert.clear()
+                continue
+            if not self._lead():
                 continue
             self.state = "connecting"
             self._replaying = True
@@ -181,6 +228,8 @@ class Source:
                 break
             if not self._wanted:
                 continue  # lazy and idle: disconnected on purpose, no backoff
+            if self.lease is not None and not self.lease.valid():
+                continue  # lost the lease (logged by _lease_lost): back to trying to lead
             self.reconnects += 1
             if error is None or self._was_connected:
                 # A stream that had been up ended (closed, or cut): come back after the upstream's
@@ -198,6 +247,7 @@ class Source:
                 self.last_error = error
                 log.warning("source %s: %s; retrying in %.2f s", self.name, error, wait)
             self._stop.wait(wait)
+        self._step_down()
         self.state = "stopped"
 
     def _connected(self) -> None:
@@ -208,6 +258,7 @@ class Source:
 
     def _pause(self, seconds: float) -> None:
         """Sleep between polls, waking early on stop or when a lazy source goes idle."""
+        self._checkpoint()  # a poll's validators and digest are set by now
         self._alert.wait(seconds)
         if self._wanted:
             self._alert.clear()
@@ -231,12 +282,124 @@ class Source:
             self._drop(f"an event of {len(data.encode('utf-8'))} bytes is over max_event_bytes")
             return False
         name = self._event_name(event)
+        if self.lease is not None:
+            self._checkpoint()  # what the previous relay left (a poll adds its item key after us)
+            if not self.lease.valid():
+                raise LeaseLost("the lease ran out: another process may be relaying this upstream now")
         self.hub.publish(self.cfg.channel, data, name)  # a store failure raises: reconnect and replay
         if upstream_id is not None:
             self.seen.add(upstream_id)
         self.events_relayed += 1
         self.last_event_time = time.time()
+        self._checkpoint(upstream_id)
         return True
+
+    # -- leading (only with Redis: one process relays each upstream) -------------------------
+    def use_lease(self, lease: Lease) -> None:
+        """From now on relay only while holding `lease`, and hand progress on to the next leader."""
+        self.lease = lease
+        for ids in self._id_sets():
+            ids.journal = deque(maxlen=ids.capacity)
+
+    def _lead(self) -> bool:
+        """True when this process may relay; otherwise wait ttl/2 as standby and return False."""
+        lease = self.lease
+        if lease is None or lease.valid():
+            return True
+        try:
+            won = lease.acquire()
+        except LeaseError as exc:
+            if self.last_error != str(exc):
+                log.warning("source %s: %s; standby, retrying in %.2f s", self.name, exc, lease.ttl_s / 2)
+            self.state, self.last_error = "standby", str(exc)
+            self._pause(lease.ttl_s / 2)
+            return False
+        if not won:
+            if self.state != "standby" or self._standby_for != lease.holder:
+                log.info("source %s: standby; %s relays it", self.name, lease.holder)
+            self.state, self._standby_for = "standby", lease.holder
+            self._pause(lease.ttl_s / 2)
+            return False
+        self._resume_from(*lease.resumed)
+        lease.keep(self._lease_lost)
+        self._standby_for = ""
+        log.info("source %s: leading (lease %s, ttl %.1f s)", self.name, lease.token, lease.ttl_s)
+        return True
+
+    def _lease_lost(self, reason: str) -> None:
+        """From the renewer: stop relaying at once (the session ends) and try to lead again."""
+        log.warning("source %s: lost the lease (%s); stopped relaying, trying to lead again", self.name, reason)
+        self.state = "standby"
+        self._alert.set()
+        self._interrupt()
+
+    def _step_down(self) -> None:
+        """Hand progress and the lease back (stop, or lazy and idle)."""
+        lease = self.lease
+        if lease is None or not lease.held:
+            return
+        try:
+            self._checkpoint()
+            lease.release()
+            log.info("source %s: released the lease", self.name)
+        except GatewayError as exc:
+            lease.held = False  # it expires by itself after the ttl
+            log.warning(
+                "source %s: could not release the lease (%s); it expires in %.1f s", self.name, exc, lease.ttl_s
+            )
+
+    def _checkpoint(self, upstream_id: str | None = None) -> None:
+        """Write what a new leader needs (last id, validators, recent ids) beside the lease."""
+        lease = self.lease
+        if lease is None or not lease.held:
+            return
+        state = self._resume_state()
+        if upstream_id is not None and "last_id" in state:
+            state["last_id"] = upstream_id  # an SSE source records its last id only after we return
+        ids = [key for ids in self._id_sets() if ids.journal for key in ids.journal]
+        if state == self._saved_state and not ids:
+            return
+        try:
+            ok = lease.save(state if state != self._saved_state else None, ids)
+        except LeaseError as exc:
+            log.warning("source %s: could not record progress for the next leader (%s)", self.name, exc)
+            return  # kept: the next checkpoint writes it
+        for journalled in self._id_sets():
+            if journalled.journal is not None:
+                journalled.journal.clear()
+        self._saved_state = state
+        if not ok:
+            raise LeaseLost("the lease is no longer ours: another process relays this upstream now")
+
+    def _id_sets(self) -> list[RecentIds]:
+        return [value for value in vars(self).values() if isinstance(value, RecentIds)]
+
+    # What each kind keeps to resume without repeating itself: the SSE last event id, the poll
+    # validators and body digest. Recent ids (SSE ids, poll item keys) travel in `_id_sets`.
+    _RESUME_ATTRS = (("last_id", "upstream_last_id"), ("etag", "_etag"), ("last_modified", "_last_modified"))
+
+    def _resume_state(self) -> dict[str, str]:
+        state = {field: getattr(self, attr) for field, attr in self._RESUME_ATTRS if hasattr(self, attr)}
+        digest = getattr(self, "_digest", None)
+        if isinstance(digest, bytes):
+            state["digest"] = digest.hex()
+        return state
+
+    def _resume_from(self, state: dict[str, str], ids: list[str]) -> None:
+        """Carry on where the previous leader stopped (nothing stored: keep our own)."""
+        for recent in self._id_sets():
+            recent.load(ids)
+        for field, attr in self._RESUME_ATTRS:
+            if field in state and hasattr(self, attr):
+                setattr(self, attr, state[field])
+        if "digest" in state and isinstance(getattr(self, "_digest", None), bytes):
+            try:
+                self._digest = bytes.fromhex(state["digest"])
+            except ValueError:
+                pass
+        self._saved_state = state if state else self._saved_state
+        if state or ids:
+            log.info("source %s: resuming from %s with %d recent id(s)", self.name, state or "nothing", len(ids))
 
     def _drop(self, why: str, count: int = 1) -> None:
         self.dropped += count

@@ -376,3 +376,31 @@ def test_client_returns_to_websocket_once_it_works_again(gw: Gateway, relay: Rel
     time.sleep(0.3)
     assert [g[0] for g in page.evaluate("window.got")] == ids  # once each, in order, across both switches
     assert [g[3] for g in got] == ["websocket", "websocket", "sse", "sse", "websocket", "websocket"]
+
+
+def test_the_clients_sse_parser_follows_the_format(gw: Gateway, open_page: Any) -> None:
+    page = open_page(gw.url + "/healthz")
+    page.add_script_tag(url="/static/gateway-client.js")
+    chunks = [
+        "retry: 500\n\n: heartbeat\n\n",
+        'id: 1-0\nevent: tick\ndata: {"a"',
+        ": 1}\n\nid: 2-0\r",  # CRLF split across two chunks
+        "\ndata: line one\r\ndata:line two\r\ndata\r\n\r\n",
+        "id: 3-0\rdata: cr only\r\rdata: no id line, keeps the last id\n\n",
+        "event: unfinished\ndata: never dispatched",
+    ]
+    events = page.evaluate(
+        """(chunks) => {
+            const out = [];
+            const parser = new GatewayClient.SSEParser((ev) => out.push(ev));
+            chunks.forEach((c) => parser.push(c));
+            return out;
+        }""",
+        chunks,
+    )
+    assert events == [
+        {"id": "1-0", "event": "tick", "data": '{"a": 1}'},
+        {"id": "2-0", "event": "message", "data": "line one\nline two\n"},
+        {"id": "3-0", "event": "message", "data": "cr only"},
+        {"id": "3-0", "event": "message", "data": "no id line, keeps the last id"},
+    ]

@@ -161,12 +161,17 @@ def test_client_delivers_each_event_once_in_order_and_reports_gaps(gw: Gateway, 
     time.sleep(0.3)
     assert len(page.evaluate("window.got")) == 40  # and nothing twice
 
-    # A client resuming from an id the channel does not know is told about the gap, then caught up.
-    start_client(page, "client.direct", since="1-0", transports=["sse"], **FAST)
-    got = wait_for_count(page, 40)
-    assert [g[0] for g in got] == ids and {g[3] for g in got} == {"sse"}
-    assert page.evaluate("window.gaps.length") == 1
     page.evaluate("window.client.close()")
+
+    # A client resuming from an id the channel does not know is told about the gap, then caught up,
+    # on every transport.
+    for transport in ("websocket", "sse", "long_poll", "short_poll"):
+        start_client(page, "client.direct", since="1-0", transports=[transport], **FAST)
+        got = wait_for_count(page, 40)
+        assert [g[0] for g in got] == ids and {g[3] for g in got} == {transport}
+        assert page.evaluate("window.gaps.length") == 1, transport
+        assert page.evaluate("window.gaps[0][0].requested") == "1-0", transport
+        page.evaluate("window.client.close()")
 
     # A channel name the gateway refuses is a hard failure, not an endless retry.
     start_client(page, "no spaces allowed", **FAST)

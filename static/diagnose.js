@@ -138,6 +138,7 @@
     u.el.className = "probe " + t.status;
     u.bar.value = 1;
     u.badge.textContent = t.status === "ok" ? "works" : t.status;
+    u.step.textContent = t.ok ? "" : "verdict: " + (t.status === "broken" ? "does not work from here" : "works, with problems");
     u.reason.textContent = t.reason || "";
     if (t.fix) { u.fix.hidden = false; u.fix.textContent = "What to change: " + t.fix; } else { u.fix.hidden = true; }
     u.metrics.textContent = "";

@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import ROOT, require_binary
 
-__all__ = ["browser", "CHROMIUM_ARGS", "ARTIFACTS", "run_diagnose"]
+__all__ = ["browser", "diagnose_page", "CHROMIUM_ARGS", "ARTIFACTS", "run_diagnose"]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -62,3 +62,9 @@ def run_diagnose(browser: Any, url: str, hold: float, name: str) -> dict[str, An
     assert shown == verdict, "#diagnosis-json must hold the same verdict as window.__diagnosis"
     assert not [c for c in console if c.startswith("pageerror")], console
     return verdict
+
+
+@pytest.fixture
+def diagnose_page(browser: Any) -> Any:
+    """diagnose_page(url, hold, name) -> the verdict of one /diagnose run in a fresh browser context."""
+    return lambda url, hold, name: run_diagnose(browser, url, hold, name)

@@ -230,7 +230,7 @@ def _sse(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
         extra["buffered"] = True
         return _buffered_result(
             "broken",
-            "the gateway answered at once, but nothing of the stream (not even its headers) reached this browser: "
+            "the gateway answered at once, but nothing of the stream (not even its headers) reached the client: "
             "something on the path holds the whole response back (buffering)",
             padding,
             extra,

@@ -1,0 +1,97 @@
+"""/diagnose in real headless Chromium, directly and through real nginx configured five ways
+(plus one honesty check): the page's verdict must match what really gets through. Each run
+saves a screenshot and the raw results under test-artifacts/."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+import websocket
+
+from tests.helpers import Gateway
+
+pytest_plugins = ["tests.browser", "tests.proxies"]  # the diagnose_page and start_nginx fixtures
+
+HOLD = 3  # short holds keep the file near a minute; the cut case needs a hold past nginx's 5 s
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    # Default heartbeat (15 s) and ping (25 s): a 5 s proxy timeout really cuts idle streams.
+    gw = Gateway({}, tmp_path_factory.mktemp("diag-browser"))
+    yield gw
+    gw.stop()
+
+
+def statuses(verdict: dict[str, Any]) -> dict[str, str]:
+    return {name: t["status"] for name, t in verdict["transports"].items()}
+
+
+def test_direct(diagnose_page: Any, gateway: Gateway) -> None:
+    v = diagnose_page(gateway.url, HOLD, "1-direct")
+    assert statuses(v) == {"short_poll": "ok", "long_poll": "ok", "sse": "ok", "websocket": "ok"}, v
+    assert v["transports"]["sse"]["buffered"] is False
+    assert v["recommended"] == "websocket" and v["source"] == "server"
+    assert v["path"]["proxy"] is False
+
+
+def test_nginx_configured_for_realtime(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
+    proxy = start_nginx(gateway.port, "realtime")
+    v = diagnose_page(proxy.url, HOLD, "2-nginx-realtime")
+    assert statuses(v) == {"short_poll": "ok", "long_poll": "ok", "sse": "ok", "websocket": "ok"}, v
+    assert v["recommended"] == "websocket"
+    assert v["path"]["proxy"] is True  # X-Forwarded-For and nginx's Server header give it away
+
+
+def test_nginx_not_forwarding_upgrade(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
+    proxy = start_nginx(gateway.port, "no_upgrade")
+    with pytest.raises(websocket.WebSocketException):  # reality: no WebSocket gets through
+        websocket.create_connection(proxy.url.replace("http", "ws") + "/ws/diag.check", timeout=5)
+    v = diagnose_page(proxy.url, HOLD, "3-nginx-no-upgrade")
+    assert statuses(v) == {"short_poll": "ok", "long_poll": "ok", "sse": "ok", "websocket": "broken"}, v
+    ws = v["transports"]["websocket"]
+    assert "Upgrade" in ws["reason"] and "proxy_set_header Upgrade $http_upgrade" in ws["fix"]
+    assert v["recommended"] == "sse"
+
+
+def test_nginx_buffering_forced(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
+    proxy = start_nginx(gateway.port, "buffered")
+    with pytest.raises(requests.ReadTimeout):  # reality: the stream is held back by nginx
+        requests.get(proxy.url + "/sse/diag.check", stream=True, timeout=(2, 2))
+    v = diagnose_page(proxy.url, HOLD, "4-nginx-buffered")
+    sse = v["transports"]["sse"]
+    assert sse["ok"] is False and sse["buffered"] is True, sse
+    assert "proxy_buffering off" in sse["fix"]
+    assert v["transports"]["long_poll"]["ok"] and v["transports"]["short_poll"]["ok"]
+    assert v["recommended"] == "long_poll"  # this nginx also speaks HTTP/1.0 upstream: no WebSocket either
+
+
+def test_nginx_read_timeout_5s(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
+    proxy = start_nginx(gateway.port, "timeout5")
+    v = diagnose_page(proxy.url, 8, "5-nginx-timeout5")
+    t = v["transports"]
+    assert t["short_poll"]["ok"] is True
+    lp = t["long_poll"]
+    assert lp["ok"] is False and 4 <= lp["cut_after_s"] <= 6.5 and "~5 s" in lp["reason"], lp
+    for name in ("sse", "websocket"):
+        assert t[name]["ok"] is False and t[name]["status"] == "degraded", t[name]
+        assert 4 <= t[name]["idle_limit_s"] <= 6.5, t[name]
+    assert 4 <= v["path"]["idle_limit_s"] <= 6.5
+    assert v["recommended"] == "short_poll"
+
+
+def test_nginx_buffering_on_with_http11_really_streams(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
+    """Honesty check: nginx 1.22 with proxy_buffering on but an HTTP/1.1 (chunked) upstream relays
+    each chunk at once, so the page must NOT call SSE buffered there just because of the config."""
+    proxy = start_nginx(gateway.port, "buffered_http11")
+    with requests.get(proxy.url + "/sse/diag.check", stream=True, timeout=5) as r:
+        started = time.monotonic()
+        assert b"retry:" in next(r.iter_content(chunk_size=None))
+        assert time.monotonic() - started < 2
+    v = diagnose_page(proxy.url, HOLD, "6-nginx-buffering-http11")
+    assert v["transports"]["sse"]["ok"] is True and v["transports"]["sse"]["buffered"] is False, v
+    assert v["recommended"] == "websocket"

@@ -1,0 +1,62 @@
+"""`python -m gateway.diagnose URL`: the page's probes from a terminal, against a live gateway,
+directly and through real nginx; same verdict JSON as the page."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.helpers import ROOT, Gateway, free_port
+
+pytest_plugins = ["tests.proxies"]  # the start_nginx fixture
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = Gateway({}, tmp_path_factory.mktemp("diag-cli"))
+    yield gw
+    gw.stop()
+
+
+def cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.diagnose", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_cli_direct_prints_the_verdict_json(gateway: Gateway) -> None:
+    r = cli(gateway.url, "--hold", "2", "--raw")
+    assert r.returncode == 0, r.stderr
+    v: dict[str, Any] = json.loads(r.stdout)
+    assert {n: t["status"] for n, t in v["transports"].items()} == {
+        "short_poll": "ok",
+        "long_poll": "ok",
+        "sse": "ok",
+        "websocket": "ok",
+    }, r.stderr
+    assert v["transports"]["sse"]["buffered"] is False
+    assert v["recommended"] == "websocket" and v["source"] == "cli" and v["mode"] == "custom"
+    assert v["raw"]["probes"]["websocket"]["echo"]["arrived"] is True
+    assert "recommended: websocket" in r.stderr
+
+
+def test_cli_through_nginx_without_upgrade(gateway: Gateway, start_nginx: Any) -> None:
+    proxy = start_nginx(gateway.port, "no_upgrade")
+    r = cli(proxy.url, "--hold", "2")
+    v = json.loads(r.stdout)
+    assert v["transports"]["websocket"]["status"] == "broken", r.stderr
+    assert "Upgrade" in v["transports"]["websocket"]["reason"]
+    assert all(v["transports"][n]["ok"] for n in ("sse", "long_poll", "short_poll")), r.stderr
+    assert v["recommended"] == "sse"
+
+
+def test_cli_unreachable_and_bad_urls() -> None:
+    r = cli(f"http://127.0.0.1:{free_port()}", timeout=30)
+    assert r.returncode == 2 and "cannot reach" in r.stderr and r.stdout == ""
+    r = cli("ftp://example.test", timeout=30)
+    assert r.returncode == 2 and "http://" in r.stderr

@@ -1,0 +1,221 @@
+"""verdict.py on raw probe results recorded from real runs (headless Chromium through real nginx,
+see test_diagnose_browser.py) and on synthetic patterns of hostile paths."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.diagnose.verdict import analyse_burst, verdict
+
+RECORDED = json.loads((Path(__file__).parent / "test_diagnose_recorded.json").read_text())
+
+
+def recorded(name: str) -> dict[str, Any]:
+    return copy.deepcopy(RECORDED[name])
+
+
+def spaced_burst(gap: int = 300, n: int = 5, latency: int = 40, spread: int | None = None) -> dict[str, Any]:
+    """A burst whose arrivals keep the send spacing (spread=None) or are squeezed into `spread` ms."""
+    arrivals = []
+    for seq in range(n):
+        offset = seq * gap if spread is None else seq * spread // max(1, n - 1)
+        arrivals.append({"seq": seq, "sent_ms": 1_000_000 + seq * gap, "at_ms": latency + offset})
+    return {"n": n, "gap_ms": gap, "delay_ms": 0, "arrivals": arrivals}
+
+
+def check_contract_shape(v: dict[str, Any]) -> None:
+    assert set(v["transports"]) == {"short_poll", "long_poll", "sse", "websocket"}
+    for t in v["transports"].values():
+        assert isinstance(t["ok"], bool)
+        assert t["status"] in ("ok", "degraded", "broken")
+        assert t["ok"] == (t["status"] == "ok")
+        assert isinstance(t["reason"], str) and t["reason"]
+    assert isinstance(v["transports"]["sse"]["buffered"], bool)
+    ok = [n for n in ("websocket", "sse", "long_poll", "short_poll") if v["transports"][n]["ok"]]
+    assert v["recommended"] == (ok[0] if ok else None)
+    json.dumps(v)  # plain data
+
+
+# -- recorded runs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["direct", "realtime", "buffered_http11"])
+def test_recorded_clean_paths_all_ok(name: str) -> None:
+    v = verdict(recorded(name))
+    check_contract_shape(v)
+    assert all(t["ok"] for t in v["transports"].values()), v
+    assert v["transports"]["sse"]["buffered"] is False
+    assert v["recommended"] == "websocket"
+
+
+def test_recorded_nginx_without_upgrade_breaks_only_websocket() -> None:
+    v = verdict(recorded("no_upgrade"))
+    check_contract_shape(v)
+    ws = v["transports"]["websocket"]
+    assert ws["status"] == "broken"
+    assert "Upgrade" in ws["reason"] and "proxy_set_header Upgrade" in ws["fix"]
+    assert all(v["transports"][n]["ok"] for n in ("sse", "long_poll", "short_poll"))
+    assert v["recommended"] == "sse"
+    assert v["path"]["proxy"] is True and v["path"]["hop_http_version"] == "HTTP/1.0"
+
+
+def test_recorded_nginx_buffering_reports_sse_buffered() -> None:
+    v = verdict(recorded("buffered"))
+    check_contract_shape(v)
+    sse = v["transports"]["sse"]
+    assert sse["buffered"] is True and sse["ok"] is False
+    assert "buffer" in sse["reason"] and "proxy_buffering off" in sse["fix"]
+    assert sse["works_with_padding"] is False
+    assert v["transports"]["long_poll"]["ok"] and v["transports"]["short_poll"]["ok"]
+    assert v["recommended"] == "long_poll"
+
+
+def test_recorded_nginx_read_timeout_reports_cuts_with_the_limit() -> None:
+    raw = recorded("timeout5")
+    v = verdict(raw)
+    check_contract_shape(v)
+    lp, sse, ws = (v["transports"][n] for n in ("long_poll", "sse", "websocket"))
+    assert lp["status"] == "degraded" and 4 <= lp["cut_after_s"] <= 6.5 and "~5 s" in lp["reason"]
+    assert "504" in lp["reason"] and "proxy_read_timeout" in lp["fix"]
+    for t in (sse, ws):
+        assert t["ok"] is False and t["status"] == "degraded"
+        assert 4 <= t["idle_limit_s"] <= 6.5 and "~5 s after the last traffic" in t["reason"]
+    assert 4 <= v["path"]["idle_limit_s"] <= 6.5
+    assert v["recommended"] == "short_poll"
+
+
+# -- synthetic patterns --------------------------------------------------------------------------
+
+
+def test_bunched_burst_is_buffered_and_padding_that_helps_is_reported() -> None:
+    raw = recorded("direct")
+    sse = raw["probes"]["sse"]
+    sse["burst"] = spaced_burst(spread=20, latency=1300)
+    sse["padding"] = {"bytes": 2048, "status": 200, "first_byte_ms": 5, "burst": spaced_burst()}
+    t = verdict(raw)["transports"]["sse"]
+    assert t["buffered"] is True and t["ok"] is False and t["status"] == "degraded"
+    assert t["works_with_padding"] is True and "works with padding" in t["reason"]
+    assert "padding_bytes = 2048" in t["fix"]
+
+
+def test_analyse_burst_keeps_or_loses_spacing() -> None:
+    assert analyse_burst(spaced_burst())["bunched"] is False
+    squeezed = analyse_burst(spaced_burst(spread=100))
+    assert squeezed["bunched"] is True and squeezed["received"] == 5
+    assert analyse_burst({"n": 5, "gap_ms": 300, "arrivals": []}) == {"received": 0, "expected": 5, "bunched": False}
+    assert analyse_burst("garbage")["received"] == 0
+
+
+def test_websocket_that_opens_but_relays_nothing() -> None:
+    raw = recorded("direct")
+    ws = raw["probes"]["websocket"]
+    ws["echo"] = {"arrived": False, "rtt_ms": None}
+    ws["burst"] = {"n": 5, "gap_ms": 300, "delay_ms": 0, "arrivals": []}
+    ws["alive"] = {"arrived": False, "rtt_ms": None}
+    t = verdict(raw)["transports"]["websocket"]
+    assert t["status"] == "broken" and "nothing arrives" in t["reason"]
+
+
+def test_websocket_refused_by_origin_check_explains_host_rewrite() -> None:
+    raw = recorded("direct")
+    raw["probes"]["websocket"] = {
+        "hold_s": 3,
+        "opened": False,
+        "close_code": 1006,
+        "seen": [
+            {
+                "transport": "websocket",
+                "http_version": "HTTP/1.1",
+                "upgrade": "websocket",
+                "connection": "upgrade",
+                "origin": "http://example.test:8080",
+                "host": "backend:5000",
+                "status": 403,
+                "error": "origin_not_allowed",
+            }
+        ],
+    }
+    t = verdict(raw)["transports"]["websocket"]
+    assert t["status"] == "broken" and "Host" in t["reason"] and "$http_host" in t["fix"]
+
+
+def test_websocket_blocked_before_the_gateway() -> None:
+    raw = recorded("direct")
+    raw["probes"]["websocket"] = {"hold_s": 3, "opened": False, "seen": [], "http_status": 403}
+    t = verdict(raw)["transports"]["websocket"]
+    assert t["status"] == "broken" and "never reached the gateway" in t["reason"] and "HTTP 403" in t["reason"]
+
+
+def test_cached_short_poll_is_broken() -> None:
+    raw = recorded("direct")
+    raw["probes"]["short_poll"]["event_seen"] = False
+    t = verdict(raw)["transports"]["short_poll"]
+    assert t["status"] == "broken" and "cached" in t["reason"]
+
+
+def test_long_poll_reset_and_html_error_pages() -> None:
+    raw = recorded("direct")
+    lp = raw["probes"]["long_poll"]
+    lp["idle"] = {"status": None, "error": "TypeError: Failed to fetch", "elapsed_s": 9.8, "json": False}
+    t = verdict(raw)["transports"]["long_poll"]
+    assert t["status"] == "degraded" and t["cut_after_s"] == 9.8 and "~10 s" in t["reason"]
+    lp["event"] = {"status": 502, "arrived": False, "json": False}
+    t = verdict(raw)["transports"]["long_poll"]
+    assert t["status"] == "broken" and "502" in t["reason"]
+
+
+def test_sse_answered_by_something_else() -> None:
+    raw = recorded("direct")
+    raw["probes"]["sse"].update(status=200, content_type="text/html; charset=utf-8")
+    t = verdict(raw)["transports"]["sse"]
+    assert t["status"] == "broken" and "text/html" in t["reason"]
+
+
+def test_sse_resume_failure_degrades() -> None:
+    raw = recorded("direct")
+    raw["probes"]["sse"]["resume"] = {"ok": False, "expected": 4, "received": 0, "error": "no missed events came back"}
+    t = verdict(raw)["transports"]["sse"]
+    assert t["status"] == "degraded" and "Last-Event-ID" in t["reason"]
+
+
+def test_stream_that_goes_silent_after_idle() -> None:
+    raw = recorded("direct")
+    raw["probes"]["sse"]["alive"] = {"arrived": False, "latency_ms": None}
+    raw["probes"]["websocket"]["alive"] = {"arrived": False, "rtt_ms": None}
+    v = verdict(raw)
+    assert v["transports"]["sse"]["status"] == "degraded" and "silent" in v["transports"]["sse"]["reason"]
+    assert v["transports"]["websocket"]["status"] == "degraded"
+    assert v["recommended"] == "long_poll"
+
+
+def test_heroku_is_recognised_and_its_limits_applied() -> None:
+    raw = recorded("direct")
+    raw["facts"]["platform"] = "heroku"
+    raw["facts"]["headers"] = {"Via": "1.1 vegur", "X-Forwarded-For": "203.0.113.9"}
+    v = verdict(raw)
+    assert v["path"]["platform"] == "heroku" and v["path"]["platform_limits"]["idle_s"] == 55
+    assert any("55 s" in w for w in v["path"]["warnings"])
+    assert any("HTTP/1.1" in w for w in v["path"]["warnings"])
+
+
+@pytest.mark.parametrize("raw", [{}, {"probes": None}, {"probes": {"sse": "x", "websocket": [1]}}, [], "nonsense"])
+def test_malformed_results_never_raise(raw: Any) -> None:
+    v = verdict(raw)
+    check_contract_shape(v)
+    assert v["recommended"] is None
+    assert all(t["status"] == "broken" for t in v["transports"].values())
+
+
+def test_garbled_field_types_read_as_no_evidence() -> None:
+    raw = recorded("direct")
+    raw["probes"]["sse"]["burst"] = {"n": "five", "arrivals": [{"seq": "a"}, None, 3]}
+    raw["probes"]["long_poll"]["hold_s"] = "long"
+    raw["probes"]["websocket"]["echo"] = "yes"
+    v = verdict(raw)
+    check_contract_shape(v)
+    assert v["transports"]["sse"]["ok"] is False

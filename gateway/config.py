@@ -166,6 +166,7 @@ class RedisConfig:
     url: str = ""
     prefix: str = "gw:"  # key prefix, so several deployments can share one Redis
     tls_verify: bool = True  # rediss:// only; false for self-signed servers such as Heroku Redis
+    max_connections: int = 50  # per process, for channels (small Redis plans cap clients, e.g. 20)
 
     def _check(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
@@ -180,6 +181,7 @@ class RedisConfig:
                 raise ConfigError(f"redis.url (or REDIS_URL): {reason}; use e.g. redis://host:6379/0") from None
         if not self.prefix or any(c.isspace() for c in self.prefix):
             raise ConfigError('redis.prefix: must be a non-empty string without spaces, e.g. "gw:"')
+        _range("redis.max_connections", self.max_connections, 1, 10_000)
 
 
 @dataclass

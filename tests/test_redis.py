@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
 from gateway.config import from_mapping
@@ -183,26 +184,35 @@ def test_a_silently_dead_subscription_is_noticed_and_renewed(redis_server, monke
         s.close()
 
 
-def test_hundreds_of_simultaneous_readers_queue_for_connections_instead_of_failing(store):
-    first = store.append("busy", "message", "x").id
-    store.append("busy", "message", "y")
-    start = threading.Barrier(200, timeout=10)
-    failures: list[Exception] = []
-    got: list[int] = []
+def test_hundreds_of_simultaneous_readers_queue_for_a_bounded_pool_instead_of_failing(tmp_path: Path):
+    server = RedisServer(tmp_path)
+    store = RedisStore(server.url, 5, 3600, max_connections=4)
+    probe = redis.Redis.from_url(server.url)
+    try:
+        first = store.append("busy", "message", "x").id
+        store.append("busy", "message", "y")
+        start = threading.Barrier(200, timeout=10)
+        failures: list[Exception] = []
+        got: list[int] = []
 
-    def reader() -> None:
-        start.wait()
-        try:
-            got.append(len(store.read("busy", first, 10).events))
-        except Exception as exc:  # a pool that refuses when full would land here
-            failures.append(exc)
+        def reader() -> None:
+            start.wait()
+            try:
+                got.append(len(store.read("busy", first, 10).events))
+            except Exception as exc:  # a pool that refuses when full would land here
+                failures.append(exc)
 
-    threads = [threading.Thread(target=reader, daemon=True) for _ in range(200)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(15)
-    assert failures == [] and got == [1] * 200
+        threads = [threading.Thread(target=reader, daemon=True) for _ in range(200)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(15)
+        assert failures == [] and got == [1] * 200
+        assert probe.info("clients")["connected_clients"] <= 4 + 1  # the store's, and the probe
+    finally:
+        probe.close()
+        store.close()
+        server.stop()
 
 
 def test_readers_woken_together_share_one_read_but_never_a_stale_one(store):

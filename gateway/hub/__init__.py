@@ -16,7 +16,14 @@ def make_hub(config: Config) -> Hub:
         from gateway.hub.redis import RedisStore  # imported lazily: redis is optional
 
         redis = config.redis
-        store = RedisStore(redis.url, config.history.size, config.history.max_age_s, redis.prefix, redis.tls_verify)
+        store = RedisStore(
+            redis.url,
+            config.history.size,
+            config.history.max_age_s,
+            prefix=redis.prefix,
+            tls_verify=redis.tls_verify,
+            max_connections=redis.max_connections,
+        )
         hub = Hub(store)
         store.attach(hub)
         return hub

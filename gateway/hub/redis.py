@@ -45,7 +45,6 @@ ECHO_TIMEOUT_S = 2 * KEEPALIVE_S + 5  # no probe came back for this long: reconn
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 ERROR_LOG_EVERY_S = 5.0
-POOL_SIZE = 50  # Redis connections per process for commands (the listener has its own)
 POOL_WAIT_S = 5.0  # how long a command waits for a free pooled connection
 FLIGHT_WAIT_S = 30.0  # bound on waiting for another reader's identical read (its own timeouts come first)
 
@@ -122,7 +121,15 @@ return {last, known, entries}
 class RedisStore:
     """The Store protocol (see hub.py) over Redis; attach(hub) starts the cross-process wake-ups."""
 
-    def __init__(self, url: str, size: int, max_age_s: float, prefix: str = "gw:", tls_verify: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        size: int,
+        max_age_s: float,
+        prefix: str = "gw:",
+        tls_verify: bool = True,
+        max_connections: int = 50,
+    ) -> None:
         self._size = size
         self._max_age_ms = max(1, int(max_age_s * 1000))
         # Keys outlive their last event for a while, so a reader who comes back with the last id
@@ -145,7 +152,12 @@ class RedisStore:
         # A bounded pool that makes callers wait their turn (gevent-friendly) rather than fail
         # when hundreds of readers are woken at once.
         pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, socket_timeout=COMMAND_TIMEOUT_S, retry=retry, **common
+            url,
+            max_connections=max_connections,
+            timeout=POOL_WAIT_S,
+            socket_timeout=COMMAND_TIMEOUT_S,
+            retry=retry,
+            **common,
         )
         self._client = redis.Redis(connection_pool=pool)
         self._listen_client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)

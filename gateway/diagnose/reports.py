@@ -148,7 +148,9 @@ class Reports:
             options: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 2}
             if redis_url.startswith("rediss://") and not tls_verify:
                 options["ssl_cert_reqs"] = "none"
-            self._redis = redis.Redis.from_url(redis_url, **options)
+            # At most two connections of its own, so reports never eat into a small plan's client cap.
+            pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=2, timeout=2, **options)
+            self._redis = redis.Redis(connection_pool=pool)
 
     @classmethod
     def from_config(cls, config: Config) -> Reports:

@@ -24,7 +24,7 @@ from tests.helpers import TOKEN, Gateway
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
 
 GATEWAY_CONFIG = {
-    "history": {"size": 20},
+    "history": {"size": 150},
     "sse": {"heartbeat_s": 0.5, "retry_ms": 500},
     "websocket": {"ping_s": 5.0},
     "poll": {"longpoll_max_timeout_s": 10.0},
@@ -343,12 +343,41 @@ def test_two_gateways_share_channels_over_every_transport(pair, channel):
     assert channel in requests.get(f"{a.url}/", timeout=5).text
 
 
+def test_concurrent_publishers_on_both_gateways_reach_every_reader_once_in_order(pair, channel):
+    a, b = pair
+    with SSEClient(f"{b.url}/sse/{channel}") as sse, WSClient(f"{a.ws_url}/ws/{channel}") as ws:
+        time.sleep(0.2)
+        ids: list[str] = []
+
+        def publish_many(gw: Gateway, tag: str) -> None:
+            with requests.Session() as session:
+                for i in range(60):
+                    r = session.post(
+                        f"{gw.url}/publish/{channel}",
+                        data=f"{tag}{i}".encode(),
+                        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/plain"},
+                        timeout=10,
+                    )
+                    ids.append(r.json()["id"])
+
+        publishers = [threading.Thread(target=publish_many, args=(gw, tag)) for gw, tag in ((a, "a"), (b, "b"))]
+        for t in publishers:
+            t.start()
+        for t in publishers:
+            t.join(30)
+        over_sse, over_ws = sse.events(120), ws.events(120)
+    in_order = sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    assert [e["id"] for e in over_sse] == in_order
+    assert [e["id"] for e in over_ws] == in_order
+    assert sorted(e["data"] for e in over_ws) == sorted([f"a{i}" for i in range(60)] + [f"b{i}" for i in range(60)])
+
+
 def test_gateways_report_gap_for_history_trimmed_elsewhere(pair, channel):
     a, b = pair
     first = a.publish(channel, "lost")
-    ids = [b.publish(channel, str(i)) for i in range(22)]  # history holds 20
+    ids = [b.publish(channel, str(i)) for i in range(152)]  # history holds 150
     with SSEClient(f"{a.url}/sse/{channel}", {"Last-Event-ID": first}) as sse:
-        events = sse.events(21)
+        events = sse.events(151)
     assert events[0]["event"] == "gap" and json.loads(events[0]["data"])["requested"] == first
     assert [e["id"] for e in events[1:]] == ids[2:]
 

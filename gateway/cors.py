@@ -8,6 +8,7 @@ includes WebSocket handshakes, which browsers send cross-site without any CORS c
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, request
@@ -24,21 +25,42 @@ _OWN_PREFIXES = ("/poll/", "/longpoll/", "/sse/", "/ws/", "/publish/", "/diagnos
 def is_owned(path: str) -> bool:
     return path in _OWN_PATHS or path.startswith(_OWN_PREFIXES)
 
-# Harmless from any origin (bounded test bursts on diag.* channels, a pure verdict function), and
-# /diagnose must work even behind a proxy that rewrites Host, which would fail the origin check.
+
+# Harmless from any origin: bounded test bursts and the diagnostic channels' transports, and a
+# pure verdict function. /diagnose must measure what the network path lets through, not this
+# policy: behind a proxy that rewrites Host (nginx's default), the origin check would refuse
+# the page's own WebSocket, and the page reports that separately (facts: host_rewritten).
 OPEN_PATHS = ("/diagnose/burst", "/diagnose/verdict")
+_DIAG_TRANSPORTS = re.compile(r"/(?:poll|longpoll|sse|ws)/diag\.[^/]+")
+
+
+def _open_to_all(path: str) -> bool:
+    return path in OPEN_PATHS or _DIAG_TRANSPORTS.fullmatch(path) is not None
+
+
+def _same_origin(origin: str) -> bool:
+    """Is the page that sent this request served by us? Browsers say so themselves in
+    Sec-Fetch-Site, which proxies pass on untouched; without it (older browsers) compare the
+    Origin with every name the request reached us by, since a proxy may rewrite Host (nginx's
+    default sends the upstream's address) and say the public one in X-Forwarded-Host/Forwarded."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    netloc = urlsplit(origin).netloc.lower()
+    names = [request.host, *request.headers.get("X-Forwarded-Host", "").split(",")]
+    names += re.findall(r'host="?([^;,"\s]+)', request.headers.get("Forwarded", ""), re.IGNORECASE)
+    for name in (n.strip().lower() for n in names):
+        # A proxy forwarding `Host $host` (nginx's usual line) drops the port: compare host names.
+        if name and (netloc == name or (":" not in name and netloc.rsplit(":", 1)[0] == name)):
+            return True
+    return False
 
 
 def init_app(app: Flask) -> None:
     allowed = set(app.extensions["gateway.config"].server.allowed_origins)
 
     def origin_ok(origin: str) -> bool:
-        if "*" in allowed or origin in allowed:
-            return True
-        host = (request.headers.get("X-Forwarded-Host") or request.host).split(",")[0].strip().lower()
-        netloc = urlsplit(origin).netloc.lower()
-        # A proxy forwarding `Host $host` (nginx's usual line) drops the port: then compare host names.
-        return netloc == host or (":" not in host and netloc.rsplit(":", 1)[0] == host)
+        return "*" in allowed or origin in allowed or _same_origin(origin)
 
     def owned() -> bool:
         return is_owned(request.path)
@@ -46,7 +68,7 @@ def init_app(app: Flask) -> None:
     @app.before_request
     def check_origin() -> Response | None:
         origin = request.headers.get("Origin")
-        if not origin or not owned() or request.path in OPEN_PATHS:
+        if not origin or not owned() or _open_to_all(request.path):
             return None
         if not origin_ok(origin):
             return error_response(

@@ -8,6 +8,8 @@
   var CONFIG = JSON.parse(document.getElementById("diagnose-config").textContent);
   var HOLD = Number(CONFIG.hold) || 15;
   var ORDER = ["websocket", "sse", "long_poll", "short_poll"];
+  // The gateway may be mounted under a path prefix by a proxy: every URL is relative to this page's.
+  var BASE = location.pathname.replace(/\/diagnose\/?$/, "");
   var BURST_N = 5, BURST_GAP = 300, PADDING = 2048;
   var now = function () { return performance.now(); };
   var sleep = function (ms) { return new Promise(function (r) { setTimeout(r, Math.max(0, ms)); }); };
@@ -56,9 +58,14 @@
    * the returned record by whichever probe is listening (at_ms is relative to this request). */
   function burst(channel, n, gapMs, delayMs, tag) {
     var rec = { n: n, gap_ms: gapMs, delay_ms: delayMs, tag: tag, arrivals: [], t0: now() };
-    var url = "/diagnose/burst?channel=" + encodeURIComponent(channel) + "&n=" + n + "&gap_ms=" + gapMs +
+    var url = BASE + "/diagnose/burst?channel=" + encodeURIComponent(channel) + "&n=" + n + "&gap_ms=" + gapMs +
       "&delay_ms=" + delayMs + "&tag=" + tag;
+    // POST, or GET where something on the path refuses POSTs (the endpoint takes both).
     rec.request = call(url, { method: "POST" }, 8000).then(function (r) {
+      if (r.status === 202 || r.status === 429 || r.status === 503) return r;
+      rec.post_fallback = r.error || "HTTP " + r.status;
+      return call(url, {}, 8000);
+    }).then(function (r) {
       rec.post_status = r.status;
       rec.post_ms = r.ms;
       if (r.status !== 202) rec.post_error = r.error || ("HTTP " + r.status);
@@ -188,7 +195,7 @@
   async function probeShortPoll(ch, rec) {
     begin("short_poll", 3);
     rec.polls = [];
-    var first = await call("/poll/" + ch, {}, 8000);
+    var first = await call(BASE + "/poll/" + ch, {}, 8000);
     rec.polls.push(pollRecord(first));
     if (!(first.status === 200 && first.json && first.json.cursor)) {
       rec.error = first.error || "HTTP " + first.status;
@@ -202,7 +209,7 @@
     var t0 = now();
     for (var i = 0; i < 8 && !rec.event_seen; i++) {
       step("short_poll", "polling (" + (i + 1) + ")");
-      var r = await call("/poll/" + ch + "?since=" + encodeURIComponent(cursor), {}, 8000);
+      var r = await call(BASE + "/poll/" + ch + "?since=" + encodeURIComponent(cursor), {}, 8000);
       rec.polls.push(pollRecord(r));
       var events = r.json && r.json.events;
       if (Array.isArray(events) && events.some(function (e) { return b.arrive(e.data); })) {
@@ -228,13 +235,13 @@
     var deadline = (hold + 15) * 1000;
     var idleP = (async function () {
       var t0 = now();
-      var r = await call("/longpoll/" + ch + ".idle?since=0-0&timeout=" + hold, {}, deadline);
+      var r = await call(BASE + "/longpoll/" + ch + ".idle?since=0-0&timeout=" + hold, {}, deadline);
       rec.idle = { status: r.status, error: r.error, elapsed_s: Math.round(now() - t0) / 1000,
         json: !!(r.json && Array.isArray(r.json.events)), events: r.json && r.json.events ? r.json.events.length : null };
     })();
     var evP = (async function () {
       var evCh = ch + ".event";
-      var pending = call("/longpoll/" + evCh + "?since=0-0&timeout=" + hold, {}, deadline);
+      var pending = call(BASE + "/longpoll/" + evCh + "?since=0-0&timeout=" + hold, {}, deadline);
       var b = burst(evCh, 1, 0, 1000, "lp");
       var r = await pending;
       var events = (r.json && r.json.events) || [];
@@ -317,7 +324,7 @@
     rec.hold_s = HOLD;
     rec.heartbeat_s = heartbeat;
     step("sse", "opening the stream and sending a timed burst of " + BURST_N + " events");
-    var s = openSSE("/sse/" + ch + "?since=0-0", null, (HOLD + 15) * 1000);
+    var s = openSSE(BASE + "/sse/" + ch + "?since=0-0", null, (HOLD + 15) * 1000);
     var b = burst(ch, BURST_N, BURST_GAP, 0, "burst");
     s.handlers.push(function (e) { b.arrive(e.data); });
     await waitFor(function () { return b.arrivals.length >= BURST_N || s.ended !== null; }, BURST_N * BURST_GAP + 3000);
@@ -338,7 +345,7 @@
     Object.assign(rec, { status: s.status, content_type: s.content_type, headers_ms: s.headers_ms,
       first_byte_ms: s.first_byte_ms, heartbeats: s.heartbeats, error: s.error, burst: burstJSON(b) });
     // What reached the gateway: tells "held back on the way" from "never arrived".
-    var seen = await call("/diagnose/seen?channel=" + encodeURIComponent(ch), {}, 5000);
+    var seen = await call(BASE + "/diagnose/seen?channel=" + encodeURIComponent(ch), {}, 5000);
     rec.seen = seen.json && seen.json.requests || [];
     // Resume: reconnect with Last-Event-ID and compare with what a poll says came after it.
     var withIds = s.events.filter(function (e) { return e.id && e.event !== "gap"; });
@@ -356,9 +363,9 @@
   }
 
   async function resumeCheck(ch, lastId) {
-    var expect = await call("/poll/" + ch + "?since=" + encodeURIComponent(lastId), {}, 5000);
+    var expect = await call(BASE + "/poll/" + ch + "?since=" + encodeURIComponent(lastId), {}, 5000);
     var want = (expect.json && expect.json.events || []).map(function (e) { return e.id; });
-    var s = openSSE("/sse/" + ch, { "Last-Event-ID": lastId }, 6000);
+    var s = openSSE(BASE + "/sse/" + ch, { "Last-Event-ID": lastId }, 6000);
     await waitFor(function () { return s.events.length >= want.length || s.ended !== null; }, 4000);
     s.close();
     var got = s.events.map(function (e) { return e.event === "gap" ? "gap" : e.id; }).slice(0, want.length);
@@ -370,7 +377,7 @@
   }
 
   async function paddingCheck(ch) {
-    var s = openSSE("/sse/" + ch + "?since=0-0&padding=" + PADDING, null, BURST_N * BURST_GAP + 8000);
+    var s = openSSE(BASE + "/sse/" + ch + "?since=0-0&padding=" + PADDING, null, BURST_N * BURST_GAP + 8000);
     var b = burst(ch, BURST_N, BURST_GAP, 0, "burst");
     s.handlers.push(function (e) { b.arrive(e.data); });
     await waitFor(function () { return b.arrivals.length >= BURST_N || s.ended !== null; }, BURST_N * BURST_GAP + 3000);
@@ -383,7 +390,7 @@
     rec.hold_s = HOLD;
     rec.opened = false;
     step("websocket", "opening");
-    var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws/" + ch;
+    var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + BASE + "/ws/" + ch;
     var t0 = now(), ws, closedAt = null, echoes = {}, b = null, lastFrame = null;
     try {
       ws = new WebSocket(url);
@@ -440,10 +447,10 @@
       try { ws.onclose = null; ws.close(1000); } catch (x) { /* ignore */ }
     }
     // What reached the gateway for this channel: explains a failed handshake.
-    var seen = await call("/diagnose/seen?channel=" + encodeURIComponent(ch), {}, 5000);
+    var seen = await call(BASE + "/diagnose/seen?channel=" + encodeURIComponent(ch), {}, 5000);
     rec.seen = seen.json && seen.json.requests || [];
     if (!rec.opened) {
-      var plain = await call("/ws/" + ch, {}, 5000);
+      var plain = await call(BASE + "/ws/" + ch, {}, 5000);
       rec.http_status = plain.status;
       if (plain.json && plain.json.error) rec.http_error = plain.json.error;
     }
@@ -481,7 +488,7 @@
   // ---- the run -------------------------------------------------------------------------------
   async function collect(raw) {
     var base = "diag." + randomId();
-    var facts = await call("/diagnose/facts", {}, 8000);
+    var facts = await call(BASE + "/diagnose/facts", {}, 8000);
     raw.facts = facts.json || { error: facts.error || "HTTP " + facts.status };
     if (facts.headers) {
       ["server", "via", "x-cache", "cf-ray", "age", "x-served-by"].forEach(function (h) {
@@ -521,7 +528,7 @@
     }
     var verdict = null;
     try {
-      var r = await call("/diagnose/verdict", { method: "POST", headers: { "Content-Type": "application/json" },
+      var r = await call(BASE + "/diagnose/verdict", { method: "POST", headers: { "Content-Type": "application/json" },
         body: JSON.stringify(raw) }, 8000);
       if (r.status === 200 && r.json && r.json.transports) verdict = r.json;
     } catch (e) { /* fall through to the local verdict */ }

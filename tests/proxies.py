@@ -68,8 +68,8 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://127.0.0.1:{upstream};
+        location {prefix}/ {{
+            proxy_pass http://127.0.0.1:{upstream}{upstream_path};
 {location}
         }}
     }}
@@ -78,14 +78,24 @@ http {{
 
 
 class Nginx:
-    def __init__(self, upstream_port: int, location: str, tmp: Path) -> None:
+    def __init__(self, upstream_port: int, location: str, tmp: Path, prefix: str = "") -> None:
         binary = require_binary("nginx")
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.port}{prefix}"  # prefix: the gateway mounted under a path
         self.dir = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.conf = tmp / "nginx.conf"
-        self.conf.write_text(_CONF.format(tmp=tmp, port=self.port, upstream=upstream_port, location=location))
+        upstream_path = "/" if prefix else ""
+        self.conf.write_text(
+            _CONF.format(
+                tmp=tmp,
+                port=self.port,
+                upstream=upstream_port,
+                upstream_path=upstream_path,
+                prefix=prefix,
+                location=location,
+            )
+        )
         cmd = [binary, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(self.conf), "-g", "daemon off;"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self._wait_ready()
@@ -118,12 +128,12 @@ class Nginx:
 
 
 @pytest.fixture
-def start_nginx(tmp_path: Path) -> Iterator[Callable[[int, str], Nginx]]:
-    """start_nginx(upstream_port, preset_or_location) -> a running Nginx; all stopped at teardown."""
+def start_nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
+    """start_nginx(upstream_port, preset_or_location, prefix="") -> a running Nginx; all stopped at teardown."""
     started: list[Nginx] = []
 
-    def start(upstream_port: int, location: str) -> Nginx:
-        proxy = Nginx(upstream_port, NGINX_PRESETS.get(location, location), tmp_path / f"nginx-{len(started)}")
+    def start(upstream_port: int, location: str, prefix: str = "") -> Nginx:
+        proxy = Nginx(upstream_port, NGINX_PRESETS.get(location, location), tmp_path / f"nginx-{len(started)}", prefix)
         started.append(proxy)
         return proxy
 

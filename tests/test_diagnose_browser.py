@@ -95,3 +95,22 @@ def test_nginx_buffering_on_with_http11_really_streams(diagnose_page: Any, gatew
     v = diagnose_page(proxy.url, HOLD, "6-nginx-buffering-http11")
     assert v["transports"]["sse"]["ok"] is True and v["transports"]["sse"]["buffered"] is False, v
     assert v["recommended"] == "websocket"
+
+
+def test_gateway_mounted_under_a_path_prefix(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
+    """A proxy that serves the gateway at /realtime/ (not at the root): the page probes relative to itself."""
+    proxy = start_nginx(gateway.port, "realtime", prefix="/realtime")
+    v = diagnose_page(proxy.url, HOLD, "7-nginx-prefix")
+    assert all(t["ok"] for t in v["transports"].values()), v
+    assert v["recommended"] == "websocket"
+
+
+def test_nginx_rewriting_host(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
+    """Without `proxy_set_header Host`, nginx sends the upstream's address as Host. Browsers still
+    get through (the gateway trusts Sec-Fetch-Site), and the page shows the rewrite as a path fact."""
+    from tests.proxies import REALTIME
+
+    proxy = start_nginx(gateway.port, REALTIME.replace("proxy_set_header Host $host;", ""))
+    v = diagnose_page(proxy.url, HOLD, "8-nginx-host-rewrite")
+    assert all(t["ok"] for t in v["transports"].values()), v
+    assert any("the gateway was asked for 127.0.0.1:" in e for e in v["path"]["evidence"]), v["path"]

@@ -66,6 +66,12 @@ def test_burst_rejects_bad_input_with_json(client: Any, query: str, status: int,
     assert r.get_json()["error"] == code and r.get_json()["detail"]
 
 
+def test_burst_also_answers_get(client: Any) -> None:
+    # The page falls back to GET where something on the path refuses POSTs.
+    assert client.get("/diagnose/burst?channel=diag.get&n=1").status_code == 202
+    assert len(wait_events(client, "diag.get", 1)) == 1
+
+
 def test_burst_is_rate_limited_per_client(client: Any) -> None:
     codes = [client.post("/diagnose/burst?channel=diag.rl&n=1&gap_ms=0").status_code for _ in range(40)]
     assert codes[0] == 202 and 429 in codes
@@ -135,12 +141,13 @@ def test_verdict_endpoint(client: Any) -> None:
 def test_page_renders_with_bounded_hold(client: Any) -> None:
     page = client.get("/diagnose?hold=3").get_data(as_text=True)
     assert '"hold": 3.0' in page and 'id="diagnosis-json"' in page and 'id="diagnose-share"' in page
-    assert "/static/diagnose.js" in page and "http://" not in page.split("<body>")[1].split("</header>")[1]
+    assert 'src="static/diagnose.js"' in page and "http://" not in page.split("<body>")[1].split("</header>")[1]
     assert '"hold": 600.0' in client.get("/diagnose?hold=1e9").get_data(as_text=True)
     assert '"hold": 1.0' in client.get("/diagnose?hold=-5").get_data(as_text=True)
     assert '"hold": 15.0' in client.get("/diagnose?hold=nan").get_data(as_text=True)
     thorough = client.get("/diagnose?mode=thorough").get_data(as_text=True)
     assert '"hold": 65.0' in thorough and '"mode": "thorough"' in thorough
+    assert 'src="../static/diagnose.js"' in client.get("/diagnose/?hold=3").get_data(as_text=True)
     assert client.get("/static/diagnose.js").status_code == 200
     assert client.get("/static/diagnose.css").status_code == 200
 

@@ -176,6 +176,8 @@ def page() -> str:
         quick_hold=cfg.hold_s,
         thorough_hold=cfg.thorough_hold_s,
         share_script=_state()["share_script"].exists(),
+        # Relative, so the page still works where a proxy mounts the gateway under a path prefix.
+        static="../static/" if request.path.endswith("/") else "static/",
     )
 
 
@@ -197,7 +199,8 @@ def facts() -> Response:
     return response
 
 
-@bp.post("/diagnose/burst")
+# GET too: the page falls back to it where something on the path refuses POSTs.
+@bp.route("/diagnose/burst", methods=["GET", "POST"])
 def burst() -> tuple[Response, int]:
     """Publish n events `gap_ms` apart onto a diag channel, the first after `delay_ms`. Each
     event's data carries its sequence number and server send time, so a client can compare
@@ -231,7 +234,9 @@ def burst() -> tuple[Response, int]:
     threading.Thread(target=run, daemon=True, name=f"diag-burst-{channel}").start()
     body = {"channel": channel, "n": n, "gap_ms": gap_ms, "delay_ms": delay_ms, "tag": tag}
     body["server_ms"] = int(time.time() * 1000)
-    return jsonify(body), 202
+    response = jsonify(body)
+    response.headers["Cache-Control"] = "no-store"
+    return response, 202
 
 
 @bp.get("/diagnose/seen")

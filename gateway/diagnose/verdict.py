@@ -269,6 +269,13 @@ def _sse(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
             _stream_cut_fix(idle or cut, ctx, "sse.heartbeat_s", _num(ctx.get("sse_heartbeat_s"))),
             **extra,
         )
+    if burst["received"] < burst["expected"]:
+        return _result(
+            "degraded",
+            f"only {burst['received']} of {burst['expected']} test events arrived: something on the path drops them",
+            None,
+            **extra,
+        )
     alive = _dict(p.get("alive"))
     if alive and not alive.get("arrived"):
         return _result(
@@ -277,27 +284,24 @@ def _sse(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
             _stream_cut_fix(hold, ctx, "sse.heartbeat_s", _num(ctx.get("sse_heartbeat_s"))),
             **extra,
         )
+    if latency is not None and latency > SLOW_MS:
+        return _result("degraded", f"works but slowly: events take ~{latency:.0f} ms", None, **extra)
+    # Neither of these stops live events, so they are notes on an "ok", not a downgrade.
+    notes, fix = [], None
     beat = _num(ctx.get("sse_heartbeat_s"))
     if beat is not None and hold > beat + 2 and p.get("heartbeats") == 0:
-        extra["buffered"] = True
-        return _buffered_result("degraded", "heartbeats never arrived: a proxy holds back small writes", padding, extra)
+        notes.append("heartbeat comments never arrived (something strips or holds back SSE comments)")
     resume = _dict(p.get("resume"))
     if resume and not resume.get("ok"):
         detail = str(resume.get("error") or "the missed events did not come back")[:200]
-        return _result(
-            "degraded",
-            f"live events work, but resuming with Last-Event-ID failed ({detail})",
-            "Make the proxy forward the Last-Event-ID request header.",
-            **extra,
-        )
-    if latency is not None and latency > SLOW_MS:
-        return _result("degraded", f"works but slowly: events take ~{latency:.0f} ms", None, **extra)
-    return _result(
-        "ok",
-        f"works: events arrive as sent (~{latency or 0:.0f} ms), the stream survived {hold:.0f} s, and resume works",
-        None,
-        **extra,
-    )
+        notes.append(f"reconnecting with Last-Event-ID did not resume ({detail}); clients should resume with ?since=")
+        fix = "Make the proxy forward the Last-Event-ID request header."
+    resumed = "resume works" if resume.get("ok") else "resume was not tested"
+    reason = f"works: events arrive as sent (~{latency or 0:.0f} ms) and the stream survived {hold:.0f} s"
+    reason += "; but " + "; ".join(notes) if notes else f"; {resumed}"
+    if notes:
+        extra["notes"] = notes
+    return _result("ok", reason, fix, **extra)
 
 
 def _padding(raw: Any) -> dict[str, Any] | None:
@@ -363,7 +367,7 @@ def _websocket(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
         )
     if burst["bunched"]:
         return _result("degraded", "frames arrive bunched together: something on the path buffers them", None, **extra)
-    if not echo.get("arrived"):
+    if not echo.get("arrived") and cut is None:
         return _result(
             "degraded",
             "frames from the server arrive, but frames sent from here never came back",
@@ -376,6 +380,13 @@ def _websocket(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
             f"works, but the connection is closed after {_cut_text(cut, idle)} (hold was {hold:.0f} s); "
             "clients must reconnect",
             _stream_cut_fix(idle or cut, ctx, "websocket.ping_s", _num(ctx.get("websocket_ping_s"))),
+            **extra,
+        )
+    if burst["received"] < burst["expected"]:
+        return _result(
+            "degraded",
+            f"only {burst['received']} of {burst['expected']} test frames from the server arrived",
+            None,
             **extra,
         )
     if alive and not alive.get("arrived"):

@@ -170,6 +170,30 @@ def test_channels_lists_this_prefix_only(redis_server):  # noqa: F811
             s.close()
 
 
+def test_streams_still_read_when_only_the_subscription_is_refused(redis_server):  # noqa: F811
+    """A listener refused by Redis (here: an ACL without SUBSCRIBE) must not make streaming
+    reads skip a Redis that answers them; heartbeats then still deliver."""
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.acl_setuser(
+        "nosub", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-subscribe"]
+    )
+    url = redis_server.url.replace("redis://", "redis://nosub:pw@")
+    s = RedisStore(url, 5, 3600, prefix=f"n{uuid.uuid4().hex[:8]}:")
+    hub = Hub(s)
+    s.attach(hub)
+    try:
+        time.sleep(0.3)  # the listener has tried and been refused
+        assert s.connected is False
+        with hub.subscription("n"):
+            cursor = hub.last_id("n")
+            sent = hub.publish("n", "still here")
+            assert [e.id for e in hub.read("n", cursor, 10).events] == [sent.id]
+    finally:
+        s.close()
+        admin.acl_deluser("nosub")
+        admin.close()
+
+
 def test_a_silently_dead_subscription_is_noticed_and_renewed(redis_server, monkeypatch):  # noqa: F811
     monkeypatch.setattr(redis_store, "KEEPALIVE_S", 0.1)
     monkeypatch.setattr(redis_store, "ECHO_TIMEOUT_S", 0.6)

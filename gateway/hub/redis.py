@@ -27,6 +27,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from gateway.errors import BadRequest
@@ -169,6 +170,9 @@ class RedisStore:
         self._thread: threading.Thread | None = None
         self._pubsub: Any = None  # the listener's current subscription
         self.connected = False  # the listener's view: subscribed to the notify topic right now
+        # The listener lost Redis to a connection error (not e.g. a refused SUBSCRIBE, after which
+        # reads still work and heartbeats deliver): streaming reads skip Redis until it is back.
+        self._offline = False
         self._failures = 0
         self._next_error_log = 0.0
         self._flights: dict[tuple[str, str, int], _Flight] = {}  # reads in progress, see _fetch
@@ -198,10 +202,10 @@ class RedisStore:
         key = parse(since) if since is not None else None
         canonical = format_id(key) if key is not None else ""
         # A stream's reader (it holds a cursor) waits out an outage: "nothing new yet", and the
-        # listener wakes it once it has reconnected. While the listener is down we do not even
-        # try, so thousands of heartbeats do not hammer a dead server.
+        # listener wakes it once it has reconnected. While the listener cannot reach Redis we do
+        # not even try, so thousands of heartbeats do not hammer a dead server.
         waits_out = since is not None and channel in self._local
-        if waits_out and not self.connected:
+        if waits_out and self._offline:
             return Batch([], since)
         try:
             last, known, events, more = self._fetch(channel, canonical, limit)
@@ -303,7 +307,7 @@ class RedisStore:
             pubsub = self._pubsub = self._listen_client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self._topic)
-                self.connected = True
+                self.connected, self._offline = True, False
                 if not first:
                     log.info("redis listener reconnected; waking readers of %d channel(s)", len(self._local))
                 # Whatever was published while we were not listening: every local reader re-reads.
@@ -316,6 +320,7 @@ class RedisStore:
                 if self._stop.is_set():
                     break
                 self.connected = False
+                self._offline = isinstance(exc, (RedisConnectionError, RedisTimeoutError))
                 first = False
                 pause = delay * random.uniform(0.5, 1.0)
                 if isinstance(exc, RedisError):

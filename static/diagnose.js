@@ -330,14 +330,14 @@
     await waitFor(function () { return b.arrivals.length >= BURST_N || s.ended !== null; }, BURST_N * BURST_GAP + 3000);
     step("sse", "holding the stream open, idle, until " + HOLD + " s");
     await waitFor(function () { return s.ended !== null; }, s.t0 + HOLD * 1000 - now());
-    if (s.ended === null) {
+    if (s.ended === null && b.arrivals.length) {
       step("sse", "checking the stream still delivers");
       var alive = burst(ch, 1, 0, 0, "alive");
       s.handlers.push(function (e) { alive.arrive(e.data); });
       var got = await waitFor(function () { return alive.arrivals.length > 0 || s.ended !== null; }, 3000);
       rec.alive = { arrived: !!(got && alive.arrivals.length),
         latency_ms: alive.arrivals.length ? alive.arrivals[0].at_ms : null };
-    } else {
+    } else if (s.ended !== null) {
       rec.ended_after_s = Math.round(s.ended - s.t0) / 1000;
       rec.idle_before_end_s = Math.round(s.ended - (s.last_byte || s.t0)) / 1000;
     }
@@ -348,18 +348,21 @@
     var seen = await call(BASE + "/diagnose/seen?channel=" + encodeURIComponent(ch), {}, 5000);
     rec.seen = seen.json && seen.json.requests || [];
     // Resume: reconnect with Last-Event-ID and compare with what a poll says came after it.
+    // and, where events were held back, whether initial padding gets them through (both at once).
+    var checks = [];
     var withIds = s.events.filter(function (e) { return e.id && e.event !== "gap"; });
     if (withIds.length) {
       step("sse", "reconnecting with Last-Event-ID");
-      rec.resume = await resumeCheck(ch, withIds[0].id);
+      checks.push(resumeCheck(ch, withIds[0].id).then(function (r) { rec.resume = r; }));
     }
     var a = analyseBurst(b);
     var late = s.first_byte_ms !== null && s.headers_ms !== null && s.first_byte_ms - s.headers_ms > 1500;
     var answered = rec.seen.some(function (r) { return r.transport === "sse" && r.status === 200; });
     if ((s.status === 200 || (s.status === null && answered)) && (a.bunched || late || a.received < BURST_N)) {
       step("sse", "events were held back: trying again with " + PADDING + " bytes of padding");
-      rec.padding = await paddingCheck(ch + ".pad");
+      checks.push(paddingCheck(ch + ".pad").then(function (r) { rec.padding = r; }));
     }
+    await Promise.all(checks);
   }
 
   async function resumeCheck(ch, lastId) {
@@ -425,16 +428,17 @@
           try { ws.send(JSON.stringify({ event: "echo", data: label })); } catch (x) { return Promise.resolve(e); }
           return waitFor(function () { return e.back !== null || closedAt !== null; }, ms).then(function () { return e; });
         };
-        step("websocket", "sending a message and waiting for it to come back");
-        var e1 = await echo("echo-1", 5000);
-        rec.echo = { arrived: e1.back !== null, rtt_ms: e1.back !== null ? Math.round(e1.back - e1.sent) : null };
-        step("websocket", "receiving a timed burst from the server");
+        step("websocket", "sending a message up and a timed burst down");
+        // Both directions at once: the echo round trip and the server's burst share one deadline.
+        var e1P = echo("echo-1", 5000);
         b = burst(ch, BURST_N, BURST_GAP, 0, "burst");
+        var e1 = await e1P;
+        rec.echo = { arrived: e1.back !== null, rtt_ms: e1.back !== null ? Math.round(e1.back - e1.sent) : null };
         await waitFor(function () { return b.arrivals.length >= BURST_N || closedAt !== null; },
-          BURST_N * BURST_GAP + 3000);
+          BURST_N * BURST_GAP + 3000 - (now() - b.t0));
         step("websocket", "holding the connection open, idle, until " + HOLD + " s");
         await waitFor(function () { return closedAt !== null; }, t0 + HOLD * 1000 - now());
-        if (closedAt === null) {
+        if (closedAt === null && (e1.back !== null || b.arrivals.length)) {
           var e2 = await echo("echo-2", 3000);
           rec.alive = { arrived: e2.back !== null, rtt_ms: e2.back !== null ? Math.round(e2.back - e2.sent) : null };
         }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from tests.helpers import free_port, require_binary
 
-__all__ = ["Nginx", "NGINX_PRESETS", "REALTIME", "start_nginx"]
+__all__ = ["Nginx", "NGINX_PRESETS", "REALTIME", "TcpProxy", "start_nginx", "start_tcp_proxy"]
 
 # The location settings the README recommends for realtime (tested by test_diagnose_browser).
 REALTIME = """
@@ -134,6 +135,98 @@ def start_nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
 
     def start(upstream_port: int, location: str, prefix: str = "") -> Nginx:
         proxy = Nginx(upstream_port, NGINX_PRESETS.get(location, location), tmp_path / f"nginx-{len(started)}", prefix)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+class TcpProxy:
+    """A hostile TCP proxy on a free loopback port, for paths nginx cannot imitate:
+    - mode "blackhole_ws": relays HTTP, accepts WebSocket upgrades, then relays no frames;
+    - mode "flush_every": holds what the server sends and releases it every `interval` seconds
+      (a buffering proxy of another kind: events arrive bunched, not missing)."""
+
+    def __init__(self, upstream_port: int, mode: str, interval: float = 2.0) -> None:
+        self.upstream_port, self.mode, self.interval = upstream_port, mode, interval
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._sockets: list[socket.socket] = []
+        self._stopping = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            self._sockets += [client, upstream]
+            state = {"upgraded": False}
+            threading.Thread(target=self._pipe, args=(client, upstream, state, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, state, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, state: dict, downstream: bool) -> None:
+        held, last_flush = b"", time.monotonic()
+        if downstream and self.mode == "flush_every":
+            src.settimeout(0.05)
+        while not self._stopping.is_set():
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                data = None
+            except OSError:
+                break
+            if data == b"":
+                break
+            if data and self.mode == "blackhole_ws":
+                if state["upgraded"]:
+                    continue  # swallow every frame, both ways
+                if downstream and data.startswith(b"HTTP/1.1 101"):
+                    state["upgraded"] = True
+                    data = data.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+            if downstream and self.mode == "flush_every":
+                held += data or b""
+                if held and time.monotonic() - last_flush < self.interval:
+                    continue
+                data, held, last_flush = held, b"", time.monotonic()
+            if data:
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    break
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._listener.close()
+        for s in self._sockets:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def start_tcp_proxy() -> Iterator[Callable[..., TcpProxy]]:
+    """start_tcp_proxy(upstream_port, mode, interval=2.0) -> a running TcpProxy; stopped at teardown."""
+    started: list[TcpProxy] = []
+
+    def start(upstream_port: int, mode: str, interval: float = 2.0) -> TcpProxy:
+        proxy = TcpProxy(upstream_port, mode, interval)
         started.append(proxy)
         return proxy
 

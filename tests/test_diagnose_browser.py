@@ -14,7 +14,7 @@ import websocket
 
 from tests.helpers import Gateway
 
-pytest_plugins = ["tests.browser", "tests.proxies"]  # the diagnose_page and start_nginx fixtures
+pytest_plugins = ["tests.browser", "tests.proxies"]  # diagnose_page, start_nginx, start_tcp_proxy
 
 HOLD = 3  # short holds keep the file near a minute; the cut case needs a hold past nginx's 5 s
 
@@ -114,3 +114,25 @@ def test_nginx_rewriting_host(diagnose_page: Any, gateway: Gateway, start_nginx:
     v = diagnose_page(proxy.url, HOLD, "8-nginx-host-rewrite")
     assert all(t["ok"] for t in v["transports"].values()), v
     assert any("the gateway was asked for 127.0.0.1:" in e for e in v["path"]["evidence"]), v["path"]
+
+
+def test_proxy_that_accepts_the_upgrade_but_relays_no_frames(
+    diagnose_page: Any, gateway: Gateway, start_tcp_proxy: Any
+) -> None:
+    proxy = start_tcp_proxy(gateway.port, "blackhole_ws")
+    v = diagnose_page(proxy.url, HOLD, "9-blackhole-websocket")
+    ws = v["transports"]["websocket"]
+    assert ws["status"] == "broken" and "nothing arrives" in ws["reason"], ws
+    assert all(v["transports"][n]["ok"] for n in ("sse", "long_poll", "short_poll")), v
+    assert v["recommended"] == "sse"
+
+
+def test_proxy_that_releases_data_every_two_seconds(diagnose_page: Any, gateway: Gateway, start_tcp_proxy: Any) -> None:
+    """Not nginx: a proxy that holds the server's bytes and lets them out every 2 s. Everything
+    arrives, but late and bunched: nothing is ok, SSE is buffered, and the page says so."""
+    proxy = start_tcp_proxy(gateway.port, "flush_every", 2.0)
+    v = diagnose_page(proxy.url, HOLD, "10-flush-every-2s")
+    sse, ws = v["transports"]["sse"], v["transports"]["websocket"]
+    assert sse["buffered"] is True and sse["status"] == "degraded" and "bunched" in sse["reason"], sse
+    assert ws["status"] == "degraded" and "bunched" in ws["reason"], ws
+    assert v["recommended"] is None and v["fallback"] is not None

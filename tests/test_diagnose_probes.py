@@ -89,15 +89,15 @@ def test_rate_limit_refills() -> None:
 def test_burst_is_open_to_foreign_origins_but_publish_is_not(client: Any) -> None:
     r = client.post("/diagnose/burst?channel=diag.o&n=1", headers={"Origin": "http://elsewhere.test"})
     assert r.status_code == 202
-    r = client.get("/poll/diag.o", headers={"Origin": "http://elsewhere.test"})
+    r = client.get("/poll/prices", headers={"Origin": "http://elsewhere.test"})
     assert r.status_code == 403
 
 
 def test_origin_matches_a_host_header_without_port(client: Any) -> None:
     # nginx's usual `proxy_set_header Host $host;` drops the port the browser's Origin carries.
-    r = client.get("/poll/diag.h", headers={"Origin": "http://gw.example:8080", "Host": "gw.example"})
+    r = client.get("/poll/prices", headers={"Origin": "http://gw.example:8080", "Host": "gw.example"})
     assert r.status_code == 200
-    r = client.get("/poll/diag.h", headers={"Origin": "http://evil.example:8080", "Host": "gw.example"})
+    r = client.get("/poll/prices", headers={"Origin": "http://evil.example:8080", "Host": "gw.example"})
     assert r.status_code == 403
 
 

@@ -283,7 +283,7 @@ def probe_sse(base: str, ch: str, rec: dict[str, Any], hold: float, heartbeat: A
     burst.send()
     _wait(lambda: len(burst.arrivals) >= BURST_N or s.ended is not None, BURST_N * BURST_GAP_MS / 1000 + 3)
     _wait(lambda: s.ended is not None, s.t0 + hold - _now())
-    if s.ended is None:
+    if s.ended is None and burst.arrivals:
         alive = Burst(base, ch, 1, 0, 0, "alive")
         s.handlers.append(lambda e: alive.arrive(e["data"]))
         alive.send()
@@ -292,7 +292,7 @@ def probe_sse(base: str, ch: str, rec: dict[str, Any], hold: float, heartbeat: A
             "arrived": bool(alive.arrivals),
             "latency_ms": alive.arrivals[0]["at_ms"] if alive.arrivals else None,
         }
-    else:
+    elif s.ended is not None:
         rec["ended_after_s"] = round(s.ended - s.t0, 3)
         rec["idle_before_end_s"] = round(s.ended - (s.last_byte or s.t0), 3)
     s.close()
@@ -398,12 +398,20 @@ def probe_websocket(base: str, ch: str, rec: dict[str, Any], hold: float) -> Non
             back = item["back"]
             return {"arrived": back is not None, "rtt_ms": round((back - item["sent"]) * 1000) if back else None}
 
-        rec["echo"] = echo("echo-1", 5)
+        # Both directions at once: the echo round trip and the server's burst share one deadline.
         state["burst"] = burst = Burst(base, ch, BURST_N, BURST_GAP_MS, 0, "burst")
+        echoed: dict[str, Any] = {}
+        up = threading.Thread(target=lambda: echoed.update(echo("echo-1", 5)), daemon=True)
+        up.start()
         burst.send()
-        _wait(lambda: len(burst.arrivals) >= BURST_N or state["closed"] is not None, BURST_N * BURST_GAP_MS / 1000 + 3)
+        up.join(6)
+        rec["echo"] = echoed or {"arrived": False, "rtt_ms": None}
+        _wait(
+            lambda: len(burst.arrivals) >= BURST_N or state["closed"] is not None,
+            BURST_N * BURST_GAP_MS / 1000 + 3 - (_now() - burst.t0),
+        )
         _wait(lambda: state["closed"] is not None, t0 + hold - _now())
-        if state["closed"] is None:
+        if state["closed"] is None and (rec["echo"]["arrived"] or burst.arrivals):
             rec["alive"] = echo("echo-2", 3)
         if state["closed"] is not None:
             rec["closed_after_s"] = round(state["closed"] - t0, 3)

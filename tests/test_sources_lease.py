@@ -20,10 +20,12 @@ from gateway.app import create_app
 from gateway.config import RedisConfig, SourceConfig, from_mapping
 from gateway.errors import ConfigError
 from gateway.sources.lease import LeaseStore
-from tests.clients import poll
+from tests.clients import SSEClient, poll
 from tests.helpers import Gateway
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
 from tests.upstreams import Upstream, wait_for
+
+pytestmark = pytest.mark.timeout(60)
 
 TTL = 1.0
 FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.3, "lease_ttl_s": TTL}
@@ -196,6 +198,30 @@ def test_killed_leader_is_replaced_within_the_ttl(
         assert datas(c, channel) == expected, channel
     assert datas(c, "pb") == ["late"]
     assert all(len(gws) == 1 for gws in leaders(b, c).values())  # still exactly one leader each
+
+
+def test_lazy_source_is_led_by_a_process_with_listeners(
+    start_gateway: Callable[..., Gateway],
+    redis_server: RedisServer,  # noqa: F811
+    ups: tuple[Upstream, Upstream],
+) -> None:
+    honest = ups[0]
+    source = {**sources_config(*ups)[0], "mode": "lazy", "lazy_grace_s": 0.3}
+    config = {"sources": [source], "sse": {"heartbeat_s": 0.2}, "redis": {"prefix": f"t{uuid.uuid4().hex[:8]}:"}}
+    a, b = (start_gateway(config, env={"REDIS_URL": redis_server.url}) for _ in range(2))
+    assert status(a)["s1"]["state"] == status(b)["s1"]["state"] == "idle" and not honest.seen("/events")
+    with SSEClient(b.url + "/sse/s1") as on_b:
+        wait_for(lambda: status(b)["s1"]["state"] == "connected")
+        honest.emit("l1")
+        assert [e["data"] for e in on_b.events(1)] == ["l1"]
+        with SSEClient(a.url + "/sse/s1") as on_a:
+            wait_for(lambda: status(a)["s1"]["state"] == "standby")  # a listener, but b leads
+            on_b.close()  # b's last listener leaves: after lazy_grace_s b hands the lease over
+            wait_for(lambda: status(a)["s1"]["lease"]["leader"] and status(a)["s1"]["state"] == "connected", timeout=5)
+            assert status(b)["s1"]["state"] == "idle"
+            honest.emit("l2")
+            assert [e["data"] for e in on_a.events(1)] == ["l2"]  # it joined after l1
+    assert datas(a, "s1") == ["l1", "l2"]
 
 
 def test_redis_outage_stops_relaying_until_it_returns(

@@ -4,6 +4,10 @@ with jitter, relaying into the hub with de-duplication, and the counters /status
 A subclass implements `_session()`: connect, call `_connected()` once the upstream accepted,
 relay events until the upstream ends or `_interrupt()` is called, and raise UpstreamError (or
 any library error) when something went wrong. The loop here decides when to (re)connect.
+
+With Redis (several processes, one config) a source relays only while it holds its lease
+(lease.py): the others stand by, and the leader records its progress beside the lease so the
+next one resumes without repeating or skipping what the upstream can replay.
 """
 
 from __future__ import annotations
@@ -130,6 +134,7 @@ class Source:
         self.lease: Lease | None = None  # with Redis: relay only while holding it (see lease.py)
         self._saved_state: dict[str, str] = {}
         self._standby_for = ""  # the holder we last logged standing by for
+        self._journalled: list[RecentIds] = []  # the id sets whose additions go to the lease
         if cfg.mode == "lazy":
             # Registered now, not in start(): a client may subscribe before services start.
             hub.add_listener(self._on_subscribers)
@@ -298,7 +303,8 @@ class Source:
     def use_lease(self, lease: Lease) -> None:
         """From now on relay only while holding `lease`, and hand progress on to the next leader."""
         self.lease = lease
-        for ids in self._id_sets():
+        self._journalled = [value for value in vars(self).values() if isinstance(value, RecentIds)]
+        for ids in self._journalled:
             ids.journal = deque(maxlen=ids.capacity)
 
     def _lead(self) -> bool:
@@ -356,7 +362,7 @@ class Source:
         state = self._resume_state()
         if upstream_id is not None and "last_id" in state:
             state["last_id"] = upstream_id  # an SSE source records its last id only after we return
-        ids = [key for ids in self._id_sets() if ids.journal for key in ids.journal]
+        ids = [key for ids in self._journalled if ids.journal for key in ids.journal]
         if state == self._saved_state and not ids:
             return
         try:
@@ -364,18 +370,15 @@ class Source:
         except LeaseError as exc:
             log.warning("source %s: could not record progress for the next leader (%s)", self.name, exc)
             return  # kept: the next checkpoint writes it
-        for journalled in self._id_sets():
+        for journalled in self._journalled:
             if journalled.journal is not None:
                 journalled.journal.clear()
         self._saved_state = state
         if not ok:
             raise LeaseLost("the lease is no longer ours: another process relays this upstream now")
 
-    def _id_sets(self) -> list[RecentIds]:
-        return [value for value in vars(self).values() if isinstance(value, RecentIds)]
-
     # What each kind keeps to resume without repeating itself: the SSE last event id, the poll
-    # validators and body digest. Recent ids (SSE ids, poll item keys) travel in `_id_sets`.
+    # validators and body digest. Recent ids (SSE ids, poll item keys) travel in `_journalled`.
     _RESUME_ATTRS = (("last_id", "upstream_last_id"), ("etag", "_etag"), ("last_modified", "_last_modified"))
 
     def _resume_state(self) -> dict[str, str]:
@@ -387,7 +390,7 @@ class Source:
 
     def _resume_from(self, state: dict[str, str], ids: list[str]) -> None:
         """Carry on where the previous leader stopped (nothing stored: keep our own)."""
-        for recent in self._id_sets():
+        for recent in self._journalled:
             recent.load(ids)
         for field, attr in self._RESUME_ATTRS:
             if field in state and hasattr(self, attr):
@@ -397,7 +400,7 @@ class Source:
                 self._digest = bytes.fromhex(state["digest"])
             except ValueError:
                 pass
-        self._saved_state = state if state else self._saved_state
+        self._saved_state = state  # nothing stored yet: the next checkpoint writes ours
         if state or ids:
             log.info("source %s: resuming from %s with %d recent id(s)", self.name, state or "nothing", len(ids))
 

@@ -162,11 +162,13 @@ worker_rlimit_nofile {nofile};
 events {{ worker_connections {conns}; multi_accept on; }}
 http {{
   access_log off;
+  keepalive_requests 10000000;  # the publisher keeps one connection (nginx closes after 1000 by default)
+  keepalive_timeout 300s;
   client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
   uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
   nchan_shared_memory_size 256M;
   server {{
-    listen 127.0.0.1:{port} backlog=4096;
+    listen 127.0.0.1:{port} backlog=1024;  # as the gateway's
     location ~ ^/pub/(.+)$ {{
       nchan_publisher; nchan_channel_id $1;
       nchan_message_buffer_length 5000; nchan_message_timeout 1h;

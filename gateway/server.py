@@ -14,6 +14,9 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 __all__ = ["serve"]
 
 READ_BUFFER = 1024  # bytes; pywsgi's default is 8 KB per connection
+# gevent's default (128) overflows when thousands of clients (re)connect at once, e.g. after a
+# deploy; the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 
 
 class _Handler(WSGIHandler):
@@ -52,6 +55,7 @@ def serve(app: Flask) -> None:
         (config.server.host, config.server.port),
         app,
         handler_class=_Handler,
+        backlog=LISTEN_BACKLOG,
         log=sys.stderr if config.server.access_log else None,
         error_log=sys.stderr,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -34,7 +35,7 @@ def init_app(app: Any) -> None:
     cfg = app.extensions["gateway.config"]
     # No ping_interval: the stream's own greenlet pings (see stream()), so simple-websocket's
     # reader needs no selector and each connection one greenlet less.
-    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": cfg.server.max_body_bytes}
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": cfg.server.max_body_bytes, "thread_class": _HeldReader}
 
 
 @bp.before_request
@@ -53,6 +54,13 @@ def stream(ws: Any, channel: str) -> None:
     gateway = hub()
     cfg = config()
     cursor = since_arg() or gateway.last_id(channel)
+    # Under gevent, simple-websocket works on a dup() of the client socket: two descriptors per
+    # connection, which halves how many clients fit under the open-files limit. Use the
+    # server's own socket instead (its reader has not started yet, see _HeldReader).
+    own = request.environ.get("gateway.socket")
+    if own is not None and ws.sock is not own and ws.sock.fileno() != own.fileno():
+        ws.sock.close()
+        ws.sock = own
     # Events go out through the pusher, straight from the publisher when the socket can take
     # them; every other write (pings, pongs, error frames, close) goes through its lock too.
     pusher = Pusher(ws.sock, "ws", ws_encode, cursor)
@@ -60,6 +68,7 @@ def stream(ws: Any, channel: str) -> None:
     # simple-websocket's reader sets ws.event when a frame arrives or the socket closes: make
     # that wake this stream's greenlet, which then handles the frames itself (no reader thread).
     ws.event = pusher.wakeup
+    threading.Thread(target=ws.thread.target, daemon=True).start()
     forward = current_app.extensions["gateway.upstream_writers"].get(channel)
     allowed = (
         forward is not None
@@ -153,6 +162,18 @@ def _parse_frame(message: str) -> tuple[str, str]:
     if not isinstance(event, str):
         raise BadRequest("invalid_event", "event must be a string")
     return (data if isinstance(data, str) else json.dumps(data)), event
+
+
+class _HeldReader:
+    """simple-websocket starts its reader thread as soon as the handshake is done; this holds
+    it back until stream() has set the connection up (see there)."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.name = "ws-reader"
+
+    def start(self) -> None:
+        pass
 
 
 class _SendAll:

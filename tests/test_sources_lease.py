@@ -109,7 +109,8 @@ def all_arrived(gw: Gateway, expected: list[str]) -> bool:
 def test_lease_acquire_renew_save_release_and_expiry(redis_server: RedisServer) -> None:  # noqa: F811
     cfg = RedisConfig(url=redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
     source = SourceConfig(kind="sse", url="http://127.0.0.1:1/events?token=secret", channel="c", lease_ttl_s=0.5)
-    a, b = LeaseStore(cfg, 0.5).lease(source), LeaseStore(cfg, 0.5).lease(source)
+    store = LeaseStore(cfg, 0.5)
+    a, b = store.lease(source), LeaseStore(cfg, 0.5).lease(source)
     try:
         assert a.key.startswith(cfg.prefix + "source:c:sse:") and "secret" not in a.key
         assert a.acquire() and a.valid() and a.resumed == ({}, [])
@@ -125,6 +126,9 @@ def test_lease_acquire_renew_save_release_and_expiry(redis_server: RedisServer) 
         a.keep(lost.append)
         time.sleep(0.5)  # renewed every ttl/3
         assert a.valid() and not b.acquire() and lost == []
+        store.client.set(a.key, "intruder")  # someone else has it now: the renewer notices
+        wait_for(lambda: lost, timeout=2)
+        assert not a.valid() and "another process" in lost[0]
     finally:
         a.release()
         b.release()

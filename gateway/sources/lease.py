@@ -113,7 +113,6 @@ class LeaseStore:
             options["ssl_cert_reqs"] = "none"
         self.client = redis.Redis.from_url(cfg.url, **options)
         self.prefix = cfg.prefix
-        self.token = owner_token()
         self.scripts = {
             name: self.client.register_script(code)
             for name, code in (("acquire", _ACQUIRE), ("renew", _RENEW), ("save", _SAVE), ("release", _RELEASE))
@@ -131,7 +130,7 @@ class Lease:
     def __init__(self, store: LeaseStore, key: str, ttl_s: float) -> None:
         self.key = key
         self.ttl_s = ttl_s
-        self.token = store.token
+        self.token = owner_token()  # per source: two identical [[sources]] in one process are two owners
         self.holder = ""  # the last known holder's token ("" = nobody, or not asked yet)
         self.held = False  # we believe we hold it (it may have run out: see valid())
         self.resumed: tuple[dict[str, str], list[str]] = ({}, [])  # state and ids found on acquiring

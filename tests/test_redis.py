@@ -456,14 +456,16 @@ def test_config_rejects_a_malformed_redis_url_or_prefix():
     assert from_mapping({"redis": {"url": "redis://127.0.0.1:6379/0"}}).redis.prefix == "gw:"
 
 
-def test_tls_with_a_self_signed_certificate_needs_tls_verify_off(tmp_path: Path):
+def test_tls_with_a_self_signed_certificate_needs_tls_verify_off(tmp_path: Path, caplog):
     server = RedisServer(tmp_path, tls=True)
     strict = RedisStore(server.url, 5, 60, prefix="tls:")
     relaxed = RedisStore(server.url, 5, 60, prefix="tls:", tls_verify=False)
     try:
-        with pytest.raises(BadRequest) as refused:
-            strict.append("t", "message", "x")
+        with caplog.at_level("WARNING", logger="gateway.hub.redis"):
+            with pytest.raises(BadRequest) as refused:
+                strict.append("t", "message", "x")
         assert refused.value.status == 503
+        assert "set redis.tls_verify = false" in caplog.text  # the log names the fix
         sent = relaxed.append("t", "message", "over tls")
         assert relaxed.read("t", "0-0", 10).events[0].to_dict() == sent.to_dict()
     finally:

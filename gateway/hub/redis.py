@@ -324,7 +324,7 @@ class RedisStore:
                 first = False
                 pause = delay * random.uniform(0.5, 1.0)
                 if isinstance(exc, RedisError):
-                    log.warning("redis listener disconnected (%s); retrying in %.2f s", exc, pause)
+                    log.warning("redis listener disconnected (%s%s); retrying in %.2f s", exc, _hint(exc), pause)
                 else:
                     log.exception("redis listener failed; retrying in %.2f s", pause)
                 self._stop.wait(pause)
@@ -379,7 +379,11 @@ class RedisStore:
         if now >= self._next_error_log:
             self._next_error_log = now + ERROR_LOG_EVERY_S
             log.warning(
-                "redis unavailable (%s): %s [%d failed call(s) since the last report]", action, exc, self._failures
+                "redis unavailable (%s): %s%s [%d failed call(s) since the last report]",
+                action,
+                exc,
+                _hint(exc),
+                self._failures,
             )
             self._failures = 0
         return BadRequest(
@@ -400,6 +404,13 @@ class _Flight:
         self.done = threading.Event()
         self.result: _Result | None = None
         self.error: Exception | None = None
+
+
+def _hint(exc: Exception) -> str:
+    """The fix for the one failure operators meet most: a managed Redis's self-signed certificate."""
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return "; for a self-signed certificate (Heroku Redis) set redis.tls_verify = false"
+    return ""
 
 
 def _event(entry: list[Any]) -> Event:

@@ -28,6 +28,7 @@ from tests.upstreams import Upstream, wait_for
 pytestmark = pytest.mark.timeout(60)
 
 TTL = 1.0
+CHANNELS = ("s1", "s2", "p", "w")
 FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.3, "lease_ttl_s": TTL}
 
 
@@ -54,6 +55,8 @@ def sources_config(honest: Upstream, careless: Upstream) -> list[dict[str, Any]]
             "id_field": "id",
             **FAST,
         },
+        # Replays everything on each connection: de-duplicated by id_field with the ids in Redis.
+        {"kind": "websocket", "url": honest.url + "/ws", "channel": "w", "id_field": "id", **FAST},
         # A whole body that never changes (and has no ETag): published once, whoever leads.
         {"kind": "poll", "url": honest.url + "/slow?s=0", "channel": "pb", "interval": 0.1, **FAST},
     ]
@@ -82,7 +85,7 @@ def status(gw: Gateway) -> dict[str, dict[str, Any]]:
 
 def datas(gw: Gateway, channel: str) -> list[str]:
     events = poll(gw.url, channel, "0-0")["events"]
-    return [json.loads(e["data"])["data"] if channel == "p" else e["data"] for e in events]
+    return [json.loads(e["data"])["data"] if channel in ("p", "w") else e["data"] for e in events]
 
 
 def leaders(*gws: Gateway) -> dict[str, list[int]]:
@@ -103,7 +106,7 @@ def emit(ups: tuple[Upstream, Upstream], *texts: str) -> None:
 
 
 def all_arrived(gw: Gateway, expected: list[str]) -> bool:
-    return all(len(datas(gw, ch)) >= len(expected) for ch in ("s1", "s2", "p"))
+    return all(len(datas(gw, ch)) >= len(expected) for ch in CHANNELS)
 
 
 def test_lease_acquire_renew_save_release_and_expiry(redis_server: RedisServer) -> None:  # noqa: F811
@@ -156,7 +159,7 @@ def test_each_event_once_and_sigterm_hand_over(
     emit(ups, *expected)
     wait_for(lambda: all_arrived(b, expected))
     time.sleep(0.3)  # a duplicate from the standby would have arrived by now
-    for channel in ("s1", "s2", "p"):
+    for channel in CHANNELS:
         assert datas(b, channel) == expected, channel
         assert datas(a, channel) == expected, channel
 
@@ -171,11 +174,12 @@ def test_each_event_once_and_sigterm_hand_over(
     expected += ["during1", "during2", "after1", "after2"]
     wait_for(lambda: all_arrived(b, expected))
     time.sleep(0.3)
-    for channel in ("s1", "s2", "p"):
+    for channel in CHANNELS:
         assert datas(b, channel) == expected, channel
     assert datas(b, "pb") == ["late"]  # b had a's body digest: the unchanged body is not published again
     sb = status(b)
     assert sb["s2"]["duplicates"] >= 5  # the careless upstream replayed, the ids a left in Redis dropped it
+    assert sb["w"]["duplicates"] >= 5  # so did the WebSocket upstream
     assert ups[0].seen("/events")[-1]["headers"].get("Last-Event-Id") == "5"  # b resumed where a stopped
     assert "leading" in b.log() and "resuming from" in b.log()
 
@@ -198,7 +202,7 @@ def test_killed_leader_is_replaced_within_the_ttl(
     expected = ["x1", "x2", "y1", "y2"]
     wait_for(lambda: all_arrived(c, expected))
     time.sleep(0.3)
-    for channel in ("s1", "s2", "p"):
+    for channel in CHANNELS:
         assert datas(c, channel) == expected, channel
     assert datas(c, "pb") == ["late"]
     assert all(len(gws) == 1 for gws in leaders(b, c).values())  # still exactly one leader each

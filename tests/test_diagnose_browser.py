@@ -1,6 +1,7 @@
-"""/diagnose in real headless Chromium, directly and through real nginx configured five ways
-(plus one honesty check): the page's verdict must match what really gets through. Each run
-saves a screenshot and the raw results under test-artifacts/."""
+"""/diagnose in real headless Chromium, directly and through real proxies: nginx configured the
+five ways of the issue, plus nginx variants and hostile TCP proxies it was not tuned on. The
+page's verdict must match what really gets through. Each run saves a screenshot and the raw
+results under test-artifacts/."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import pytest
 import requests
 import websocket
 
+from tests import browser as _browser
+from tests import proxies as _proxies
 from tests.helpers import Gateway
 
-pytest_plugins = ["tests.browser", "tests.proxies"]  # diagnose_page, start_nginx, start_tcp_proxy
+# Fixtures from the shared modules, bound here (pytest finds fixtures among a module's names).
+browser, diagnose_page = _browser.browser, _browser.diagnose_page
+start_nginx, start_tcp_proxy = _proxies.start_nginx, _proxies.start_tcp_proxy
 
 HOLD = 3  # short holds keep the file near a minute; the cut case needs a hold past nginx's 5 s
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from tests import proxies as _proxies
 from tests.helpers import ROOT, Gateway, free_port
 
-pytest_plugins = ["tests.proxies"]  # the start_nginx fixture
+start_nginx = _proxies.start_nginx  # a fixture (pytest finds fixtures among a module's names)
 
 
 @pytest.fixture(scope="module")

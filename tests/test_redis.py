@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 import requests
+import websocket
 
 from gateway.config import from_mapping
 from gateway.errors import BadRequest, ConfigError
@@ -426,6 +427,10 @@ def test_redis_outage_gives_503_then_recovers_and_streams_continue(start_gateway
             assert health.status_code == 503 and health.json()["error"] == "backend_unavailable"
             down = requests.get(f"{a.url}/poll/{channel}", timeout=10)
             assert down.status_code == 503 and down.json()["error"] == "backend_unavailable"
+            # A new WebSocket with no cursor to start from is refused before the upgrade.
+            with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+                websocket.create_connection(f"{a.ws_url}/ws/{channel}", timeout=10)
+            assert refused.value.status_code == 503
             # Readers that hold a cursor wait the outage out: new streams resuming, a long poll.
             resumed = SSEClient(f"{a.url}/sse/{channel}", {"Last-Event-ID": before})
             ws = WSClient(f"{b.ws_url}/ws/{channel}?since={before}")

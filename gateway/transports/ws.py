@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, g, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from wsproto.events import Ping
@@ -42,8 +42,9 @@ def init_app(app: Any) -> None:
 def _check_before_upgrade() -> None:
     """Reject bad input with a JSON error before the handshake, while we can still answer HTTP."""
     if request.view_args is not None and "channel" in request.view_args:
-        channel_arg(request.view_args["channel"])
-        since_arg()
+        channel = channel_arg(request.view_args["channel"])
+        # Where the stream starts, resolved now: a store outage is then a 503, not a broken socket.
+        g.ws_cursor = since_arg() or hub().last_id(channel)
     # Refuse permessage-deflate: compressing per connection would undo encode-once fan-out
     # (every frame is written as the same bytes to every subscriber; see push.py).
     request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
@@ -53,7 +54,7 @@ def _check_before_upgrade() -> None:
 def stream(ws: Any, channel: str) -> None:
     gateway = hub()
     cfg = config()
-    cursor = since_arg() or gateway.last_id(channel)
+    cursor = g.ws_cursor
     # Under gevent, simple-websocket works on a dup() of the client socket: two descriptors per
     # connection, which halves how many clients fit under the open-files limit. Use the
     # server's own socket instead (its reader has not started yet, see _HeldReader).

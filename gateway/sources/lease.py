@@ -46,6 +46,7 @@ MAX_IDS = 10_000  # upstream ids / item keys kept for the next leader (as Recent
 STATE_TTL_MS = 7 * 86_400_000  # the resume state outlives the lease, but not forever
 SAFETY = 0.9  # we trust our lease for this share of the ttl: clocks and round trips are not exact
 PUSH_BATCH = 1000  # ids per script call (Lua's unpack has a limit)
+POOL_SIZE = 4  # Redis connections for all the leases of a process (small plans cap clients)
 
 # KEYS: lease, state, ids. ARGV: token, ttl_ms. -> {1, token, state, ids...} or {0, holder}.
 _ACQUIRE = """
@@ -111,7 +112,9 @@ class LeaseStore:
         }
         if cfg.url.startswith("rediss://") and not cfg.tls_verify:
             options["ssl_cert_reqs"] = "none"
-        self.client = redis.Redis.from_url(cfg.url, **options)
+        # A call that finds every connection busy waits its turn, no longer than a command may take.
+        pool = redis.BlockingConnectionPool.from_url(cfg.url, max_connections=POOL_SIZE, timeout=timeout_s, **options)
+        self.client = redis.Redis(connection_pool=pool)
         self.prefix = cfg.prefix
         self.scripts = {
             name: self.client.register_script(code)
@@ -121,9 +124,6 @@ class LeaseStore:
     def lease(self, cfg: SourceConfig) -> Lease:
         digest = hashlib.sha256(cfg.url.encode()).hexdigest()[:16]  # the URL may hold secrets
         return Lease(self, f"{self.prefix}source:{cfg.channel}:{cfg.kind}:{digest}", cfg.lease_ttl_s)
-
-    def close(self) -> None:
-        self.client.close()
 
 
 class Lease:

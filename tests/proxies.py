@@ -1,6 +1,6 @@
-"""Real nginx (and haproxy) in front of a gateway, configured per test: each proxy gets its own
-tmp dir with a complete minimal config (the system nginx.conf is never read), logs, pid and
-temp paths inside it, a free port on 127.0.0.1, and is always stopped."""
+"""Real nginx and haproxy (and a small hostile TCP proxy) in front of a gateway, configured per
+test: each gets its own tmp dir with a complete minimal config (the system nginx.conf is never
+read), logs, pid and temp paths inside it, a free port on 127.0.0.1, and is always stopped."""
 
 from __future__ import annotations
 
@@ -15,7 +15,16 @@ import pytest
 
 from tests.helpers import free_port, require_binary
 
-__all__ = ["Nginx", "NGINX_PRESETS", "REALTIME", "TcpProxy", "start_nginx", "start_tcp_proxy"]
+__all__ = [
+    "Haproxy",
+    "Nginx",
+    "NGINX_PRESETS",
+    "REALTIME",
+    "TcpProxy",
+    "start_haproxy",
+    "start_nginx",
+    "start_tcp_proxy",
+]
 
 # The location settings the README recommends for realtime (tested by test_diagnose_browser).
 REALTIME = """
@@ -227,6 +236,72 @@ def start_tcp_proxy() -> Iterator[Callable[..., TcpProxy]]:
 
     def start(upstream_port: int, mode: str, interval: float = 2.0) -> TcpProxy:
         proxy = TcpProxy(upstream_port, mode, interval)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+_HAPROXY_CONF = """
+defaults
+    mode http
+    timeout connect 2s
+    timeout client {timeout}
+    timeout server {timeout}
+    timeout tunnel {timeout}
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    server gateway 127.0.0.1:{upstream}
+"""
+
+
+class Haproxy:
+    """Real haproxy in front of a gateway with one idle timeout for requests, responses and tunnels."""
+
+    def __init__(self, upstream_port: int, tmp: Path, timeout: str = "4s") -> None:
+        binary = require_binary("haproxy")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        conf = tmp / "haproxy.cfg"
+        conf.write_text(_HAPROXY_CONF.format(port=self.port, upstream=upstream_port, timeout=timeout))
+        self._log = open(tmp / "haproxy.log", "wb")
+        self.proc = subprocess.Popen([binary, "-db", "-f", str(conf)], stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._log.close()
+                raise RuntimeError(f"haproxy exited at start-up:\n{(tmp / 'haproxy.log').read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("haproxy did not start listening")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def start_haproxy(tmp_path: Path) -> Iterator[Callable[..., Haproxy]]:
+    """start_haproxy(upstream_port, timeout="4s") -> a running Haproxy; all stopped at teardown."""
+    started: list[Haproxy] = []
+
+    def start(upstream_port: int, timeout: str = "4s") -> Haproxy:
+        proxy = Haproxy(upstream_port, tmp_path / f"haproxy-{len(started)}", timeout)
         started.append(proxy)
         return proxy
 

@@ -19,7 +19,7 @@ from tests.helpers import Gateway
 
 # Fixtures from the shared modules, bound here (pytest finds fixtures among a module's names).
 browser, diagnose_page = _browser.browser, _browser.diagnose_page
-start_nginx, start_tcp_proxy = _proxies.start_nginx, _proxies.start_tcp_proxy
+start_nginx, start_tcp_proxy, start_haproxy = _proxies.start_nginx, _proxies.start_tcp_proxy, _proxies.start_haproxy
 
 HOLD = 3  # short holds keep the file near a minute; the cut case needs a hold past nginx's 5 s
 
@@ -141,3 +141,28 @@ def test_proxy_that_releases_data_every_two_seconds(diagnose_page: Any, gateway:
     assert sse["buffered"] is True and sse["status"] == "degraded" and "bunched" in sse["reason"], sse
     assert ws["status"] == "degraded" and "bunched" in ws["reason"], ws
     assert v["recommended"] is None and v["fallback"] is not None
+
+
+def test_haproxy_with_4s_idle_timeouts(diagnose_page: Any, gateway: Gateway, start_haproxy: Any) -> None:
+    proxy = start_haproxy(gateway.port, "4s")
+    v = diagnose_page(proxy.url, 7, "11-haproxy-timeout4")
+    t = v["transports"]
+    assert t["short_poll"]["ok"] is True, t["short_poll"]
+    assert t["long_poll"]["ok"] is False and 3 <= t["long_poll"]["cut_after_s"] <= 5.5, t["long_poll"]
+    for name in ("sse", "websocket"):
+        assert t[name]["status"] == "degraded" and 3 <= t[name]["idle_limit_s"] <= 5.5, t[name]
+    assert v["recommended"] == "short_poll"
+
+
+def test_verdict_endpoint_unreachable_falls_back_to_the_page(
+    diagnose_page: Any, gateway: Gateway, start_nginx: Any
+) -> None:
+    """window.__diagnosis is always set: with POST /diagnose/verdict refused on the way, the page's
+    own fallback decides, from the same measurements."""
+    from tests.proxies import REALTIME
+
+    proxy = start_nginx(gateway.port, REALTIME + "    location = /diagnose/verdict { return 502; }\n")
+    v = diagnose_page(proxy.url, HOLD, "12-verdict-endpoint-blocked")
+    assert v["source"] == "browser"
+    assert all(t["ok"] for t in v["transports"].values()), v
+    assert v["transports"]["sse"]["buffered"] is False and v["recommended"] == "websocket"

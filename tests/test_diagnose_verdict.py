@@ -169,6 +169,19 @@ def test_long_poll_reset_and_html_error_pages() -> None:
     assert t["status"] == "broken" and "502" in t["reason"]
 
 
+def test_long_poll_that_never_answers_is_not_called_cut() -> None:
+    raw = recorded("direct")
+    hold = raw["probes"]["long_poll"]["hold_s"]
+    raw["probes"]["long_poll"]["idle"] = {
+        "status": None,
+        "error": "no answer before the deadline",
+        "elapsed_s": hold + 15,
+        "json": False,
+    }
+    t = verdict(raw)["transports"]["long_poll"]
+    assert t["status"] == "degraded" and "never got its answer" in t["reason"] and t["cut_after_s"] is None
+
+
 def test_sse_answered_by_something_else() -> None:
     raw = recorded("direct")
     raw["probes"]["sse"].update(status=200, content_type="text/html; charset=utf-8")

@@ -172,6 +172,17 @@ def _long_poll(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
             "Check that nothing on the path caches or rewrites /longpoll/ answers.",
             **extra,
         )
+    # Our own deadline (hold + 15 s) ended it: no answer at all, which is not a cut.
+    unanswered = "deadline" in str(idle.get("error") or "") or (cut or 0) >= hold + 10
+    if cut is not None and idle.get("status") is None and unanswered:
+        extra["cut_after_s"] = extra["idle_limit_s"] = None
+        return _result(
+            "degraded",
+            f"events arrive, but a request held {hold:.0f} s never got its answer (waited {cut:.0f} s): something "
+            "on the path holds held responses back",
+            "Turn response buffering off for /longpoll/ (nginx: `proxy_buffering off;`) and check proxy timeouts.",
+            **extra,
+        )
     if cut is not None:
         what = f" with HTTP {idle['status']}" if isinstance(idle.get("status"), int) and idle["status"] != 200 else ""
         cap = _num(ctx.get("longpoll_max_timeout_s")) or hold

@@ -25,9 +25,10 @@ class SSEClient:
         self.retries: list[int] = []
         self.closed = False
 
-    def next_event(self) -> dict[str, str] | None:
-        """The next event; None when the server ended the stream."""
-        while True:
+    def next_event(self, deadline: float | None = None) -> dict[str, str] | None:
+        """The next event; None when the server ended the stream (or, with a monotonic
+        deadline, when it passes while only heartbeats arrive)."""
+        while deadline is None or time.monotonic() < deadline:
             if "\n\n" in self._buffer:
                 block, self._buffer = self._buffer.split("\n\n", 1)
                 event = self._parse(block)
@@ -40,12 +41,13 @@ class SSEClient:
                 self.closed = True
                 return None
             self._buffer += chunk.decode()
+        return None
 
     def events(self, n: int, deadline_s: float = 10) -> list[dict[str, str]]:
         out: list[dict[str, str]] = []
         end = time.monotonic() + deadline_s
         while len(out) < n and time.monotonic() < end:
-            event = self.next_event()
+            event = self.next_event(end)
             if event is None:
                 break
             out.append(event)

@@ -130,7 +130,8 @@ class Gateway:
         return requests.get(f"{self.url}/poll/{channel}", timeout=5).json()["cursor"]
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:

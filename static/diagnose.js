@@ -92,7 +92,7 @@
     var arr = (b && b.arrivals || []).slice().sort(function (x, y) { return x.seq - y.seq; });
     var out = { received: arr.length, expected: b ? b.n : 0, bunched: false, first_latency_ms: null };
     if (!arr.length) return out;
-    out.first_latency_ms = Math.max(0, arr[0].at_ms - (b.delay_ms || 0) - arr[0].seq * b.gap_ms);
+    out.first_latency_ms = Math.max(0, arr[0].at_ms - (b.delay_ms || 0) - arr[0].seq * b.gap_ms - (b.post_ms || 0) / 2);
     if (arr.length >= 3) {
       var send = (arr[arr.length - 1].sent_ms - arr[0].sent_ms);
       if (!(send >= 0)) send = (arr[arr.length - 1].seq - arr[0].seq) * b.gap_ms;
@@ -246,9 +246,10 @@
       var r = await pending;
       var events = (r.json && r.json.events) || [];
       var arrived = Array.isArray(events) && events.some(function (e) { return b.arrive(e.data); });
-      rec.event = { status: r.status, error: r.error, arrived: arrived, json: !!(r.json && Array.isArray(r.json.events)),
-        latency_ms: arrived ? Math.max(0, b.arrivals[0].at_ms - 1000) : null };
       await b.request;
+      // Less the publish request's way there (half its round trip), as in verdict.py.
+      rec.event = { status: r.status, error: r.error, arrived: arrived, json: !!(r.json && Array.isArray(r.json.events)),
+        latency_ms: arrived ? Math.round(Math.max(0, b.arrivals[0].at_ms - 1000 - (b.post_ms || 0) / 2)) : null };
       if (!arrived && b.post_error) rec.event.error = "publishing the test event failed: " + b.post_error;
     })();
     await Promise.all([idleP, evP]);

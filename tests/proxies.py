@@ -4,6 +4,7 @@ read), logs, pid and temp paths inside it, a free port on 127.0.0.1, and is alwa
 
 from __future__ import annotations
 
+import queue
 import socket
 import subprocess
 import threading
@@ -156,7 +157,8 @@ class TcpProxy:
     """A hostile TCP proxy on a free loopback port, for paths nginx cannot imitate:
     - mode "blackhole_ws": relays HTTP, accepts WebSocket upgrades, then relays no frames;
     - mode "flush_every": holds what the server sends and releases it every `interval` seconds
-      (a buffering proxy of another kind: events arrive bunched, not missing)."""
+      (a buffering proxy of another kind: events arrive bunched, not missing);
+    - mode "delay": delivers every chunk `interval` seconds late, both ways, in order (a slow link)."""
 
     def __init__(self, upstream_port: int, mode: str, interval: float = 2.0) -> None:
         self.upstream_port, self.mode, self.interval = upstream_port, mode, interval
@@ -185,6 +187,8 @@ class TcpProxy:
             threading.Thread(target=self._pipe, args=(upstream, client, state, True), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, state: dict, downstream: bool) -> None:
+        if self.mode == "delay":
+            return self._delayed_pipe(src, dst)
         held, last_flush = b"", time.monotonic()
         if downstream and self.mode == "flush_every":
             src.settimeout(0.05)
@@ -218,6 +222,34 @@ class TcpProxy:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _delayed_pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        chunks: queue.Queue = queue.Queue()
+
+        def send_later() -> None:
+            while True:
+                due, data = chunks.get()
+                if data is None:
+                    break
+                time.sleep(max(0.0, due - time.monotonic()))
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    break
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        threading.Thread(target=send_later, daemon=True).start()
+        while not self._stopping.is_set():
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            chunks.put((time.monotonic() + self.interval, data or None))
+            if not data:
+                return
 
     def stop(self) -> None:
         self._stopping.set()

@@ -166,3 +166,12 @@ def test_verdict_endpoint_unreachable_falls_back_to_the_page(
     assert v["source"] == "browser"
     assert all(t["ok"] for t in v["transports"].values()), v
     assert v["transports"]["sse"]["buffered"] is False and v["recommended"] == "websocket"
+
+
+def test_slow_but_clean_link_is_not_called_broken(diagnose_page: Any, gateway: Gateway, start_tcp_proxy: Any) -> None:
+    """400 ms added each way (800 ms round trips): everything still arrives promptly for such a
+    link and unbatched, so everything is ok."""
+    proxy = start_tcp_proxy(gateway.port, "delay", 0.4)
+    v = diagnose_page(proxy.url, HOLD, "13-slow-link-400ms")
+    assert all(t["ok"] for t in v["transports"].values()), v
+    assert v["transports"]["websocket"]["latency_ms"] >= 700  # the round trip really was slow

@@ -244,3 +244,30 @@ def test_garbled_field_types_read_as_no_evidence() -> None:
     v = verdict(raw)
     check_contract_shape(v)
     assert v["transports"]["sse"]["ok"] is False
+
+
+def test_slow_link_is_not_called_slow_twice() -> None:
+    # 600 ms each way: the publish request takes 600 ms to reach the gateway, the event 600 ms back.
+    burst = spaced_burst(latency=1200)
+    burst["post_ms"] = 1200
+    assert analyse_burst(burst)["first_latency_ms"] == 600
+
+
+def test_websocket_handshake_refused_after_arriving_with_upgrade() -> None:
+    raw = recorded("direct")
+    raw["probes"]["websocket"] = {
+        "hold_s": 3,
+        "opened": False,
+        "seen": [
+            {
+                "transport": "websocket",
+                "http_version": "HTTP/1.1",
+                "upgrade": "websocket",
+                "connection": "Upgrade",
+                "status": 400,
+                "error": "bad_request",
+            }
+        ],
+    }
+    t = verdict(raw)["transports"]["websocket"]
+    assert t["status"] == "broken" and "HTTP 400" in t["reason"] and "altered" in t["reason"]

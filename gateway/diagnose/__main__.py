@@ -49,6 +49,7 @@ class Burst:
         self.arrivals: list[dict[str, Any]] = []
         self.post_status: int | None = None
         self.post_error: str | None = None
+        self.post_ms: int | None = None
         self.t0 = _now()
         self._url, self._params = (
             f"{base}/diagnose/burst",
@@ -59,6 +60,7 @@ class Burst:
         self.t0 = _now()
         try:
             r = requests.post(self._url, params=self._params, timeout=8)
+            self.post_ms = round((_now() - self.t0) * 1000)
             self.post_status = r.status_code
             if r.status_code != 202:
                 self.post_error = f"HTTP {r.status_code}"
@@ -85,6 +87,7 @@ class Burst:
             "delay_ms": self.delay_ms,
             "arrivals": self.arrivals,
             "post_status": self.post_status,
+            "post_ms": self.post_ms,
             "post_error": self.post_error,
         }
 
@@ -170,7 +173,7 @@ def probe_long_poll(base: str, ch: str, rec: dict[str, Any], hold: float, cap: f
             "error": result.get("error"),
             "arrived": arrived,
             "json": isinstance(events, list),
-            "latency_ms": max(0, burst.arrivals[0]["at_ms"] - 1000) if arrived else None,
+            "latency_ms": max(0, burst.arrivals[0]["at_ms"] - 1000 - (burst.post_ms or 0) // 2) if arrived else None,
         }
         if not arrived and burst.post_error:
             rec["event"]["error"] = f"publishing the test event failed: {burst.post_error}"

@@ -82,9 +82,11 @@ def analyse_burst(burst: Any) -> dict[str, Any]:
         return out
     gap_ms = _num(burst.get("gap_ms")) or 0.0
     delay_ms = _num(burst.get("delay_ms")) or 0.0
-    # Latency of the first: arrival minus when it was due (request sent + delay + seq * gap).
+    # Latency of the first: arrival minus when it was due (request sent + delay + seq * gap), less
+    # the request's own way there (half its round trip), so a slow link is not called slow twice.
     first_seq, first_at, _ = arrivals[0]
-    out["first_latency_ms"] = round(max(0.0, first_at - delay_ms - first_seq * gap_ms), 1)
+    way_there = (_num(burst.get("post_ms")) or 0.0) / 2
+    out["first_latency_ms"] = round(max(0.0, first_at - delay_ms - first_seq * gap_ms - way_there), 1)
     if len(arrivals) >= 3:
         sent = [s for _, _, s in arrivals if s is not None]
         send_spread = (max(sent) - min(sent)) if len(sent) == len(arrivals) else (arrivals[-1][0] - first_seq) * gap_ms
@@ -436,6 +438,14 @@ def _why_no_handshake(p: dict[str, Any]) -> tuple[str, str]:
             f"the host the gateway was asked for ({str(last.get('host'))[:80]}), so a proxy rewrites the Host header",
             "nginx: forward the browser's Host: `proxy_set_header Host $http_host;` (or set X-Forwarded-Host), "
             "or list this page's origin in server.allowed_origins.",
+        )
+    status = last.get("status")
+    if isinstance(status, int) and status >= 400 and status != 426:
+        return (
+            f"the WebSocket request reached the gateway with its Upgrade header but was refused (HTTP {status}"
+            f"{', ' + str(last['error']) if last.get('error') else ''}): a proxy altered the handshake request",
+            "Make the proxy pass WebSocket handshakes through unchanged (Sec-WebSocket-* headers included). "
+            + NGINX_WEBSOCKET,
         )
     if last.get("http_version") == "HTTP/1.0":
         return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
@@ -17,6 +18,7 @@ READ_BUFFER = 1024  # bytes; pywsgi's default is 8 KB per connection
 # gevent's default (128) overflows when thousands of clients (re)connect at once, e.g. after a
 # deploy; the kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
+GC_THRESHOLDS = (10_000, 20, 20)  # CPython's defaults: (700, 10, 10)
 
 
 class _Handler(WSGIHandler):
@@ -44,6 +46,16 @@ class _Handler(WSGIHandler):
 log = logging.getLogger("gateway")
 
 
+def _tune_gc() -> None:
+    """Full (generation 2) collections walk every object of every open connection: 30-120 ms
+    measured with 1,000 WebSocket clients, a stall for every stream at once. Everything built
+    at start-up is frozen out of them, and the young generations are collected less eagerly, so
+    that full collections come far less often (memory is still freed by reference counting)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLDS[0], GC_THRESHOLDS[1], GC_THRESHOLDS[2])
+
+
 def serve(app: Flask) -> None:
     """Serve until SIGTERM/SIGINT, then: stop accepting, tell every stream to come back later
     (SSE: a retry hint, WebSocket: close 1012, long poll: answer now), and exit within the
@@ -60,6 +72,7 @@ def serve(app: Flask) -> None:
         error_log=sys.stderr,
     )
     server.stall_timeout_s = config.server.stall_timeout_s
+    _tune_gc()
     # Flush pushed events once the publishing greenlet yields: a burst shares one write.
     hub.defer = gevent.get_hub().loop.run_callback
     server.start()

@@ -33,6 +33,8 @@
     return cond();
   }
 
+  var MIN_RTT = null;  // the quickest round trip of the run (long polls aside): see verdict.py
+
   /* fetch with a deadline; never throws. */
   async function call(url, opts, ms) {
     var ctrl = new AbortController();
@@ -44,6 +46,7 @@
       out.headers = resp.headers;
       var text = await resp.text();
       out.ms = Math.round(now() - t0);
+      if (url.indexOf("/longpoll/") < 0 && (MIN_RTT === null || out.ms < MIN_RTT)) MIN_RTT = out.ms;
       try { out.json = JSON.parse(text); } catch (e) { out.json = null; }
     } catch (e) {
       out.error = errText(e);
@@ -60,12 +63,20 @@
     var rec = { n: n, gap_ms: gapMs, delay_ms: delayMs, tag: tag, arrivals: [], t0: now() };
     var url = BASE + "/diagnose/burst?channel=" + encodeURIComponent(channel) + "&n=" + n + "&gap_ms=" + gapMs +
       "&delay_ms=" + delayMs + "&tag=" + tag;
-    // POST, or GET where something on the path refuses POSTs (the endpoint takes both).
-    rec.request = call(url, { method: "POST" }, 8000).then(function (r) {
-      if (r.status === 202 || r.status === 429 || r.status === 503) return r;
-      rec.post_fallback = r.error || "HTTP " + r.status;
-      return call(url, {}, 8000);
-    }).then(function (r) {
+    // POST, or GET where something on the path refuses POSTs (the endpoint takes both); when the
+    // gateway is busy (429/503: many people diagnosing behind one address), wait and try again.
+    rec.request = (async function () {
+      var method = "POST", r;
+      for (var attempt = 0; attempt < 4; attempt++) {
+        rec.t0 = now();  // arrivals count from the request that publishes
+        r = await call(url, method === "POST" ? { method: "POST" } : {}, 8000);
+        if (r.status === 429 || r.status === 503) { await sleep(1000 + 500 * attempt); continue; }
+        if (r.status === 202 || method === "GET") break;
+        rec.post_fallback = r.error || "HTTP " + r.status;
+        method = "GET";
+      }
+      return r;
+    })().then(function (r) {
       rec.post_status = r.status;
       rec.post_ms = r.ms;
       if (r.status !== 202) rec.post_error = r.error || ("HTTP " + r.status);
@@ -92,7 +103,7 @@
     var arr = (b && b.arrivals || []).slice().sort(function (x, y) { return x.seq - y.seq; });
     var out = { received: arr.length, expected: b ? b.n : 0, bunched: false, first_latency_ms: null };
     if (!arr.length) return out;
-    out.first_latency_ms = Math.max(0, arr[0].at_ms - (b.delay_ms || 0) - arr[0].seq * b.gap_ms - (b.post_ms || 0) / 2);
+    out.first_latency_ms = Math.max(0, arr[0].at_ms - (b.delay_ms || 0) - arr[0].seq * b.gap_ms - (MIN_RTT || 0) / 2);
     if (arr.length >= 3) {
       var send = (arr[arr.length - 1].sent_ms - arr[0].sent_ms);
       if (!(send >= 0)) send = (arr[arr.length - 1].seq - arr[0].seq) * b.gap_ms;
@@ -247,9 +258,8 @@
       var events = (r.json && r.json.events) || [];
       var arrived = Array.isArray(events) && events.some(function (e) { return b.arrive(e.data); });
       await b.request;
-      // Less the publish request's way there (half its round trip), as in verdict.py.
       rec.event = { status: r.status, error: r.error, arrived: arrived, json: !!(r.json && Array.isArray(r.json.events)),
-        latency_ms: arrived ? Math.round(Math.max(0, b.arrivals[0].at_ms - 1000 - (b.post_ms || 0) / 2)) : null };
+        latency_ms: arrived ? Math.max(0, b.arrivals[0].at_ms - 1000) : null };
       if (!arrived && b.post_error) rec.event.error = "publishing the test event failed: " + b.post_error;
     })();
     await Promise.all([idleP, evP]);
@@ -531,6 +541,7 @@
     } catch (e) {
       raw.error = errText(e);
     }
+    raw.min_rtt_ms = MIN_RTT;
     var verdict = null;
     try {
       var r = await call(BASE + "/diagnose/verdict", { method: "POST", headers: { "Content-Type": "application/json" },

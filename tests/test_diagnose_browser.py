@@ -134,13 +134,15 @@ def test_proxy_that_accepts_the_upgrade_but_relays_no_frames(
 
 def test_proxy_that_releases_data_every_two_seconds(diagnose_page: Any, gateway: Gateway, start_tcp_proxy: Any) -> None:
     """Not nginx: a proxy that holds the server's bytes and lets them out every 2 s. Everything
-    arrives, but late and bunched: nothing is ok, SSE is buffered, and the page says so."""
+    arrives, but bunched: the streams are not ok, SSE is buffered, and the page says so. (Every
+    answer is ~2 s late, which from the browser looks like a slow link: long poll may pass.)"""
     proxy = start_tcp_proxy(gateway.port, "flush_every", 2.0)
     v = diagnose_page(proxy.url, HOLD, "10-flush-every-2s")
     sse, ws = v["transports"]["sse"], v["transports"]["websocket"]
     assert sse["buffered"] is True and sse["status"] == "degraded" and "bunched" in sse["reason"], sse
     assert ws["status"] == "degraded" and "bunched" in ws["reason"], ws
-    assert v["recommended"] is None and v["fallback"] is not None
+    assert v["transports"]["short_poll"]["status"] == "degraded"  # a 2 s round trip is slow
+    assert v["recommended"] in (None, "long_poll")
 
 
 def test_haproxy_with_4s_idle_timeouts(diagnose_page: Any, gateway: Gateway, start_haproxy: Any) -> None:

@@ -107,7 +107,8 @@ def test_analyse_burst_keeps_or_loses_spacing() -> None:
     assert analyse_burst(spaced_burst())["bunched"] is False
     squeezed = analyse_burst(spaced_burst(spread=100))
     assert squeezed["bunched"] is True and squeezed["received"] == 5
-    assert analyse_burst({"n": 5, "gap_ms": 300, "arrivals": []}) == {"received": 0, "expected": 5, "bunched": False}
+    empty = analyse_burst({"n": 5, "gap_ms": 300, "arrivals": []})
+    assert (empty["received"], empty["expected"], empty["bunched"]) == (0, 5, False)
     assert analyse_burst("garbage")["received"] == 0
 
 
@@ -249,8 +250,14 @@ def test_garbled_field_types_read_as_no_evidence() -> None:
 def test_slow_link_is_not_called_slow_twice() -> None:
     # 600 ms each way: the publish request takes 600 ms to reach the gateway, the event 600 ms back.
     burst = spaced_burst(latency=1200)
-    burst["post_ms"] = 1200
-    assert analyse_burst(burst)["first_latency_ms"] == 600
+    assert analyse_burst(burst, one_way_ms=600)["first_latency_ms"] == 600
+    raw = recorded("direct")
+    raw["min_rtt_ms"] = 1200
+    raw["probes"]["long_poll"]["event"]["latency_ms"] = 1800
+    raw["probes"]["sse"]["burst"] = burst
+    v = verdict(raw)
+    assert v["transports"]["long_poll"]["latency_ms"] == 1200 and v["transports"]["long_poll"]["ok"]
+    assert v["transports"]["sse"]["latency_ms"] == 600 and v["transports"]["sse"]["ok"]
 
 
 def test_websocket_handshake_refused_after_arriving_with_upgrade() -> None:
@@ -271,3 +278,17 @@ def test_websocket_handshake_refused_after_arriving_with_upgrade() -> None:
     }
     t = verdict(raw)["transports"]["websocket"]
     assert t["status"] == "broken" and "HTTP 400" in t["reason"] and "altered" in t["reason"]
+
+
+def test_a_refused_test_publisher_is_not_blamed_on_the_path() -> None:
+    raw = recorded("direct")
+    refused = {"n": 5, "gap_ms": 300, "delay_ms": 0, "arrivals": [], "post_status": 429, "post_error": "HTTP 429"}
+    raw["probes"]["sse"]["burst"] = copy.deepcopy(refused)
+    raw["probes"]["short_poll"]["burst"] = copy.deepcopy(refused)
+    raw["probes"]["short_poll"]["event_seen"] = False
+    raw["probes"]["websocket"]["burst"] = copy.deepcopy(refused)
+    v = verdict(raw)
+    for name in ("sse", "short_poll"):
+        assert "could not be tested" in v["transports"][name]["reason"] and "429" in v["transports"][name]["reason"]
+    assert v["transports"]["sse"]["buffered"] is False
+    assert v["transports"]["websocket"]["ok"] is True  # the echo proved both directions

@@ -92,6 +92,9 @@ class Burst:
         }
 
 
+_MIN_RTT: list[float] = []  # round trips of quick requests (long polls aside): see verdict.py
+
+
 def _get(url: str, timeout: float, **kwargs: Any) -> dict[str, Any]:
     t0 = _now()
     out: dict[str, Any] = {"status": None, "json": None, "ms": None, "error": None}
@@ -106,6 +109,8 @@ def _get(url: str, timeout: float, **kwargs: Any) -> dict[str, Any]:
     except requests.RequestException as exc:
         out["error"] = type(exc).__name__ + ": " + str(exc)[:160]
     out["ms"] = round((_now() - t0) * 1000)
+    if out["status"] is not None and "/longpoll/" not in url:
+        _MIN_RTT.append(out["ms"])
     return out
 
 
@@ -173,7 +178,7 @@ def probe_long_poll(base: str, ch: str, rec: dict[str, Any], hold: float, cap: f
             "error": result.get("error"),
             "arrived": arrived,
             "json": isinstance(events, list),
-            "latency_ms": max(0, burst.arrivals[0]["at_ms"] - 1000 - (burst.post_ms or 0) // 2) if arrived else None,
+            "latency_ms": max(0, burst.arrivals[0]["at_ms"] - 1000) if arrived else None,
         }
         if not arrived and burst.post_error:
             rec["event"]["error"] = f"publishing the test event failed: {burst.post_error}"
@@ -433,6 +438,7 @@ def probe_websocket(base: str, ch: str, rec: dict[str, Any], hold: float) -> Non
 def run(url: str, hold: float, mode: str) -> dict[str, Any]:
     """Run every probe against the gateway at `url` and return the raw results."""
     base = url.rstrip("/")
+    _MIN_RTT.clear()
     facts = _get(f"{base}/diagnose/facts", 10)
     headers = facts.get("headers") or {}
     raw: dict[str, Any] = {
@@ -470,6 +476,7 @@ def run(url: str, hold: float, mode: str) -> dict[str, Any]:
         t.join(max(0.0, deadline - _now()))
     if any(t.is_alive() for t in threads):
         raw["timed_out"] = True
+    raw["min_rtt_ms"] = min(_MIN_RTT) if _MIN_RTT else None
     return raw
 
 

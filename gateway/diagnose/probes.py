@@ -41,7 +41,7 @@ _TRANSPORT_PATHS = {"/poll/": "short_poll", "/longpoll/": "long_poll", "/sse/": 
 class RateLimit:
     """Token bucket per client address: `burst` at once, refilled at `rate` per second."""
 
-    def __init__(self, rate: float = 2.0, burst: float = 30.0, max_clients: int = 10_000) -> None:
+    def __init__(self, rate: float = 5.0, burst: float = 60.0, max_clients: int = 10_000) -> None:
         self.rate, self.burst, self.max_clients = rate, burst, max_clients
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()

@@ -65,7 +65,7 @@ def _result(status: str, reason: str, fix: str | None = None, **extra: Any) -> d
     return {"ok": status == "ok", "status": status, "reason": reason, "fix": fix, **extra}
 
 
-def analyse_burst(burst: Any) -> dict[str, Any]:
+def analyse_burst(burst: Any, one_way_ms: float = 0.0) -> dict[str, Any]:
     """A timed burst: how many arrived, how late the first, and whether arrivals kept the send
     spacing or came bunched together (held back by a buffer and released at once)."""
     burst = _dict(burst)
@@ -78,15 +78,19 @@ def analyse_burst(burst: Any) -> dict[str, Any]:
             arrivals.append((seq, at, sent))
     arrivals.sort()
     out: dict[str, Any] = {"received": len(arrivals), "expected": expected, "bunched": False}
+    # Whether the gateway took the request to publish it (absent in older results: assume so).
+    status = burst.get("post_status", 202)
+    out["published"] = bool(arrivals) or status == 202
+    if not out["published"]:
+        out["publish_error"] = str(burst.get("post_error") or f"HTTP {status}")[:120]
     if not arrivals:
         return out
     gap_ms = _num(burst.get("gap_ms")) or 0.0
     delay_ms = _num(burst.get("delay_ms")) or 0.0
     # Latency of the first: arrival minus when it was due (request sent + delay + seq * gap), less
-    # the request's own way there (half its round trip), so a slow link is not called slow twice.
+    # the publish request's own way there, so a slow link is not called slow twice.
     first_seq, first_at, _ = arrivals[0]
-    way_there = (_num(burst.get("post_ms")) or 0.0) / 2
-    out["first_latency_ms"] = round(max(0.0, first_at - delay_ms - first_seq * gap_ms - way_there), 1)
+    out["first_latency_ms"] = round(max(0.0, first_at - delay_ms - first_seq * gap_ms - one_way_ms), 1)
     if len(arrivals) >= 3:
         sent = [s for _, _, s in arrivals if s is not None]
         send_spread = (max(sent) - min(sent)) if len(sent) == len(arrivals) else (arrivals[-1][0] - first_seq) * gap_ms
@@ -114,6 +118,9 @@ def _short_poll(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     if not good:
         what = _http_failure(bad or p)
         return _result("broken", f"a plain poll request failed ({what})", _fix_http_failure(bad or p), **extra)
+    published = analyse_burst(p.get("burst")) if p.get("burst") else {"published": True}
+    if not p.get("event_seen") and not published["published"]:
+        return _not_tested(published, extra)
     if not p.get("event_seen"):
         return _result(
             "broken",
@@ -153,6 +160,8 @@ def _long_poll(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     hold = _num(p.get("hold_s")) or 0.0
     idle, event = _dict(p.get("idle")), _dict(p.get("event"))
     latency = _num(event.get("latency_ms"))
+    if latency is not None:  # measured from sending the publish request: less its way there
+        latency = round(max(0.0, latency - ctx["one_way_ms"]), 1)
     elapsed = _num(idle.get("elapsed_s"))
     idle_ok = idle.get("status") == 200 and bool(idle.get("json"))
     cut = None
@@ -218,7 +227,7 @@ def _stream_cut_fix(cut: float, ctx: dict[str, Any], keepalive_key: str, keepali
 
 def _sse(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     hold = _num(p.get("hold_s")) or 0.0
-    burst = analyse_burst(p.get("burst"))
+    burst = analyse_burst(p.get("burst"), ctx["one_way_ms"])
     headers_ms, first_byte_ms = _num(p.get("headers_ms")), _num(p.get("first_byte_ms"))
     late_first_byte = headers_ms is not None and first_byte_ms is not None and first_byte_ms - headers_ms > SLOW_MS
     padding = _padding(p.get("padding"))
@@ -254,6 +263,8 @@ def _sse(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
         else:
             what = _http_failure(p)
         return _result("broken", f"the event stream could not be opened ({what})", _fix_http_failure(p), **extra)
+    if not burst.get("published", True) and cut is None:
+        return _not_tested(burst, extra)
     buffered = burst["bunched"] or late_first_byte or (burst["received"] == 0 and cut is None)
     extra["buffered"] = bool(buffered)
     if burst["received"] == 0:
@@ -317,6 +328,16 @@ def _sse(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     return _result("ok", reason, fix, **extra)
 
 
+def _not_tested(burst: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    return _result(
+        "broken",
+        f"could not be tested: the gateway did not publish the test events ({burst.get('publish_error')}); "
+        "run the page again in a minute",
+        None,
+        **extra,
+    )
+
+
 def _padding(raw: Any) -> dict[str, Any] | None:
     p = _dict(raw)
     if not p:
@@ -348,7 +369,7 @@ def _buffered_result(status: str, reason: str, padding: dict[str, Any] | None, e
 def _websocket(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     hold = _num(p.get("hold_s")) or 0.0
     echo, alive = _dict(p.get("echo")), _dict(p.get("alive"))
-    burst = analyse_burst(p.get("burst"))
+    burst = analyse_burst(p.get("burst"), ctx["one_way_ms"])
     rtt = _num(echo.get("rtt_ms"))
     cut = _cut(p.get("closed_after_s"), hold) if p.get("opened") else None
     idle = _idle(p, "idle_before_close_s", cut)
@@ -364,6 +385,8 @@ def _websocket(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     if not p.get("opened"):
         reason, fix = _why_no_handshake(p)
         return _result("broken", reason, fix, **extra)
+    if not burst.get("published", True):
+        burst["expected"] = burst["received"]  # the server's burst never went out: judge by the echo alone
     if not echo.get("arrived") and burst["received"] == 0:
         if cut is not None:
             return _result(
@@ -513,7 +536,11 @@ def verdict(raw: dict[str, Any]) -> dict[str, Any]:
     raw = _dict(raw)
     probes = _dict(raw.get("probes"))
     gateway = _dict(_dict(raw.get("facts")).get("gateway"))
+    # Half the quickest round trip of the run: the way there of a request on this path. The
+    # quickest, not each request's own, because a buffering path delays answers, not requests.
+    base_rtt = _num(raw.get("min_rtt_ms"))
     ctx = {
+        "one_way_ms": min(base_rtt / 2, 2000.0) if base_rtt and base_rtt > 0 else 0.0,
         "sse_heartbeat_s": gateway.get("sse_heartbeat_s"),
         "websocket_ping_s": gateway.get("websocket_ping_s"),
         "longpoll_max_timeout_s": gateway.get("longpoll_max_timeout_s"),

@@ -227,6 +227,11 @@ def test_heroku_is_recognised_and_its_limits_applied() -> None:
     assert v["path"]["platform"] == "heroku" and v["path"]["platform_limits"]["idle_s"] == 55
     assert any("55 s" in w for w in v["path"]["warnings"])
     assert any("HTTP/1.1" in w for w in v["path"]["warnings"])
+    assert not any("set it below" in w for w in v["path"]["warnings"])  # the defaults fit Heroku
+    raw["facts"]["gateway"].update(sse_heartbeat_s=60, longpoll_max_timeout_s=40)
+    warnings = verdict(raw)["path"]["warnings"]
+    assert any("sse.heartbeat_s is 60 s" in w for w in warnings)
+    assert any("poll.longpoll_max_timeout_s is 40 s" in w and "below 30" in w for w in warnings)
 
 
 @pytest.mark.parametrize("raw", [{}, {"probes": None}, {"probes": {"sse": "x", "websocket": [1]}}, [], "nonsense"])

@@ -489,6 +489,23 @@ def _why_no_handshake(p: dict[str, Any]) -> tuple[str, str]:
     )
 
 
+def _platform_advice(limits: dict[str, Any], gateway: dict[str, Any]) -> list[str]:
+    """The platform's limits against this gateway's settings: what will be cut there."""
+    advice = []
+    idle, first = _num(limits.get("idle_s")), _num(limits.get("first_byte_s"))
+    for key, name in (("sse_heartbeat_s", "sse.heartbeat_s"), ("websocket_ping_s", "websocket.ping_s")):
+        value = _num(gateway.get(key))
+        if idle and value and value >= idle:
+            advice.append(f"{name} is {value:g} s, not under the {idle:g} s idle limit: set it below {idle:g}")
+    cap = _num(gateway.get("longpoll_max_timeout_s"))
+    limit = min(x for x in (idle, first) if x) if (idle or first) else None
+    if limit and cap and cap >= limit:
+        advice.append(
+            f"poll.longpoll_max_timeout_s is {cap:g} s, not under the {limit:g} s limit: set it below {limit:g}"
+        )
+    return advice
+
+
 def _path(raw: dict[str, Any], transports: dict[str, Any]) -> dict[str, Any]:
     facts, client = _dict(raw.get("facts")), _dict(raw.get("client"))
     headers = _dict(facts.get("headers"))
@@ -517,6 +534,7 @@ def _path(raw: dict[str, Any], transports: dict[str, Any]) -> dict[str, Any]:
     cuts = [t.get("idle_limit_s") or t["cut_after_s"] for t in transports.values() if _num(t.get("cut_after_s"))]
     if limits:
         warnings.append(limits["note"])
+        warnings += _platform_advice(limits, _dict(facts.get("gateway")))
     out: dict[str, Any] = {
         "proxy": bool(evidence),
         "evidence": evidence,

@@ -210,3 +210,19 @@ def test_burst_reaches_a_live_sse_stream(live: Gateway) -> None:
             if text.count(b"event: burst") >= 2 or time.monotonic() > deadline:
                 break
     assert text.count(b"event: burst") == 2
+
+
+@pytest.mark.parametrize(
+    "headers, platform",
+    [
+        ({"Via": "1.1 vegur"}, "heroku"),
+        ({"CF-Ray": "8a1b2c3d4e5f-AMS", "CF-Connecting-IP": "198.51.100.4"}, "cloudflare"),
+        ({"X-Amzn-Trace-Id": "Root=1-67891233-abcdef012345678912345678"}, "aws-elb"),
+        ({"Via": "1.1 google", "X-Cloud-Trace-Context": "105445aa7843bc8bf206b120001000/1"}, "google"),
+        ({"Via": "1.1 squid"}, None),
+    ],
+)
+def test_known_platforms_are_recognised(client: Any, headers: dict[str, str], platform: str | None) -> None:
+    facts = client.get("/diagnose/facts", headers=headers).get_json()
+    assert facts["platform"] == platform
+    assert (facts["platform_limits"] is not None) == (platform is not None)

@@ -9,13 +9,14 @@ includes WebSocket handshakes, which browsers send cross-site without any CORS c
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, request
 
 from gateway.errors import error_response
 
-__all__ = ["init_app", "is_owned"]
+__all__ = ["init_app", "is_owned", "host_matches"]
 
 # The routes the gateway answers itself; everything else may go to the reverse proxy.
 _OWN_PATHS = frozenset({"/", "/diagnose", "/healthz", "/status"})
@@ -46,9 +47,14 @@ def _same_origin(origin: str) -> bool:
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None:
         return site in ("same-origin", "none")
-    netloc = urlsplit(origin).netloc.lower()
-    names = [request.host, *request.headers.get("X-Forwarded-Host", "").split(",")]
-    names += re.findall(r'host="?([^;,"\s]+)', request.headers.get("Forwarded", ""), re.IGNORECASE)
+    return host_matches(urlsplit(origin).netloc, request.host, request.headers)
+
+
+def host_matches(netloc: str, host: str, headers: Mapping[str, str]) -> bool:
+    """Is `netloc` (host[:port] of a page) one of the names this request reached us by?"""
+    names = [host, *headers.get("X-Forwarded-Host", "").split(",")]
+    names += re.findall(r'host="?([^;,"\s]+)', headers.get("Forwarded", ""), re.IGNORECASE)
+    netloc = netloc.lower()
     for name in (n.strip().lower() for n in names):
         # A proxy forwarding `Host $host` (nginx's usual line) drops the port: compare host names.
         if name and (netloc == name or (":" not in name and netloc.rsplit(":", 1)[0] == name)):

@@ -50,6 +50,7 @@ def test_nginx_configured_for_realtime(diagnose_page: Any, gateway: Gateway, sta
     assert statuses(v) == {"short_poll": "ok", "long_poll": "ok", "sse": "ok", "websocket": "ok"}, v
     assert v["recommended"] == "websocket"
     assert v["path"]["proxy"] is True  # X-Forwarded-For and nginx's Server header give it away
+    assert not any("rewrites the Host header" in w for w in v["path"]["warnings"])  # Host $host keeps the name
 
 
 def test_nginx_not_forwarding_upgrade(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
@@ -112,13 +113,16 @@ def test_gateway_mounted_under_a_path_prefix(diagnose_page: Any, gateway: Gatewa
 
 def test_nginx_rewriting_host(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
     """Without `proxy_set_header Host`, nginx sends the upstream's address as Host. Browsers still
-    get through (the gateway trusts Sec-Fetch-Site), and the page shows the rewrite as a path fact."""
+    get through (diagnostic channels are open to every origin), and the page shows the rewrite as a
+    path fact and a warning."""
     from tests.proxies import REALTIME
 
     proxy = start_nginx(gateway.port, REALTIME.replace("proxy_set_header Host $host;", ""))
     v = diagnose_page(proxy.url, HOLD, "8-nginx-host-rewrite")
     assert all(t["ok"] for t in v["transports"].values()), v
     assert any("the gateway was asked for 127.0.0.1:" in e for e in v["path"]["evidence"]), v["path"]
+    # ...and warns that the gateway's origin check will refuse the site's own WebSockets.
+    assert any("rewrites the Host header" in w for w in v["path"]["warnings"]), v["path"]
 
 
 def test_proxy_that_accepts_the_upgrade_but_relays_no_frames(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from gateway.cors import host_matches
 from gateway.diagnose.facts import PLATFORMS
 
 __all__ = ["verdict", "analyse_burst", "ORDER", "SLOW_MS"]
@@ -519,8 +520,10 @@ def _path(raw: dict[str, Any], transports: dict[str, Any]) -> dict[str, Any]:
     server = str(seen_by_browser.get("server") or "")
     if server and "gevent" not in server.lower():
         evidence.append(f"the browser got answers from a server that calls itself {server[:60]!r}")
+    host_rewritten = False
     if client.get("host") and facts.get("host") and str(client["host"]).lower() != str(facts["host"]).lower():
         evidence.append(f"the browser asked for {client['host']} but the gateway was asked for {facts['host']}")
+        host_rewritten = not host_matches(str(client["host"]), str(facts["host"]), headers)
     platform = facts.get("platform")
     limits = PLATFORMS.get(platform) if isinstance(platform, str) else None
     protocol = str(client.get("protocol") or "")
@@ -530,6 +533,13 @@ def _path(raw: dict[str, Any], transports: dict[str, Any]) -> dict[str, Any]:
             f"this page runs over {protocol.upper()}: a browser opens at most six connections per origin, and each "
             "open SSE stream or held long poll uses one, so several tabs can starve each other; HTTP/2 (TLS at the "
             "proxy) lifts that limit"
+        )
+    if host_rewritten:
+        warnings.append(
+            "a proxy rewrites the Host header and does not say the original (X-Forwarded-Host): the gateway then "
+            "cannot tell your own pages from foreign ones, and refuses their WebSocket handshakes and cross-checked "
+            "requests on real channels (this test's channels are exempt); nginx: `proxy_set_header Host $host;`, "
+            "or list your site in server.allowed_origins"
         )
     cuts = [t.get("idle_limit_s") or t["cut_after_s"] for t in transports.values() if _num(t.get("cut_after_s"))]
     if limits:

@@ -59,7 +59,15 @@ class Pusher:
         "_lock",
     )
 
-    def __init__(self, sock: Any, kind: str, encode: Encode, cursor: str) -> None:
+    def __init__(
+        self,
+        sock: Any,
+        kind: str,
+        encode: Encode,
+        cursor: str,
+        event_class: Callable[[], Any] = threading.Event,
+        lock_class: Callable[[], Any] = threading.Lock,
+    ) -> None:
         self.kind = kind
         self.encode = encode
         self.cursor = cursor
@@ -72,8 +80,8 @@ class Pusher:
         self.hold = 0 if self._raw is not None else 1
         self._dirty = False  # woken while busy: read history once more before going idle
         self._backlog = b""  # the unsent tail of a pushed write
-        self._wakeup = threading.Event()
-        self._lock = threading.Lock()  # one blocking writer at a time (e.g. a ping and a catch-up)
+        self._wakeup = event_class()
+        self._lock = lock_class()  # one blocking writer at a time (e.g. a ping and a catch-up)
 
     # -- called by the hub, from the publishing side; never blocks -------------------------
     def push(self, data: bytes, cursor: str) -> None:

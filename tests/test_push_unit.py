@@ -1,0 +1,120 @@
+"""The fan-out fast path on real sockets (gevent, in-process): pushed bytes, one write per
+burst, a client that stops reading, resuming with a gap. No timing is asserted beyond
+"publishing never waits on a subscriber"."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.socket
+import pytest
+
+from gateway.hub import Hub, MemoryStore
+from gateway.transports.push import Pusher, sse_encoder
+
+DATA = re.compile(rb"^data: (.*)$", re.M)
+
+
+class _CountingRaw:
+    """The non-blocking socket under a gevent socket, counting the publisher's writes."""
+
+    def __init__(self, raw: socket.socket) -> None:
+        self.raw = raw
+        self.sends = 0
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        return self.raw.send(data)
+
+
+class _Sock:
+    """What the pusher sees: gevent's blocking sendall, and the raw socket below it."""
+
+    def __init__(self, sock: gevent.socket.socket) -> None:
+        self.sock = sock
+        self._sock = _CountingRaw(sock._sock)
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+@pytest.fixture
+def setup():
+    hub = Hub(MemoryStore(10_000, 3600), event_class=gevent.event.Event)
+    hub.defer = lambda fn, channel: gevent.get_hub().loop.run_callback(fn, channel)
+    server, client = gevent.socket.socketpair()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    started: list[gevent.Greenlet] = []
+
+    def start(cursor: str | None = None) -> tuple[Pusher, _Sock]:
+        sock = _Sock(server)
+        kind, encode = sse_encoder(False)
+        pusher = Pusher(sock, kind, encode, cursor or hub.last_id("c"), gevent.event.Event, gevent.lock.Semaphore)
+        started.append(gevent.spawn(pusher.serve, hub, "c", 100, 30.0, lambda: None))
+        gevent.sleep(0)  # attached
+        return pusher, sock
+
+    yield hub, client, start
+    gevent.killall(started, timeout=5)
+    server.close()
+    client.close()
+
+
+def _read(client: gevent.socket.socket, count: int, deadline_s: float = 10.0) -> list[bytes]:
+    buf = b""
+    deadline = time.monotonic() + deadline_s
+    while buf.count(b"\n\n") < count and time.monotonic() < deadline:
+        with gevent.Timeout(max(0.01, deadline - time.monotonic()), False):
+            buf += client.recv(65536)
+    return DATA.findall(buf)
+
+
+def test_idle_subscriber_gets_each_burst_in_one_write_straight_from_the_publisher(setup):
+    hub, client, start = setup
+    pusher, sock = start()
+    for i in range(5):  # one burst: published without yielding, flushed once
+        hub.publish("c", f"e{i}")
+    gevent.sleep(0.01)
+    assert sock._sock.sends == 1
+    assert _read(client, 5) == [f"e{i}".encode() for i in range(5)]
+    hub.publish("c", "next")
+    gevent.sleep(0.01)
+    assert sock._sock.sends == 2 and _read(client, 1) == [b"next"]
+    assert pusher.hold == 0 and pusher.cursor == hub.last_id("c")
+
+
+def test_a_client_that_stops_reading_never_blocks_the_publisher_and_loses_nothing(setup):
+    hub, client, start = setup
+    pusher, sock = start()
+    big = "x" * 3000
+    started = time.monotonic()
+    for i in range(200):  # ~600 KB, far beyond both socket buffers
+        hub.publish("c", f"{i}:{big}")
+        gevent.sleep(0)  # a flush per event: most of them find the socket full
+    assert time.monotonic() - started < 5
+    assert pusher.hold > 0  # it fell back to its own greenlet
+    got = _read(client, 200, deadline_s=20)
+    assert [g.split(b":")[0] for g in got] == [str(i).encode() for i in range(200)]
+    gevent.sleep(0.05)
+    assert pusher.hold == 0  # caught up: back on the fast path
+    sends = sock._sock.sends
+    hub.publish("c", "after")
+    gevent.sleep(0.01)
+    assert sock._sock.sends == sends + 1 and _read(client, 1) == [b"after"]
+
+
+def test_resuming_from_history_no_longer_held_starts_with_a_gap(setup):
+    hub, client, start = setup
+    hub.store = MemoryStore(1, 3600)  # history of one event
+    first = hub.publish("c", "old").id
+    hub.publish("c", "lost")
+    hub.publish("c", "new")
+    start(cursor=first)
+    got = _read(client, 2)
+    assert len(got) == 2 and got[0].startswith(b'{"requested"') and got[1] == b"new"

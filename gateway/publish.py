@@ -7,6 +7,7 @@ import json
 
 from flask import Blueprint, Response, jsonify, request
 
+from gateway.bodies import read_limited
 from gateway.errors import BadRequest
 from gateway.transports.common import channel_arg, config, hub
 
@@ -40,11 +41,7 @@ def _check_token(expected: str) -> None:
 
 
 def _read_body(limit: int) -> tuple[str, str]:
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
-        raise _too_large(limit)
+    raw = read_limited(limit, f"the body is over the {limit}-byte limit (server.max_body_bytes)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -62,7 +59,3 @@ def _read_body(limit: int) -> tuple[str, str]:
         raise BadRequest("invalid_event", '"event" must be a string')
     data = body["data"]
     return (data if isinstance(data, str) else json.dumps(data)), event
-
-
-def _too_large(limit: int) -> BadRequest:
-    return BadRequest("too_large", f"the body is over the {limit}-byte limit (server.max_body_bytes)", 413)

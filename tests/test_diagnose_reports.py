@@ -24,8 +24,8 @@ from gateway.diagnose.reports import (
     validate,
 )
 from gateway.errors import BadRequest
-from tests.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.helpers import Gateway, require_binary
+from tests.browser import browser  # noqa: F401 (fixture)
+from tests.helpers import Gateway
 from tests.redis_server import RedisServer
 
 OP = "op-secret"
@@ -387,12 +387,5 @@ def test_a_real_diagnose_run_reaches_the_operator(share_gateway: Gateway, chromi
 
 
 @pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
-    require_binary(CHROMIUM)
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+def chromium(browser: Any) -> Any:  # noqa: F811
+    return browser

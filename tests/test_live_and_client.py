@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
-from tests.helpers import Gateway, require_binary
+from tests.browser import ARTIFACTS, browser  # noqa: F401 (fixture)
+from tests.helpers import Gateway
 from tests.proxies import REALTIME, Nginx
 
 # Plain HTTP/1.0 to the gateway (so no Upgrade), buffering forced despite X-Accel-Buffering: no.
@@ -44,15 +44,8 @@ FAST = {
 
 
 @pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
-    require_binary(CHROMIUM)
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+def chromium(browser: Any) -> Any:  # noqa: F811
+    return browser
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request
 
+from gateway.bodies import read_limited
 from gateway.config import Config
 from gateway.diagnose.probes import RateLimit
 from gateway.errors import BadRequest
@@ -256,19 +257,11 @@ def _page(summary: dict[str, Any], records: list[dict[str, Any]], source: str) -
 
 
 def _read_json(limit: int) -> Any:
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
-        raise _too_large(limit)
+    raw = read_limited(limit, f"a report may be at most {limit} bytes of JSON")
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadRequest("invalid_json", "the body must be the diagnosis as JSON text (UTF-8)") from None
-
-
-def _too_large(limit: int) -> BadRequest:
-    return BadRequest("too_large", f"a report may be at most {limit} bytes of JSON", 413)
 
 
 def _check_operator() -> None:

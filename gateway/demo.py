@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 
+from gateway.errors import BadRequest
 from gateway.hub import Hub
 
 __all__ = ["Ticker"]
@@ -31,10 +32,20 @@ class Ticker:
 
     def _run(self) -> None:
         n = 0
+        failing = False
         while not self._stop.wait(self.interval_s):
             n += 1
             data = json.dumps({"tick": n, "time": round(time.time(), 3)})
             try:
                 self.hub.publish(self.channel, data, "tick")
-            except Exception:  # a store outage must not end the ticker
+            except BadRequest as exc:  # a store outage: say so once, keep ticking
+                if not failing:
+                    log.warning("demo ticker: publishing paused: %s", exc.detail)
+                failing = True
+                continue
+            except Exception:  # a bug must not end the ticker either
                 log.exception("demo ticker: publish failed")
+                continue
+            if failing:
+                log.info("demo ticker: publishing again")
+                failing = False

@@ -213,6 +213,10 @@
       return;
     }
     var cursor = first.json.cursor;
+    // Ask once with the cursor before publishing: a path that caches answers (ignoring
+    // Cache-Control) then serves this stale, empty answer to the polls after the publish.
+    var since = BASE + "/poll/" + ch + "?since=" + encodeURIComponent(cursor);
+    rec.polls.push(pollRecord(await call(since, {}, 8000)));
     step("short_poll", "publishing a test event");
     var b = burst(ch, 1, 0, 0, "sp");
     await b.request;
@@ -220,7 +224,7 @@
     var t0 = now();
     for (var i = 0; i < 8 && !rec.event_seen; i++) {
       step("short_poll", "polling (" + (i + 1) + ")");
-      var r = await call(BASE + "/poll/" + ch + "?since=" + encodeURIComponent(cursor), {}, 8000);
+      var r = await call(since, {}, 8000);
       rec.polls.push(pollRecord(r));
       var events = r.json && r.json.events;
       if (Array.isArray(events) && events.some(function (e) { return b.arrive(e.data); })) {
@@ -245,10 +249,21 @@
     step("long_poll", "holding a request for " + hold + " s and publishing one event during another");
     var deadline = (hold + 15) * 1000;
     var idleP = (async function () {
-      var t0 = now();
-      var r = await call(BASE + "/longpoll/" + ch + ".idle?since=0-0&timeout=" + hold, {}, deadline);
+      var t0 = now(), url = BASE + "/longpoll/" + ch + ".idle?since=0-0&timeout=" + hold;
+      var r = await call(url, {}, deadline);
       rec.idle = { status: r.status, error: r.error, elapsed_s: Math.round(now() - t0) / 1000,
         json: !!(r.json && Array.isArray(r.json.events)), events: r.json && r.json.events ? r.json.events.length : null };
+      if (!(r.status === 200 && r.json && Array.isArray(r.json.events))) return;
+      // The same URL again after a publish: a path that caches answers (ignoring Cache-Control)
+      // replays the empty one at once, and clients re-asking with one cursor never see events.
+      step("long_poll", "asking again with the same cursor after a publish");
+      var b = burst(ch + ".idle", 1, 0, 0, "lprep");
+      await b.request;
+      var again = await call(url, {}, 8000);
+      var events = (again.json && again.json.events) || [];
+      rec.repeat = { status: again.status, error: again.error, json: !!(again.json && Array.isArray(again.json.events)),
+        arrived: Array.isArray(events) && events.some(function (e) { return b.arrive(e.data); }),
+        published: b.post_status === 202 };
     })();
     var evP = (async function () {
       var evCh = ch + ".event";
@@ -330,12 +345,21 @@
     return s;
   }
 
+  /* Wait (a bounded while) for the stream's headers before timing a burst over it: a path slow
+   * to answer (proxy auth, a slow first byte) would otherwise read as one that buffers events.
+   * A path that holds back the headers themselves still gets its burst after OPEN_WAIT_MS. */
+  var OPEN_WAIT_MS = 4000;
+  function untilOpen(s) {
+    return waitFor(function () { return s.status !== null || s.ended !== null; }, OPEN_WAIT_MS);
+  }
+
   async function probeSSE(ch, rec, heartbeat) {
     begin("sse", HOLD + 4);
     rec.hold_s = HOLD;
     rec.heartbeat_s = heartbeat;
     step("sse", "opening the stream and sending a timed burst of " + BURST_N + " events");
     var s = openSSE(BASE + "/sse/" + ch + "?since=0-0", null, (HOLD + 15) * 1000);
+    await untilOpen(s);
     var b = burst(ch, BURST_N, BURST_GAP, 0, "burst");
     s.handlers.push(function (e) { b.arrive(e.data); });
     await waitFor(function () { return b.arrivals.length >= BURST_N || s.ended !== null; }, BURST_N * BURST_GAP + 3000);
@@ -391,7 +415,8 @@
   }
 
   async function paddingCheck(ch) {
-    var s = openSSE(BASE + "/sse/" + ch + "?since=0-0&padding=" + PADDING, null, BURST_N * BURST_GAP + 8000);
+    var s = openSSE(BASE + "/sse/" + ch + "?since=0-0&padding=" + PADDING, null, BURST_N * BURST_GAP + 12000);
+    await untilOpen(s);
     var b = burst(ch, BURST_N, BURST_GAP, 0, "burst");
     s.handlers.push(function (e) { b.arrive(e.data); });
     await waitFor(function () { return b.arrivals.length >= BURST_N || s.ended !== null; }, BURST_N * BURST_GAP + 3000);
@@ -478,8 +503,10 @@
     var sp = p.short_poll || {};
     t.short_poll = sp.event_seen ? res("ok", "a published event showed up in a poll") : res("broken", "no event came through polling");
     var lp = p.long_poll || {}, idle = lp.idle || {}, ev = lp.event || {};
-    var cut = idle.status !== 200 || idle.elapsed_s < (lp.hold_s || 0) - 1;
-    t.long_poll = ev.arrived ? (cut ? res("degraded", "held requests are cut after ~" + Math.round(idle.elapsed_s) + " s",
+    var cut = idle.status !== 200 || idle.elapsed_s < (lp.hold_s || 0) - 1, rep = lp.repeat || {};
+    t.long_poll = (rep.status === 200 && rep.json && rep.published && !rep.arrived)
+      ? res("broken", "a repeated request got the old, cached answer")
+      : ev.arrived ? (cut ? res("degraded", "held requests are cut after ~" + Math.round(idle.elapsed_s) + " s",
       { cut_after_s: idle.elapsed_s }) : res("ok", "held requests survive and events arrive"))
       : res("broken", "no event came through long polling");
     var sse = p.sse || {}, a = analyseBurst(sse.burst), sseCut = sse.ended_after_s != null;

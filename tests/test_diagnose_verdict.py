@@ -297,3 +297,50 @@ def test_a_refused_test_publisher_is_not_blamed_on_the_path() -> None:
         assert "could not be tested" in v["transports"][name]["reason"] and "429" in v["transports"][name]["reason"]
     assert v["transports"]["sse"]["buffered"] is False
     assert v["transports"]["websocket"]["ok"] is True  # the echo proved both directions
+
+
+def test_long_poll_replaying_a_cached_answer_is_broken() -> None:
+    """Recorded through tests/hostile.py's caching proxy: the same long-poll URL asked again
+    after a publish came back at once with the old, empty answer."""
+    raw = recorded("direct")
+    raw["probes"]["long_poll"]["repeat"] = {"status": 200, "json": True, "arrived": False, "published": True}
+    v = verdict(raw)
+    check_contract_shape(v)
+    t = v["transports"]["long_poll"]
+    assert t["status"] == "broken" and "caches /longpoll/" in t["reason"] and "no-store" in t["fix"]
+
+
+@pytest.mark.parametrize(
+    "repeat",
+    [
+        {"status": 200, "json": True, "arrived": True, "published": True},  # a clean path
+        {"status": 200, "json": True, "arrived": False, "published": False},  # the publisher was busy: no evidence
+        {"status": None, "json": False, "arrived": False, "published": True, "error": "no answer"},  # not a cache
+    ],
+)
+def test_long_poll_repeat_without_evidence_of_a_cache_stays_ok(repeat: dict[str, Any]) -> None:
+    raw = recorded("direct")
+    raw["probes"]["long_poll"]["repeat"] = repeat
+    assert verdict(raw)["transports"]["long_poll"]["status"] == "ok"
+
+
+def test_websocket_answered_by_the_path_itself() -> None:
+    """A 101 the gateway never saw (recorded through tests/hostile.py's fake_101 proxy)."""
+    raw = recorded("direct")
+    raw["probes"]["websocket"] = {
+        "hold_s": 3,
+        "opened": True,
+        "open_ms": 11,
+        "close_code": 1006,
+        "echo": {"arrived": False, "rtt_ms": None},
+        "closed_after_s": 0.206,
+        "idle_before_close_s": 0.206,
+        "burst": {"n": 5, "gap_ms": 300, "delay_ms": 0, "arrivals": [], "post_status": 202},
+        "seen": [],
+    }
+    t = verdict(raw)["transports"]["websocket"]
+    assert t["status"] == "broken" and "never received this handshake" in t["reason"] and "~0.2 s" in t["reason"]
+    # The gateway did see it (the blackhole case): the old explanation stands.
+    raw["probes"]["websocket"]["seen"] = [{"transport": "websocket", "status": 101, "upgrade": "websocket"}]
+    t = verdict(raw)["transports"]["websocket"]
+    assert t["status"] == "broken" and "never received" not in t["reason"]

@@ -184,6 +184,15 @@ def _long_poll(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
             "Check that nothing on the path caches or rewrites /longpoll/ answers.",
             **extra,
         )
+    repeat = _dict(p.get("repeat"))
+    if repeat.get("status") == 200 and repeat.get("json") and repeat.get("published") and not repeat.get("arrived"):
+        return _result(
+            "broken",
+            "asked again with the same cursor after a publish, the answer was the old, empty one: something on "
+            "the path caches /longpoll/ answers, so clients see new events late or never",
+            "Make the path pass /longpoll/ through uncached (the gateway sends Cache-Control: no-store).",
+            **extra,
+        )
     # Our own deadline (hold + 15 s) ended it: no answer at all, which is not a cut.
     unanswered = "deadline" in str(idle.get("error") or "") or (cut or 0) >= hold + 10
     if cut is not None and idle.get("status") is None and unanswered:
@@ -389,6 +398,17 @@ def _websocket(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     if not burst.get("published", True):
         burst["expected"] = burst["received"]  # the server's burst never went out: judge by the echo alone
     if not echo.get("arrived") and burst["received"] == 0:
+        seen = p.get("seen")
+        if isinstance(seen, list) and not any(_dict(r).get("transport") == "websocket" for r in seen):
+            # The browser got a 101 for a request the gateway never received: the path answered it.
+            closed = f" and closed it after {_secs(cut)}" if cut is not None else ""
+            return _result(
+                "broken",
+                "the WebSocket 'opened', but the gateway never received this handshake: something on the path "
+                f"answered it itself{closed}, and no frame gets through",
+                "Use a proxy that passes WebSocket through to the gateway end to end. " + NGINX_WEBSOCKET,
+                **extra,
+            )
         if cut is not None:
             return _result(
                 "broken",

@@ -1,0 +1,281 @@
+"""Hostile HTTP proxies that /diagnose was never tuned on, for paths nginx and haproxy cannot
+imitate: each reads the request head (and, where the mode needs it, the response head) and then
+relays bytes both ways. One connection per request (it sends `Connection: close` upstream), like
+many old corporate proxies. Threads, not gevent: the test process is not monkey-patched.
+
+Modes (`arg` is the mode's number of seconds):
+- "refuse_upgrade": any request with an Upgrade header gets 403 from the proxy itself;
+- "fake_101": the proxy answers a WebSocket upgrade with a valid 101 itself, then hangs up;
+- "refuse_sse": a text/event-stream response is replaced with the proxy's own 502;
+- "cache": GET answers with a Content-Length are cached per URL for `arg` s, Cache-Control ignored;
+- "first_byte_delay": every response's first byte is held back `arg` s;
+- "lifetime": every connection is closed `arg` s after it opened, busy or not.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port, require_binary
+
+__all__ = ["HostileProxy", "HaproxyConf", "start_hostile", "start_haproxy_conf", "MODES"]
+
+MODES = ("refuse_upgrade", "fake_101", "refuse_sse", "cache", "first_byte_delay", "lifetime")
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _read_head(sock: socket.socket, deadline: float) -> tuple[bytes, bytes]:
+    """(head including the blank line, whatever came after it); b"" head when the peer gave up."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            return b"", b""
+        if not data or len(buf) > 65536:
+            return b"", b""
+        buf += data
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    return head + b"\r\n\r\n", rest
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    out = {}
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if value:
+            out[name.strip().lower()] = value.strip()
+    return out
+
+
+def _with_close(head: bytes) -> bytes:
+    """The request head with Connection/Keep-Alive replaced by `Connection: close`."""
+    lines = head.decode("latin-1").split("\r\n")
+    kept = [x for x in lines[1:] if x and x.split(":", 1)[0].strip().lower() not in ("connection", "keep-alive")]
+    return ("\r\n".join([lines[0], *kept, "Connection: close"]) + "\r\n\r\n").encode("latin-1")
+
+
+def _answer(status: str, body: bytes, ctype: str = "text/plain") -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+class HostileProxy:
+    """One hostile proxy on a free loopback port (see the module docstring for the modes)."""
+
+    def __init__(self, upstream_port: int, mode: str, arg: float = 3.0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}")
+        self.upstream_port, self.mode, self.arg = upstream_port, mode, arg
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cache: dict[bytes, tuple[float, bytes]] = {}
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _track(self, *socks: socket.socket) -> None:
+        with self._lock:
+            self._sockets += socks
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._track(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        opened = time.monotonic()
+        try:
+            head, rest = _read_head(client, opened + 10)
+            if not head:
+                return
+            first = head.split(b"\r\n", 1)[0]
+            headers = _headers(head)
+            upgrade = "upgrade" in headers
+            if upgrade and self.mode == "refuse_upgrade":
+                client.sendall(_answer("403 Forbidden", b"upgrades are not allowed here\n"))
+                return
+            if upgrade and self.mode == "fake_101":
+                key = headers.get("sec-websocket-key", "")
+                accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+                client.sendall(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    + f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode()
+                )
+                time.sleep(0.2)
+                return
+            if self.mode == "cache" and first.startswith(b"GET "):
+                hit = self.cache.get(first)
+                if hit and time.monotonic() - hit[0] < self.arg:
+                    client.sendall(hit[1])
+                    return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            self._track(upstream)
+            upstream.sendall((head if upgrade else _with_close(head)) + rest)
+            if self.mode == "lifetime":
+                timer = threading.Timer(max(0.0, opened + self.arg - time.monotonic()), self._cut, (client, upstream))
+                timer.daemon = True
+                timer.start()
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+            self._respond(first, upstream, client)
+        except OSError:
+            pass
+        finally:
+            if self.mode != "lifetime":
+                self._cut(client)
+
+    def _respond(self, first: bytes, upstream: socket.socket, client: socket.socket) -> None:
+        """Relay the response, applying the mode's policy to its head."""
+        head, rest = _read_head(upstream, time.monotonic() + 120)
+        if not head:
+            return
+        headers = _headers(head)
+        if self.mode == "refuse_sse" and "text/event-stream" in headers.get("content-type", ""):
+            client.sendall(_answer("502 Bad Gateway", b"<html>content type not allowed</html>", "text/html"))
+            return
+        if self.mode == "first_byte_delay":
+            time.sleep(self.arg)
+        if self.mode == "cache" and first.startswith(b"GET ") and head.startswith(b"HTTP/1.1 200"):
+            length = int(headers.get("content-length", "-1") or -1)
+            if length >= 0:
+                body = rest
+                while len(body) < length:
+                    data = upstream.recv(65536)
+                    if not data:
+                        break
+                    body += data
+                self.cache[first] = (time.monotonic(), head + body)
+                client.sendall(head + body)
+                return
+        client.sendall(head + rest)
+        self._pipe(upstream, client)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            src.settimeout(None)
+        except OSError:
+            return
+        while not self._stopping.is_set():
+            try:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+            except OSError:
+                break
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _cut(self, *socks: socket.socket) -> None:
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._listener.close()
+        with self._lock:
+            socks, self._sockets = self._sockets, []
+        for s in socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def start_hostile() -> Iterator[Callable[..., HostileProxy]]:
+    """start_hostile(upstream_port, mode, arg=3.0) -> a running HostileProxy; all stopped at teardown."""
+    started: list[HostileProxy] = []
+
+    def start(upstream_port: int, mode: str, arg: float = 3.0) -> HostileProxy:
+        proxy = HostileProxy(upstream_port, mode, arg)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+_HAPROXY = """
+defaults
+    mode http
+    timeout connect 2s
+{defaults}
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    server gateway 127.0.0.1:{upstream}
+"""
+
+
+class HaproxyConf:
+    """Real haproxy in `mode http` with the given `defaults` lines (timeouts, options)."""
+
+    def __init__(self, upstream_port: int, tmp: Path, defaults: str) -> None:
+        binary = require_binary("haproxy")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        lines = "\n".join("    " + x.strip() for x in defaults.strip().splitlines())
+        conf = tmp / "haproxy.cfg"
+        conf.write_text(_HAPROXY.format(defaults=lines, port=self.port, upstream=upstream_port))
+        self._log = open(tmp / "haproxy.log", "wb")
+        self.proc = subprocess.Popen([binary, "-db", "-f", str(conf)], stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"haproxy did not start:\n{(tmp / 'haproxy.log').read_text(errors='replace')}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def start_haproxy_conf(tmp_path: Path) -> Iterator[Callable[..., HaproxyConf]]:
+    """start_haproxy_conf(upstream_port, defaults) -> a running HaproxyConf; all stopped at teardown."""
+    started: list[HaproxyConf] = []
+
+    def start(upstream_port: int, defaults: str) -> HaproxyConf:
+        proxy = HaproxyConf(upstream_port, tmp_path / f"haproxy-{len(started)}", defaults)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()

@@ -14,7 +14,7 @@ __all__ = ["ZERO", "Key", "parse", "format_id", "next_key"]
 
 Key = tuple[int, int]
 ZERO = "0-0"
-_ID = re.compile(r"(\d{1,16})-(\d{1,10})")
+_ID = re.compile(r"([0-9]{1,16})-([0-9]{1,10})")  # ASCII only: \d also matches other scripts' digits
 
 
 def parse(text: str) -> Key:

@@ -58,4 +58,9 @@ def _read_body(limit: int) -> tuple[str, str]:
     if not isinstance(event, str):
         raise BadRequest("invalid_event", '"event" must be a string')
     data = body["data"]
-    return (data if isinstance(data, str) else json.dumps(data)), event
+    if isinstance(data, str):
+        return data, event
+    try:  # NaN / Infinity (or 1e999) parse in Python but are not JSON text
+        return json.dumps(data, allow_nan=False), event
+    except ValueError:
+        raise BadRequest("invalid_json", '"data" holds NaN or Infinity, which JSON cannot carry') from None

@@ -12,6 +12,7 @@ from typing import Any
 from flask import Blueprint, current_app, g, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
+from werkzeug.routing import WebsocketMismatch
 from wsproto.events import Ping
 
 from gateway.diagnose import is_diag_channel
@@ -48,6 +49,17 @@ def _check_before_upgrade() -> None:
     # Refuse permessage-deflate: compressing per connection would undo encode-once fan-out
     # (every frame is written as the same bytes to every subscriber; see push.py).
     request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+
+
+@bp.get("/ws/", defaults={"channel": ""})
+@bp.get("/ws/<path:channel>")
+def not_upgraded(channel: str) -> None:
+    """A plain request (or a handshake with no channel): _check_before_upgrade has already
+    answered bad input with 400, as for every other route; what is left needs an upgrade."""
+    raise WebsocketMismatch()
+
+
+bp.add_url_rule("/ws/", "handshake_without_channel", not_upgraded, defaults={"channel": ""}, websocket=True)
 
 
 @sock.route("/ws/<path:channel>", bp=bp)
@@ -163,7 +175,12 @@ def _parse_frame(message: str) -> tuple[str, str]:
     event = obj.get("event", "message")
     if not isinstance(event, str):
         raise BadRequest("invalid_event", "event must be a string")
-    return (data if isinstance(data, str) else json.dumps(data)), event
+    if isinstance(data, str):
+        return data, event
+    try:  # NaN / Infinity parse in Python but are not JSON text
+        return json.dumps(data, allow_nan=False), event
+    except ValueError:
+        raise BadRequest("invalid_json", '"data" holds NaN or Infinity, which JSON cannot carry') from None
 
 
 class _HeldReader:

@@ -42,6 +42,14 @@ class _Handler(WSGIHandler):
         env["gateway.chunked"] = lambda: self.response_use_chunked
         return env
 
+    def handle_one_response(self) -> None:
+        super().handle_one_response()
+        # A WebSocket wrote its own 101 (pywsgi never saw it): once it has ended, the connection
+        # is done. Otherwise pywsgi would wait on it for another HTTP request, and read the
+        # client's closing frame as one.
+        if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            self.close_connection = True
+
 
 log = logging.getLogger("gateway")
 

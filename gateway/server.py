@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import signal
 import sys
@@ -42,6 +43,12 @@ class _Handler(WSGIHandler):
         env["gateway.chunked"] = lambda: self.response_use_chunked
         return env
 
+    def handle_one_request(self):  # noqa: ANN201 (gevent's protocol: None, True or (status, raw response))
+        result = super().handle_one_request()
+        if isinstance(result, tuple):  # pywsgi refused the request before the app saw it
+            result = (result[0], _refusal(result[0]))
+        return result
+
     def handle_one_response(self) -> None:
         super().handle_one_response()
         # A WebSocket wrote its own 101 (pywsgi never saw it): once it has ended, the connection
@@ -49,6 +56,18 @@ class _Handler(WSGIHandler):
         # client's closing frame as one.
         if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             self.close_connection = True
+
+
+def _refusal(status: str) -> bytes:
+    """pywsgi's own answers (a request line over 8 KB, malformed or oversized headers) have empty
+    bodies; ours carry the contract's JSON error shape like every other error."""
+    if status == "414":
+        reason, code, detail = "Request URI Too Long", "uri_too_long", "the request line is over 8 KB; shorten the URL"
+    else:
+        reason, code, detail = "Bad Request", "bad_request", "the request line or headers are malformed or too big"
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    head = f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
 
 
 log = logging.getLogger("gateway")

@@ -211,6 +211,10 @@ def test_every_error_has_the_json_shape(memory, ch):
     assert_error(requests.get(f"{u}/ws/{ch}", timeout=5), 426)
     assert_error(requests.get(f"{u}/longpoll/{ch}?timeout=soon", timeout=5), 400, "invalid_timeout")
     assert_error(requests.get(f"{u}/longpoll/{ch}?timeout=-1", timeout=5), 400, "invalid_timeout")
+    # very long ids: ours up to the server's 8 KB request line, the server's own answer past it
+    assert_error(requests.get(f"{u}/poll/{ch}?since={'1' * 1000}-0", timeout=5), 400, "invalid_since")
+    assert_error(requests.get(f"{u}/poll/{ch}?since={'1' * 20000}-0", timeout=5), 414)
+    assert_error(requests.get(f"{u}/poll/{ch}", headers={"X-Big": "h" * 70000}, timeout=5), 400)
     # HEAD answers like GET without a body; OPTIONS lists the methods
     head = requests.head(f"{u}/poll/-bad", timeout=5)
     assert head.status_code == 400 and head.headers["Content-Type"] == "application/json" and not head.content

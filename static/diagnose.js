@@ -181,6 +181,7 @@
       ["Proxy in the path", p.proxy ? "yes: " + (p.evidence || []).join("; ") : "none detected"],
       ["Known platform", f.platform_limits ? f.platform_limits.name : "none recognised"],
       ["Idle connections cut after", p.idle_limit_s ? "~" + p.idle_limit_s + " s" : "not seen in this run"],
+      ["Every connection closed after", p.lifetime_limit_s ? "~" + p.lifetime_limit_s + " s, busy or not" : null],
       ["Server header seen by the browser", c.response_headers && c.response_headers.server],
     ];
     Object.keys(f.headers || {}).forEach(function (h) { rows.push([h + " (seen by the server)", f.headers[h]]); });

@@ -157,6 +157,10 @@ def test_proxy_closing_every_connection_after_4s(diagnose_page: Any, gateway: Ga
     assert statuses(v) == {"short_poll": "ok", "long_poll": "degraded", "sse": "degraded", "websocket": "degraded"}, v
     for name in ("long_poll", "sse", "websocket"):
         assert 3 <= t[name]["cut_after_s"] <= 5.5, t[name]
+    # Not an idle timeout: keep-alives would not help, and the page must not advise them.
+    assert 3 <= v["path"]["lifetime_limit_s"] <= 5.5 and v["path"]["idle_limit_s"] is None, v["path"]
+    assert "heartbeat_s below" not in t["sse"]["fix"] and "ping_s below" not in t["websocket"]["fix"]
+    assert "busy or not" in t["sse"]["reason"]
     assert v["recommended"] == "short_poll"
 
 

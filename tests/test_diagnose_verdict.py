@@ -344,3 +344,35 @@ def test_websocket_answered_by_the_path_itself() -> None:
     raw["probes"]["websocket"]["seen"] = [{"transport": "websocket", "status": 101, "upgrade": "websocket"}]
     t = verdict(raw)["transports"]["websocket"]
     assert t["status"] == "broken" and "never received" not in t["reason"]
+
+
+def _cut_run(lp: float, sse: tuple[float, float], ws: tuple[float, float]) -> dict[str, Any]:
+    """A run whose long poll was cut after `lp` s and whose streams were cut after (total, idle) s."""
+    raw = recorded("direct")
+    p = raw["probes"]
+    p["long_poll"]["hold_s"] = p["sse"]["hold_s"] = p["websocket"]["hold_s"] = 8
+    p["long_poll"]["idle"] = {"status": 504, "json": False, "elapsed_s": lp, "error": None}
+    p["sse"].pop("alive", None)
+    p["websocket"].pop("alive", None)
+    p["sse"].update(ended_after_s=sse[0], idle_before_end_s=sse[1])
+    p["websocket"].update(closed_after_s=ws[0], idle_before_close_s=ws[1])
+    return raw
+
+
+def test_connection_lifetime_cap_is_not_called_an_idle_timeout() -> None:
+    """Every connection closed ~4 s after opening although the streams had traffic at ~1.5 s
+    (tests/hostile.py "lifetime"): heartbeats would not help, so they are not advised."""
+    v = verdict(_cut_run(4.0, (4.1, 2.6), (4.0, 2.7)))
+    check_contract_shape(v)
+    assert v["path"]["lifetime_limit_s"] == 4.0 and v["path"]["idle_limit_s"] is None
+    assert any("busy or not" in w for w in v["path"]["warnings"])
+    for name in ("sse", "websocket"):
+        t = v["transports"][name]
+        assert t["status"] == "degraded" and "busy or not" in t["reason"] and "do not help" in t["fix"], t
+
+
+def test_idle_timeout_is_not_called_a_lifetime_cap() -> None:
+    """nginx proxy_read_timeout 5s as recorded: the busy streams outlived the idle long poll."""
+    v = verdict(_cut_run(5.0, (6.3, 5.0), (6.0, 4.7)))
+    assert "lifetime_limit_s" not in v["path"] and v["path"]["idle_limit_s"] == 4.7
+    assert "heartbeat_s below" in v["transports"]["sse"]["fix"]

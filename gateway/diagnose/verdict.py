@@ -22,6 +22,7 @@ ORDER = ("websocket", "sse", "long_poll", "short_poll")
 SLOW_MS = 1500.0  # an event later than this after it was sent is not "prompt"
 BUNCHED_RATIO = 0.5  # arrivals squeezed into under half the send spread were held back and released together
 CUT_SLACK_S = 1.0  # a hold that ends this much before its time was cut by the path
+LIFETIME_SPREAD_S = 0.6  # cuts this close together after opening, one of them busy: a lifetime cap
 
 NGINX_WEBSOCKET = (
     "nginx: in the location that proxies to the gateway add\n"
@@ -606,19 +607,58 @@ def verdict(raw: dict[str, Any]) -> dict[str, Any]:
                 transports[name] = _result("broken", f"the probe's results could not be read ({exc})", None)
         if name == "sse":
             transports[name].setdefault("buffered", False)
+    lifetime = _lifetime(transports)
+    if lifetime is not None:
+        _blame_lifetime(transports, lifetime)
     ok = [name for name in ORDER if transports[name]["ok"]]
     usable = [name for name in ORDER if transports[name]["status"] != "broken"]
+    path = _path(raw, transports)
+    if lifetime is not None:
+        path["lifetime_limit_s"], path["idle_limit_s"] = lifetime, None
+        path["warnings"].append(
+            f"connections through this path are closed ~{lifetime:g} s after they open, busy or not: heartbeats "
+            "and pings do not help; every stream and WebSocket has to reconnect that often"
+        )
     result: dict[str, Any] = {
         "transports": transports,
         "recommended": ok[0] if ok else None,
         "fallback": usable[0] if usable else None,
         "mode": raw.get("mode") if isinstance(raw.get("mode"), str) else None,
         "hold_s": _num(raw.get("hold_s")),
-        "path": _path(raw, transports),
+        "path": path,
         "summary": _summary(transports, ok, usable),
         "source": "server",
     }
     return result
+
+
+def _lifetime(transports: dict[str, Any]) -> float | None:
+    """A cap on how long a connection may live, busy or not, rather than an idle timeout: the
+    cut transports all ended about the same time after opening, though one of them had traffic
+    well before then (under an idle timeout the busy one would have lasted longer)."""
+    cut = [t for t in transports.values() if _num(t.get("cut_after_s"))]
+    if len(cut) < 2:
+        return None
+    totals = [float(t["cut_after_s"]) for t in cut]
+    if max(totals) - min(totals) > LIFETIME_SPREAD_S:
+        return None
+    busy = [t for t in cut if (_num(t.get("idle_limit_s")) or 1e9) <= float(t["cut_after_s"]) - 1.0]
+    return round(statistics.median(totals), 1) if busy else None
+
+
+def _blame_lifetime(transports: dict[str, Any], lifetime: float) -> None:
+    for name, t in transports.items():
+        if not _num(t.get("cut_after_s")):
+            continue
+        t["idle_limit_s"] = None
+        t["lifetime_limit_s"] = lifetime
+        t["reason"] += f"; the path closes every connection ~{lifetime:g} s after it opens, busy or not"
+        if name in ("sse", "websocket"):
+            t["fix"] = (
+                f"Raise the proxy's or load balancer's maximum connection lifetime (here ~{lifetime:g} s); "
+                "heartbeats and pings do not help against it. Until then clients must reconnect that often "
+                "(EventSource does so by itself)."
+            )
 
 
 def _summary(transports: dict[str, Any], ok: list[str], usable: list[str]) -> str:

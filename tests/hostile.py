@@ -9,7 +9,9 @@ Modes (`arg` is the mode's number of seconds):
 - "refuse_sse": a text/event-stream response is replaced with the proxy's own 502;
 - "cache": GET answers with a Content-Length are cached per URL for `arg` s, Cache-Control ignored;
 - "first_byte_delay": every response's first byte is held back `arg` s;
-- "lifetime": every connection is closed `arg` s after it opened, busy or not.
+- "lifetime": every connection is closed `arg` s after it opened, busy or not;
+- "sniff": the first `arg` bytes of every response body are held until they are all there (or
+  the response ends), like antivirus and content filters that scan a response before passing it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tests.helpers import free_port, require_binary
 
 __all__ = ["HostileProxy", "HaproxyConf", "start_hostile", "start_haproxy_conf", "MODES"]
 
-MODES = ("refuse_upgrade", "fake_101", "refuse_sse", "cache", "first_byte_delay", "lifetime")
+MODES = ("refuse_upgrade", "fake_101", "refuse_sse", "cache", "first_byte_delay", "lifetime", "sniff")
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -163,6 +165,13 @@ class HostileProxy:
                 self.cache[first] = (time.monotonic(), head + body)
                 client.sendall(head + body)
                 return
+        if self.mode == "sniff" and not head.startswith(b"HTTP/1.1 101"):
+            upstream.settimeout(None)
+            while len(rest) < self.arg:
+                data = upstream.recv(65536)
+                if not data:
+                    break
+                rest += data
         client.sendall(head + rest)
         self._pipe(upstream, client)
 

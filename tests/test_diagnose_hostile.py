@@ -164,6 +164,26 @@ def test_proxy_closing_every_connection_after_4s(diagnose_page: Any, gateway: Ga
     assert v["recommended"] == "short_poll"
 
 
+def test_scanning_proxy_that_holds_the_first_kilobyte(diagnose_page: Any, gateway: Gateway, start_hostile: Any) -> None:
+    """Like an antivirus or content filter: nothing of a response passes until its first 1 KB is
+    there. Events are small, so a plain stream shows nothing; with 2 KB of padding it streams."""
+    proxy = start_hostile(gateway.port, "sniff", 1024)
+    with pytest.raises(requests.ReadTimeout):
+        requests.get(f"{proxy.url}/sse/{channel()}", stream=True, timeout=(2, 2))
+    ch = channel()
+    with SSEClient(f"{proxy.url}/sse/{ch}?since=0-0&padding=2048", timeout=5) as client:
+        gateway.publish(ch, "now")
+        event = client.next_event(time.monotonic() + 2)
+        assert event is not None and event["data"] == "now"
+
+    v = diagnose_page(proxy.url, HOLD, "h10-scanning-proxy")
+    sse = v["transports"]["sse"]
+    assert sse["status"] == "degraded" and sse["buffered"] is True and sse["works_with_padding"] is True, sse
+    assert "padding_bytes = 2048" in sse["fix"]
+    assert all(v["transports"][n]["ok"] for n in ("websocket", "long_poll", "short_poll")), v
+    assert v["recommended"] == "websocket"
+
+
 def test_nginx_gzipping_event_streams(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
     """gzip on for text/event-stream: nginx flushes the compressor with each unbuffered chunk, so
     events still arrive one by one (checked with a client that asks for gzip)."""

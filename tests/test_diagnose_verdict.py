@@ -369,6 +369,7 @@ def test_connection_lifetime_cap_is_not_called_an_idle_timeout() -> None:
     for name in ("sse", "websocket"):
         t = v["transports"][name]
         assert t["status"] == "degraded" and "busy or not" in t["reason"] and "do not help" in t["fix"], t
+    assert "maximum connection lifetime" in v["transports"]["long_poll"]["fix"]
 
 
 def test_idle_timeout_is_not_called_a_lifetime_cap() -> None:

@@ -659,6 +659,12 @@ def _blame_lifetime(transports: dict[str, Any], lifetime: float) -> None:
                 "heartbeats and pings do not help against it. Until then clients must reconnect that often "
                 "(EventSource does so by itself)."
             )
+        elif name == "long_poll":
+            t["fix"] = (
+                f"Raise the proxy's or load balancer's maximum connection lifetime (here ~{lifetime:g} s), or "
+                f"lower poll.longpoll_max_timeout_s to below {max(1, int(lifetime) - 1)} s and have clients ask "
+                "for that timeout."
+            )
 
 
 def _summary(transports: dict[str, Any], ok: list[str], usable: list[str]) -> str:

@@ -442,6 +442,22 @@ def test_longpoll_timeout_is_honoured(gw, ch):
     assert set(r.json()) >= {"events", "cursor", "gap"}
 
 
+def test_keep_alive_requests_answer_without_a_delayed_ack_stall(gw, ch):
+    """Pollers and publishers reuse connections; each answer must not wait ~40 ms for the
+    client's delayed ACK (Nagle holding the body back behind the headers)."""
+    with requests.Session() as s:
+        times = []
+        for i in range(15):
+            started = time.monotonic()
+            if i % 3 == 0:
+                r = s.post(f"{gw.url}/publish/{ch}", data=b"k", headers=AUTH, timeout=5)
+            else:
+                r = s.get(f"{gw.url}/{'poll' if i % 3 == 1 else 'longpoll'}/{ch}?since=0-0", timeout=5)
+            assert r.status_code in (200, 202), r.text
+            times.append(time.monotonic() - started)
+    assert sorted(times)[len(times) // 2] < 0.02, times
+
+
 def test_concurrent_publishers_keep_ids_growing_and_deliver_each_event_once(gw, ch):
     threads, per = 8, 20
     with WSClient(f"{gw.ws_url}/ws/{ch}") as ws, SSEClient(f"{gw.url}/sse/{ch}") as sse:

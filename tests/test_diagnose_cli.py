@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from tests import hostile as _hostile
 from tests import proxies as _proxies
 from tests.helpers import ROOT, Gateway, free_port
 
 start_nginx = _proxies.start_nginx  # a fixture (pytest finds fixtures among a module's names)
+start_hostile = _hostile.start_hostile
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +63,21 @@ def test_cli_unreachable_and_bad_urls() -> None:
     assert r.returncode == 2 and "cannot reach" in r.stderr and r.stdout == ""
     r = cli("ftp://example.test", timeout=30)
     assert r.returncode == 2 and "http://" in r.stderr
+
+
+def test_cli_through_a_caching_proxy(gateway: Gateway, start_hostile: Any) -> None:
+    """GET answers cached 30 s, Cache-Control ignored (see test_diagnose_hostile for the truth)."""
+    proxy = start_hostile(gateway.port, "cache", 30)
+    r = cli(proxy.url, "--hold", "2")
+    v = json.loads(r.stdout)
+    t = v["transports"]
+    assert t["short_poll"]["status"] == "broken" and "cached" in t["short_poll"]["reason"], r.stderr
+    assert t["long_poll"]["status"] == "broken" and "caches" in t["long_poll"]["reason"], r.stderr
+    assert t["sse"]["ok"] and t["websocket"]["ok"] and v["recommended"] == "websocket"
+
+
+def test_cli_slow_first_byte_is_not_buffering(gateway: Gateway, start_hostile: Any) -> None:
+    proxy = start_hostile(gateway.port, "first_byte_delay", 1.0)
+    r = cli(proxy.url, "--hold", "2")
+    sse = json.loads(r.stdout)["transports"]["sse"]
+    assert sse["buffered"] is False and sse["status"] == "ok", sse

@@ -27,6 +27,7 @@ from gateway.diagnose.verdict import verdict
 __all__ = ["main", "run"]
 
 BURST_N, BURST_GAP_MS, PADDING = 5, 300, 2048
+OPEN_WAIT_S = 4.0  # how long the SSE burst waits for the stream to open before it goes anyway
 
 
 def _now() -> float:
@@ -131,12 +132,14 @@ def probe_short_poll(base: str, ch: str, rec: dict[str, Any]) -> None:
     if not (first["status"] == 200 and isinstance(first["json"], dict) and first["json"].get("cursor")):
         rec["error"] = first["error"] or f"HTTP {first['status']}"
         return
-    cursor = first["json"]["cursor"]
+    since = f"{base}/poll/{ch}?since={quote(first['json']['cursor'])}"
+    # Asked once before the publish: a path that caches answers then replays this empty one.
+    rec["polls"].append(_poll_record(_get(since, 8)))
     burst = Burst(base, ch, 1, 0, 0, "sp").send()
     rec["event_seen"] = False
     t0 = _now()
     for _ in range(8):
-        r = _get(f"{base}/poll/{ch}?since={quote(cursor)}", 8)
+        r = _get(since, 8)
         rec["polls"].append(_poll_record(r))
         events = r["json"].get("events") if isinstance(r["json"], dict) else None
         if isinstance(events, list) and any(burst.arrive(e.get("data")) for e in events if isinstance(e, dict)):
@@ -152,8 +155,8 @@ def probe_long_poll(base: str, ch: str, rec: dict[str, Any], hold: float, cap: f
     rec["hold_s"] = hold
 
     def idle() -> None:
-        t0 = _now()
-        r = _get(f"{base}/longpoll/{ch}.idle?since=0-0&timeout={hold:g}", hold + 15)
+        t0, url = _now(), f"{base}/longpoll/{ch}.idle?since=0-0&timeout={hold:g}"
+        r = _get(url, hold + 15)
         events = r["json"].get("events") if isinstance(r["json"], dict) else None
         rec["idle"] = {
             "status": r["status"],
@@ -161,6 +164,20 @@ def probe_long_poll(base: str, ch: str, rec: dict[str, Any], hold: float, cap: f
             "elapsed_s": round(_now() - t0, 3),
             "json": isinstance(events, list),
             "events": len(events) if isinstance(events, list) else None,
+        }
+        if r["status"] != 200 or not isinstance(events, list):
+            return
+        # The same URL after a publish: a path that caches answers replays the empty one at once.
+        burst = Burst(base, f"{ch}.idle", 1, 0, 0, "lprep").send()
+        again = _get(url, 8)
+        events = again["json"].get("events") if isinstance(again["json"], dict) else None
+        events = events if isinstance(events, list) else None
+        rec["repeat"] = {
+            "status": again["status"],
+            "error": again["error"],
+            "json": events is not None,
+            "arrived": any(burst.arrive(e.get("data")) for e in events or [] if isinstance(e, dict)),
+            "published": burst.post_status == 202,
         }
 
     def event() -> None:
@@ -286,6 +303,8 @@ def _seen(base: str, ch: str) -> list[dict[str, Any]]:
 def probe_sse(base: str, ch: str, rec: dict[str, Any], hold: float, heartbeat: Any) -> None:
     rec.update(hold_s=hold, heartbeat_s=heartbeat)
     s = SSEStream(f"{base}/sse/{ch}?since=0-0", None, hold + 15)
+    # Time the burst from the stream's opening: a slow first byte is not buffering (see diagnose.js).
+    _wait(lambda: s.status is not None or s.ended is not None, OPEN_WAIT_S)
     burst = Burst(base, ch, BURST_N, BURST_GAP_MS, 0, "burst")
     s.handlers.append(lambda e: burst.arrive(e["data"]))
     burst.send()
@@ -323,7 +342,8 @@ def probe_sse(base: str, ch: str, rec: dict[str, Any], hold: float, heartbeat: A
 
     a = analyse_burst(burst.to_json())
     if (s.status == 200 or (s.status is None and answered)) and (a["bunched"] or late or a["received"] < BURST_N):
-        p = SSEStream(f"{base}/sse/{ch}.pad?since=0-0&padding={PADDING}", None, BURST_N * BURST_GAP_MS / 1000 + 8)
+        p = SSEStream(f"{base}/sse/{ch}.pad?since=0-0&padding={PADDING}", None, BURST_N * BURST_GAP_MS / 1000 + 12)
+        _wait(lambda: p.status is not None or p.ended is not None, OPEN_WAIT_S)
         pb = Burst(base, f"{ch}.pad", BURST_N, BURST_GAP_MS, 0, "burst")
         p.handlers.append(lambda e: pb.arrive(e["data"]))
         pb.send()

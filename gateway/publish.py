@@ -52,6 +52,8 @@ def _read_body(limit: int) -> tuple[str, str]:
         body = json.loads(text)
     except ValueError:
         raise BadRequest("invalid_json", "the body is declared application/json but is not valid JSON") from None
+    except RecursionError:  # a 1 MB body can nest arrays far deeper than the parser's stack
+        raise BadRequest("invalid_json", "the JSON body is nested too deeply") from None
     if not isinstance(body, dict) or "data" not in body:
         raise BadRequest("invalid_json", 'a JSON body must be an object with "data" (and optionally "event")')
     event = body.get("event", "message")
@@ -64,3 +66,5 @@ def _read_body(limit: int) -> tuple[str, str]:
         return json.dumps(data, allow_nan=False), event
     except ValueError:
         raise BadRequest("invalid_json", '"data" holds NaN or Infinity, which JSON cannot carry') from None
+    except RecursionError:
+        raise BadRequest("invalid_json", '"data" is nested too deeply') from None

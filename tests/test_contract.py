@@ -300,6 +300,7 @@ def test_publish_bodies(gw, ch):
     for bad in (b"{nope", b"[1]", b'"s"', b'{"event": "x"}', b'{"data": NaN}', b'{"data": 1e999}'):
         assert_error(post(bad), 400)
     assert_error(post(b'{"data": "x", "event": 5}'), 400)
+    assert_error(post(b'{"data": ' + b"[" * 100000 + b"]" * 100000 + b"}"), 400, "invalid_json")  # not a 500
     assert_error(post(b'{"data": "x", "event": ""}'), 400)
     assert_error(post(b"\xff\xfe", "text/plain"), 400)
     assert gw.poll(ch, ids[-1][0])["events"] == []  # no refused body was stored

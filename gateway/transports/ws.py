@@ -167,7 +167,7 @@ def _parse_frame(message: str) -> tuple[str, str]:
     the data of a `message` event."""
     try:
         obj = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON (or nested beyond the parser's stack): plain text
         return message, "message"
     if not isinstance(obj, dict) or "data" not in obj:
         return message, "message"
@@ -181,6 +181,8 @@ def _parse_frame(message: str) -> tuple[str, str]:
         return json.dumps(data, allow_nan=False), event
     except ValueError:
         raise BadRequest("invalid_json", '"data" holds NaN or Infinity, which JSON cannot carry') from None
+    except RecursionError:
+        raise BadRequest("invalid_json", '"data" is nested too deeply') from None
 
 
 class _HeldReader:

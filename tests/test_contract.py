@@ -209,6 +209,12 @@ def test_every_error_has_the_json_shape(memory, ch):
     chunks = (b"y" * 65536 for _ in range(17))  # chunked: no Content-Length to refuse it early
     assert_error(requests.post(u + "/publish/" + ch, data=chunks, headers=AUTH, timeout=10), 413)
     assert_error(requests.get(f"{u}/ws/{ch}", timeout=5), 426)
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13"}
+    assert_error(requests.get(f"{u}/ws/{ch}", headers=upgrade, timeout=5), 400)  # no Sec-WebSocket-Key
+    old_version = upgrade | {"Sec-WebSocket-Version": "8", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    r = requests.get(f"{u}/ws/{ch}", headers=old_version, timeout=5)
+    assert_error(r, 400)
+    assert r.headers["Sec-WebSocket-Version"] == "13"
     assert_error(requests.get(f"{u}/longpoll/{ch}?timeout=soon", timeout=5), 400, "invalid_timeout")
     assert_error(requests.get(f"{u}/longpoll/{ch}?timeout=-1", timeout=5), 400, "invalid_timeout")
     # very long ids: ours up to the server's 8 KB request line, the server's own answer past it

@@ -9,14 +9,15 @@ import logging
 import time
 from typing import Any
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, Response, current_app, g, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from werkzeug.routing import WebsocketMismatch
 from wsproto.events import Ping
+from wsproto.utilities import RemoteProtocolError
 
 from gateway.diagnose import is_diag_channel
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, error_response
 from gateway.hub import Hub
 from gateway.transports.common import channel_arg, config, hub, since_arg
 from gateway.transports.push import Pusher, ws_encode
@@ -49,6 +50,14 @@ def _check_before_upgrade() -> None:
     # Refuse permessage-deflate: compressing per connection would undo encode-once fan-out
     # (every frame is written as the same bytes to every subscriber; see push.py).
     request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+
+
+@bp.errorhandler(RemoteProtocolError)
+def _bad_handshake(exc: RemoteProtocolError) -> Response:
+    """A malformed handshake (no key, a version other than 13) is the client's mistake: 400 and
+    the version we speak (RFC 6455 4.4), not a 500."""
+    detail = f"not a valid WebSocket handshake ({exc}); use a WebSocket client (RFC 6455, version 13)"
+    return error_response(400, "invalid_handshake", detail, {"Sec-WebSocket-Version": "13"})
 
 
 @bp.get("/ws/", defaults={"channel": ""})

@@ -10,6 +10,7 @@ Modes (`arg` is the mode's number of seconds):
 - "cache": GET answers with a Content-Length are cached per URL for `arg` s, Cache-Control ignored;
 - "first_byte_delay": every response's first byte is held back `arg` s;
 - "lifetime": every connection is closed `arg` s after it opened, busy or not;
+- "end_sse": a text/event-stream response is passed on with its headers, then ended at once;
 - "sniff": the first `arg` bytes of every response body are held until they are all there (or
   the response ends), like antivirus and content filters that scan a response before passing it.
 """
@@ -31,7 +32,7 @@ from tests.helpers import free_port, require_binary
 
 __all__ = ["HostileProxy", "HaproxyConf", "start_hostile", "start_haproxy_conf", "MODES"]
 
-MODES = ("refuse_upgrade", "fake_101", "refuse_sse", "cache", "first_byte_delay", "lifetime", "sniff")
+MODES = ("refuse_upgrade", "fake_101", "refuse_sse", "cache", "first_byte_delay", "lifetime", "sniff", "end_sse")
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -150,6 +151,9 @@ class HostileProxy:
         headers = _headers(head)
         if self.mode == "refuse_sse" and "text/event-stream" in headers.get("content-type", ""):
             client.sendall(_answer("502 Bad Gateway", b"<html>content type not allowed</html>", "text/html"))
+            return
+        if self.mode == "end_sse" and "text/event-stream" in headers.get("content-type", ""):
+            client.sendall(head)
             return
         if self.mode == "first_byte_delay":
             time.sleep(self.arg)

@@ -110,6 +110,24 @@ def test_proxy_refusing_event_streams(diagnose_page: Any, gateway: Gateway, star
     assert v["recommended"] == "websocket"
 
 
+def test_proxy_ending_event_streams_at_once(diagnose_page: Any, gateway: Gateway, start_hostile: Any) -> None:
+    """Headers of an event stream pass, then the proxy ends it: not an idle timeout, so no
+    heartbeat advice."""
+    proxy = start_hostile(gateway.port, "end_sse")
+    body = b""
+    with requests.get(f"{proxy.url}/sse/{channel()}", stream=True, timeout=5) as r:
+        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        with pytest.raises(requests.RequestException):  # ended before the first chunk of the body
+            for chunk in r.iter_content(chunk_size=None):
+                body += chunk
+    assert body == b""
+    v = diagnose_page(proxy.url, HOLD, "h11-end-sse")
+    sse = v["transports"]["sse"]
+    assert sse["status"] == "broken" and "right after it opened" in sse["reason"], sse
+    assert "heartbeat_s" not in sse["fix"]
+    assert v["recommended"] == "websocket"
+
+
 def test_proxy_refusing_upgrades(diagnose_page: Any, gateway: Gateway, start_hostile: Any) -> None:
     proxy = start_hostile(gateway.port, "refuse_upgrade")
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:

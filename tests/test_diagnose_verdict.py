@@ -377,3 +377,20 @@ def test_idle_timeout_is_not_called_a_lifetime_cap() -> None:
     v = verdict(_cut_run(5.0, (6.3, 5.0), (6.0, 4.7)))
     assert "lifetime_limit_s" not in v["path"] and v["path"]["idle_limit_s"] == 4.7
     assert "heartbeat_s below" in v["transports"]["sse"]["fix"]
+
+
+def test_event_stream_ended_at_once_is_not_an_idle_timeout() -> None:
+    """Recorded through tests/hostile.py "end_sse": headers, then the end, no byte of the stream."""
+    raw = recorded("direct")
+    sse = raw["probes"]["sse"]
+    for key in ("alive", "resume", "padding"):
+        sse.pop(key, None)
+    sse.update(ended_after_s=0.06, idle_before_end_s=0.06, first_byte_ms=None, heartbeats=0, error="network error")
+    sse["burst"] = {"n": 5, "gap_ms": 300, "delay_ms": 0, "arrivals": [], "post_status": None}
+    t = verdict(raw)["transports"]["sse"]
+    assert t["status"] == "broken" and "right after it opened" in t["reason"], t
+    assert "heartbeat_s" not in t["fix"] and "text/event-stream" in t["fix"]
+    # A stream that got its first bytes and was closed later is still read as a cut.
+    sse.update(hold_s=8, ended_after_s=4.5, idle_before_end_s=4.4, first_byte_ms=60)
+    t = verdict(raw)["transports"]["sse"]
+    assert "closed after ~4 s" in t["reason"] and "heartbeat_s" in t["fix"], t

@@ -279,6 +279,16 @@ def _sse(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     buffered = burst["bunched"] or late_first_byte or (burst["received"] == 0 and cut is None)
     extra["buffered"] = bool(buffered)
     if burst["received"] == 0:
+        if cut is not None and cut < 2.0 and first_byte_ms is None:
+            # Not an idle timeout (none is that short): the stream is ended as soon as it opens.
+            return _result(
+                "broken",
+                f"the stream was ended right after it opened ({_secs(cut)}), before a single byte of it arrived: "
+                "something on the path does not let event streams through",
+                "Make the proxy, filter or load balancer pass text/event-stream responses through as a stream "
+                "(unbuffered, not ended early). " + NGINX_BUFFERING,
+                **extra,
+            )
         if cut is not None:
             return _result(
                 "broken",

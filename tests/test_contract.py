@@ -225,7 +225,9 @@ def test_every_error_has_the_json_shape(memory, ch):
     head = requests.head(f"{u}/poll/-bad", timeout=5)
     assert head.status_code == 400 and head.headers["Content-Type"] == "application/json" and not head.content
     assert "GET" in requests.options(f"{u}/poll/{ch}", timeout=5).headers["Allow"]
-    assert gw.poll(ch)["events"] == []  # nothing above published
+    assert gw.poll(ch, "0-0")["events"] == []  # nothing above was published
+    exact = requests.post(f"{u}/publish/{ch}.exact", data=b"z" * 1048576, headers=AUTH, timeout=10)
+    assert exact.status_code == 202, exact.text  # the limit itself is allowed
 
 
 def test_publishing_off_and_an_empty_config_file(tmp_path, ch):

@@ -42,6 +42,10 @@ class ServerConfig:
         _range("server.max_body_bytes", self.max_body_bytes, 1, 1 << 31)
         _range("server.shutdown_grace_s", self.shutdown_grace_s, 0, 25)
         _range("server.stall_timeout_s", self.stall_timeout_s, 1, 86400)
+        for key in ("publish_token", "operator_token"):
+            # An Authorization header cannot carry them, so every request would be refused.
+            if getattr(self, key) != getattr(self, key).strip():
+                raise ConfigError(f"server.{key}: starts or ends with whitespace or a line break; remove it")
 
 
 @dataclass

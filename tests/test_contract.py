@@ -250,6 +250,7 @@ def test_config_and_environment_errors_are_one_line(tmp_path):
         ({"GATEWAY_CONFIG": str(unknown)}, "history.sise"),
         ({"REDIS_URL": "localhost:6379"}, "redis.url"),
         ({"PORT": "http"}, "PORT"),
+        ({"GATEWAY_PUBLISH_TOKEN": "pasted-with-a-newline\n"}, "server.publish_token"),
     ]
     base = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "GATEWAY_CONFIG")}
     for env, key in cases:

@@ -94,8 +94,10 @@ class Background:
         self.channel = f"idle.{uuid.uuid4().hex[:8]}"
         self.poll_result: dict[str, Any] = {}
         self.sse = SSEClient(f"{gw.url}/sse/{self.channel}", timeout=40)
-        self.sse_comments: list[str] = []
-        self.threads = [threading.Thread(target=self._poll, args=(gw,)), threading.Thread(target=self._read_sse)]
+        self.threads = [
+            threading.Thread(target=self._poll, args=(gw,), daemon=True),
+            threading.Thread(target=self._read_sse, daemon=True),
+        ]
         for t in self.threads:
             t.start()
 

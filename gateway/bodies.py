@@ -14,7 +14,10 @@ def read_limited(limit: int, detail: str) -> bytes:
     refused before reading, a chunked body as soon as it passes the limit."""
     if request.content_length is not None and request.content_length > limit:
         raise BadRequest("too_large", detail, 413)
-    raw = request.stream.read(limit + 1)
+    try:
+        raw = request.stream.read(limit + 1)
+    except (OSError, ValueError):  # the server's chunked decoder refused it (bad chunk size), or a cut-off body
+        raise BadRequest("invalid_body", "the body is malformed (bad chunked encoding) or was cut off") from None
     if len(raw) > limit:
         raise BadRequest("too_large", detail, 413)
     return raw

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -223,6 +224,17 @@ def test_every_error_has_the_json_shape(memory, ch):
     assert_error(requests.get(f"{u}/poll/{ch}?since={'1' * 1000}-0", timeout=5), 400, "invalid_since")
     assert_error(requests.get(f"{u}/poll/{ch}?since={'1' * 20000}-0", timeout=5), 414)
     assert_error(requests.get(f"{u}/poll/{ch}", headers={"X-Big": "h" * 70000}, timeout=5), 400)
+    bad_chunks = (
+        f"POST /publish/{ch} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as raw:
+        raw.sendall(bad_chunks.encode())
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and set(json.loads(body)) == {"error", "detail"}, answer
     # HEAD answers like GET without a body; OPTIONS lists the methods
     head = requests.head(f"{u}/poll/-bad", timeout=5)
     assert head.status_code == 400 and head.headers["Content-Type"] == "application/json" and not head.content

@@ -545,3 +545,9 @@ def test_default_longpoll_hold_is_under_30s_and_sse_heartbeats(gateways, backend
     assert 5 < result["held"] < 30, result  # held for the default, which stays under proxies' 30 s
     assert "heartbeat" in background.sse.comments, background.sse.comments
     assert background.sse.retries, "no retry: field"
+
+
+def test_nothing_above_left_a_traceback_in_the_logs(gateways):
+    for gw, _ in gateways.values():
+        log = gw.log_path.read_text(errors="replace")
+        assert "Traceback" not in log, log[-3000:]

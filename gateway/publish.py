@@ -56,7 +56,9 @@ def _read_body(limit: int) -> tuple[str, str]:
         raise BadRequest("invalid_json", "the JSON body is nested too deeply") from None
     if not isinstance(body, dict) or "data" not in body:
         raise BadRequest("invalid_json", 'a JSON body must be an object with "data" (and optionally "event")')
-    event = body.get("event", "message")
+    event = body.get("event")
+    if event is None:  # absent or null: the default name
+        event = "message"
     if not isinstance(event, str):
         raise BadRequest("invalid_event", '"event" must be a string')
     data = body["data"]

@@ -32,11 +32,13 @@ def test_json_body_sets_event_and_non_string_data_is_stored_as_json(gateway, cha
     url = f"{gateway.url}/publish/{channel}"
     r1 = requests.post(url, json={"data": "plain", "event": "price"}, headers=AUTH, timeout=5)
     r2 = requests.post(url, json={"data": {"a": [1, 2]}}, headers=AUTH, timeout=5)
-    assert r1.status_code == r2.status_code == 202
+    r3 = requests.post(url, json={"data": "x", "event": None}, headers=AUTH, timeout=5)
+    assert r1.status_code == r2.status_code == r3.status_code == 202
     events = poll(gateway.url, channel, cursor)["events"]
     assert events[0] == {"id": r1.json()["id"], "event": "price", "data": "plain"}
     assert events[1]["event"] == "message"
     assert json.loads(events[1]["data"]) == {"a": [1, 2]}
+    assert events[2]["event"] == "message"  # "event": null is the default name
 
 
 def test_token_is_required_and_checked(gateway, channel):

@@ -245,6 +245,9 @@ def test_readers_woken_together_share_one_read_but_never_a_stale_one(store):
     a publish came after it began: then they read afresh, so sharing never delays an event."""
     hub = Hub(store)
     store.attach(hub)
+    # The listener's first connect wakes every streamed channel (as after any reconnect): let it
+    # happen before the reads below, or it would count as a publish after the first one began.
+    _until(lambda: store.connected, "the listener is connected")
     cursor = store.append("s", "message", "old").id
     gate, calls = threading.Event(), []
     real = store._fetch_now

@@ -16,11 +16,10 @@ from gateway.server import serve  # noqa: E402
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        app = create_app(config=load())
+        serve(create_app(config=load()))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
-    serve(app)
 
 
 if __name__ == "__main__":

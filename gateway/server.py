@@ -14,6 +14,8 @@ import gevent
 from flask import Flask
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from gateway.errors import ConfigError
+
 __all__ = ["serve"]
 
 READ_BUFFER = 1024  # bytes; pywsgi's default is 8 KB per connection
@@ -110,7 +112,13 @@ def serve(app: Flask) -> None:
     gevent.config.track_greenlet_tree = False
     # Flush pushed events once the publishing greenlet yields: a burst shares one write.
     hub.defer = gevent.get_hub().loop.run_callback
-    server.start()
+    try:
+        server.start()
+    except OSError as exc:  # e.g. the port is taken: a config problem, said in one line
+        raise ConfigError(
+            f"server.port: cannot listen on {config.server.host}:{config.server.port} ({exc.strerror}); "
+            "set PORT to a free port or stop what holds it"
+        ) from None
     log.info("gateway listening on http://%s:%d", config.server.host, server.server_port)
     for service in services:
         service.start()

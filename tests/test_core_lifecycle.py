@@ -101,3 +101,12 @@ def test_sigterm_tells_every_stream_to_come_back_and_exits_quickly(start_gateway
     assert held == {"events": [], "cursor": cursor, "gap": False, "more": False}
     assert gw.proc.wait(15) == 0
     assert time.monotonic() - started < 10
+
+
+def test_a_port_in_use_is_one_clear_line(start_gateway):
+    busy = start_gateway({})
+    result = run_app({"PORT": str(busy.port), "GATEWAY_CONFIG": str(ROOT / "config.toml")})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("config error: server.port: cannot listen on") and "PORT" in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr

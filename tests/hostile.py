@@ -20,17 +20,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, require_binary
+from tests.helpers import free_port
 
-__all__ = ["HostileProxy", "HaproxyConf", "start_hostile", "start_haproxy_conf", "MODES"]
+__all__ = ["HostileProxy", "start_hostile", "MODES"]
 
 MODES = ("refuse_upgrade", "fake_101", "refuse_sse", "cache", "first_byte_delay", "lifetime", "sniff", "end_sse")
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -224,68 +222,6 @@ def start_hostile() -> Iterator[Callable[..., HostileProxy]]:
 
     def start(upstream_port: int, mode: str, arg: float = 3.0) -> HostileProxy:
         proxy = HostileProxy(upstream_port, mode, arg)
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        proxy.stop()
-
-
-_HAPROXY = """
-defaults
-    mode http
-    timeout connect 2s
-{defaults}
-frontend fe
-    bind 127.0.0.1:{port}
-    default_backend be
-backend be
-    server gateway 127.0.0.1:{upstream}
-"""
-
-
-class HaproxyConf:
-    """Real haproxy in `mode http` with the given `defaults` lines (timeouts, options)."""
-
-    def __init__(self, upstream_port: int, tmp: Path, defaults: str) -> None:
-        binary = require_binary("haproxy")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        lines = "\n".join("    " + x.strip() for x in defaults.strip().splitlines())
-        conf = tmp / "haproxy.cfg"
-        conf.write_text(_HAPROXY.format(defaults=lines, port=self.port, upstream=upstream_port))
-        self._log = open(tmp / "haproxy.log", "wb")
-        self.proc = subprocess.Popen([binary, "-db", "-f", str(conf)], stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"haproxy did not start:\n{(tmp / 'haproxy.log').read_text(errors='replace')}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-
-
-@pytest.fixture
-def start_haproxy_conf(tmp_path: Path) -> Iterator[Callable[..., HaproxyConf]]:
-    """start_haproxy_conf(upstream_port, defaults) -> a running HaproxyConf; all stopped at teardown."""
-    started: list[HaproxyConf] = []
-
-    def start(upstream_port: int, defaults: str) -> HaproxyConf:
-        proxy = HaproxyConf(upstream_port, tmp_path / f"haproxy-{len(started)}", defaults)
         started.append(proxy)
         return proxy
 

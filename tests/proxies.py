@@ -23,6 +23,7 @@ __all__ = [
     "REALTIME",
     "TcpProxy",
     "start_haproxy",
+    "start_haproxy_conf",
     "start_nginx",
     "start_tcp_proxy",
 ]
@@ -280,9 +281,7 @@ _HAPROXY_CONF = """
 defaults
     mode http
     timeout connect 2s
-    timeout client {timeout}
-    timeout server {timeout}
-    timeout tunnel {timeout}
+{defaults}
 frontend fe
     bind 127.0.0.1:{port}
     default_backend be
@@ -292,29 +291,27 @@ backend be
 
 
 class Haproxy:
-    """Real haproxy in front of a gateway with one idle timeout for requests, responses and tunnels."""
+    """Real haproxy in `mode http` in front of a gateway, with the given `defaults` lines."""
 
-    def __init__(self, upstream_port: int, tmp: Path, timeout: str = "4s") -> None:
+    def __init__(self, upstream_port: int, tmp: Path, defaults: str) -> None:
         binary = require_binary("haproxy")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         tmp.mkdir(parents=True, exist_ok=True)
+        lines = "\n".join("    " + x.strip() for x in defaults.strip().splitlines())
         conf = tmp / "haproxy.cfg"
-        conf.write_text(_HAPROXY_CONF.format(port=self.port, upstream=upstream_port, timeout=timeout))
+        conf.write_text(_HAPROXY_CONF.format(defaults=lines, port=self.port, upstream=upstream_port))
         self._log = open(tmp / "haproxy.log", "wb")
         self.proc = subprocess.Popen([binary, "-db", "-f", str(conf)], stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._log.close()
-                raise RuntimeError(f"haproxy exited at start-up:\n{(tmp / 'haproxy.log').read_text()}")
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError("haproxy did not start listening")
+        raise RuntimeError(f"haproxy did not start:\n{(tmp / 'haproxy.log').read_text(errors='replace')}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -328,15 +325,26 @@ class Haproxy:
 
 
 @pytest.fixture
-def start_haproxy(tmp_path: Path) -> Iterator[Callable[..., Haproxy]]:
-    """start_haproxy(upstream_port, timeout="4s") -> a running Haproxy; all stopped at teardown."""
+def start_haproxy_conf(tmp_path: Path) -> Iterator[Callable[..., Haproxy]]:
+    """start_haproxy_conf(upstream_port, defaults) -> a running Haproxy; all stopped at teardown."""
     started: list[Haproxy] = []
 
-    def start(upstream_port: int, timeout: str = "4s") -> Haproxy:
-        proxy = Haproxy(upstream_port, tmp_path / f"haproxy-{len(started)}", timeout)
+    def start(upstream_port: int, defaults: str) -> Haproxy:
+        proxy = Haproxy(upstream_port, tmp_path / f"haproxy-{len(started)}", defaults)
         started.append(proxy)
         return proxy
 
     yield start
     for proxy in started:
         proxy.stop()
+
+
+@pytest.fixture
+def start_haproxy(start_haproxy_conf: Callable[..., Haproxy]) -> Callable[..., Haproxy]:
+    """start_haproxy(upstream_port, timeout="4s"): one idle timeout for requests, responses, tunnels."""
+
+    def start(upstream_port: int, timeout: str = "4s") -> Haproxy:
+        defaults = f"timeout client {timeout}\ntimeout server {timeout}\ntimeout tunnel {timeout}"
+        return start_haproxy_conf(upstream_port, defaults)
+
+    return start

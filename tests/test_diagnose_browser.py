@@ -20,6 +20,7 @@ from tests.helpers import Gateway
 # Fixtures from the shared modules, bound here (pytest finds fixtures among a module's names).
 browser, diagnose_page = _browser.browser, _browser.diagnose_page
 start_nginx, start_tcp_proxy, start_haproxy = _proxies.start_nginx, _proxies.start_tcp_proxy, _proxies.start_haproxy
+start_haproxy_conf = _proxies.start_haproxy_conf
 
 HOLD = 3  # short holds keep the file near a minute; the cut case needs a hold past nginx's 5 s
 

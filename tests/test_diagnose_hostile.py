@@ -24,8 +24,8 @@ from tests.clients import SSEClient
 from tests.helpers import Gateway
 
 browser, diagnose_page = _browser.browser, _browser.diagnose_page
-start_nginx = _proxies.start_nginx
-start_hostile, start_haproxy_conf = _hostile.start_hostile, _hostile.start_haproxy_conf
+start_nginx, start_haproxy_conf = _proxies.start_nginx, _proxies.start_haproxy_conf
+start_hostile = _hostile.start_hostile
 
 HOLD = 3
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,42 @@ def require_binary(name: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI must have {name}: {reason}")
     pytest.skip(reason)
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+    """Ask a process to end (sig), kill it if it has not after `timeout` s; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+def wait_until(
+    proc: subprocess.Popen, ready: Callable[[], bool], what: str, log: Callable[[], str], timeout: float = 15
+) -> None:
+    """Poll ready() until it is true; fail with the process's log if it exits or time runs out
+    (then the process is stopped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited at start-up:\n{log()}")
+        try:
+            if ready():
+                return
+        except OSError:  # requests' ConnectionError is one too
+            pass
+        time.sleep(0.05)
+    stop_process(proc)
+    raise RuntimeError(f"{what} did not become ready:\n{log()}")
+
+
+def port_open(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
 
 
 def to_toml(data: dict[str, Any]) -> str:
@@ -96,17 +133,10 @@ class Gateway:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited at start-up:\n{self.log()}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"gateway did not become healthy:\n{self.log()}")
+        wait_until(self.proc, self.healthy, "the gateway", self.log)
+
+    def healthy(self) -> bool:
+        return requests.get(self.url + "/healthz", timeout=1).status_code == 200
 
     def publish(self, channel: str, data: str, event: str | None = None) -> str:
         if event is None:
@@ -135,12 +165,6 @@ class Gateway:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        code = stop_process(self.proc, sig, timeout)
         self._log.close()
-        return self.proc.returncode
+        return code

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, require_binary
+from tests.helpers import free_port, port_open, require_binary, stop_process, wait_until
 
 __all__ = [
     "Haproxy",
@@ -113,30 +113,14 @@ class Nginx:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited at start-up:\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"nginx did not start listening:\n{self.log()}")
+        wait_until(self.proc, lambda: port_open(self.port), "nginx", self.log, timeout=10)
 
     def log(self) -> str:
         path = self.dir / "error.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 @pytest.fixture
@@ -303,24 +287,13 @@ class Haproxy:
         conf.write_text(_HAPROXY_CONF.format(defaults=lines, port=self.port, upstream=upstream_port))
         self._log = open(tmp / "haproxy.log", "wb")
         self.proc = subprocess.Popen([binary, "-db", "-f", str(conf)], stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"haproxy did not start:\n{(tmp / 'haproxy.log').read_text(errors='replace')}")
+        log_path = tmp / "haproxy.log"
+        wait_until(
+            self.proc, lambda: port_open(self.port), "haproxy", lambda: log_path.read_text(errors="replace"), timeout=10
+        )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self._log.close()
 
 

@@ -25,7 +25,7 @@ import requests
 import websocket
 
 from tests.clients import SSEClient, WSClient
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_port, stop_process, wait_until
 from tests.redis_server import RedisServer
 
 TOKEN = "contract-token"
@@ -55,16 +55,8 @@ class Shipped:
         self.log_path = tmp / f"shipped-{self.port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(command, cwd=ROOT, env=base, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"gateway did not become healthy: {self.log_path.read_text()}")
+        ready = lambda: requests.get(self.url + "/healthz", timeout=1).status_code == 200  # noqa: E731
+        wait_until(self.proc, ready, "the gateway", lambda: self.log_path.read_text(errors="replace"))
 
     def publish(self, channel: str, data: str, event: str | None = None) -> str:
         body: dict[str, Any] = {"json": {"data": data, "event": event}} if event else {"data": data.encode()}
@@ -78,13 +70,7 @@ class Shipped:
         return r.json()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, timeout=15)
         self._log.close()
 
 

@@ -236,6 +236,31 @@ def _stream_cut_fix(cut: float, ctx: dict[str, Any], keepalive_key: str, keepali
     return advice + "."
 
 
+# The keepalive setting that keeps each stream open through an idle limit.
+_KEEPALIVE = {"sse": ("sse.heartbeat_s", "sse_heartbeat_s"), "websocket": ("websocket.ping_s", "websocket_ping_s")}
+
+
+def _cut_result(
+    what: str,
+    consequence: str,
+    cut: float,
+    idle: float | None,
+    hold: float,
+    ctx: dict[str, Any],
+    kind: str,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """A stream that works but was cut during the hold: degraded, with the keepalive fix."""
+    key, ctx_key = _KEEPALIVE[kind]
+    fix = _stream_cut_fix(idle or cut, ctx, key, _num(ctx.get(ctx_key)))
+    return _result("degraded", f"{what} (hold was {hold:.0f} s); {consequence}", fix, **extra)
+
+
+def _lost_result(burst: dict[str, Any], noun: str, why: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Some of the timed burst never arrived: degraded."""
+    return _result("degraded", f"only {burst['received']} of {burst['expected']} {noun} arrived{why}", None, **extra)
+
+
 def _sse(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     hold = _num(p.get("hold_s")) or 0.0
     burst = analyse_burst(p.get("burst"), ctx["one_way_ms"])
@@ -307,20 +332,10 @@ def _sse(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
         return _buffered_result("degraded", f"events {how}: a proxy buffers the stream", padding, extra)
     latency = _num(burst.get("first_latency_ms"))
     if cut is not None:
-        return _result(
-            "degraded",
-            f"events arrive, but the stream is cut after {_cut_text(cut, idle)} (hold was {hold:.0f} s); "
-            "browsers reconnect, at a cost",
-            _stream_cut_fix(idle or cut, ctx, "sse.heartbeat_s", _num(ctx.get("sse_heartbeat_s"))),
-            **extra,
-        )
+        what = f"events arrive, but the stream is cut after {_cut_text(cut, idle)}"
+        return _cut_result(what, "browsers reconnect, at a cost", cut, idle, hold, ctx, "sse", extra)
     if burst["received"] < burst["expected"]:
-        return _result(
-            "degraded",
-            f"only {burst['received']} of {burst['expected']} test events arrived: something on the path drops them",
-            None,
-            **extra,
-        )
+        return _lost_result(burst, "test events", ": something on the path drops them", extra)
     alive = _dict(p.get("alive"))
     if alive and not alive.get("arrived"):
         return _result(
@@ -443,20 +458,10 @@ def _websocket(p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
             **extra,
         )
     if cut is not None:
-        return _result(
-            "degraded",
-            f"works, but the connection is closed after {_cut_text(cut, idle)} (hold was {hold:.0f} s); "
-            "clients must reconnect",
-            _stream_cut_fix(idle or cut, ctx, "websocket.ping_s", _num(ctx.get("websocket_ping_s"))),
-            **extra,
-        )
+        what = f"works, but the connection is closed after {_cut_text(cut, idle)}"
+        return _cut_result(what, "clients must reconnect", cut, idle, hold, ctx, "websocket", extra)
     if burst["received"] < burst["expected"]:
-        return _result(
-            "degraded",
-            f"only {burst['received']} of {burst['expected']} test frames from the server arrived",
-            None,
-            **extra,
-        )
+        return _lost_result(burst, "test frames from the server", "", extra)
     if alive and not alive.get("arrived"):
         return _result(
             "degraded",

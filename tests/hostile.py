@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.helpers import free_port
+from tests.proxies import LoopbackRelay, stopped_at_exit
 
 __all__ = ["HostileProxy", "start_hostile", "MODES"]
 
@@ -71,36 +71,17 @@ def _answer(status: str, body: bytes, ctype: str = "text/plain") -> bytes:
     return head.encode() + body
 
 
-class HostileProxy:
+class HostileProxy(LoopbackRelay):
     """One hostile proxy on a free loopback port (see the module docstring for the modes)."""
 
     def __init__(self, upstream_port: int, mode: str, arg: float = 3.0) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
-        self.upstream_port, self.mode, self.arg = upstream_port, mode, arg
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.mode, self.arg = mode, arg
         self.cache: dict[bytes, tuple[float, bytes]] = {}
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream_port)
 
-    def _track(self, *socks: socket.socket) -> None:
-        with self._lock:
-            self._sockets += socks
-
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            self._track(client)
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
+    def _handle(self, client: socket.socket) -> None:
         opened = time.monotonic()
         try:
             head, rest = _read_head(client, opened + 10)
@@ -203,28 +184,9 @@ class HostileProxy:
                 pass
             s.close()
 
-    def stop(self) -> None:
-        self._stopping.set()
-        self._listener.close()
-        with self._lock:
-            socks, self._sockets = self._sockets, []
-        for s in socks:
-            try:
-                s.close()
-            except OSError:
-                pass
-
 
 @pytest.fixture
 def start_hostile() -> Iterator[Callable[..., HostileProxy]]:
     """start_hostile(upstream_port, mode, arg=3.0) -> a running HostileProxy; all stopped at teardown."""
-    started: list[HostileProxy] = []
-
-    def start(upstream_port: int, mode: str, arg: float = 3.0) -> HostileProxy:
-        proxy = HostileProxy(upstream_port, mode, arg)
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        proxy.stop()
+    with stopped_at_exit(HostileProxy) as start:
+        yield start

@@ -10,7 +10,9 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,21 +140,24 @@ def start_nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
         proxy.stop()
 
 
-class TcpProxy:
-    """A hostile TCP proxy on a free loopback port, for paths nginx cannot imitate:
-    - mode "blackhole_ws": relays HTTP, accepts WebSocket upgrades, then relays no frames;
-    - mode "flush_every": holds what the server sends and releases it every `interval` seconds
-      (a buffering proxy of another kind: events arrive bunched, not missing);
-    - mode "delay": delivers every chunk `interval` seconds late, both ways, in order (a slow link)."""
+class LoopbackRelay:
+    """A threaded TCP server on a free loopback port in front of `upstream_port`: a thread per
+    connection runs `_handle(client)`; every socket is tracked so that stop() ends them all.
+    Subclasses set their own attributes before calling this __init__ (it starts accepting)."""
 
-    def __init__(self, upstream_port: int, mode: str, interval: float = 2.0) -> None:
-        self.upstream_port, self.mode, self.interval = upstream_port, mode, interval
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._listener = socket.create_server(("127.0.0.1", self.port))
         self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def _track(self, *socks: socket.socket) -> None:
+        with self._lock:
+            self._sockets += socks
 
     def _accept(self) -> None:
         while not self._stopping.is_set():
@@ -160,16 +165,62 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            self._track(client)
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+
+    def _handle(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._listener.close()
+        with self._lock:
+            socks, self._sockets = self._sockets, []
+        for s in socks:
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+                s.close()
             except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            self._sockets += [client, upstream]
-            state = {"upgraded": False}
-            threading.Thread(target=self._pipe, args=(client, upstream, state, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, state, True), daemon=True).start()
+                pass
+
+
+@contextmanager
+def stopped_at_exit(factory: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """A fixture's `start(...)`: builds with factory and stops everything it built at exit."""
+    started: list[Any] = []
+
+    def start(*args: Any, **kwargs: Any) -> Any:
+        started.append(factory(*args, **kwargs))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for item in started:
+            item.stop()
+
+
+class TcpProxy(LoopbackRelay):
+    """A hostile TCP proxy on a free loopback port, for paths nginx cannot imitate:
+    - mode "blackhole_ws": relays HTTP, accepts WebSocket upgrades, then relays no frames;
+    - mode "flush_every": holds what the server sends and releases it every `interval` seconds
+      (a buffering proxy of another kind: events arrive bunched, not missing);
+    - mode "delay": delivers every chunk `interval` seconds late, both ways, in order (a slow link)."""
+
+    def __init__(self, upstream_port: int, mode: str, interval: float = 2.0) -> None:
+        self.mode, self.interval = mode, interval
+        super().__init__(upstream_port)
+
+    def _handle(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        self._track(upstream)
+        state = {"upgraded": False}
+        threading.Thread(target=self._pipe, args=(client, upstream, state, False), daemon=True).start()
+        self._pipe(upstream, client, state, True)
 
     def _pipe(self, src: socket.socket, dst: socket.socket, state: dict, downstream: bool) -> None:
         if self.mode == "delay":
@@ -236,29 +287,12 @@ class TcpProxy:
             if not data:
                 return
 
-    def stop(self) -> None:
-        self._stopping.set()
-        self._listener.close()
-        for s in self._sockets:
-            try:
-                s.close()
-            except OSError:
-                pass
-
 
 @pytest.fixture
 def start_tcp_proxy() -> Iterator[Callable[..., TcpProxy]]:
     """start_tcp_proxy(upstream_port, mode, interval=2.0) -> a running TcpProxy; stopped at teardown."""
-    started: list[TcpProxy] = []
-
-    def start(upstream_port: int, mode: str, interval: float = 2.0) -> TcpProxy:
-        proxy = TcpProxy(upstream_port, mode, interval)
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        proxy.stop()
+    with stopped_at_exit(TcpProxy) as start:
+        yield start
 
 
 _HAPROXY_CONF = """

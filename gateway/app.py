@@ -12,10 +12,12 @@ from werkzeug.routing import WebsocketMismatch
 
 from gateway import config as config_mod
 from gateway import cors, diagnose, proxy, publish, site, sources, status
+from gateway.clients import TrustedProxies
 from gateway.config import Config
 from gateway.demo import Ticker
 from gateway.errors import BadRequest, error_response
 from gateway.hub import make_hub
+from gateway.state import State, install
 from gateway.transports import BLUEPRINTS, ws
 
 __all__ = ["create_app"]
@@ -33,14 +35,9 @@ def create_app(overrides: dict[str, Any] | None = None, *, config: Config | None
     app = Flask("gateway", root_path=str(ROOT), template_folder="templates", static_folder="static")
     app.json.sort_keys = False
     hub = make_hub(config)
-    app.extensions["gateway.config"] = config
-    app.extensions["gateway.hub"] = hub
-    # channel -> callable(text): client WebSocket frames on that channel go to an upstream.
-    app.extensions["gateway.upstream_writers"] = {}
-    # Background work (tickers, upstream sources) that the server starts and stops.
-    app.extensions["gateway.services"] = []
+    st = install(app, State(config=config, hub=hub, trusted=TrustedProxies(config.server.trusted_proxies)))
     if config.demo.channel:
-        app.extensions["gateway.services"].append(Ticker(hub, config.demo.channel, config.demo.interval_s))
+        st.services.append(Ticker(hub, config.demo.channel, config.demo.interval_s))
 
     ws.init_app(app)
     cors.init_app(app)

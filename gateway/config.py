@@ -36,9 +36,18 @@ class ServerConfig:
     operator_token: str = ""
     access_log: bool = True
     stall_timeout_s: float = 120.0
+    trusted_proxies: list[str] = field(default_factory=list)  # addresses/CIDRs whose X-Forwarded-For names the client
+    log_format: str = "text"  # "text" | "json": connection and access log lines
+    workers: int = 0  # gateway processes on one port; 0 = $WEB_CONCURRENCY, else 1
 
     def _check(self) -> None:
         _range("server.port", self.port, 0, 65535)
+        _range("server.workers", self.workers, 0, 256)
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f'server.log_format: must be "text" or "json", not {self.log_format!r}')
+        from gateway.clients import TrustedProxies  # validates each entry with a one-line error
+
+        TrustedProxies(self.trusted_proxies)
         _range("server.max_body_bytes", self.max_body_bytes, 1, 1 << 31)
         _range("server.shutdown_grace_s", self.shutdown_grace_s, 0, 25)
         _range("server.stall_timeout_s", self.stall_timeout_s, 1, 86400)
@@ -201,6 +210,60 @@ class DiagnoseConfig:
 
 
 @dataclass
+class AuthConfig:
+    secret: str = ""  # HS256 key for subscriber/publisher tokens (JWT); env GATEWAY_AUTH_SECRET
+    upstream_url: str = ""  # ask the app: GET <url>?channel=&transport= with the client's Cookie/Authorization
+    public: list[str] = field(default_factory=list)  # channel patterns anyone may read without authorization
+    leeway_s: float = 30.0  # clock skew allowed when checking a token's exp (and nbf/iat)
+    cache_s: float = 5.0  # how long an answer of the app is reused per credential and channel; 0 = never
+    cache_size: int = 10_000  # most answers kept (oldest dropped first)
+    upstream_timeout_s: float = 5.0  # no answer within this -> 503, never an allow
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secret or self.upstream_url)
+
+    def _check(self) -> None:
+        if self.upstream_url and not self.upstream_url.startswith(("http://", "https://")):
+            raise ConfigError("auth.upstream_url: must be an http:// or https:// URL, or empty")
+        if self.secret and self.secret != self.secret.strip():
+            raise ConfigError("auth.secret: starts or ends with whitespace or a line break; remove it")
+        if self.secret and len(self.secret) < 16:
+            raise ConfigError("auth.secret: too short to sign tokens safely; use at least 16 characters (32+ random)")
+        _range("auth.leeway_s", self.leeway_s, 0, 3600)
+        _range("auth.cache_s", self.cache_s, 0, 3600)
+        _range("auth.cache_size", self.cache_size, 1, 10_000_000)
+        _range("auth.upstream_timeout_s", self.upstream_timeout_s, 0.1, 5.0)
+        for i, pattern in enumerate(self.public):
+            if not pattern or any(c.isspace() for c in pattern):
+                raise ConfigError(f'auth.public[{i}]: must be a channel pattern like "news.*", not {pattern!r}')
+
+
+@dataclass
+class LimitsConfig:
+    max_connections: int = 0  # open streams and held polls in this process; 0 = no limit
+    max_connections_per_client: int = 0  # the same per client address; 0 = no limit
+    max_channels_per_connection: int = 50
+    connect_rate_per_client: float = 0.0  # new connections per second per client (burst 4x); 0 = no limit
+    max_channels: int = 0  # channels alive in one process; 0 = no limit
+    max_subscribers_per_channel: int = 0  # 0 = no limit
+    publish_rate_per_token: float = 0.0  # publishes per second per token or client (burst 4x); 0 = no limit
+    ws_publish_rate: float = 20.0  # WebSocket client frames published per second per connection (burst 4x)
+    slow_consumer_bytes: int = 1_048_576  # unsent backlog above this disconnects a subscriber
+
+    def _check(self) -> None:
+        _range("limits.max_connections", self.max_connections, 0, 10_000_000)
+        _range("limits.max_connections_per_client", self.max_connections_per_client, 0, 10_000_000)
+        _range("limits.max_channels_per_connection", self.max_channels_per_connection, 1, 10_000)
+        _range("limits.connect_rate_per_client", self.connect_rate_per_client, 0, 1_000_000)
+        _range("limits.max_channels", self.max_channels, 0, 100_000_000)
+        _range("limits.max_subscribers_per_channel", self.max_subscribers_per_channel, 0, 100_000_000)
+        _range("limits.publish_rate_per_token", self.publish_rate_per_token, 0, 1_000_000)
+        _range("limits.ws_publish_rate", self.ws_publish_rate, 0, 1_000_000)
+        _range("limits.slow_consumer_bytes", self.slow_consumer_bytes, 4096, 1 << 31)
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
@@ -212,9 +275,12 @@ class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def _check(self) -> None:
-        for name in ("server", "history", "poll", "sse", "websocket", "demo", "proxy", "redis", "diagnose"):
+        sections = ("server", "history", "poll", "sse", "websocket", "demo", "proxy", "redis", "diagnose", "auth")
+        for name in (*sections, "limits"):
             getattr(self, name)._check()
         for i, source in enumerate(self.sources):
             source._check(f"sources[{i}]")
@@ -226,6 +292,7 @@ ENV_OVERRIDES = {
     "GATEWAY_PUBLISH_TOKEN": ("server", "publish_token"),
     "GATEWAY_OPERATOR_TOKEN": ("server", "operator_token"),
     "REDIS_URL": ("redis", "url"),
+    "GATEWAY_AUTH_SECRET": ("auth", "secret"),
 }
 
 

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, request
 
 from gateway.errors import error_response
+from gateway.state import state
 
 __all__ = ["init_app", "is_owned", "host_matches"]
 
@@ -63,7 +64,7 @@ def host_matches(netloc: str, host: str, headers: Mapping[str, str]) -> bool:
 
 
 def init_app(app: Flask) -> None:
-    allowed = set(app.extensions["gateway.config"].server.allowed_origins)
+    allowed = set(state(app).config.server.allowed_origins)
 
     def origin_ok(origin: str) -> bool:
         return "*" in allowed or origin in allowed or _same_origin(origin)

@@ -22,6 +22,7 @@ from urllib3.util import SKIP_HEADER
 
 from gateway.cors import is_owned
 from gateway.errors import error_response
+from gateway.state import state
 
 __all__ = ["init_app"]
 
@@ -45,7 +46,7 @@ HOP_BY_HOP = frozenset(
 
 
 def init_app(app: Flask) -> None:
-    cfg = app.extensions["gateway.config"].proxy
+    cfg = state(app).config.proxy
     if not cfg.upstream:
         return
     http = requests.Session()

@@ -15,6 +15,7 @@ from flask import Flask
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from gateway.errors import ConfigError
+from gateway.state import state
 
 __all__ = ["serve"]
 
@@ -94,9 +95,8 @@ def serve(app: Flask) -> None:
     """Serve until SIGTERM/SIGINT, then: stop accepting, tell every stream to come back later
     (SSE: a retry hint, WebSocket: close 1012, long poll: answer now), and exit within the
     grace period (well inside Heroku's 30 s)."""
-    config = app.extensions["gateway.config"]
-    hub = app.extensions["gateway.hub"]
-    services = app.extensions["gateway.services"]
+    st = state(app)
+    config, hub, services = st.config, st.hub, st.services
     server = WSGIServer(
         (config.server.host, config.server.port),
         app,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
+
+from gateway.state import state
 
 __all__ = ["bp"]
 
@@ -11,8 +13,8 @@ bp = Blueprint("status", __name__)
 
 @bp.get("/status")
 def status() -> Response:
-    sources = current_app.extensions.get("gateway.sources", [])
-    proxy = current_app.extensions["gateway.config"].proxy.upstream
+    st = state()
+    sources, proxy = st.sources, st.config.proxy.upstream
     response = jsonify(sources=[s.status() for s in sources], proxy={"enabled": bool(proxy)})
     response.headers["Cache-Control"] = "no-store"
     return response

@@ -24,6 +24,7 @@ from gateway.diagnose.reports import (
     validate,
 )
 from gateway.errors import BadRequest
+from gateway.state import state
 from tests.browser import browser  # noqa: F401 (fixture)
 from tests.helpers import Gateway
 from tests.redis_server import RedisServer
@@ -309,7 +310,7 @@ def test_the_app_shares_reports_through_redis(redis_url: RedisServer) -> None:
         assert body["source"] == "redis" and len(body["reports"]) == 1
     finally:
         for app in apps:
-            app.extensions["gateway.hub"].store.close()
+            state(app).hub.store.close()
 
 
 # -- the share buttons, in a real browser ------------------------------------------------------------

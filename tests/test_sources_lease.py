@@ -20,6 +20,7 @@ from gateway.app import create_app
 from gateway.config import RedisConfig, SourceConfig, from_mapping
 from gateway.errors import ConfigError
 from gateway.sources.lease import LeaseStore
+from gateway.state import state
 from tests.clients import SSEClient, poll
 from tests.helpers import Gateway
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
@@ -144,7 +145,7 @@ def test_lease_ttl_config_and_memory_hub_has_no_lease() -> None:
     with pytest.raises(ConfigError, match=r"sources\[0\]\.lease_ttl_s"):
         from_mapping({"sources": [{"kind": "sse", "url": "http://x/e", "channel": "c", "lease_ttl_s": 0.1}]})
     app = create_app({"sources": [{"kind": "sse", "url": "http://127.0.0.1:1/e", "channel": "c"}]})
-    (source,) = app.extensions["gateway.sources"]
+    (source,) = state(app).sources
     assert source.lease is None and source._lead() and source._active()  # always the leader
     assert app.test_client().get("/status").json["sources"][0]["lease"] is None
 

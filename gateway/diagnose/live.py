@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 
-from flask import Blueprint, current_app, render_template, request
+from flask import Blueprint, render_template, request
 
 from gateway.errors import BadRequest
 from gateway.names import check_channel
+from gateway.state import state
 
 __all__ = ["bp"]
 
@@ -22,7 +23,7 @@ DEFAULT_CHANNEL = "demo"
 
 @bp.get("/diagnose/live")
 def live() -> str:
-    cfg = current_app.extensions["gateway.config"]
+    cfg = state().config
     channel = check_channel(request.args.get("channel") or cfg.demo.channel or DEFAULT_CHANNEL)
     options = {
         "channel": channel,

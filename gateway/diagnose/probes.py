@@ -12,16 +12,18 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, render_template, request
+from flask import Blueprint, Flask, Response, g, jsonify, render_template, request
 
 from gateway.diagnose import DIAG_PREFIX, is_diag_channel
 from gateway.diagnose.facts import path_facts, request_record
 from gateway.diagnose.verdict import verdict
 from gateway.errors import BadRequest
 from gateway.names import check_channel
+from gateway.state import state
 from gateway.transports.common import config, hub
 
 __all__ = ["bp", "init_app", "RateLimit"]
@@ -80,10 +82,20 @@ class SeenLog:
             return list(self._log.get(channel, []))
 
 
+@dataclass
+class ProbeState:
+    """What the probe endpoints keep per app."""
+
+    share_script: Path
+    limit: RateLimit = field(default_factory=RateLimit)
+    seen: SeenLog = field(default_factory=SeenLog)
+    in_flight: int = 0  # bursts scheduled right now, across all clients
+
+
 def init_app(app: Flask) -> None:
-    app.extensions["gateway.diagnose"] = {"limit": RateLimit(), "seen": SeenLog(), "in_flight": [0]}
+    probe = ProbeState(share_script=Path(app.static_folder or "static") / "diagnose-share.js")
+    state(app).parts[ProbeState] = probe
     app.register_blueprint(bp)
-    share = Path(app.static_folder or "static") / "diagnose-share.js"
 
     def _record_probe_request() -> None:
         for prefix, transport in _TRANSPORT_PATHS.items():
@@ -91,7 +103,7 @@ def init_app(app: Flask) -> None:
                 channel = request.path[len(prefix) :]
                 record = request_record(request, transport)
                 record["t_ms"] = int(time.time() * 1000)
-                app.extensions["gateway.diagnose"]["seen"].add(channel[:128], record)
+                probe.seen.add(channel[:128], record)
                 g.diag_record = record
                 return
 
@@ -108,11 +120,10 @@ def init_app(app: Flask) -> None:
 
     # First in line, so requests that a later check (origin, bad input) refuses are recorded too.
     app.before_request_funcs.setdefault(None, []).insert(0, _record_probe_request)
-    app.extensions["gateway.diagnose"]["share_script"] = share
 
 
-def _state() -> dict[str, Any]:
-    return current_app.extensions["gateway.diagnose"]
+def _state() -> ProbeState:
+    return state().part(ProbeState)
 
 
 def _client_key() -> str:
@@ -123,7 +134,7 @@ def _client_key() -> str:
 
 
 def _rate_limited() -> None:
-    if not _state()["limit"].allow(_client_key()):
+    if not _state().limit.allow(_client_key()):
         raise BadRequest("rate_limited", "too many diagnostic requests from this client; wait a few seconds", 429)
 
 
@@ -175,7 +186,7 @@ def page() -> str:
         mode=mode,
         quick_hold=cfg.hold_s,
         thorough_hold=cfg.thorough_hold_s,
-        share_script=_state()["share_script"].exists(),
+        share_script=_state().share_script.exists(),
         # Relative, so the page still works where a proxy mounts the gateway under a path prefix.
         static="../static/" if request.path.endswith("/") else "static/",
     )
@@ -211,11 +222,11 @@ def burst() -> tuple[Response, int]:
     gap_ms = _int_arg("gap_ms", 300, 0, MAX_GAP_MS)
     delay_ms = _int_arg("delay_ms", 0, 0, MAX_DELAY_MS)
     tag = "".join(c for c in request.args.get("tag", "burst")[:32] if c.isalnum() or c in "-_") or "burst"
-    state = _state()
-    if state["in_flight"][0] >= MAX_IN_FLIGHT:
+    probe = _state()
+    if probe.in_flight >= MAX_IN_FLIGHT:
         raise BadRequest("busy", "too many diagnostic bursts in flight; try again in a few seconds", 503)
     gateway = hub()
-    state["in_flight"][0] += 1
+    probe.in_flight += 1
 
     def run() -> None:
         try:
@@ -229,7 +240,7 @@ def burst() -> tuple[Response, int]:
                 data = json.dumps({"seq": seq, "n": n, "tag": tag, "sent_ms": int(time.time() * 1000)})
                 gateway.publish(channel, data, tag)
         finally:
-            state["in_flight"][0] -= 1
+            probe.in_flight -= 1
 
     threading.Thread(target=run, daemon=True, name=f"diag-burst-{channel}").start()
     body = {"channel": channel, "n": n, "gap_ms": gap_ms, "delay_ms": delay_ms, "tag": tag}
@@ -242,7 +253,7 @@ def burst() -> tuple[Response, int]:
 @bp.get("/diagnose/seen")
 def seen() -> Response:
     channel = _diag_channel(request.args.get("channel"))
-    response = jsonify(channel=channel, requests=_state()["seen"].get(channel))
+    response = jsonify(channel=channel, requests=_state().seen.get(channel))
     response.headers["Cache-Control"] = "no-store"
     return response
 

@@ -16,12 +16,13 @@ import time
 from collections import deque
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request
+from flask import Blueprint, Flask, Response, jsonify, render_template, request
 
 from gateway.bodies import read_limited
 from gateway.config import Config
 from gateway.diagnose.probes import RateLimit
 from gateway.errors import BadRequest
+from gateway.state import state
 
 __all__ = [
     "bp",
@@ -49,14 +50,17 @@ REDIS_KEY = "diagnose:reports"  # after redis.prefix, beside the hub's "<prefix>
 # but one sender cannot push everyone else's reports out in a moment.
 REPORT_BURST, REPORTS_PER_S = 30.0, 0.1
 SHOWN_ROWS = 200  # rows on the HTML page; the summary and the JSON cover every report
-_EXTENSION = "gateway.diagnose_reports"
-_LIMIT = "gateway.diagnose_reports_limit"
+
+
+class _ReportLimit(RateLimit):
+    """The reports' own per-client rate limit (apart from the probes')."""
 
 
 def init_app(app: Flask) -> None:
     """Create the report store for this app and register the routes."""
-    app.extensions[_EXTENSION] = Reports.from_config(app.extensions["gateway.config"])
-    app.extensions[_LIMIT] = RateLimit(rate=REPORTS_PER_S, burst=REPORT_BURST)
+    st = state(app)
+    st.parts[Reports] = Reports.from_config(st.config)
+    st.parts[_ReportLimit] = _ReportLimit(rate=REPORTS_PER_S, burst=REPORT_BURST)
     app.register_blueprint(bp)
 
 
@@ -199,7 +203,7 @@ def _loads(raw: bytes) -> dict[str, Any] | None:
 
 
 def _reports() -> Reports:
-    return current_app.extensions[_EXTENSION]
+    return state().part(Reports)
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -212,7 +216,7 @@ def submit() -> tuple[Response, int]:
             "this gateway keeps no reports (diagnose.max_reports = 0); ask its operator to set diagnose.max_reports",
             403,
         )
-    if not current_app.extensions[_LIMIT].allow(request.remote_addr or ""):
+    if not state().part(_ReportLimit).allow(request.remote_addr or ""):
         raise BadRequest("too_many_reports", "too many reports from this address; try again in a minute", 429)
     diagnosis = validate(_read_json(MAX_REPORT_BYTES))
     record = summarize(
@@ -265,7 +269,7 @@ def _read_json(limit: int) -> Any:
 
 
 def _check_operator() -> None:
-    expected = current_app.extensions["gateway.config"].server.operator_token
+    expected = state().config.server.operator_token
     if not expected:
         raise BadRequest(
             "operator_view_off",

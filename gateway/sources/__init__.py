@@ -10,6 +10,7 @@ from gateway.sources.base import Source, UpstreamError
 from gateway.sources.poll import PollSource
 from gateway.sources.sse import SSESource
 from gateway.sources.websocket import WebSocketSource
+from gateway.state import state
 
 __all__ = ["init_app", "make_source", "Source", "UpstreamError", "SSESource", "PollSource", "WebSocketSource"]
 
@@ -22,8 +23,8 @@ def make_source(cfg: SourceConfig, hub: Hub) -> Source:
 
 def init_app(app: Flask) -> None:
     """Build one source per config entry as a service; /status reads them from the app."""
-    hub = app.extensions["gateway.hub"]
-    config = app.extensions["gateway.config"]
+    st = state(app)
+    hub, config = st.hub, st.config
     sources = [make_source(cfg, hub) for cfg in config.sources]
     if config.redis.url and sources:
         # Processes share channels through Redis: each upstream is relayed by the one holding its lease.
@@ -33,8 +34,8 @@ def init_app(app: Flask) -> None:
         leases = LeaseStore(config.redis, timeout)
         for source in sources:
             source.use_lease(leases.lease(source.cfg))
-    app.extensions["gateway.sources"] = sources
-    app.extensions["gateway.services"].extend(sources)
+    st.sources = sources
+    st.services.extend(sources)
     for source in sources:
         if isinstance(source, WebSocketSource) and source.cfg.forward_client_messages:
-            app.extensions["gateway.upstream_writers"][source.cfg.channel] = source.send
+            st.upstream_writers[source.cfg.channel] = source.send

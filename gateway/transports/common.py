@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from flask import current_app, request
+from flask import request
 
 from gateway.config import Config
 from gateway.hub import Hub
 from gateway.ids import parse
 from gateway.names import check_channel
+from gateway.state import state
 
 __all__ = ["hub", "config", "channel_arg", "since_arg"]
 
 
 def hub() -> Hub:
-    return current_app.extensions["gateway.hub"]
+    return state().hub
 
 
 def config() -> Config:
-    return current_app.extensions["gateway.config"]
+    return state().config
 
 
 def channel_arg(channel: str) -> str:

@@ -9,6 +9,7 @@ from flask.blueprints import BlueprintSetupState
 
 from gateway.config import PollConfig
 from gateway.errors import BadRequest
+from gateway.state import state
 from gateway.transports.common import channel_arg, config, hub, since_arg
 from gateway.transports.fastpoll import FastLongPoll
 
@@ -18,10 +19,10 @@ bp = Blueprint("poll", __name__)
 
 
 @bp.record_once
-def _install_fast_path(state: BlueprintSetupState) -> None:
+def _install_fast_path(setup: BlueprintSetupState) -> None:
     """Plain long polls skip Flask's per-request machinery (see fastpoll.py)."""
-    app = state.app
-    app.wsgi_app = FastLongPoll(app.wsgi_app, app.extensions["gateway.hub"], app.extensions["gateway.config"], _timeout)
+    app = setup.app
+    app.wsgi_app = FastLongPoll(app.wsgi_app, state(app).hub, state(app).config, _timeout)
 
 
 @bp.get("/poll/", defaults={"channel": ""})

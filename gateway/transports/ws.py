@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, g, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from werkzeug.routing import WebsocketMismatch
@@ -19,6 +19,7 @@ from wsproto.utilities import RemoteProtocolError
 from gateway.diagnose import is_diag_channel
 from gateway.errors import BadRequest, error_response
 from gateway.hub import Hub
+from gateway.state import state
 from gateway.transports.common import channel_arg, config, hub, since_arg
 from gateway.transports.push import Pusher, ws_encode
 
@@ -34,7 +35,7 @@ POLICY_VIOLATION = 1008  # close code: no pong to our ping
 
 
 def init_app(app: Any) -> None:
-    cfg = app.extensions["gateway.config"]
+    cfg = state(app).config
     # No ping_interval: the stream's own greenlet pings (see stream()), so simple-websocket's
     # reader needs no selector and each connection one greenlet less.
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": cfg.server.max_body_bytes, "thread_class": _HeldReader}
@@ -92,7 +93,7 @@ def stream(ws: Any, channel: str) -> None:
     ws.event = pusher.wakeup
     # A bare thread (a greenlet under gevent): a threading.Thread object costs ~2 KB more.
     _thread.start_new_thread(ws.thread.target, ())
-    forward = current_app.extensions["gateway.upstream_writers"].get(channel)
+    forward = state().upstream_writers.get(channel)
     allowed = (
         forward is not None
         or is_diag_channel(channel)

@@ -18,8 +18,8 @@ import websocket
 from gateway.config import from_mapping
 from gateway.errors import BadRequest, ConfigError
 from gateway.hub import Batch, Hub, MemoryStore
-from gateway.hub import redis as redis_store
 from gateway.hub.redis import RedisStore
+from gateway.hub.redis import listener as redis_listener
 from tests.clients import SSEClient, WSClient, longpoll, poll
 from tests.helpers import TOKEN, Gateway
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
@@ -196,15 +196,15 @@ def test_streams_still_read_when_only_the_subscription_is_refused(redis_server):
 
 
 def test_a_silently_dead_subscription_is_noticed_and_renewed(redis_server, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(redis_store, "KEEPALIVE_S", 0.1)
-    monkeypatch.setattr(redis_store, "ECHO_TIMEOUT_S", 0.6)
+    monkeypatch.setattr(redis_listener, "KEEPALIVE_S", 0.1)
+    monkeypatch.setattr(redis_listener, "ECHO_TIMEOUT_S", 0.6)
     s, hub = _attached(redis_server.url, f"d{uuid.uuid4().hex[:8]}:")
     try:
-        first = s._pubsub
+        first = s._listener.pubsub
         time.sleep(1.5)
-        assert s._pubsub is first  # echoes keep coming back: no reconnect
+        assert s._listener.pubsub is first  # echoes keep coming back: no reconnect
         first.unsubscribe()  # from now on nothing arrives, and nothing fails either
-        _until(lambda: s._pubsub is not first and s.connected, "the listener subscribed afresh", timeout=5)
+        _until(lambda: s._listener.pubsub is not first and s.connected, "the listener subscribed afresh", timeout=5)
     finally:
         s.close()
 

@@ -1,0 +1,224 @@
+"""RedisStore: the Store protocol (see hub.py) over Redis Streams."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from gateway.hub.events import Batch, Event
+from gateway.hub.hub import Hub
+from gateway.hub.redis.connection import ErrorReporter, connect
+from gateway.hub.redis.listener import Listener
+from gateway.hub.redis.scripts import APPEND, READ, event_from_entry
+from gateway.ids import ZERO, format_id, parse
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger("gateway.hub.redis")
+
+FLIGHT_WAIT_S = 30.0  # bound on waiting for another reader's identical read (its own timeouts come first)
+
+
+class RedisStore:
+    """The Store protocol over Redis; attach(hub) starts the cross-process wake-ups."""
+
+    def __init__(
+        self,
+        url: str,
+        size: int,
+        max_age_s: float,
+        prefix: str = "gw:",
+        tls_verify: bool = True,
+        max_connections: int = 50,
+    ) -> None:
+        self._size = size
+        self._max_age_ms = max(1, int(max_age_s * 1000))
+        # Keys outlive their last event for a while, so a reader who comes back with the last id
+        # is still recognised; channels somebody streams here are kept alive by the listener.
+        self._ttl_ms = 2 * self._max_age_ms + 60_000
+        self._prefix = prefix
+        self._topic = f"{prefix}notify"
+        self._index = f"{prefix}channels"
+        self._node = uuid.uuid4().hex[:12]
+        self._client, listen_client = connect(url, tls_verify, max_connections)
+        self._append = self._client.register_script(APPEND)
+        self._read = self._client.register_script(READ)
+        self._errors = ErrorReporter()
+        self._hub: Hub | None = None
+        self._local: set[str] = set()  # channels with streaming readers in this process
+        self._listener = Listener(
+            listen_client, self._topic, self._node, self._wake, self._on_connect, self._keep_alive
+        )
+        self._listen_client = listen_client
+        self._flights: dict[tuple[str, str, int], _Flight] = {}  # reads in progress, see _fetch
+        self._gens: dict[str, int] = {}  # channels streamed here -> count of wake-ups so far
+
+    @property
+    def connected(self) -> bool:
+        """The listener's view: subscribed to the notify topic right now."""
+        return self._listener.connected
+
+    # -- wiring --------------------------------------------------------------------------
+    def attach(self, hub: Hub) -> None:
+        """Wake `hub`'s readers on events published by other processes (a background thread)."""
+        self._hub = hub
+        hub.add_listener(self._on_subscribers)
+        self._listener.start()
+
+    # -- the Store protocol ----------------------------------------------------------------
+    def append(self, channel: str, event: str, data: str, idempotency_key: str | None = None) -> Event:
+        # TODO(ops branch): honour idempotency_key atomically in APPEND (contract "Publishing retries").
+        message = f"{self._node} {channel}"
+        args = [event, data, self._size, self._max_age_ms, self._ttl_ms, self._topic, message, channel]
+        try:
+            id_, prev = self._append(keys=[self._key(channel), self._index], args=args)
+        except RedisError as exc:
+            raise self._errors.unavailable("publish", exc) from None
+        self._bump(channel)  # before the hub wakes this process's readers
+        key = parse(id_)
+        return Event(id_, event, data, key, prev, key[0] / 1000)
+
+    def read(self, channel: str, since: str | None, limit: int) -> Batch:
+        key = parse(since) if since is not None else None
+        canonical = format_id(key) if key is not None else ""
+        # A stream's reader (it holds a cursor) waits out an outage: "nothing new yet", and the
+        # listener wakes it once it has reconnected. While the listener cannot reach Redis we do
+        # not even try, so thousands of heartbeats do not hammer a dead server.
+        waits_out = since is not None and channel in self._local
+        if waits_out and self._listener.offline:
+            return Batch([], since)
+        try:
+            last, known, events, more = self._fetch(channel, canonical, limit)
+        except RedisError as exc:
+            if waits_out:
+                return Batch([], since)
+            raise self._errors.unavailable("read", exc) from None
+        if not last:
+            return Batch([], ZERO, gap=canonical not in ("", ZERO))
+        if not events:
+            return Batch([], last, gap=not known)
+        return Batch(list(events), events[-1].id, gap=not known, more=more)
+
+    def last_id(self, channel: str) -> str:
+        try:
+            top = self._client.xrevrange(self._key(channel), count=1)
+        except RedisError as exc:
+            raise self._errors.unavailable("read", exc) from None
+        return top[0][0] if top else ZERO
+
+    def channels(self) -> list[str]:
+        """Channels published to within a key's lifetime (an index, not a SCAN of the keyspace:
+        /healthz and / call this, and Redis may hold millions of other keys)."""
+        since_ms = int(time.time() * 1000) - self._ttl_ms
+        try:
+            return self._client.zrangebyscore(self._index, since_ms, "+inf")
+        except RedisError as exc:
+            raise self._errors.unavailable("list channels", exc) from None
+
+    def sweep(self, busy: Callable[[str], bool]) -> int:
+        return 0  # Redis trims on append and expires idle channels itself
+
+    def close(self) -> None:
+        self._listener.stop()
+        self._client.close()
+        self._listen_client.close()
+
+    def ping(self) -> bool:
+        """Whether Redis answers right now."""
+        try:
+            return bool(self._client.ping())
+        except RedisError:
+            return False
+
+    def _fetch(self, channel: str, canonical: str, limit: int) -> _Result:
+        """One round trip per (channel, cursor, limit) at a time: the readers one publish wakes
+        share it, and share its Event objects, so each event is encoded once per wire format
+        rather than once per subscriber. A reader joins a call only if no wake-up for the
+        channel came since the call began (same generation): any later event then still wakes
+        it, so sharing never delays an event. Only channels streamed here are shared."""
+        gen = self._gens.get(channel)
+        if gen is None:
+            return self._fetch_now(channel, canonical, limit)
+        key = (channel, canonical, limit)
+        flight = self._flights.get(key)
+        if flight is not None and flight.gen == gen:
+            if not flight.done.wait(FLIGHT_WAIT_S):
+                raise RedisConnectionError("timed out waiting for a shared read")
+            if flight.error is not None:
+                raise RedisConnectionError(str(flight.error))
+            assert flight.result is not None
+            return flight.result
+        flight = self._flights[key] = _Flight(gen)
+        try:
+            flight.result = self._fetch_now(channel, canonical, limit)
+            return flight.result
+        except RedisError as exc:
+            flight.error = exc
+            raise
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            flight.done.set()
+
+    def _fetch_now(self, channel: str, canonical: str, limit: int) -> _Result:
+        last, known, entries = self._read(keys=[self._key(channel)], args=[canonical, limit, self._max_age_ms])
+        return last, bool(known), [event_from_entry(entry) for entry in entries[:limit]], len(entries) > limit
+
+    # -- cross-process wake-ups -----------------------------------------------------------
+    def _on_subscribers(self, channel: str, n: int) -> None:
+        if n:
+            self._local.add(channel)
+            self._gens.setdefault(channel, 0)
+        else:
+            self._local.discard(channel)
+            self._gens.pop(channel, None)
+
+    def _bump(self, channel: str) -> None:
+        """A wake-up is coming for this channel: reads begun before it may no longer be shared."""
+        if channel in self._gens:
+            self._gens[channel] += 1
+
+    def _on_connect(self, first: bool) -> None:
+        if not first:
+            log.info("redis listener reconnected; waking readers of %d channel(s)", len(self._local))
+        # Whatever was published while we were not listening: every local reader re-reads.
+        for channel in list(self._local):
+            self._wake(channel)
+
+    def _keep_alive(self, probe: str) -> None:
+        """Echo a probe through our own subscription (proof it still works), and push out the
+        TTL of channels streamed here (as memory's sweep spares busy channels)."""
+        now_ms = int(time.time() * 1000)
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.publish(self._topic, probe)
+            for channel in list(self._local):
+                pipe.pexpire(self._key(channel), self._ttl_ms)
+                pipe.zadd(self._index, {channel: now_ms}, xx=True)
+            pipe.execute()
+
+    def _wake(self, channel: str) -> None:
+        self._bump(channel)
+        if self._hub is not None:
+            self._hub.notify(channel)
+
+    def _key(self, channel: str) -> str:
+        return f"{self._prefix}c:{channel}"
+
+
+_Result = tuple[str, bool, list[Event], bool]  # last id ("" = no channel), cursor known, events, more
+
+
+class _Flight:
+    __slots__ = ("gen", "done", "result", "error")
+
+    def __init__(self, gen: int) -> None:
+        self.gen = gen
+        self.done = threading.Event()
+        self.result: _Result | None = None
+        self.error: Exception | None = None

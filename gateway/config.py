@@ -61,10 +61,12 @@ class ServerConfig:
 class HistoryConfig:
     size: int = 1000
     max_age_s: float = 3600.0
+    max_bytes: int = 4_194_304  # per channel: event names and data; the oldest go first
 
     def _check(self) -> None:
         _range("history.size", self.size, 1, 1_000_000)
         _range("history.max_age_s", self.max_age_s, 1, 30 * 86400)
+        _range("history.max_bytes", self.max_bytes, 1024, 1 << 34)
 
 
 @dataclass
@@ -180,6 +182,7 @@ class RedisConfig:
     prefix: str = "gw:"  # key prefix, so several deployments can share one Redis
     tls_verify: bool = True  # rediss:// only; false for self-signed servers such as Heroku Redis
     max_connections: int = 50  # per process, for channels (small Redis plans cap clients, e.g. 20)
+    cluster: bool = False  # redis.url names one node of a Redis Cluster (or Valkey cluster)
 
     def _check(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
@@ -192,8 +195,12 @@ class RedisConfig:
             except ValueError as exc:
                 reason = str(exc).rstrip(".")
                 raise ConfigError(f"redis.url (or REDIS_URL): {reason}; use e.g. redis://host:6379/0") from None
-        if not self.prefix or any(c.isspace() for c in self.prefix):
-            raise ConfigError('redis.prefix: must be a non-empty string without spaces, e.g. "gw:"')
+        if not self.prefix or any(c.isspace() or c in "{}" for c in self.prefix):
+            raise ConfigError('redis.prefix: must be a non-empty string without spaces or braces, e.g. "gw:"')
+        if self.cluster and self.url.startswith("unix://"):
+            raise ConfigError(
+                "redis.cluster: a cluster is reached over TCP; use a redis:// or rediss:// URL of one node"
+            )
         _range("redis.max_connections", self.max_connections, 1, 10_000)
 
 

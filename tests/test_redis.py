@@ -4,6 +4,8 @@ across processes, two gateways sharing channels over every transport, and a Redi
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -479,4 +481,113 @@ def test_tls_with_a_self_signed_certificate_needs_tls_verify_off(tmp_path: Path,
     finally:
         strict.close()
         relaxed.close()
+        server.stop()
+
+
+# -- Idempotency-Key and the byte budget (contract "Publishing retries (v2)") -----------------------
+def test_a_repeated_idempotency_key_returns_the_first_event_and_stores_nothing_across_stores(redis_server):  # noqa: F811
+    prefix = f"k{uuid.uuid4().hex[:8]}:"
+    a = RedisStore(redis_server.url, 50, 3600, prefix=prefix)
+    b = RedisStore(redis_server.url, 50, 3600, prefix=prefix)  # another process
+    try:
+        first = a.append("k", "note", "once", idempotency_key="order-17")
+        assert first.repeat is False
+        again = b.append("k", "note", "once", idempotency_key="order-17")
+        assert again.repeat is True and again.to_dict() == first.to_dict() and again.prev == first.prev
+        other_channel = b.append("k2", "note", "once", idempotency_key="order-17")  # keys are per channel
+        assert other_channel.repeat is False
+        plain = a.append("k", "message", "no key")
+        assert [e.id for e in b.read("k", "0-0", 10).events] == [first.id, plain.id]
+        assert b.last_id("k") == plain.id
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_idempotency_key_is_forgotten_after_the_history_age(redis_server):  # noqa: F811
+    s = RedisStore(redis_server.url, 50, 1, prefix=f"f{uuid.uuid4().hex[:8]}:")
+    try:
+        first = s.append("f", "message", "x", idempotency_key="k")
+        time.sleep(1.3)
+        later = s.append("f", "message", "x", idempotency_key="k")
+        assert later.repeat is False and later.id != first.id
+    finally:
+        s.close()
+
+
+def test_history_is_trimmed_by_bytes_oldest_first_and_keeps_the_newest(redis_server):  # noqa: F811
+    s = RedisStore(redis_server.url, 100, 3600, prefix=f"b{uuid.uuid4().hex[:8]}:", max_bytes=2048)
+    try:
+        ids = [s.append("b", "message", str(i) * 500).id for i in range(10)]  # 507 bytes each
+        batch = s.read("b", ids[0], 100)
+        assert [e.id for e in batch.events] == ids[-4:] and batch.gap is True  # 4 x 507 <= 2048
+        big = s.append("b", "message", "y" * 5000)  # over the budget alone: still kept
+        assert [e.id for e in s.read("b", ids[-1], 100).events] == [big.id]
+        small = s.append("b", "message", "z")
+        assert [e.id for e in s.read("b", big.id, 100).events] == [small.id]
+        assert s.read("b", ids[-1], 100).gap is True  # the big one went to make room
+    finally:
+        s.close()
+
+
+def test_config_has_a_byte_budget_and_refuses_braces_in_the_prefix():
+    assert from_mapping({}).history.max_bytes == 4_194_304
+    with pytest.raises(ConfigError, match=r"^history\.max_bytes: "):
+        from_mapping({"history": {"max_bytes": 10}})
+    with pytest.raises(ConfigError, match=r"^redis\.prefix: .*braces"):
+        from_mapping({"redis": {"url": "redis://127.0.0.1:6379/0", "prefix": "{gw}:"}})
+
+
+def _publish(gw: Gateway, channel: str, data: str, key: str, timeout: float = 30) -> requests.Response:
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/plain", "Idempotency-Key": key}
+    return requests.post(f"{gw.url}/publish/{channel}", data=data.encode(), headers=headers, timeout=timeout)
+
+
+def test_a_retry_on_another_gateway_with_the_same_key_stores_one_event(pair, channel):
+    a, b = pair
+    first = _publish(a, channel, "pay 10", "retry-1")
+    second = _publish(b, channel, "pay 10", "retry-1")
+    assert first.status_code == second.status_code == 202
+    assert second.json()["id"] == first.json()["id"]
+    assert [e["data"] for e in poll(a.url, channel, "0-0")["events"]] == ["pay 10"]
+
+
+def test_a_publish_503d_while_redis_stalls_and_its_retry_store_one_event(start_gateway, tmp_path: Path, channel):
+    """Issue 12 item 8: Redis paused 10 s; the publish times out (503, saying it may have been
+    stored) and Redis runs it when it resumes; the retry with the same key must not store it again."""
+    server = RedisServer(tmp_path)
+    try:
+        env = {"REDIS_URL": server.url}
+        a, b = start_gateway(GATEWAY_CONFIG, env), start_gateway(GATEWAY_CONFIG, env)
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            stalled = _publish(a, channel, "exactly once", "stall-1")
+        finally:
+            time.sleep(max(0.0, 10 - (time.monotonic() - stopped)))
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert stalled.status_code == 503, stalled.text
+        assert "may still have been stored" in stalled.json()["detail"]
+        assert "Idempotency-Key" in stalled.json()["detail"]
+        _until(lambda: requests.get(f"{b.url}/healthz", timeout=5).status_code == 200, "Redis answers again")
+        retry = _publish(b, channel, "exactly once", "stall-1")
+        assert retry.status_code == 202, retry.text
+        events = poll(a.url, channel, "0-0")["events"]
+        assert [e["data"] for e in events] == ["exactly once"]
+        assert retry.json()["id"] == events[0]["id"]
+    finally:
+        if server.proc is not None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+
+
+def test_a_publish_refused_by_a_stopped_redis_says_it_was_not_stored(start_gateway, tmp_path: Path, channel):
+    server = RedisServer(tmp_path)
+    try:
+        a = start_gateway(GATEWAY_CONFIG, {"REDIS_URL": server.url})
+        server.stop()
+        refused = _publish(a, channel, "x", "down-1")
+        assert refused.status_code == 503 and "was not stored" in refused.json()["detail"], refused.text
+    finally:
         server.stop()

@@ -23,6 +23,8 @@ def make_hub(config: Config) -> Hub:
             prefix=redis.prefix,
             tls_verify=redis.tls_verify,
             max_connections=redis.max_connections,
+            max_bytes=config.history.max_bytes,
+            cluster=redis.cluster,
         )
         hub = Hub(store)
         store.attach(hub)

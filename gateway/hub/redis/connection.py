@@ -13,7 +13,7 @@ from redis.retry import Retry
 
 from gateway.errors import BadRequest
 
-__all__ = ["connect", "ErrorReporter", "hint"]
+__all__ = ["connect", "ErrorReporter", "hint", "never_sent"]
 
 log = logging.getLogger("gateway.hub.redis")
 
@@ -23,8 +23,10 @@ ERROR_LOG_EVERY_S = 5.0
 POOL_WAIT_S = 5.0  # how long a command waits for a free pooled connection
 
 
-def connect(url: str, tls_verify: bool = True, max_connections: int = 50) -> tuple[Any, Any]:
-    """Two clients: a bounded pool for commands, and one connection for the listener."""
+def connect(url: str, tls_verify: bool = True, max_connections: int = 50, cluster: bool = False) -> tuple[Any, Any]:
+    """Two clients: a bounded pool for commands, and one connection for the listener. With
+    `cluster`, the URL names any one node; redis-py finds the others and routes each command
+    to the shard of its keys."""
     common: dict[str, Any] = {
         "decode_responses": True,
         "encoding_errors": "surrogatepass",
@@ -35,6 +37,14 @@ def connect(url: str, tls_verify: bool = True, max_connections: int = 50) -> tup
     # One immediate retry replaces a pooled connection that died with a restarted Redis;
     # timeouts are not retried, so an append that may have run is never run twice.
     retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    if cluster:
+        from redis.cluster import RedisCluster
+
+        options = {**common, "socket_timeout": COMMAND_TIMEOUT_S, "retry": retry}
+        # redis-py's cluster client re-reads the slot map after a failed command, and tries again.
+        client = RedisCluster.from_url(url, max_connections=max_connections, **options)
+        listen_client = RedisCluster.from_url(url, max_connections=2, **options)
+        return client, listen_client
     # A bounded pool that makes callers wait their turn (gevent-friendly) rather than fail
     # when hundreds of readers are woken at once.
     pool = redis.BlockingConnectionPool.from_url(
@@ -58,6 +68,7 @@ class ErrorReporter:
         self._next_log = 0.0
 
     def unavailable(self, action: str, exc: Exception, detail: str = "try again shortly") -> BadRequest:
+        """`detail` ends the sentence: what the client should do about it."""
         now = time.monotonic()
         self._failures += 1
         if now >= self._next_log:
@@ -75,6 +86,13 @@ class ErrorReporter:
             f"cannot {action}: the Redis backend is unavailable ({type(exc).__name__}); {detail}",
             503,
         )
+
+
+def never_sent(exc: Exception) -> bool:
+    """Whether the command certainly never reached Redis (no connection was made or free), as
+    opposed to a timeout or a reset after sending, when it may have run."""
+    text = str(exc)
+    return "connecting to" in text or "No connection available" in text or "Connection refused" in text
 
 
 def hint(exc: Exception) -> str:

@@ -22,22 +22,75 @@ local function id_less(a, b)
 end
 """
 
-# KEYS[1] stream, KEYS[2] channel index (zset: channel -> last publish ms).
-# ARGV: event, data, size, max_age_ms, ttl_ms, notify topic, notify message, channel.
-# Returns {id, prev}.
+# KEYS: stream, its byte count, then the idempotency key (if ARGV[9] == '1'), then the channel
+# index (a zset: channel -> last publish ms; if ARGV[10] == '1': in a cluster it lives on another
+# shard, so the caller updates it apart). ARGV: event, data, size, max_age_ms, ttl_ms, notify
+# topic, notify message, channel, has key, has index, max_bytes.
+# In a cluster PUBLISH reaches every node, so one subscription anywhere hears every shard.
+# Returns {id, prev, 0} for a new event, or {id, prev, 1, event, data} for a repeated key.
+# History is trimmed oldest first while it holds more than `size` events, events older than
+# max_age, or more than max_bytes of event names and data; the newest event always stays.
 APPEND = """
-local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local stream, counter = KEYS[1], KEYS[2]
+local n = 2
+local idem, index
+if ARGV[9] == '1' then n = n + 1; idem = KEYS[n] end
+if ARGV[10] == '1' then n = n + 1; index = KEYS[n] end
+if idem then
+  local first = redis.call('GET', idem)
+  if first then
+    local id, prev = string.match(first, '^(%S+) (%S+)$')
+    local e, d = ARGV[1], ARGV[2]
+    local found = redis.call('XRANGE', stream, id, id)
+    if #found > 0 then
+      local f = found[1][2]
+      for i = 1, #f, 2 do
+        if f[i] == 'e' then e = f[i + 1] elseif f[i] == 'd' then d = f[i + 1] end
+      end
+    end
+    return {id, prev, 1, e, d}
+  end
+end
+local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
 local prev = '0-0'
-if #top > 0 then prev = top[1][1] end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'e', ARGV[1], 'd', ARGV[2], 'p', prev)
+local bytes = 0
+if #top > 0 then
+  prev = top[1][1]
+  bytes = tonumber(redis.call('GET', counter) or '0')
+end
+local id = redis.call('XADD', stream, '*', 'e', ARGV[1], 'd', ARGV[2], 'p', prev)
 local ms = tonumber(string.match(id, '^(%d+)'))
+local size, max_bytes = tonumber(ARGV[3]), tonumber(ARGV[11])
 local cutoff = ms - tonumber(ARGV[4])
-if cutoff > 0 then redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', cutoff)) end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('ZADD', KEYS[2], ms, ARGV[8])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', ms - tonumber(ARGV[5])))
+local len = redis.call('XLEN', stream)
+bytes = bytes + #ARGV[1] + #ARGV[2]
+local from, keep = '-', nil
+while len > 1 and not keep do
+  local entries = redis.call('XRANGE', stream, from, '+', 'COUNT', 64)
+  for _, entry in ipairs(entries) do
+    local f = entry[2]
+    local cost = 0
+    for i = 1, #f, 2 do
+      if f[i] == 'e' or f[i] == 'd' then cost = cost + #f[i + 1] end
+    end
+    local old = tonumber(string.match(entry[1], '^(%d+)')) < cutoff
+    if entry[1] == id or not (len > size or bytes > max_bytes or old) then keep = entry[1]; break end
+    len = len - 1
+    bytes = bytes - cost
+    from = '(' .. entry[1]
+  end
+  if #entries == 0 then break end
+end
+if keep and from ~= '-' then redis.call('XTRIM', stream, 'MINID', keep) end
+redis.call('SET', counter, string.format('%d', bytes), 'PX', ARGV[5])
+redis.call('PEXPIRE', stream, ARGV[5])
+if idem then redis.call('SET', idem, id .. ' ' .. prev, 'PX', ARGV[4]) end
+if index then
+  redis.call('ZADD', index, ms, ARGV[8])
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. string.format('%d', ms - tonumber(ARGV[5])))
+end
 redis.call('PUBLISH', ARGV[6], ARGV[7])
-return {id, prev}
+return {id, prev, 0}
 """
 
 # KEYS[1] stream. ARGV: since (canonical; "" = from now), limit, max_age_ms.

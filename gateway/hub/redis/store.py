@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from gateway.hub.events import Batch, Event
 from gateway.hub.hub import Hub
-from gateway.hub.redis.connection import ErrorReporter, connect
+from gateway.hub.redis.connection import ErrorReporter, connect, never_sent
 from gateway.hub.redis.listener import Listener
 from gateway.hub.redis.scripts import APPEND, READ, event_from_entry
 from gateway.ids import ZERO, format_id, parse
@@ -36,8 +36,12 @@ class RedisStore:
         prefix: str = "gw:",
         tls_verify: bool = True,
         max_connections: int = 50,
+        max_bytes: int = 4_194_304,
+        cluster: bool = False,
     ) -> None:
         self._size = size
+        self._max_bytes = max_bytes
+        self._cluster = cluster
         self._max_age_ms = max(1, int(max_age_s * 1000))
         # Keys outlive their last event for a while, so a reader who comes back with the last id
         # is still recognised; channels somebody streams here are kept alive by the listener.
@@ -46,7 +50,7 @@ class RedisStore:
         self._topic = f"{prefix}notify"
         self._index = f"{prefix}channels"
         self._node = uuid.uuid4().hex[:12]
-        self._client, listen_client = connect(url, tls_verify, max_connections)
+        self._client, listen_client = connect(url, tls_verify, max_connections, cluster)
         self._append = self._client.register_script(APPEND)
         self._read = self._client.register_script(READ)
         self._errors = ErrorReporter()
@@ -73,16 +77,49 @@ class RedisStore:
 
     # -- the Store protocol ----------------------------------------------------------------
     def append(self, channel: str, event: str, data: str, idempotency_key: str | None = None) -> Event:
-        # TODO(ops branch): honour idempotency_key atomically in APPEND (contract "Publishing retries").
         message = f"{self._node} {channel}"
+        keys = [self._key(channel), self._bytes_key(channel)]
+        if idempotency_key is not None:
+            keys.append(self._idempotency_key(channel, idempotency_key))
+        if not self._cluster:  # in a cluster the index lives on another shard: updated below
+            keys.append(self._index)
+        has_key, has_index = int(idempotency_key is not None), int(not self._cluster)
         args = [event, data, self._size, self._max_age_ms, self._ttl_ms, self._topic, message, channel]
+        args += [has_key, has_index, self._max_bytes]
         try:
-            id_, prev = self._append(keys=[self._key(channel), self._index], args=args)
+            id_, prev, repeat, *first = self._append(keys=keys, args=args)
         except RedisError as exc:
-            raise self._errors.unavailable("publish", exc) from None
-        self._bump(channel)  # before the hub wakes this process's readers
+            raise self._errors.unavailable("publish", exc, self._retry_advice(exc)) from None
         key = parse(id_)
+        if repeat:
+            ev = Event(id_, first[0], first[1], key, prev, key[0] / 1000)
+            ev.repeat = True
+            return ev
+        if self._cluster:
+            self._index_channel(channel, key[0])
+        self._bump(channel)  # before the hub wakes this process's readers
         return Event(id_, event, data, key, prev, key[0] / 1000)
+
+    @staticmethod
+    def _retry_advice(exc: Exception) -> str:
+        """The end of a failed publish's 503: whether it may have been stored after all (it
+        was sent, and Redis may run it once it recovers), so the publisher knows what a retry
+        without an Idempotency-Key risks."""
+        if never_sent(exc):
+            return "the event was not stored; try again shortly"
+        return (
+            "the event may still have been stored; retry with the same Idempotency-Key header "
+            "to publish it exactly once"
+        )
+
+    def _index_channel(self, channel: str, ms: int) -> None:
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.zadd(self._index, {channel: ms})
+                pipe.zremrangebyscore(self._index, "-inf", f"({ms - self._ttl_ms}")
+                pipe.execute()
+        except RedisError as exc:  # the event is stored; only the listing of channels lags
+            log.warning("redis: could not index channel %s (%s)", channel, exc)
 
     def read(self, channel: str, since: str | None, limit: int) -> Batch:
         key = parse(since) if since is not None else None
@@ -199,6 +236,7 @@ class RedisStore:
             pipe.publish(self._topic, probe)
             for channel in list(self._local):
                 pipe.pexpire(self._key(channel), self._ttl_ms)
+                pipe.pexpire(self._bytes_key(channel), self._ttl_ms)
                 pipe.zadd(self._index, {channel: now_ms}, xx=True)
             pipe.execute()
 
@@ -207,8 +245,16 @@ class RedisStore:
         if self._hub is not None:
             self._hub.notify(channel)
 
+    # Every key of a channel carries the channel as its hash tag ({...}): in a cluster they all
+    # live on one shard, so a script may touch them together.
     def _key(self, channel: str) -> str:
-        return f"{self._prefix}c:{channel}"
+        return f"{self._prefix}c:{{{channel}}}"
+
+    def _bytes_key(self, channel: str) -> str:
+        return f"{self._prefix}b:{{{channel}}}"
+
+    def _idempotency_key(self, channel: str, key: str) -> str:
+        return f"{self._prefix}i:{{{channel}}}:{key}"
 
 
 _Result = tuple[str, bool, list[Event], bool]  # last id ("" = no channel), cursor known, events, more

@@ -25,6 +25,7 @@ from gateway.hub.redis import listener as redis_listener
 from tests.clients import SSEClient, WSClient, longpoll, poll
 from tests.helpers import TOKEN, Gateway
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
+from tests.upstreams import Upstream, wait_for
 
 GATEWAY_CONFIG = {
     "history": {"size": 150},
@@ -590,4 +591,31 @@ def test_a_publish_refused_by_a_stopped_redis_says_it_was_not_stored(start_gatew
         refused = _publish(a, channel, "x", "down-1")
         assert refused.status_code == 503 and "was not stored" in refused.json()["detail"], refused.text
     finally:
+        server.stop()
+
+
+def test_a_source_replaying_a_publish_that_redis_stored_late_stores_it_once(start_gateway, tmp_path: Path):
+    """The upstream SSE source's own retry: its publish times out on a paused Redis (which runs
+    it on resuming), it reconnects and replays the same upstream event: one event, not two."""
+    server = RedisServer(tmp_path)
+    upstream = Upstream()
+    try:
+        source = {"kind": "sse", "url": upstream.url + "/events", "channel": "src", "backoff_initial_s": 0.05}
+        gw = start_gateway({**GATEWAY_CONFIG, "sources": [source]}, {"REDIS_URL": server.url})
+        upstream.emit("one")
+        wait_for(lambda: [e["data"] for e in poll(gw.url, "src", "0-0")["events"]] == ["one"], timeout=20)
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            upstream.emit("two")
+            time.sleep(10)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        upstream.emit("three")
+        wait_for(lambda: "three" in [e["data"] for e in poll(gw.url, "src", "0-0")["events"]], timeout=30)
+        assert [e["data"] for e in poll(gw.url, "src", "0-0")["events"]] == ["one", "two", "three"]
+    finally:
+        if server.proc is not None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        upstream.stop()
         server.stop()

@@ -102,6 +102,11 @@ class RecentIds:
             self._ids.popitem(last=False)
 
 
+def _idempotency_key(source: str, upstream_id: str, data: str) -> str:
+    digest = hashlib.sha256(f"{source}\0{upstream_id}\0{data}".encode("utf-8", "surrogatepass")).hexdigest()
+    return f"source:{digest[:40]}"
+
+
 def _compact(key: str) -> str:
     return key if len(key) <= 200 else "#" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -291,7 +296,11 @@ class Source:
             self._checkpoint()  # what the previous relay left (a poll adds its item key after us)
             if not self.lease.valid():
                 raise LeaseLost("the lease ran out: another process may be relaying this upstream now")
-        self.hub.publish(self.cfg.channel, data, name)  # a store failure raises: reconnect and replay
+        # A store failure raises: reconnect and replay. The publish that failed may have been
+        # stored all the same (a stalled Redis runs it later), so the replay repeats it with the
+        # same Idempotency-Key, made of the upstream's id and the data, and stores nothing new.
+        key = None if upstream_id is None else _idempotency_key(self.name, upstream_id, data)
+        self.hub.publish(self.cfg.channel, data, name, idempotency_key=key)
         if upstream_id is not None:
             self.seen.add(upstream_id)
         self.events_relayed += 1

@@ -1,4 +1,5 @@
-"""Entry point: `python app.py` serves the gateway with gevent on $PORT (default 5000)."""
+"""Entry point: `python app.py` serves the gateway with gevent on $PORT (default 5000), in
+server.workers processes (default $WEB_CONCURRENCY, else 1; see gateway/workers.py)."""
 
 from gevent import monkey
 
@@ -11,15 +12,21 @@ from gateway.app import create_app  # noqa: E402
 from gateway.config import load  # noqa: E402
 from gateway.errors import ConfigError  # noqa: E402
 from gateway.server import serve  # noqa: E402
+from gateway.workers import CONFIG_ERROR_EXIT, Supervisor, is_worker, worker_count  # noqa: E402
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        serve(create_app(config=load()))
+        config = load()
+        count = worker_count(config)
+        if count > 1 and not is_worker():
+            # The parent: it binds and supervises, and builds no app (no threads, no hub).
+            sys.exit(Supervisor(config, count).run())
+        serve(create_app(config=config))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(CONFIG_ERROR_EXIT)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -16,6 +17,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from gateway.errors import ConfigError
 from gateway.state import state
+from gateway.workers import WORKER_ENV, inherited_socket
 
 __all__ = ["serve"]
 
@@ -97,11 +99,13 @@ def serve(app: Flask) -> None:
     grace period (well inside Heroku's 30 s)."""
     st = state(app)
     config, hub, services = st.config, st.hub, st.services
+    # A worker (gateway/workers.py) serves on the socket its parent bound; a lone process binds.
+    inherited = inherited_socket()
     server = WSGIServer(
-        (config.server.host, config.server.port),
+        inherited if inherited is not None else (config.server.host, config.server.port),
         app,
         handler_class=_Handler,
-        backlog=LISTEN_BACKLOG,
+        backlog=None if inherited is not None else LISTEN_BACKLOG,  # the parent set its own
         log=sys.stderr if config.server.access_log else None,
         error_log=sys.stderr,
     )
@@ -119,7 +123,10 @@ def serve(app: Flask) -> None:
             f"server.port: cannot listen on {config.server.host}:{config.server.port} ({exc.strerror}); "
             "set PORT to a free port or stop what holds it"
         ) from None
-    log.info("gateway listening on http://%s:%d", config.server.host, server.server_port)
+    if inherited is None:
+        log.info("gateway listening on http://%s:%d", config.server.host, server.server_port)
+    else:
+        log.info("worker %s (pid %d) serving", os.environ.get(WORKER_ENV, "?"), os.getpid())
     for service in services:
         service.start()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from flask import Blueprint, Response, jsonify, render_template, request
 
 from gateway.transports.common import config, hub
@@ -35,6 +37,11 @@ def healthz() -> tuple[Response, int]:
     if gateway.closing:
         return jsonify(status="shutting_down"), 503
     backend = type(gateway.store).__name__
+    # pid: with server.workers > 1 each answer comes from one worker (the one this connection reached).
     return jsonify(
-        status="ok", backend=backend, channels=len(gateway.channels()), subscribers=gateway.subscribers()
+        status="ok",
+        backend=backend,
+        channels=len(gateway.channels()),
+        subscribers=gateway.subscribers(),
+        pid=os.getpid(),
     ), 200

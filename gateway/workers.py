@@ -1,12 +1,13 @@
 """Several gateway processes on one port (server.workers): a parent that binds and supervises.
 
 The parent loads the config, binds the port (so a port conflict is still one line), and starts
-each worker as a fresh `python app.py` that inherits one listening socket (GATEWAY_LISTEN_FD).
+each worker as a fresh `python app.py` that inherits the listening socket (GATEWAY_LISTEN_FD).
 Fresh processes rather than bare forks: a worker builds its app, threads and gevent hub itself,
-and the parent never starts any of them. With SO_REUSEPORT (Linux) every worker has a socket of
-its own on the port and the kernel spreads new connections across them evenly; the parent keeps
-every socket open, so connections that reach a worker's socket while it restarts wait in its
-queue instead of being refused. Elsewhere all workers share one socket.
+and the parent never starts any of them. All workers accept from that one socket, so the kernel
+hands each new connection to a worker that is free to take it, and while a dead worker is being
+replaced its share simply goes to the others: nothing queues behind it. (SO_REUSEPORT, a socket
+per worker, spreads more evenly but strands the connections queued on a dead worker's socket
+until its successor has started, seconds on a busy machine.)
 
 The parent restarts a worker that dies (logged, with a growing pause if it keeps dying young),
 and on SIGTERM/SIGINT tells every worker to drain (each within server.shutdown_grace_s), killing
@@ -111,12 +112,12 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; the exit status for the parent process."""
-        sockets = self._bind()
+        sock = self._bind()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        host, port = self._config.server.host, sockets[0].getsockname()[1]
+        host, port = self._config.server.host, sock.getsockname()[1]
         log.info("gateway: %d workers on http://%s:%d (parent pid %d)", self._count, host, port, os.getpid())
-        self._workers = [_Worker(i + 1, sockets[i % len(sockets)]) for i in range(self._count)]
+        self._workers = [_Worker(i + 1, sock) for i in range(self._count)]
         for worker in self._workers:
             self._start(worker)
         status = 0
@@ -127,36 +128,27 @@ class Supervisor:
                 break
             time.sleep(0.2)
         self._drain()
-        for sock in sockets:
-            sock.close()
+        sock.close()
         return status
 
     # -- binding ---------------------------------------------------------------------------
-    def _bind(self) -> list[socket.socket]:
-        """One socket per worker with SO_REUSEPORT, else one for all; errors as one line."""
+    def _bind(self) -> socket.socket:
+        """One listening socket that every worker accepts from; errors as one line."""
         host, port = self._config.server.host, self._config.server.port
-        reuse_port = hasattr(socket, "SO_REUSEPORT")
-        sockets: list[socket.socket] = []
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            for _ in range(self._count if reuse_port else 1):
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sockets.append(sock)
-                sock.bind((host, port))
-                port = sock.getsockname()[1]  # with port 0, the others join the one we got
-                sock.listen(LISTEN_BACKLOG)
-                sock.set_inheritable(True)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
-            for sock in sockets:
-                sock.close()
+            sock.close()
             raise ConfigError(
                 f"server.port: cannot listen on {host}:{port} ({exc.strerror}); "
                 "set PORT to a free port or stop what holds it"
             ) from None
-        return sockets
+        sock.set_inheritable(True)
+        return sock
 
     # -- running workers -------------------------------------------------------------------
     def _start(self, worker: _Worker) -> None:

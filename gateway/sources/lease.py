@@ -1,6 +1,6 @@
 """Leases: with Redis, each upstream source is relayed by exactly one gateway process.
 
-A source may relay only while it holds its lease, the key `<prefix>source:<channel>:<kind>:<url hash>`
+A source may relay only while it holds its lease, the key `<prefix>source:<channel>:<kind>:{<url hash>}`
 whose value is the holder's token ("<host>:<pid>:<random>"), set only if absent, with a TTL.
 The holder renews it every ttl/3 (compare-and-extend) and deletes it when it stops
 (compare-and-delete); the others stay on standby and try again every ttl/2, so a stopped
@@ -32,10 +32,10 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from gateway.config import RedisConfig, SourceConfig
+from gateway.hub.redis.connection import ERRORS, LazyCluster
 from gateway.sources.base import LeaseError, LeaseLost
 
 __all__ = ["LeaseError", "LeaseLost", "LeaseStore", "Lease", "MAX_IDS"]
@@ -113,8 +113,24 @@ class LeaseStore:
         if cfg.url.startswith("rediss://") and not cfg.tls_verify:
             options["ssl_cert_reqs"] = "none"
         # A call that finds every connection busy waits its turn, no longer than a command may take.
-        pool = redis.BlockingConnectionPool.from_url(cfg.url, max_connections=POOL_SIZE, timeout=timeout_s, **options)
-        self.client = redis.Redis(connection_pool=pool)
+        if cfg.cluster:
+            from redis.cluster import RedisCluster
+
+            # Made on first use (see LazyCluster): a cluster that is down at start-up is a LeaseError.
+            self.client = LazyCluster(
+                lambda: RedisCluster.from_url(
+                    cfg.url,
+                    max_connections=POOL_SIZE,
+                    connection_pool_class=redis.BlockingConnectionPool,
+                    timeout=timeout_s,
+                    **options,
+                )
+            )
+        else:
+            pool = redis.BlockingConnectionPool.from_url(
+                cfg.url, max_connections=POOL_SIZE, timeout=timeout_s, **options
+            )
+            self.client = redis.Redis(connection_pool=pool)
         self.prefix = cfg.prefix
         self.scripts = {
             name: self.client.register_script(code)
@@ -123,7 +139,9 @@ class LeaseStore:
 
     def lease(self, cfg: SourceConfig) -> Lease:
         digest = hashlib.sha256(cfg.url.encode()).hexdigest()[:16]  # the URL may hold secrets
-        return Lease(self, f"{self.prefix}source:{cfg.channel}:{cfg.kind}:{digest}", cfg.lease_ttl_s)
+        # {digest} is the hash tag: in a Redis Cluster the lease and its :state and :ids keys
+        # live on one shard, so one script can touch all three.
+        return Lease(self, f"{self.prefix}source:{cfg.channel}:{cfg.kind}:{{{digest}}}", cfg.lease_ttl_s)
 
 
 class Lease:
@@ -225,7 +243,7 @@ class Lease:
     def _call(self, name: str, *args: Any) -> Any:
         try:
             return self._scripts[name](keys=self._keys, args=list(args))
-        except RedisError as exc:
+        except ERRORS as exc:
             raise LeaseError(f"redis unavailable for the source lease ({type(exc).__name__}: {exc})") from None
 
 

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from gateway.errors import BadRequest
 
-__all__ = ["connect", "ErrorReporter", "hint", "never_sent"]
+__all__ = ["connect", "ErrorReporter", "LazyCluster", "hint", "never_sent", "ERRORS"]
+
+# What a Redis call may raise: redis-py's cluster client has errors of its own beside RedisError.
+ERRORS = (RedisError, RedisClusterException)
 
 log = logging.getLogger("gateway.hub.redis")
 
@@ -40,10 +46,22 @@ def connect(url: str, tls_verify: bool = True, max_connections: int = 50, cluste
     if cluster:
         from redis.cluster import RedisCluster
 
-        options = {**common, "socket_timeout": COMMAND_TIMEOUT_S, "retry": retry}
-        # redis-py's cluster client re-reads the slot map after a failed command, and tries again.
-        client = RedisCluster.from_url(url, max_connections=max_connections, **options)
-        listen_client = RedisCluster.from_url(url, max_connections=2, **options)
+        # Per node: the same bounded, waiting pool. No client-level retries: redis-py's cluster
+        # client would retry timeouts too, and run an append twice. MOVED/ASK redirections after
+        # a failover or resharding are followed all the same, and the slot map re-read.
+        options = {**common, "socket_timeout": COMMAND_TIMEOUT_S, "retry": Retry(NoBackoff(), 0)}
+        client = LazyCluster(
+            lambda: RedisCluster.from_url(
+                url,
+                max_connections=max_connections,
+                connection_pool_class=redis.BlockingConnectionPool,
+                timeout=POOL_WAIT_S,
+                **options,
+            )
+        )
+        # One subscription on whichever node serves the topic's slot: a PUBLISH on any node of
+        # a cluster reaches the subscribers of every node.
+        listen_client = LazyCluster(lambda: RedisCluster.from_url(url, **options))
         return client, listen_client
     # A bounded pool that makes callers wait their turn (gevent-friendly) rather than fail
     # when hundreds of readers are woken at once.
@@ -58,6 +76,45 @@ def connect(url: str, tls_verify: bool = True, max_connections: int = 50, cluste
     client = redis.Redis(connection_pool=pool)
     listen_client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
     return client, listen_client
+
+
+class LazyCluster:
+    """A RedisCluster made on first use. Its constructor must reach a node to learn the slot
+    map; made lazily, a gateway starts (and answers 503) while the cluster is down, as it does
+    with one Redis server. Failing to reach any node is a ConnectionError, like theirs."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        self._client = self._factory()
+                    except RedisClusterException as exc:
+                        raise RedisConnectionError(str(exc)) from None
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+    def register_script(self, code: str) -> Callable[..., Any]:
+        script: Any = None
+
+        def run(keys: list[str], args: list[Any]) -> Any:
+            nonlocal script
+            if script is None:
+                script = self.get().register_script(code)
+            return script(keys=keys, args=args)
+
+        return run
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
 
 class ErrorReporter:

@@ -9,11 +9,10 @@ import uuid
 from collections.abc import Callable
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from gateway.hub.events import Batch, Event
 from gateway.hub.hub import Hub
-from gateway.hub.redis.connection import ErrorReporter, connect, never_sent
+from gateway.hub.redis.connection import ERRORS, ErrorReporter, connect, never_sent
 from gateway.hub.redis.listener import Listener
 from gateway.hub.redis.scripts import APPEND, READ, event_from_entry
 from gateway.ids import ZERO, format_id, parse
@@ -88,7 +87,7 @@ class RedisStore:
         args += [has_key, has_index, self._max_bytes]
         try:
             id_, prev, repeat, *first = self._append(keys=keys, args=args)
-        except RedisError as exc:
+        except ERRORS as exc:
             raise self._errors.unavailable("publish", exc, self._retry_advice(exc)) from None
         key = parse(id_)
         if repeat:
@@ -118,7 +117,7 @@ class RedisStore:
                 pipe.zadd(self._index, {channel: ms})
                 pipe.zremrangebyscore(self._index, "-inf", f"({ms - self._ttl_ms}")
                 pipe.execute()
-        except RedisError as exc:  # the event is stored; only the listing of channels lags
+        except ERRORS as exc:  # the event is stored; only the listing of channels lags
             log.warning("redis: could not index channel %s (%s)", channel, exc)
 
     def read(self, channel: str, since: str | None, limit: int) -> Batch:
@@ -132,7 +131,7 @@ class RedisStore:
             return Batch([], since)
         try:
             last, known, events, more = self._fetch(channel, canonical, limit)
-        except RedisError as exc:
+        except ERRORS as exc:
             if waits_out:
                 return Batch([], since)
             raise self._errors.unavailable("read", exc) from None
@@ -145,7 +144,7 @@ class RedisStore:
     def last_id(self, channel: str) -> str:
         try:
             top = self._client.xrevrange(self._key(channel), count=1)
-        except RedisError as exc:
+        except ERRORS as exc:
             raise self._errors.unavailable("read", exc) from None
         return top[0][0] if top else ZERO
 
@@ -155,7 +154,7 @@ class RedisStore:
         since_ms = int(time.time() * 1000) - self._ttl_ms
         try:
             return self._client.zrangebyscore(self._index, since_ms, "+inf")
-        except RedisError as exc:
+        except ERRORS as exc:
             raise self._errors.unavailable("list channels", exc) from None
 
     def sweep(self, busy: Callable[[str], bool]) -> int:
@@ -170,7 +169,7 @@ class RedisStore:
         """Whether Redis answers right now."""
         try:
             return bool(self._client.ping())
-        except RedisError:
+        except ERRORS:
             return False
 
     def _fetch(self, channel: str, canonical: str, limit: int) -> _Result:
@@ -195,7 +194,7 @@ class RedisStore:
         try:
             flight.result = self._fetch_now(channel, canonical, limit)
             return flight.result
-        except RedisError as exc:
+        except ERRORS as exc:
             flight.error = exc
             raise
         finally:
@@ -232,8 +231,10 @@ class RedisStore:
         """Echo a probe through our own subscription (proof it still works), and push out the
         TTL of channels streamed here (as memory's sweep spares busy channels)."""
         now_ms = int(time.time() * 1000)
+        self._client.publish(self._topic, probe)  # on its own: a cluster pipeline refuses PUBLISH
+        if not self._local:
+            return
         with self._client.pipeline(transaction=False) as pipe:
-            pipe.publish(self._topic, probe)
             for channel in list(self._local):
                 pipe.pexpire(self._key(channel), self._ttl_ms)
                 pipe.pexpire(self._bytes_key(channel), self._ttl_ms)

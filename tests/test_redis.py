@@ -619,3 +619,22 @@ def test_a_source_replaying_a_publish_that_redis_stored_late_stores_it_once(star
             os.kill(server.proc.pid, signal.SIGCONT)
         upstream.stop()
         server.stop()
+
+
+def test_a_gateway_on_rediss_with_a_self_signed_certificate_and_a_connection_cap(start_gateway, tmp_path, channel):
+    """What Heroku Redis needs: a rediss:// URL, its self-signed certificate accepted with
+    redis.tls_verify = false, and few connections per process (small plans cap clients)."""
+    server = RedisServer(tmp_path, tls=True)
+    try:
+        config = {**GATEWAY_CONFIG, "redis": {"tls_verify": False, "max_connections": 4}}
+        gw = start_gateway(config, {"REDIS_URL": server.url})
+        assert requests.get(f"{gw.url}/healthz", timeout=5).json()["backend"] == "RedisStore"
+        with SSEClient(f"{gw.url}/sse/{channel}") as sse, WSClient(f"{gw.ws_url}/ws/{channel}") as ws:
+            time.sleep(0.2)
+            ids = [gw.publish(channel, f"tls {i}") for i in range(5)]
+            assert [e["id"] for e in sse.events(5)] == ids
+            assert [e["id"] for e in ws.events(5)] == ids
+        repeat = _publish(gw, channel, "tls 0", "tls-key")
+        assert _publish(gw, channel, "tls 0", "tls-key").json()["id"] == repeat.json()["id"]
+    finally:
+        server.stop()

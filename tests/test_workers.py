@@ -21,7 +21,7 @@ import pytest
 import requests
 import websocket
 
-from gateway.config import ConfigError, from_mapping
+from gateway.config import ConfigError, from_mapping, load
 from gateway.workers import worker_count
 from tests.clients import SSEClient, longpoll
 from tests.helpers import ROOT, Gateway, to_toml, wait_until
@@ -259,3 +259,38 @@ def test_worker_count_follows_server_workers_then_web_concurrency():
         worker_count(from_mapping(redis), {"WEB_CONCURRENCY": "two"})
     with pytest.raises(ConfigError, match=r"^WEB_CONCURRENCY: must be between 1 and 256"):
         worker_count(from_mapping(redis), {"WEB_CONCURRENCY": "0"})
+
+
+def test_workers_do_not_outlive_a_parent_killed_with_sigkill(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+):
+    gw = Workers(CONFIG, tmp_path, {"REDIS_URL": redis_server.url})
+    try:
+        pids = list(gw.pids())
+        gw.proc.kill()
+        gw.proc.wait(10)
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        _wait(lambda: all(gone(pid) for pid in pids), "the orphaned workers exit", timeout=30)
+    finally:
+        gw.stop()
+
+
+def test_app_json_provisions_redis_a_token_and_workers_with_a_config_that_loads():
+    app = json.loads((ROOT / "app.json").read_text())
+    assert any(addon["plan"].startswith("heroku-redis") for addon in app["addons"])
+    assert app["env"]["GATEWAY_PUBLISH_TOKEN"]["generator"] == "secret"
+    assert int(app["env"]["WEB_CONCURRENCY"]["value"]) >= 2
+    config_path = ROOT / app["env"]["GATEWAY_CONFIG"]["value"]
+    config = load(config_path, env={"REDIS_URL": "rediss://:pw@ec2.example.com:6380", "WEB_CONCURRENCY": "2"})
+    assert config.redis.tls_verify is False and config.redis.url.startswith("rediss://")
+    workers = worker_count(config, {"WEB_CONCURRENCY": app["env"]["WEB_CONCURRENCY"]["value"]})
+    # Within the mini plan's 20 clients, even while a preboot runs old and new dynos together.
+    assert workers * (config.redis.max_connections + 1) * 2 <= 20

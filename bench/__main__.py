@@ -103,7 +103,7 @@ def _one(name: str, case: Case, tmp: Path, module: str | None, args: argparse.Na
     started = time.monotonic()
     try:
         if name == "gateway":
-            server = GatewayServer(workdir, args.gateway_toml, args.gateway_root)
+            server = GatewayServer(workdir, args.gateway_toml, args.gateway_root, case.workers, case.redis)
         else:
             server = NchanServer(workdir, module or "")
         result = run_case(server, case, args.workers, args.pad, args.profile)

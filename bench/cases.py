@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Case", "matrix", "quick"]
+__all__ = ["Case", "matrix", "quick", "scaling"]
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,8 @@ class Case:
     rate: float = 20.0  # messages/s over all channels; 0 = flood (as fast as the server answers)
     messages: int = 200
     idle: bool = False  # only open connections and measure memory
+    workers: int = 0  # the gateway's server.workers (0: one process); more than one implies Redis
+    redis: bool = False  # the gateway on a redis-server of its own (its CPU and memory count too)
 
     @property
     def kind(self) -> str:
@@ -34,6 +36,18 @@ def matrix(messages: int = 200) -> list[Case]:
     # Many channels, few subscribers each: 2,000 channels x 3 SSE subscribers, 200 msg/s in all.
     cases.append(Case("channels-sse-2000x3", "sse", 6000, channels=2000, rate=200, messages=max(messages * 10, 2000)))
     cases.append(Case("idle-10k", "mixed", 10000, messages=0, idle=True))
+    cases += scaling(messages)
+    return cases
+
+
+def scaling(messages: int = 200) -> list[Case]:
+    """Redis mode beside memory mode, and 1 vs 2 workers on Redis (Nchan runs its usual one worker)."""
+    cases = []
+    for transport in ("sse", "ws", "lp"):
+        cases.append(Case(f"redis-{transport}-1k", transport, 1000, messages=messages, redis=True))
+        cases.append(Case(f"workers2-{transport}-1k", transport, 1000, messages=messages, redis=True, workers=2))
+    cases.append(Case("workers2-flood-sse-1k", "sse", 1000, rate=0, messages=max(messages * 10, 500), workers=2))
+    cases.append(Case("redis-flood-sse-1k", "sse", 1000, rate=0, messages=max(messages * 10, 500), redis=True))
     return cases
 
 

@@ -14,7 +14,7 @@ from bench.cases import Case
 from bench.load import run_worker
 from bench.profile import Profiler
 from bench.publisher import Publisher
-from bench.servers import Server, cpu_seconds, memory_kb
+from bench.servers import Server
 from bench.stats import merge, percentiles
 
 __all__ = ["run_case"]
@@ -80,13 +80,13 @@ async def _run(server: Server, case: Case, workers: int, pad: int, profile: Path
     async def sample() -> None:
         while sampling:
             try:
-                rss, pss = memory_kb(server.pid)
+                rss, pss = server.memory_kb()
             except OSError:
                 return
             peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
             await asyncio.sleep(0.2)
 
-    base_rss, base_pss = memory_kb(server.pid)
+    base_rss, base_pss = server.memory_kb()
     sampler = asyncio.create_task(sample())
     result: dict[str, Any] = {
         "server": server.name,
@@ -116,7 +116,7 @@ async def _run(server: Server, case: Case, workers: int, pad: int, profile: Path
         await asyncio.sleep(1.0 + (case.subscribers / 5000 if case.transport == "lp" else 0.2))
         if case.idle:
             await asyncio.sleep(2.0)
-            rss, pss = memory_kb(server.pid)
+            rss, pss = server.memory_kb()
             result.update(_idle_figures(base_rss, base_pss, rss, pss, connected))
         else:
             profiler = None
@@ -169,7 +169,7 @@ async def _publish_and_wait(
     channels = [f"bench{i}" for i in range(case.channels)]
     for conn in conns:
         conn.send(("go",))
-    cpu0 = cpu_seconds(server.pid)
+    cpu0 = server.cpu_seconds()
     t0 = time.time_ns()
     start = time.monotonic()
     per_channel = case.messages // case.channels
@@ -193,7 +193,7 @@ async def _publish_and_wait(
                     done += 1
                     pending.remove(conn)
         await asyncio.sleep(0.01)
-    result["server_cpu_s"] = round(cpu_seconds(server.pid) - cpu0, 3)
+    result["server_cpu_s"] = round(server.cpu_seconds() - cpu0, 3)
     result["publish_s"] = round(publish_s, 2)
     result["publish_failed"] = publisher.failed
     result["publish_unanswered"] = publisher.sent - publisher.answered

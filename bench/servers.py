@@ -7,6 +7,7 @@ and its process id for CPU and memory readings from /proc.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -58,6 +59,53 @@ def memory_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def _or_zero(read, pid: int, zero):  # noqa: ANN001, ANN202 (a reader of /proc and its empty value)
+    """A process that has just exited (a worker being replaced) counts as nothing."""
+    try:
+        return read(pid)
+    except (OSError, ValueError, IndexError):
+        return zero
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes, from /proc (Linux)."""
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+class RedisProcess:
+    """A throwaway redis-server for Redis-mode cases (no persistence, loopback only)."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed; Redis-mode cases need it")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
 def nchan_module() -> str | None:
     if not shutil.which("nginx"):
         return None
@@ -85,6 +133,20 @@ class Server:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def pids(self) -> list[int]:
+        """Every process whose CPU and memory count as this server's (gateway workers, Redis)."""
+        return [self.proc.pid]
+
+    def cpu_seconds(self) -> float:
+        return sum(_or_zero(cpu_seconds, pid, 0.0) for pid in self.pids())
+
+    def memory_kb(self) -> tuple[int, int]:
+        rss = pss = 0
+        for pid in self.pids():
+            r, p = _or_zero(memory_kb, pid, (0, 0))
+            rss, pss = rss + r, pss + p
+        return rss, pss
 
     def _wait_port(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -117,23 +179,70 @@ class GatewayServer(Server):
 
     name = "gateway"
 
-    def __init__(self, workdir: Path, extra_toml: str = "", root: Path = ROOT) -> None:
+    def __init__(
+        self, workdir: Path, extra_toml: str = "", root: Path = ROOT, workers: int = 0, redis: bool = False
+    ) -> None:
         self.port = free_port()
+        self.workers = workers
+        # Redis mode: a redis-server of its own, whose CPU and memory count as the gateway's.
+        self.redis = RedisProcess(workdir) if redis or workers > 1 else None
         config = workdir / "gateway.toml"
         # Heartbeats and pings far apart, so that only events are measured; no access log.
         config.write_text(
             f'[server]\npublish_token = "{TOKEN}"\naccess_log = false\nmax_body_bytes = 65536\n'
+            f"workers = {workers or 1}\n"
             "[sse]\nheartbeat_s = 600\n[websocket]\nping_s = 600\n"
             "[poll]\nlongpoll_default_timeout_s = 25\n[history]\nsize = 5000\n" + extra_toml
         )
-        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "GATEWAY_PUBLISH_TOKEN")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "GATEWAY_PUBLISH_TOKEN", "WEB_CONCURRENCY")
+        }
         env.update({"PORT": str(self.port), "GATEWAY_CONFIG": str(config), "PYTHONUNBUFFERED": "1"})
+        if self.redis is not None:
+            env["REDIS_URL"] = self.redis.url
         self._log_path = workdir / "gateway.log"
         with open(self._log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(root / "app.py")], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
             )
         self._wait_port()
+        if workers > 1:
+            self._wait_workers(60.0)
+
+    def _wait_workers(self, timeout: float) -> None:
+        """The parent binds at once; wait until every worker answers (each /healthz names its pid)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(children(self.proc.pid)) >= self.workers and len(self._answering()) >= self.workers:
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"not all {self.workers} workers answered:\n{self.log()}")
+
+    def _answering(self) -> set[int]:
+        seen: set[int] = set()
+        for _ in range(4 * self.workers):
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                    s.settimeout(2)
+                    reply = b""
+                    while chunk := s.recv(4096):
+                        reply += chunk
+                body = reply.partition(b"\r\n\r\n")[2]
+                seen.add(int(json.loads(body)["pid"]))
+            except (OSError, ValueError, KeyError):
+                pass
+        return seen
+
+    def pids(self) -> list[int]:
+        pids = [self.proc.pid, *children(self.proc.pid)]
+        return pids + ([self.redis.proc.pid] if self.redis is not None else [])
+
+    def stop(self) -> None:
+        super().stop()
+        if self.redis is not None:
+            self.redis.stop()
 
     def paths(self, transport: str, channel: str) -> str:
         return {"sse": f"/sse/{channel}", "ws": f"/ws/{channel}"}[transport]

@@ -51,3 +51,21 @@ def test_a_tiny_case_delivers_every_event_in_order(tmp_path):
         assert r["connected"] == 6 and r["expected"] == 48, r
         assert r["delivered"] == 48 and r["lost"] == 0 and r["disorder"] == 0, r
         assert r["cpu_us_per_delivery"] is not None and r["peak_pss_mb"] > 0, r
+
+
+def test_redis_and_two_worker_cases_deliver_every_event_in_order(tmp_path):
+    """The scaling cases: the gateway on its own redis-server, with 1 and with 2 workers."""
+    out_file = tmp_path / "results.jsonl"
+    cases = "redis-lp-1k,workers2-sse-1k,workers2-ws-1k"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--cases", cases, "--servers", "gateway", "--subscribers", "6",
+         "--messages", "8", "--workers", "1", "--out", str(out_file)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert sorted(r["case"] for r in results) == sorted(cases.split(","))
+    for r in results:
+        assert "error" not in r, r
+        assert r["delivered"] == 48 and r["lost"] == 0 and r["disorder"] == 0, r
+        assert r["server_cpu_s"] > 0 and r["peak_pss_mb"] > 0, r

@@ -65,8 +65,11 @@ local cutoff = ms - tonumber(ARGV[4])
 local len = redis.call('XLEN', stream)
 bytes = bytes + #ARGV[1] + #ARGV[2]
 local from, keep = '-', nil
+-- Usually one event goes (history is full) or none: look at 2 first, then more at a time.
+local count = 2
 while len > 1 and not keep do
-  local entries = redis.call('XRANGE', stream, from, '+', 'COUNT', 64)
+  local entries = redis.call('XRANGE', stream, from, '+', 'COUNT', count)
+  if count < 64 then count = count * 4 end
   for _, entry in ipairs(entries) do
     local f = entry[2]
     local cost = 0

@@ -11,7 +11,7 @@ until its successor has started, seconds on a busy machine.)
 
 The parent restarts a worker that dies (logged, with a growing pause if it keeps dying young),
 and on SIGTERM/SIGINT tells every worker to drain (each within server.shutdown_grace_s), killing
-any that outlive that. Workers are in-process-state-free by design: more than one needs Redis.
+any that outlive that. Workers share nothing in memory, so more than one needs Redis.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
+from gateway.eventdata import check_data
 from gateway.hub.events import Batch, Event
 from gateway.names import check_channel, check_event_name
 
@@ -79,6 +80,7 @@ class Hub:
     def publish(self, channel: str, data: str, event: str = "message") -> Event:
         check_channel(channel)
         check_event_name(event)
+        check_data(data)
         ev = self.store.append(channel, event, data)
         self.published += 1
         if channel in self._pushers:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from gateway.config import SourceConfig
 from gateway.errors import BadRequest, GatewayError
+from gateway.eventdata import InvalidData
 from gateway.hub import Hub
 from gateway.names import RESERVED_EVENTS, check_event_name
 
@@ -291,7 +292,15 @@ class Source:
             self._checkpoint()  # what the previous relay left (a poll adds its item key after us)
             if not self.lease.valid():
                 raise LeaseLost("the lease ran out: another process may be relaying this upstream now")
-        self.hub.publish(self.cfg.channel, data, name)  # a store failure raises: reconnect and replay
+        try:
+            self.hub.publish(self.cfg.channel, data, name)  # a store failure raises: reconnect and replay
+        except InvalidData as exc:
+            # Refused for good (a lone surrogate): retrying would refuse it again and wedge the
+            # source, so skip it and count it as seen, like an oversized event.
+            self._drop(f"an event the gateway refuses ({exc.detail})")
+            if upstream_id is not None:
+                self.seen.add(upstream_id)
+            return False
         if upstream_id is not None:
             self.seen.add(upstream_id)
         self.events_relayed += 1
@@ -409,7 +418,7 @@ class Source:
         log.warning("source %s: dropped %s (dropped so far: %d)", self.name, why, self.dropped)
 
     def _event_name(self, event: str | None) -> str:
-        name = event or self.cfg.event or "message"
+        name = (event or self.cfg.event or "message").strip()
         if name in RESERVED_EVENTS:
             return f"upstream.{name}"  # "gap" and "error" are the gateway's own signals
         try:

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 
+from gateway.errors import BadRequest
 from gateway.eventdata import InvalidData, check_data
 from gateway.hub import Hub
 from gateway.hub.memory import MemoryStore
 from gateway.names import check_event_name
-from gateway.errors import BadRequest
 from tests.clients import SSEClient, WSClient, poll
 from tests.helpers import TOKEN, Gateway
 from tests.upstreams import Upstream, wait_for

@@ -61,9 +61,11 @@ class ServerConfig:
 class HistoryConfig:
     size: int = 1000
     max_age_s: float = 3600.0
+    max_bytes: int = 4 * 1024 * 1024  # per channel (memory store): data + ~200 B per event; oldest out first
 
     def _check(self) -> None:
         _range("history.size", self.size, 1, 1_000_000)
+        _range("history.max_bytes", self.max_bytes, 1024, 1 << 40)
         _range("history.max_age_s", self.max_age_s, 1, 30 * 86400)
 
 

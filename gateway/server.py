@@ -9,11 +9,13 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 import gevent
 from flask import Flask
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from gateway.config import ServerConfig
 from gateway.errors import ConfigError
 from gateway.state import state
 
@@ -26,9 +28,36 @@ LISTEN_BACKLOG = 1024
 GC_THRESHOLDS = (10_000, 20, 20)  # CPython's defaults: (700, 10, 10)
 
 
+class _HeadTooBig(ValueError):
+    """The request line and headers together are over server.max_head_bytes."""
+
+
+class _HeadReader:
+    """What pywsgi parses the headers from: the connection's reader, but refusing to hand out
+    more than `budget` bytes, so a head over the cap is refused before it is all in memory."""
+
+    def __init__(self, rfile: Any, budget: int) -> None:
+        self._rfile = rfile
+        self._budget = budget
+
+    def readline(self, limit: int = -1) -> bytes:
+        want = self._budget + 1 if limit is None or limit < 0 else min(limit, self._budget + 1)
+        line = self._rfile.readline(want)
+        self._budget -= len(line)
+        if self._budget < 0:
+            raise _HeadTooBig("the request head is over server.max_head_bytes")
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rfile, name)
+
+
 class _Handler(WSGIHandler):
     """Drops a connection whose socket makes no progress for server.stall_timeout_s (a client
-    that stopped reading, a half-open socket); otherwise it would hold its greenlet forever."""
+    that stopped reading, a half-open socket); otherwise it would hold its greenlet forever.
+    A request head must arrive whole within server.head_timeout_s (a client trickling header
+    bytes makes progress, so the stall timeout alone would never end it) and be at most
+    server.max_head_bytes long."""
 
     def __init__(self, sock, address, server, rfile=None):  # noqa: ANN001 (gevent's signature)
         sock.settimeout(server.stall_timeout_s)
@@ -41,21 +70,76 @@ class _Handler(WSGIHandler):
             # requests are small (bodies are read past the buffer anyway).
             rfile = sock.makefile("rb", READ_BUFFER)
         super().__init__(sock, address, server, rfile)
+        self._head_timeout_s, self._max_head_bytes = _head_limits(server)
+        self._head_timer: gevent.Timeout | None = None
+        self._requests = 0
+
+    def handle_one_request(self):  # noqa: ANN201 (gevent's protocol: None, True or (status, raw response))
+        # The deadline runs from the connection's start for its first request, and from the first
+        # byte of each later one (an idle keep-alive connection is the stall timeout's business).
+        first = not self._requests
+        self._requests += 1
+        if not first and not self._next_request_started():
+            return None
+        timer = self._head_timer = gevent.Timeout(self._head_timeout_s)
+        timer.start()
+        started = not first
+        try:
+            if first and not self._next_request_started():
+                return None
+            started = True
+            result = super().handle_one_request()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            # A connection that never sent a byte (a browser's spare one) is closed without a word.
+            return ("408", _refusal("408")) if started else None
+        finally:
+            self._end_head()
+        if isinstance(result, tuple):  # pywsgi refused the request before the app saw it
+            result = (result[0], _refusal(result[0]))
+        return result
+
+    def _next_request_started(self) -> bool:
+        """Wait (up to the stall timeout) for the first byte of another request on this connection."""
+        try:
+            return bool(self.rfile.peek(1))
+        except (OSError, ValueError):  # timed out, reset, or closed
+            return False
+
+    def _end_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.close()
+            self._head_timer = None
+
+    def read_request(self, raw_requestline: str) -> bool:
+        budget = self._max_head_bytes - len(raw_requestline)
+        if budget < 0:
+            raise _HeadTooBig("the request line is over server.max_head_bytes")
+        rfile = self.rfile
+        self.rfile = _HeadReader(rfile, budget)
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self.rfile = rfile
+
+    def _handle_client_error(self, ex: Exception):  # noqa: ANN202 (gevent's protocol)
+        if isinstance(ex, _HeadTooBig):
+            return ("431", b"")
+        return super()._handle_client_error(ex)
 
     def get_environ(self) -> dict:
+        # The head is in: the app's time is its own (the stall timeout still guards the socket).
+        self._end_head()
         # Streams take the fast path (gateway/transports/push.py): the publisher writes encoded
         # events straight to this socket. pywsgi hides the socket of plain HTTP responses, and
         # whether it frames the body as chunks, so hand both over.
         env = super().get_environ()
         env["gateway.socket"] = self.socket
         env["gateway.chunked"] = lambda: self.response_use_chunked
+        # The parsed headers are copied into environ; a stream would otherwise keep both for its life.
+        self.headers = None
         return env
-
-    def handle_one_request(self):  # noqa: ANN201 (gevent's protocol: None, True or (status, raw response))
-        result = super().handle_one_request()
-        if isinstance(result, tuple):  # pywsgi refused the request before the app saw it
-            result = (result[0], _refusal(result[0]))
-        return result
 
     def handle_one_response(self) -> None:
         super().handle_one_response()
@@ -66,11 +150,32 @@ class _Handler(WSGIHandler):
             self.close_connection = True
 
 
+def _head_limits(server: Any) -> tuple[float, int]:
+    """server.head_timeout_s and server.max_head_bytes of the app this server serves."""
+    try:
+        cfg = state(server.application).config.server
+    except (AttributeError, KeyError, TypeError):  # not our app (a test's bare WSGI callable)
+        cfg = ServerConfig()
+    return cfg.head_timeout_s, cfg.max_head_bytes
+
+
 def _refusal(status: str) -> bytes:
     """pywsgi's own answers (a request line over 8 KB, malformed or oversized headers) have empty
     bodies; ours carry the contract's JSON error shape like every other error."""
     if status == "414":
         reason, code, detail = "Request URI Too Long", "uri_too_long", "the request line is over 8 KB; shorten the URL"
+    elif status == "408":
+        reason, code, detail = (
+            "Request Timeout",
+            "head_timeout",
+            "the request line and headers did not arrive within server.head_timeout_s",
+        )
+    elif status == "431":
+        reason, code, detail = (
+            "Request Header Fields Too Large",
+            "head_too_large",
+            "the request line and headers are over server.max_head_bytes; send fewer or shorter headers",
+        )
     else:
         reason, code, detail = "Bad Request", "bad_request", "the request line or headers are malformed or too big"
     body = json.dumps({"error": code, "detail": detail}).encode()

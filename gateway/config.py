@@ -173,11 +173,13 @@ class SourceConfig:
 class ProxyConfig:
     upstream: str = ""
     timeout_s: float = 30.0
+    websocket_idle_s: float = 120.0  # a bridged WebSocket with no bytes either way this long is closed
 
     def _check(self) -> None:
         if self.upstream and not self.upstream.startswith(("http://", "https://")):
             raise ConfigError("proxy.upstream: must be an http:// or https:// URL, or empty to turn the proxy off")
         _range("proxy.timeout_s", self.timeout_s, 0.1, 3600)
+        _range("proxy.websocket_idle_s", self.websocket_idle_s, 0.5, 86400)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from gateway.config import ServerConfig
 from gateway.errors import ConfigError
+from gateway.redact import redact_text
 from gateway.state import state
 
 __all__ = ["serve"]
@@ -191,6 +192,16 @@ class _Handler(WSGIHandler):
         # The parsed headers are copied into environ; a stream would otherwise keep both for its life.
         self.headers = None
         return env
+
+    def format_request(self) -> str:
+        # The access log line: a request line may carry ?token= (browsers' EventSource and
+        # WebSocket cannot send headers), which must never reach a log.
+        line = self.requestline
+        self.requestline = redact_text(line or "")
+        try:
+            return super().format_request()
+        finally:
+            self.requestline = line
 
     def handle_one_response(self) -> None:
         super().handle_one_response()

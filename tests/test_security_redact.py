@@ -79,3 +79,15 @@ def test_index_status_and_logs_never_show_upstream_credentials(start_gateway: Ca
         assert secret not in status_text, secret
         assert secret not in log, secret
     assert all(s["last_error"] for s in requests.get(gw.url + "/status", timeout=5).json()["sources"])
+
+
+def test_access_log_never_shows_a_token_from_the_query(start_gateway: Callable[..., Gateway]) -> None:
+    gw = start_gateway({"server": {"access_log": True}})
+    r = requests.get(gw.url + "/poll/news", params={"token": "t0ken-VALUE", "since": "0-0"}, timeout=5)
+    assert r.status_code == 200
+    deadline = time.monotonic() + 5
+    while "GET /poll/news" not in gw.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = gw.log()
+    assert "GET /poll/news?token=***&since=0-0" in log
+    assert "t0ken-VALUE" not in log

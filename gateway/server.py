@@ -138,12 +138,33 @@ class _Handler(WSGIHandler):
             if exc is not timer:
                 raise
             # A connection that never sent a byte (a browser's spare one) is closed without a word.
-            return ("408", _refusal("408")) if started else None
+            return self._refuse("408", _refusal("408")) if started else None
         finally:
             self._end_head()
-        if isinstance(result, tuple) and b'"error"' not in result[1]:  # pywsgi's own refusal: empty body
-            result = (result[0], _refusal(result[0]))
+        if isinstance(result, tuple):  # refused before the app saw it
+            status, body = result
+            return self._refuse(status, body if b'"error"' in body else _refusal(status))
         return result
+
+    def _refuse(self, status: str, response: bytes) -> None:
+        """Answer a refused head and end the connection, as pywsgi's handle() would, except that
+        a client already gone is no error worth a traceback."""
+        self.status = self._orig_status = status
+        try:
+            self.socket.sendall(response)
+        except OSError:
+            pass
+        self.time_finish = time.time()
+        self.log_request()
+        return None
+
+    def log_error(self, msg: str, *args: Any) -> None:
+        # pywsgi quotes the client's malformed request line here: it may carry ?token=.
+        try:
+            message = msg % args if args else msg
+        except (TypeError, ValueError):
+            message = f"{msg!r} {args!r}"
+        super().log_error(redact_text(message))
 
     def _next_request_started(self) -> bool:
         """Wait (up to the stall timeout) for the first byte of another request on this connection."""

@@ -125,3 +125,28 @@ def test_head_config_keys() -> None:
         from_mapping({"server": {"max_head_bytes": 10}})
     with pytest.raises(ConfigError, match="server.head_timeout_s"):
         from_mapping({"server": {"head_timeout_s": 0}})
+
+
+def test_a_refusal_to_a_client_already_gone_logs_no_traceback(gw: Gateway) -> None:
+    # The valid request is answered, then the garbage after it is refused, by which time the
+    # client has reset the connection: the refusal's write fails, quietly.
+    for _ in range(20):
+        sock = _connect(gw)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n0\r\n\r\n")
+        assert sock.recv(12).startswith(b"HTTP/1.1 200")
+        sock.close()  # linger 0: an RST
+    time.sleep(0.5)
+    assert "Traceback" not in gw.log() and "BrokenPipe" not in gw.log()
+
+
+def test_a_malformed_request_line_with_a_token_is_logged_redacted(gw: Gateway) -> None:
+    sock = _connect(gw)
+    try:
+        sock.sendall(b"PUT /poll/x?token=t0ken-VALUE HTTP/9.9\r\nHost: x\r\n\r\n")
+        assert _read_response(sock)[0] == 400
+    finally:
+        sock.close()
+    time.sleep(0.3)
+    log = gw.log()
+    assert "token=***" in log and "t0ken-VALUE" not in log

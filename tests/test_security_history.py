@@ -57,3 +57,21 @@ def test_live_gateway_honours_max_bytes(start_gateway: Callable[..., Gateway]) -
     sizes = sum(len(e["data"]) + 200 for e in answer["events"])
     assert sizes <= 32_768 and len(answer["events"]) >= 10
     assert answer["events"][-1]["data"].startswith("0039")
+
+
+def test_idempotency_keys_do_not_keep_event_data_past_the_byte_budget() -> None:
+    import tracemalloc
+
+    store = MemoryStore(1000, 3600, max_bytes=100_000)
+    hub = Hub(store)
+    first = hub.publish("c", "f" * 50_000, idempotency_key="k-first")
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(200):  # 10 MB published, each with its own key; history keeps ~100 KB
+        hub.publish("c", f"{i:04d}" + "d" * 50_000, idempotency_key=f"k{i}")
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert grown < 2_000_000, grown
+    # The keys still work after their events left history.
+    again = hub.publish("c", "f" * 50_000, idempotency_key="k-first")
+    assert again.repeat and again.id == first.id

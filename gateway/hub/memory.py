@@ -75,7 +75,9 @@ class MemoryStore:
             self._drop_oldest(ch)
         ch.last, ch.last_key = ev.id, key
         if idempotency_key is not None:
-            ch.keys[idempotency_key] = ev
+            # Only what a repeat answers with (its id), not the data: the keys outlive history
+            # (max_age_s), and must not hold what history.max_bytes has let go.
+            ch.keys[idempotency_key] = Event(ev.id, ev.event, "", ev.key, ev.prev, ev.time)
             if len(ch.keys) > MAX_IDEMPOTENCY_KEYS:
                 ch.keys.popitem(last=False)
         return ev
@@ -91,7 +93,7 @@ class MemoryStore:
         first = ch.keys.get(idempotency_key)
         if first is None:
             return None
-        repeat = Event(first.id, first.event, first.data, first.key, first.prev, first.time)
+        repeat = Event(first.id, first.event, first.data, first.key, first.prev, first.time)  # data: "" (see append)
         repeat.repeat = True
         return repeat
 

@@ -75,6 +75,11 @@ def _check_framing(method: str, version: str, headers: Any) -> None:
             raise _Refused("400", "bad_framing", "a request may have Content-Length or Transfer-Encoding, not both")
         if len(codings) != 1 or codings[0].strip().lower() != "chunked":
             raise _Refused("501", "unsupported_transfer_encoding", 'the only Transfer-Encoding accepted is "chunked"')
+        headers.replace_header("Transfer-Encoding", "chunked")  # pywsgi compares it exactly
+    elif lengths:
+        # One plain value, as pywsgi (int()) and the upstream behind [proxy] will both read it.
+        del headers["Content-Length"]
+        headers["Content-Length"] = next(iter(values))
 
 
 class _HeadReader:

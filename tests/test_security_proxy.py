@@ -234,6 +234,20 @@ def test_ambiguous_framing_is_refused_and_closed(gw: Gateway, app_upstream: Upst
     assert "Traceback" not in gw.log()
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /echo/n1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked \r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST /echo/n2 HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello",
+        b"POST /echo/n3 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    ],
+)
+def test_framing_both_parsers_read_alike_is_normalised_and_forwarded(gw: Gateway, head: bytes) -> None:
+    answer = exchange(gw.port, head.replace(b"Host: x", b"Host: x\r\nConnection: close"))
+    assert status_of(answer) == 201, answer[:300]  # the upstream's answer to a POST
+    assert body_of(answer)["size"] == 5  # the upstream got exactly the body
+
+
 def test_a_bad_chunked_body_is_400_not_an_upstream_failure(gw: Gateway) -> None:
     head = b"POST /echo/chunky HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     answer = exchange(gw.port, head + b"5\r\nhello\r\nZZZ\r\nnot hex\r\n0\r\n\r\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import json
 import logging
 import re
@@ -20,6 +21,8 @@ from gateway.config import ServerConfig
 from gateway.errors import ConfigError
 from gateway.redact import redact_text
 from gateway.state import state
+from gateway.transports.fastpoll import FastLongPoll
+from gateway.transports.pollloop import LongPollLoop
 
 __all__ = ["serve"]
 
@@ -28,6 +31,7 @@ READ_BUFFER = 1024  # bytes; pywsgi's default is 8 KB per connection
 # deploy; the kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
 GC_THRESHOLDS = (10_000, 20, 20)  # CPython's defaults: (700, 10, 10)
+HEAD_TIMEOUT_S = 10.0
 
 
 class _Refused(ValueError):
@@ -122,16 +126,42 @@ class _Handler(WSGIHandler):
         super().__init__(sock, address, server, rfile)
         self._head_timeout_s, self._max_head_bytes = _head_limits(server)
         self._head_timer: gevent.Timeout | None = None
+        self._head_started: float | None = None  # monotonic time a head in progress began
         self._requests = 0
+
+    def handle(self) -> None:
+        # Keep-alive long polls first (see transports/pollloop.py): it hands the connection back,
+        # with whatever it read, at the first request that is anything else.
+        loop = getattr(self.server, "longpoll_loop", None)
+        if loop is not None:
+            guarded = _HeadDeadline(self.socket, self._head_timeout_s)
+            rest = loop.serve(guarded, self.client_address, self._log_long_poll)
+            if rest is None:
+                return  # the connection is done; the server closes it
+            # A head the loop started reading keeps its deadline here.
+            self._requests, self._head_started = guarded.answered, guarded.head_started
+            if rest:
+                self.rfile = io.BufferedReader(_Prefixed(rest, self.socket), READ_BUFFER)
+        super().handle()
+
+    def _log_long_poll(self, request_line: str, status: int, length: int, started: float) -> None:
+        if self.server.log is None:
+            return
+        self.requestline, self.status, self._orig_status = request_line, str(status), str(status)
+        self.response_length, self.time_start, self.time_finish = length, started, time.time()
+        self.log_request()
 
     def handle_one_request(self):  # noqa: ANN201 (gevent's protocol: None, True or (status, raw response))
         # The deadline runs from the connection's start for its first request, and from the first
         # byte of each later one (an idle keep-alive connection is the stall timeout's business).
         first = not self._requests
         self._requests += 1
-        if not first and not self._next_request_started():
+        timeout, self._head_started = _remaining(self._head_timeout_s, self._head_started), None
+        if timeout < self._head_timeout_s:  # a head already under way (begun in the long-poll loop)
+            first = False
+        elif not first and not self._next_request_started():
             return None
-        timer = self._head_timer = gevent.Timeout(self._head_timeout_s)
+        timer = self._head_timer = gevent.Timeout(timeout)
         timer.start()
         started = not first
         try:
@@ -238,6 +268,81 @@ class _Handler(WSGIHandler):
             self.close_connection = True
 
 
+def _remaining(timeout_s: float, started: float | None) -> float:
+    if started is None:
+        return timeout_s
+    return max(0.001, timeout_s - (time.monotonic() - started))
+
+
+class _HeadDeadline:
+    """The client socket as the long-poll loop (transports/pollloop.py) reads it: recv() holds
+    a request head to server.head_timeout_s, from the connection's start for its first head and
+    from the first byte for later ones (idle keep-alive time is the stall timeout's business).
+    At the deadline it answers 408 (silence, if the client never sent a byte) and raises."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        self._sock = sock
+        self._timeout_s = timeout_s
+        self._idle = sock.gettimeout()
+        self.head_started: float | None = time.monotonic()
+        self._silent = True  # no byte from the client yet
+        self.answered = 0
+
+    def recv(self, size: int) -> bytes:
+        if self.head_started is None:
+            data = self._sock.recv(size)
+            if data:
+                self.head_started = time.monotonic()
+            return data
+        remaining = self.head_started + self._timeout_s - time.monotonic()
+        if remaining <= 0:
+            self._expired()
+        self._sock.settimeout(min(remaining, self._idle) if self._idle else remaining)
+        try:
+            data = self._sock.recv(size)
+        except TimeoutError:
+            self._expired()
+        finally:
+            self._sock.settimeout(self._idle)
+        self._silent = self._silent and not data
+        return data
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(data)
+        self.head_started, self._silent = None, False
+        self.answered += 1
+
+    def _expired(self) -> None:
+        if not self._silent:
+            try:
+                self._sock.sendall(_refusal("408"))
+            except OSError:
+                pass
+        raise TimeoutError("the request head did not arrive within server.head_timeout_s")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _Prefixed(io.RawIOBase):
+    """A connection's bytes for pywsgi: those already read by the long-poll loop, then the socket."""
+
+    def __init__(self, prefix: bytes, sock: socket.socket) -> None:
+        self._prefix = memoryview(prefix)
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._prefix:
+            n = min(len(buffer), len(self._prefix))
+            buffer[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        return self._sock.recv_into(buffer)
+
+
 def _head_limits(server: Any) -> tuple[float, int]:
     """server.head_timeout_s and server.max_head_bytes of the app this server serves."""
     try:
@@ -301,6 +406,8 @@ def serve(app: Flask) -> None:
         error_log=sys.stderr,
     )
     server.stall_timeout_s = config.server.stall_timeout_s
+    fast = st.parts.get(FastLongPoll)
+    server.longpoll_loop = LongPollLoop(fast, HEAD_TIMEOUT_S) if fast is not None else None
     _tune_gc()
     # gevent records each greenlet's spawning stack and parent (for debugging): ~2 KB per
     # connection's greenlets, for nothing in production.

@@ -150,3 +150,34 @@ def test_a_malformed_request_line_with_a_token_is_logged_redacted(gw: Gateway) -
     time.sleep(0.3)
     log = gw.log()
     assert "token=***" in log and "t0ken-VALUE" not in log
+
+
+def test_the_long_poll_keep_alive_loop_keeps_the_head_deadline(gw: Gateway) -> None:
+    sock = _connect(gw)
+    poll = b"GET /longpoll/hd.loop?since=0-0&timeout=0 HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        sock.sendall(poll)
+        assert _read_response(sock)[0] == 200
+        time.sleep(HEAD_TIMEOUT + 0.5)  # idle between requests is allowed
+        sock.sendall(poll)
+        assert _read_response(sock)[0] == 200
+        started = time.monotonic()
+        sock.sendall(b"GET /longpoll/hd.loop HTTP/1.1\r\n")
+        answer = b""
+        for _ in range(40):  # trickle, then the deadline answers
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                break
+            sock.settimeout(0.25)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            answer += chunk
+            if not chunk or b"\r\n\r\n" in answer:
+                break
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - started < HEAD_TIMEOUT + 5

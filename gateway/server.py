@@ -30,7 +30,6 @@ READ_BUFFER = 1024  # bytes; pywsgi's default is 8 KB per connection
 # deploy; the kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
 GC_THRESHOLDS = (10_000, 20, 20)  # CPython's defaults: (700, 10, 10)
-HEAD_TIMEOUT_S = 10.0
 
 
 class _Handler(WSGIHandler):
@@ -308,7 +307,7 @@ def serve(app: Flask) -> None:
     )
     server.stall_timeout_s = config.server.stall_timeout_s
     fast = st.parts.get(FastLongPoll)
-    server.longpoll_loop = LongPollLoop(fast, HEAD_TIMEOUT_S) if fast is not None else None
+    server.longpoll_loop = LongPollLoop(fast, config.server.head_timeout_s) if fast is not None else None
     _tune_gc()
     # gevent records each greenlet's spawning stack and parent (for debugging): ~2 KB per
     # connection's greenlets, for nothing in production.

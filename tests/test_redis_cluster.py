@@ -83,11 +83,11 @@ def test_stores_on_a_cluster_share_channels_on_every_shard(redis_cluster):  # no
 
 
 def test_history_trims_by_count_and_bytes_on_a_cluster(redis_cluster):  # noqa: F811
-    s = RedisStore(redis_cluster.url, 3, 3600, prefix=f"t{uuid.uuid4().hex[:6]}:", cluster=True, max_bytes=2048)
+    s = RedisStore(redis_cluster.url, 3, 3600, prefix=f"t{uuid.uuid4().hex[:6]}:", cluster=True, max_bytes=2500)
     try:
         ids = [s.append("trim", "message", str(i)).id for i in range(5)]
         assert [e.id for e in s.read("trim", ids[0], 10).events] == ids[2:]
-        big = [s.append("trim", "message", "x" * 900).id for _ in range(3)]  # 907 bytes each
+        big = [s.append("trim", "message", "x" * 900).id for _ in range(3)]  # 900 + 7 + 200 bytes each: 2 fit in 2500
         batch = s.read("trim", ids[-1], 10)
         assert [e.id for e in batch.events] == big[1:] and batch.gap
     finally:

@@ -25,11 +25,12 @@ end
 # KEYS: stream, its byte count, then the idempotency key (if ARGV[9] == '1'), then the channel
 # index (a zset: channel -> last publish ms; if ARGV[10] == '1': in a cluster it lives on another
 # shard, so the caller updates it apart). ARGV: event, data, size, max_age_ms, ttl_ms, notify
-# topic, notify message, channel, has key, has index, max_bytes.
+# topic, notify message, channel, has key, has index, max_bytes, the fixed cost of an event beyond its name and data
+# (as the memory store counts it).
 # In a cluster PUBLISH reaches every node, so one subscription anywhere hears every shard.
 # Returns {id, prev, 0} for a new event, or {id, prev, 1, event, data} for a repeated key.
 # History is trimmed oldest first while it holds more than `size` events, events older than
-# max_age, or more than max_bytes of event names and data; the newest event always stays.
+# max_age, or more than max_bytes (names, data, overhead); the newest event always stays.
 APPEND = """
 local stream, counter = KEYS[1], KEYS[2]
 local n = 2
@@ -63,7 +64,8 @@ local ms = tonumber(string.match(id, '^(%d+)'))
 local size, max_bytes = tonumber(ARGV[3]), tonumber(ARGV[11])
 local cutoff = ms - tonumber(ARGV[4])
 local len = redis.call('XLEN', stream)
-bytes = bytes + #ARGV[1] + #ARGV[2]
+local overhead = tonumber(ARGV[12])
+bytes = bytes + #ARGV[1] + #ARGV[2] + overhead
 local from, keep = '-', nil
 -- Usually one event goes (history is full) or none: look at 2 first, then more at a time.
 local count = 2
@@ -76,6 +78,7 @@ while len > 1 and not keep do
     for i = 1, #f, 2 do
       if f[i] == 'e' or f[i] == 'd' then cost = cost + #f[i + 1] end
     end
+    cost = cost + overhead
     local old = tonumber(string.match(entry[1], '^(%d+)')) < cutoff
     if entry[1] == id or not (len > size or bytes > max_bytes or old) then keep = entry[1]; break end
     len = len - 1

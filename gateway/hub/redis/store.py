@@ -12,6 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.hub.events import Batch, Event
 from gateway.hub.hub import Hub
+from gateway.hub.memory import EVENT_OVERHEAD
 from gateway.hub.redis.connection import ERRORS, ErrorReporter, connect, never_sent
 from gateway.hub.redis.listener import Listener
 from gateway.hub.redis.scripts import APPEND, READ, event_from_entry
@@ -84,7 +85,7 @@ class RedisStore:
             keys.append(self._index)
         has_key, has_index = int(idempotency_key is not None), int(not self._cluster)
         args = [event, data, self._size, self._max_age_ms, self._ttl_ms, self._topic, message, channel]
-        args += [has_key, has_index, self._max_bytes]
+        args += [has_key, has_index, self._max_bytes, EVENT_OVERHEAD]
         try:
             id_, prev, repeat, *first = self._append(keys=keys, args=args)
         except ERRORS as exc:

@@ -294,3 +294,33 @@ def test_app_json_provisions_redis_a_token_and_workers_with_a_config_that_loads(
     workers = worker_count(config, {"WEB_CONCURRENCY": app["env"]["WEB_CONCURRENCY"]["value"]})
     # Within the mini plan's 20 clients, even while a preboot runs old and new dynos together.
     assert workers * (config.redis.max_connections + 1) * 2 <= 20
+
+
+def test_a_worker_that_keeps_dying_young_is_restarted_ever_more_slowly(tmp_path: Path):
+    """No crash loop: a worker that dies at once waits 0.5 s, then 1 s, then 2 s... each logged."""
+    script = (
+        "import logging, sys\n"
+        "from gateway.config import from_mapping\n"
+        "from gateway.workers import Supervisor\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "config = from_mapping({'server': {'host': '127.0.0.1', 'port': 0, 'workers': 2},"
+        " 'redis': {'url': 'redis://127.0.0.1:1/0'}})\n"
+        "sys.exit(Supervisor(config, 1, argv=[sys.executable, '-c', 'raise SystemExit(1)']).run())\n"
+    )
+    log_path = tmp_path / "supervisor.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def pauses() -> list[float]:
+        lines = log_path.read_text().splitlines()
+        return [float(line.rsplit("restarting in ", 1)[1].split()[0]) for line in lines if "restarting in" in line]
+
+    try:
+        _wait(lambda: len(pauses()) >= 3, "three restarts", timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    out = log_path.read_text()
+    assert proc.returncode == 0, out
+    assert "exited with status 1" in out
+    assert pauses()[:3] == [0.5, 1.0, 2.0], out

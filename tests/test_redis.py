@@ -638,3 +638,31 @@ def test_a_gateway_on_rediss_with_a_self_signed_certificate_and_a_connection_cap
         assert _publish(gw, channel, "tls 0", "tls-key").json()["id"] == repeat.json()["id"]
     finally:
         server.stop()
+
+
+def test_simultaneous_new_readers_share_one_last_id_call(store):
+    """A reconnect storm: many new streams "from now" on one channel ask for its last id at once;
+    they share a round trip instead of queueing for the pool (which ran out in the bench)."""
+    sent = store.append("storm", "message", "x")
+    real, calls = store._client.xrevrange, []
+    gate = threading.Event()
+
+    def slow(*args, **kwargs):
+        calls.append(args)
+        gate.wait(5)
+        return real(*args, **kwargs)
+
+    store._client.xrevrange = slow
+    got: list[str] = []
+    threads = [threading.Thread(target=lambda: got.append(store.last_id("storm")), daemon=True) for _ in range(50)]
+    for t in threads:
+        t.start()
+    _until(lambda: len(calls) == 1, "the first call is in Redis")
+    time.sleep(0.2)  # the others arrive while it is
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert got == [sent.id] * 50
+    assert len(calls) < 5  # nearly all of them shared the first call
+    store._client.xrevrange = real
+    assert store.last_id("storm") == sent.id  # and nothing is left cached once it is done

@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -61,6 +62,7 @@ class RedisStore:
         )
         self._listen_client = listen_client
         self._flights: dict[tuple[str, str, int], _Flight] = {}  # reads in progress, see _fetch
+        self._last_flights: dict[str, _Flight] = {}  # last_id calls in progress
         self._gens: dict[str, int] = {}  # channels streamed here -> count of wake-ups so far
 
     @property
@@ -143,11 +145,26 @@ class RedisStore:
         return Batch(list(events), events[-1].id, gap=not known, more=more)
 
     def last_id(self, channel: str) -> str:
+        """Where a new reader "from now" starts. Callers for one channel at a time share one
+        round trip (a reconnect storm opens thousands of streams at once); a shared answer can
+        only be a little older than a fresh one, so a new reader may get an event more, never
+        one fewer."""
+        flight = self._last_flights.get(channel)
+        if flight is not None:
+            if not flight.done.wait(FLIGHT_WAIT_S) or flight.error is not None:
+                raise self._errors.unavailable("read", flight.error or RedisConnectionError("shared read timed out"))
+            return flight.result
+        flight = self._last_flights[channel] = _Flight(0)
         try:
             top = self._client.xrevrange(self._key(channel), count=1)
+            flight.result = top[0][0] if top else ZERO
+            return flight.result
         except ERRORS as exc:
+            flight.error = exc
             raise self._errors.unavailable("read", exc) from None
-        return top[0][0] if top else ZERO
+        finally:
+            del self._last_flights[channel]
+            flight.done.set()
 
     def channels(self) -> list[str]:
         """Channels published to within a key's lifetime (an index, not a SCAN of the keyspace:
@@ -268,5 +285,5 @@ class _Flight:
     def __init__(self, gen: int) -> None:
         self.gen = gen
         self.done = threading.Event()
-        self.result: _Result | None = None
+        self.result: Any = None  # a _Result, or a last id
         self.error: Exception | None = None

@@ -212,6 +212,9 @@ def _bridge_websocket(upstream: str, timeout_s: float, idle_s: float) -> Respons
     problem = wsbridge.client_problem(request.method, request.headers)
     if problem is not None:
         return _refused_upgrade(400, "bad_handshake", problem)
+    admission = state().admission
+    assert admission is not None
+    ticket = admission.admit_tunnel(request.environ)  # 429/503 over the connection limits
     parts = urlsplit(upstream)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     if parts.scheme == "https":
@@ -250,8 +253,9 @@ def _bridge_websocket(upstream: str, timeout_s: float, idle_s: float) -> Respons
         log.warning("proxy: WebSocket upgrade of %s: the upstream's %s", request.path, problem)
         return _refused_upgrade(502, "upstream_bad_handshake", f"the upstream app's {problem}")
     try:
-        client.sendall(answer.raw)  # its 101 as it sent it, and any frames that followed
-        wsbridge.splice(client, up, idle_s)
+        with ticket:
+            client.sendall(answer.raw)  # its 101 as it sent it, and any frames that followed
+            wsbridge.splice(client, up, idle_s)
     except OSError:
         pass
     finally:

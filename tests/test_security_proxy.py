@@ -255,3 +255,27 @@ def test_a_bad_chunked_body_is_400_not_an_upstream_failure(gw: Gateway) -> None:
     assert body_of(answer)["error"] == "invalid_body"
     log = gw.log()
     assert "Traceback" not in log and "/echo/chunky failed" not in log
+
+
+def test_tunnels_count_against_the_connection_limits(app_upstream: Upstream, tmp_path) -> None:  # noqa: ANN001
+    config = {"proxy": {"upstream": app_upstream.url}, "limits": {"max_connections_per_client": 1}}
+    gateway = Gateway(config, tmp_path)
+    try:
+        first = websocket.create_connection(gateway.ws_url + "/socket", timeout=5)
+        try:
+            assert json.loads(first.recv())["hello"]
+            answer = exchange(gateway.port, handshake("/socket"), timeout=3)
+            assert status_of(answer) == 429 and b"Retry-After" in answer
+            assert body_of(answer)["error"] == "too_many_connections_from_client"
+        finally:
+            first.close()
+        # The freed slot is reusable once the first tunnel has ended.
+        deadline = time.monotonic() + 5
+        while True:
+            answer = exchange(gateway.port, handshake("/socket"), timeout=2)
+            if status_of(answer) == 101 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert status_of(answer) == 101
+    finally:
+        gateway.stop()

@@ -39,6 +39,7 @@ class ServerConfig:
     trusted_proxies: list[str] = field(default_factory=list)  # addresses/CIDRs whose X-Forwarded-For names the client
     log_format: str = "text"  # "text" | "json": connection and access log lines
     workers: int = 0  # gateway processes on one port; 0 = $WEB_CONCURRENCY, else 1
+    metrics_dir: str = ""  # several workers: each writes its metrics snapshot here; env GATEWAY_METRICS_DIR
 
     def _check(self) -> None:
         _range("server.port", self.port, 0, 65535)
@@ -293,6 +294,7 @@ ENV_OVERRIDES = {
     "GATEWAY_OPERATOR_TOKEN": ("server", "operator_token"),
     "REDIS_URL": ("redis", "url"),
     "GATEWAY_AUTH_SECRET": ("auth", "secret"),
+    "GATEWAY_METRICS_DIR": ("server", "metrics_dir"),
 }
 
 

@@ -14,6 +14,7 @@ import gevent
 from flask import Flask
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from gateway.connlog import AccessLog
 from gateway.errors import ConfigError
 from gateway.state import state
 
@@ -102,7 +103,7 @@ def serve(app: Flask) -> None:
         app,
         handler_class=_Handler,
         backlog=LISTEN_BACKLOG,
-        log=sys.stderr if config.server.access_log else None,
+        log=AccessLog(config.server.log_format) if config.server.access_log else None,
         error_log=sys.stderr,
     )
     server.stall_timeout_s = config.server.stall_timeout_s

@@ -64,7 +64,8 @@ def metrics() -> Response:
 @bp.get("/channels")
 def channels() -> Response:
     st = state()
-    limit = request.args.get("limit", LIST_DEFAULT, type=int)
+    raw = request.args.get("limit", str(LIST_DEFAULT))
+    limit = int(raw) if raw.isdigit() else 0
     if not 1 <= limit <= LIST_MAX:
         raise BadRequest("invalid_limit", f"limit must be a whole number from 1 to {LIST_MAX}")
     names = st.hub.channels()

@@ -193,3 +193,120 @@ def test_workers_sharing_a_metrics_dir_are_summed(
     assert value(samples, "gateway_redis_up") == 1
     b.stop()
     wait_for(lambda: workers(a) == 1, "the stopped worker to drop out")
+
+
+# -- the module's own logic, in process (fast) ---------------------------------------------------
+
+
+def _parsed(metrics: Any) -> dict:
+    body, content_type = metrics.exposition()
+    assert content_type.startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_observer_and_admission_hooks_reach_the_exposition() -> None:
+    from gateway.hub import Event, Hub, MemoryStore
+    from gateway.metrics import SAMPLE_EVERY, Metrics
+
+    hub = Hub(MemoryStore(10, 60))
+    metrics = Metrics(hub)
+    hub.observer = metrics
+    events = [hub.publish("m", f"e{i}") for i in range(3)]
+    old = Event("1-0", "message", "x", (1, 0), "0-0", time.time() - 0.2)
+    flushes = 2 * SAMPLE_EVERY + 1
+    for i in range(flushes):
+        metrics.delivered(("sse", "sse-chunked", "ws")[i % 3], 5, [old, *events[:1]], 100)
+    metrics.connection_opened("sse")
+    metrics.connection_opened("sse")
+    metrics.connection_opened("longpoll")
+    metrics.connection_closed("sse", "client_closed", 2.5, 10, 1000)
+    metrics.polled("longpoll", 4, 400)
+    metrics.refused(429, "too_many_connections")
+    metrics.limit_hit("max_connections_per_client")
+    metrics.slow_consumer_dropped("ws")
+    metrics.publish_refused(413, "too_large")
+    s = _parsed(metrics)
+    assert value(s, "gateway_events_published_total") == 3
+    by_kind = {"sse": 0, "ws": 0}
+    for i in range(flushes):
+        by_kind["ws" if i % 3 == 2 else "sse"] += 5 * 2
+    assert value(s, "gateway_events_delivered_total", transport="sse") == by_kind["sse"]
+    assert value(s, "gateway_events_delivered_total", transport="ws") == by_kind["ws"]
+    assert value(s, "gateway_events_delivered_total", transport="longpoll") == 4
+    assert value(s, "gateway_bytes_written_total", transport="longpoll") == 400
+    assert value(s, "gateway_delivery_latency_seconds_count") == 3  # flushes 1, 17 and 33
+    assert value(s, "gateway_delivery_latency_seconds_bucket", le="0.1") == 0  # the oldest event: 0.2 s
+    assert value(s, "gateway_delivery_latency_seconds_bucket", le="0.25") == 3
+    assert value(s, "gateway_delivery_latency_seconds_sum") >= 0.6
+    assert value(s, "gateway_connections", transport="sse") == 1
+    assert value(s, "gateway_connections", transport="longpoll") == 1
+    assert value(s, "gateway_longpolls_held") == 1
+    assert value(s, "gateway_connections_opened_total", transport="sse") == 2
+    assert value(s, "gateway_connections_closed_total", transport="sse", reason="client_closed") == 1
+    assert value(s, "gateway_connection_duration_seconds_bucket", transport="sse", le="10.0") == 1
+    assert value(s, "gateway_connection_duration_seconds_bucket", transport="sse", le="1.0") == 0
+    assert value(s, "gateway_refusals_total", status="429", reason="too_many_connections") == 1
+    assert value(s, "gateway_limit_hits_total", limit="max_connections_per_client") == 1
+    assert value(s, "gateway_slow_consumer_drops_total", transport="ws") == 1
+    assert value(s, "gateway_publish_refusals_total", status="413", reason="too_large") == 1
+    assert ("gateway_redis_up", ()) not in s  # the memory store has no Redis to ping
+
+
+def test_sources_and_a_stalled_redis_at_scrape_time() -> None:
+    from gateway.hub import Hub, MemoryStore
+    from gateway.metrics import REDIS_PING_TIMEOUT_S, Metrics
+
+    class StalledStore(MemoryStore):
+        def ping(self) -> bool:
+            time.sleep(5)
+            return True
+
+    class FakeSource:  # the status() shape of gateway/sources/base.py
+        def status(self) -> dict[str, Any]:
+            return {"kind": "sse", "channel": "up.1", "state": "reconnecting", "reconnects": 7, "events_relayed": 3}
+
+    metrics = Metrics(Hub(StalledStore(10, 60)), lambda: [FakeSource()])
+    started = time.monotonic()
+    s = _parsed(metrics)
+    assert time.monotonic() - started < REDIS_PING_TIMEOUT_S + 2  # bounded, not the 5 s stall
+    assert value(s, "gateway_redis_up") == 0
+    labels = {"channel": "up.1", "kind": "sse"}
+    assert value(s, "gateway_source_up", **labels) == 0
+    assert value(s, "gateway_source_state", **labels, state="reconnecting") == 1
+    assert value(s, "gateway_source_state", **labels, state="connected") == 0
+    assert value(s, "gateway_source_reconnects_total", **labels) == 7
+    assert value(s, "gateway_source_events_relayed_total", **labels) == 3
+
+
+def test_connection_log_lines_name_the_subject_never_a_token() -> None:
+    import io
+
+    from gateway.connlog import AccessLog, ConnectionLog, redact
+
+    stream = io.StringIO()
+    ConnectionLog("json", stream).log_connection_end(
+        transport="sse", channels=["a", "b"], client="203.0.113.9", duration_s=1.23456,
+        events=4, nbytes=512, reason="client_closed", sub="user-42",
+    )  # fmt: skip
+    line = json.loads(stream.getvalue())
+    assert line["msg"] == "connection_end" and line["logger"] == "gateway.connections"
+    assert (line["transport"], line["channels"], line["client"]) == ("sse", ["a", "b"], "203.0.113.9")
+    assert (line["duration_s"], line["events"], line["bytes"], line["reason"]) == (1.235, 4, 512, "client_closed")
+    assert line["sub"] == "user-42"
+    assert redact("GET /sse/a?since=1-0&token=abc.def.ghi HTTP/1.1") == "GET /sse/a?since=1-0&token=[redacted] HTTP/1.1"
+    assert redact("/ws/a?TOKEN=x&access_token=y") == "/ws/a?TOKEN=[redacted]&access_token=[redacted]"
+    assert redact("/poll/a?notatoken=1") == "/poll/a?notatoken=[redacted]"  # when in doubt, redact
+    access = io.StringIO()
+    AccessLog("json", access).write(
+        '127.0.0.1 - - [2026-12-02 04:12:41] "GET /metrics?token=s3cret HTTP/1.1" 200 1234 0.002000\n'
+    )
+    entry = json.loads(access.getvalue())
+    assert entry["path"] == "/metrics?token=[redacted]" and "s3cret" not in access.getvalue()
+    assert (entry["method"], entry["status"], entry["length"], entry["client"]) == ("GET", 200, 1234, "127.0.0.1")
+    text = io.StringIO()
+    AccessLog("text", text).write('1.2.3.4 - - [t] "GET /sse/a?token=zz HTTP/1.1" 200 - 0.1\n')
+    assert text.getvalue() == '1.2.3.4 - - [t] "GET /sse/a?token=[redacted] HTTP/1.1" 200 - 0.1\n'

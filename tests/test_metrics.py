@@ -4,7 +4,9 @@ redacts tokens."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.clients import SSEClient, WSClient
+from tests.clients import SSEClient, WSClient, longpoll
 from tests.helpers import Gateway
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
 
@@ -310,3 +312,63 @@ def test_connection_log_lines_name_the_subject_never_a_token() -> None:
     text = io.StringIO()
     AccessLog("text", text).write('1.2.3.4 - - [t] "GET /sse/a?token=zz HTTP/1.1" 200 - 0.1\n')
     assert text.getvalue() == '1.2.3.4 - - [t] "GET /sse/a?token=[redacted] HTTP/1.1" 200 - 0.1\n'
+
+
+# -- counted by the admission path (gateway/admission.py, the lead's), once it is merged ---------
+
+ADMISSION = importlib.util.find_spec("gateway.admission") is not None
+needs_admission = pytest.mark.skipif(not ADMISSION, reason="gateway/admission.py is not merged yet")
+
+
+@needs_admission
+def test_connection_gauges_follow_open_connections(start_gateway: Callable[..., Gateway], channel: str) -> None:
+    gw = start_gateway({"sse": {"heartbeat_s": 0.3}, "websocket": {"ping_s": 60.0}})
+    base = scrape(gw)
+    sse = [SSEClient(f"{gw.url}/sse/{channel}") for _ in range(2)]
+    ws = [WSClient(f"{gw.ws_url}/ws/{channel}") for _ in range(3)]
+    held = threading.Thread(target=longpoll, args=(gw.url, channel), kwargs={"timeout": 20}, daemon=True)
+    held.start()
+
+    def open_now(transport: str) -> float:
+        return value(scrape(gw), "gateway_connections", transport=transport)
+
+    try:
+        wait_for(lambda: open_now("sse") == 2 and open_now("ws") == 3, "2 SSE and 3 WebSocket connections")
+        wait_for(lambda: open_now("longpoll") == 1, "the held long poll")
+        assert value(scrape(gw), "gateway_longpolls_held") == 1
+        gw.publish(channel, "release")  # answers the long poll
+        held.join(15)
+        wait_for(lambda: open_now("longpoll") == 0, "the long poll to be answered")
+    finally:
+        for client in [*sse, *ws]:
+            client.close()
+    wait_for(lambda: open_now("sse") == 0 and open_now("ws") == 0, "every stream to be closed")
+    now = scrape(gw)
+    for transport, n in (("sse", 2), ("ws", 3), ("longpoll", 1)):
+        opened = "gateway_connections_opened_total"
+        assert value(now, opened, transport=transport) - value(base, opened, transport=transport) == n
+    closed = sum(v for (name, labels), v in now.items() if name == "gateway_connections_closed_total")
+    assert closed - sum(v for (name, _), v in base.items() if name == "gateway_connections_closed_total") == 6
+
+
+@needs_admission
+def test_json_connection_log_line_on_sse_close(start_gateway: Callable[..., Gateway], channel: str) -> None:
+    import jwt
+
+    secret = "a-test-secret-that-is-long-enough"
+    token = jwt.encode({"exp": int(time.time()) + 300, "channels": ["*"], "sub": "tester"}, secret, algorithm="HS256")
+    gw = start_gateway({"server": {"log_format": "json"}, "auth": {"secret": secret}, "sse": {"heartbeat_s": 0.3}})
+    with SSEClient(f"{gw.url}/sse/{channel}?token={token}") as client:
+        gw.publish(channel, "hello")
+        assert client.events(1)[0]["data"] == "hello"
+
+    def ends() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in gw.log().splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("msg") == "connection_end"]
+
+    wait_for(lambda: bool(ends()), "the connection_end line")
+    (line,) = ends()
+    assert line["transport"] == "sse" and line["channels"] == [channel]
+    assert line["client"] == "127.0.0.1" and line["sub"] == "tester"
+    assert line["events"] >= 1 and line["bytes"] > 0 and line["duration_s"] >= 0 and line["reason"]
+    assert token not in gw.log()

@@ -40,10 +40,14 @@ class ServerConfig:
     log_format: str = "text"  # "text" | "json": connection and access log lines
     workers: int = 0  # gateway processes on one port; 0 = $WEB_CONCURRENCY, else 1
     metrics_dir: str = ""  # several workers: each writes its metrics snapshot here; env GATEWAY_METRICS_DIR
+    metrics_port: int = 0  # serve /metrics on 127.0.0.1:<port> instead of the public port; 0 = on the public port
 
     def _check(self) -> None:
         _range("server.port", self.port, 0, 65535)
         _range("server.workers", self.workers, 0, 256)
+        _range("server.metrics_port", self.metrics_port, 0, 65535)
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError("server.metrics_port: must differ from server.port (PORT); pick another port or 0")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f'server.log_format: must be "text" or "json", not {self.log_format!r}')
         from gateway.clients import TrustedProxies  # validates each entry with a one-line error

@@ -27,9 +27,10 @@ from typing import Any
 
 from flask import Flask
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, start_http_server
 from prometheus_client.metrics_core import Metric
 
+from gateway.errors import ConfigError
 from gateway.hub import Event, Hub, Observer
 from gateway.state import state
 
@@ -111,8 +112,12 @@ class Metrics(Observer):
     """Counters of one process. The hub calls published()/delivered() (it is hub.observer);
     the admission path calls the connection_*/polled/refused/limit_hit/... methods."""
 
-    def __init__(self, hub: Hub, sources: Callable[[], Sequence[Any]] = tuple, snapshot_dir: str = "") -> None:
+    def __init__(
+        self, hub: Hub, sources: Callable[[], Sequence[Any]] = tuple, snapshot_dir: str = "", port: int = 0
+    ) -> None:
         self.hub = hub
+        self.port = port  # > 0: served on 127.0.0.1:<port> by start(), not on the public port
+        self._httpd: Any = None
         self.sources = sources  # -> state().sources, read at scrape time: each has .status()
         self.published_total = 0
         self.delivered_events = dict.fromkeys(TRANSPORTS, 0)
@@ -274,15 +279,28 @@ class Metrics(Observer):
 
     # -- several workers -----------------------------------------------------------------------
     def start(self) -> None:
-        """A Service: with a snapshot directory, write this process's snapshot regularly."""
+        """A Service: with a snapshot directory, write this process's snapshot regularly; with
+        a port, serve the exposition there (the library's small server, loopback only)."""
         if self.snapshot_dir is not None and self._writer is None:
             self._writer = _SnapshotWriter(self)
             self._writer.start()
+        if self.port and self._httpd is None:
+            try:
+                self._httpd, _ = start_http_server(self.port, "127.0.0.1", self.registry)
+            except OSError as exc:
+                raise ConfigError(
+                    f"server.metrics_port: cannot listen on 127.0.0.1:{self.port} ({exc.strerror}); "
+                    "pick a free port or 0"
+                ) from None
 
     def stop(self) -> None:
         if self._writer is not None:
             self._writer.stop()
             self._writer = None
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
 
     def write_snapshot(self) -> None:
         assert self.snapshot_dir is not None
@@ -422,7 +440,8 @@ class _SnapshotWriter:
 def init_app(app: Flask) -> Metrics:
     """Count what the hub and the admission path report; /metrics is in gateway/operator.py."""
     st = state(app)
-    metrics = Metrics(st.hub, lambda: st.sources, st.config.server.metrics_dir)
+    server = st.config.server
+    metrics = Metrics(st.hub, lambda: st.sources, server.metrics_dir, server.metrics_port)
     st.parts[Metrics] = metrics
     st.hub.observer = metrics
     st.services.append(metrics)

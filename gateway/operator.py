@@ -57,7 +57,10 @@ def _no_store(response: Response) -> Response:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    body, content_type = state().part(Metrics).exposition(request.headers.get("Accept", ""))
+    metrics = state().part(Metrics)
+    if metrics.port:  # the operator moved it off the public port
+        raise BadRequest("not_found", "metrics are served on 127.0.0.1 at server.metrics_port, not here", 404)
+    body, content_type = metrics.exposition(request.headers.get("Accept", ""))
     return Response(body, content_type=content_type)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.clients import SSEClient, WSClient, longpoll
-from tests.helpers import Gateway
+from tests.helpers import Gateway, free_port
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
 
 OPERATOR = "operator-secret-1234"
@@ -164,6 +165,31 @@ def test_json_access_log_redacts_the_token(start_gateway: Callable[..., Gateway]
     assert metrics_line["path"] == "/metrics?x=1&token=[redacted]"
     assert metrics_line["status"] == 200 and metrics_line["method"] == "GET"
     assert isinstance(metrics_line["duration_s"], float)
+
+
+def test_metrics_port_serves_on_loopback_only(start_gateway: Callable[..., Gateway], channel: str) -> None:
+    port = free_port()
+    gw = start_gateway({"server": {"metrics_port": port}})
+    gw.publish(channel, "one")
+    r = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert r.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    assert families["gateway_events_published"].samples[0].value == 1
+    public = requests.get(gw.url + "/metrics", timeout=10)  # no longer on the public port
+    assert public.status_code == 404 and public.json()["error"] == "not_found"
+    bound = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, timeout=10)
+    if bound.returncode == 0:  # ss (iproute2) is there: the listener is on loopback only
+        local = [line.split()[3] for line in bound.stdout.splitlines()]
+        assert local == [f"127.0.0.1:{port}"], bound.stdout
+
+
+def test_metrics_port_config_errors() -> None:
+    from gateway.config import ConfigError, from_mapping
+
+    with pytest.raises(ConfigError, match="server.metrics_port: must differ"):
+        from_mapping({"server": {"port": 5000, "metrics_port": 5000}})
+    with pytest.raises(ConfigError, match="server.metrics_port: 70000 is out of range"):
+        from_mapping({"server": {"metrics_port": 70000}})
 
 
 def test_workers_sharing_a_metrics_dir_are_summed(

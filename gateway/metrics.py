@@ -155,6 +155,13 @@ class Metrics(Observer):
             # The oldest event of the batch: what its readers waited longest for.
             self.latency.observe(max(0.0, time.time() - events[0].time))
 
+    def caught_up(self, kind: str, events: int, nbytes: int) -> None:
+        """A stream wrote `events` events read back from history (resume, gap, or a busy
+        moment): counted as delivered, but not timed, since their age is not the gateway's."""
+        transport = _KIND_TRANSPORT.get(kind, kind)
+        self.delivered_events[transport] = self.delivered_events.get(transport, 0) + events
+        self.bytes_written[transport] = self.bytes_written.get(transport, 0) + nbytes
+
     # -- from the admission path ---------------------------------------------------------------
     def connection_opened(self, transport: str) -> None:
         self.connections[transport] = self.connections.get(transport, 0) + 1

@@ -253,6 +253,7 @@ def test_observer_and_admission_hooks_reach_the_exposition() -> None:
     metrics.connection_opened("longpoll")
     metrics.connection_closed("sse", "client_closed", 2.5, 10, 1000)
     metrics.polled("longpoll", 4, 400)
+    metrics.caught_up("sse-chunked", 6, 600)
     metrics.refused(429, "too_many_connections")
     metrics.limit_hit("max_connections_per_client")
     metrics.slow_consumer_dropped("ws")
@@ -262,7 +263,7 @@ def test_observer_and_admission_hooks_reach_the_exposition() -> None:
     by_kind = {"sse": 0, "ws": 0}
     for i in range(flushes):
         by_kind["ws" if i % 3 == 2 else "sse"] += 5 * 2
-    assert value(s, "gateway_events_delivered_total", transport="sse") == by_kind["sse"]
+    assert value(s, "gateway_events_delivered_total", transport="sse") == by_kind["sse"] + 6
     assert value(s, "gateway_events_delivered_total", transport="ws") == by_kind["ws"]
     assert value(s, "gateway_events_delivered_total", transport="longpoll") == 4
     assert value(s, "gateway_bytes_written_total", transport="longpoll") == 400

@@ -7,22 +7,20 @@ families when /metrics is scraped, by the Collector below: that is also when the
 sources, Redis and the process are looked at.
 
 Several worker processes: with server.metrics_dir set (env GATEWAY_METRICS_DIR), each process
-writes a snapshot of its counters there every SNAPSHOT_EVERY_S seconds (and the one answering a
-scrape writes a fresh one first); /metrics, served by any worker, sums the snapshots of the
-workers alive. See docs/operations.md "Several workers".
+writes a snapshot of its counters there every few seconds (and the one answering a scrape writes
+a fresh one first); /metrics, served by any worker, sums the snapshots of the workers alive
+(gateway/metricsdir.py, docs/operations.md "Several workers").
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from flask import Flask
@@ -32,6 +30,7 @@ from prometheus_client.metrics_core import Metric
 
 from gateway.errors import ConfigError
 from gateway.hub import Event, Hub, Observer
+from gateway.metricsdir import SnapshotDir, SnapshotWriter, process_families, process_samples
 from gateway.state import state
 
 __all__ = ["Metrics", "init_app", "TRANSPORTS", "LATENCY_BUCKETS"]
@@ -44,8 +43,6 @@ _KIND_TRANSPORT = {"sse": "sse", "sse-chunked": "sse", "ws": "ws"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DURATION_BUCKETS = (1.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 6 * 3600.0, 24 * 3600.0)
 SAMPLE_EVERY = 16  # time one fast-path flush in this many
-SNAPSHOT_EVERY_S = 5.0
-STALE_AFTER_S = 30.0  # a snapshot this old is a worker that hangs or is gone: left out
 REDIS_PING_TIMEOUT_S = 1.0
 REDIS_PING_CACHE_S = 1.0  # scrapes closer than this reuse the last answer
 SOURCE_STATES = ("idle", "connecting", "connected", "reconnecting", "error", "standby", "stopped")
@@ -134,8 +131,8 @@ class Metrics(Observer):
         self._flushes = 0
         self._redis_checked = 0.0
         self._redis: tuple[float, float] | None = None  # (up, seconds) of the last PING
-        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
-        self._writer: _SnapshotWriter | None = None
+        self.snapshot_dir = SnapshotDir(snapshot_dir) if snapshot_dir else None
+        self._writer: SnapshotWriter | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         if self.snapshot_dir is None:  # one process: the library's collectors read it directly
@@ -247,7 +244,7 @@ class Metrics(Observer):
             "time": time.time(),
             "sum": [[name, list(labels), value] for (name, labels), value in summed],
             "max": [[name, list(labels), value] for (name, labels), value in maxed],
-            "process": _process_samples() if self.snapshot_dir is not None else [],
+            "process": process_samples() if self.snapshot_dir is not None else [],
         }
 
     def _source_statuses(self) -> list[dict[str, Any]]:
@@ -289,7 +286,7 @@ class Metrics(Observer):
         """A Service: with a snapshot directory, write this process's snapshot regularly; with
         a port, serve the exposition there (the library's small server, loopback only)."""
         if self.snapshot_dir is not None and self._writer is None:
-            self._writer = _SnapshotWriter(self)
+            self._writer = SnapshotWriter(self.write_snapshot, self.snapshot_dir.remove)
             self._writer.start()
         if self.port and self._httpd is None:
             try:
@@ -311,35 +308,17 @@ class Metrics(Observer):
 
     def write_snapshot(self) -> None:
         assert self.snapshot_dir is not None
-        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
-        path = self.snapshot_dir / f"{os.getpid()}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.snapshot()), encoding="utf-8")
-        os.replace(tmp, path)  # readers see the old snapshot or the new one, never half of one
-
-    def remove_snapshot(self) -> None:
-        if self.snapshot_dir is not None:
-            (self.snapshot_dir / f"{os.getpid()}.json").unlink(missing_ok=True)
+        self.snapshot_dir.write(self.snapshot())
 
     def snapshots(self) -> list[dict[str, Any]]:
         """This process's fresh snapshot and those of the other workers alive."""
         if self.snapshot_dir is None:
             return [self.snapshot()]
-        self.write_snapshot()
-        out = []
-        now = time.time()
-        for path in self.snapshot_dir.glob("*.json"):
-            try:
-                snap = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):  # removed meanwhile, or not ours
-                continue
-            pid = snap.get("pid")
-            if not isinstance(pid, int) or not _alive(pid):
-                path.unlink(missing_ok=True)  # a worker that exited: its counters go with it
-                continue
-            if now - float(snap.get("time", 0)) <= STALE_AFTER_S:
-                out.append(snap)
-        return out
+        try:
+            self.write_snapshot()
+        except OSError:  # the others can still be read; ours is then the last one written
+            log.exception("writing the metrics snapshot failed")
+        return self.snapshot_dir.read()
 
 
 def _with_all(values: dict[str, int]) -> Iterable[tuple[str, int]]:
@@ -349,29 +328,6 @@ def _with_all(values: dict[str, int]) -> Iterable[tuple[str, int]]:
     for t, n in values.items():
         if t not in TRANSPORTS:
             yield t, n
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _process_samples() -> list[list[Any]]:
-    """The library's process and platform samples of this process, for a snapshot file."""
-    registry = CollectorRegistry(auto_describe=False)
-    ProcessCollector(registry=registry)
-    out = []
-    for family in registry.collect():
-        for s in family.samples:
-            out.append([family.name, family.type, family.documentation, s.name, s.labels, s.value])
-    return out
 
 
 class _Collector:
@@ -395,7 +351,7 @@ class _Collector:
         for (sample, labels), value in merged.items():  # in order: histogram buckets stay sorted
             families[_family_of(sample)].add_sample(sample, dict(labels), value)
         yield from (f for f in families.values() if f.samples)
-        yield from _process_families(snaps) if self.metrics.snapshot_dir is not None else ()
+        yield from process_families(snaps) if self.metrics.snapshot_dir is not None else ()
 
 
 def _family_of(sample: str) -> str:
@@ -405,43 +361,6 @@ def _family_of(sample: str) -> str:
         if sample.endswith(suffix) and sample[: -len(suffix)] in FAMILIES:
             return sample[: -len(suffix)]
     raise KeyError(sample)
-
-
-def _process_families(snaps: list[dict[str, Any]]) -> Iterator[Metric]:
-    """Each worker's process_* samples, told apart by a pid label."""
-    families: dict[str, Metric] = {}
-    for snap in snaps:
-        for name, typ, doc, sample, labels, value in snap.get("process", []):
-            family = families.get(name)
-            if family is None:
-                family = families[name] = Metric(name, doc, typ)
-            family.add_sample(sample, {**labels, "pid": str(snap["pid"])}, value)
-    yield from families.values()
-
-
-class _SnapshotWriter:
-    """Writes the snapshot every SNAPSHOT_EVERY_S on a daemon thread (a greenlet under gevent)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="metrics-snapshot", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.metrics.remove_snapshot()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.metrics.write_snapshot()
-            except Exception:  # a full disk must not take the gateway down
-                log.exception("writing the metrics snapshot failed")
-            self._stop.wait(SNAPSHOT_EVERY_S)
-        self.metrics.remove_snapshot()
 
 
 def init_app(app: Flask) -> Metrics:

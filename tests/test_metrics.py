@@ -5,6 +5,7 @@ redacts tokens."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import threading
 import time
@@ -310,7 +311,7 @@ def test_sources_and_a_stalled_redis_at_scrape_time() -> None:
     assert value(s, "gateway_source_events_relayed_total", **labels) == 3
 
 
-def test_connection_log_lines_name_the_subject_never_a_token() -> None:
+def test_connection_log_lines_name_the_subject_never_a_token(caplog: pytest.LogCaptureFixture) -> None:
     import io
 
     from gateway.connlog import AccessLog, ConnectionLog, redact
@@ -335,6 +336,14 @@ def test_connection_log_lines_name_the_subject_never_a_token() -> None:
     entry = json.loads(access.getvalue())
     assert entry["path"] == "/metrics?token=[redacted]" and "s3cret" not in access.getvalue()
     assert (entry["method"], entry["status"], entry["length"], entry["client"]) == ("GET", 200, 1234, "127.0.0.1")
+    plain = ConnectionLog("text")
+    with caplog.at_level(logging.INFO, logger="gateway.connections"):
+        plain.log_connection_end(
+            transport="ws", channels=["a"], client="::1", duration_s=2, events=0, nbytes=0, reason="token expired"
+        )
+    assert caplog.records[-1].getMessage() == (
+        'connection_end transport=ws channels=a client=::1 duration_s=2 events=0 bytes=0 reason="token expired"'
+    )
     text = io.StringIO()
     AccessLog("text", text).write('1.2.3.4 - - [t] "GET /sse/a?token=zz HTTP/1.1" 200 - 0.1\n')
     assert text.getvalue() == '1.2.3.4 - - [t] "GET /sse/a?token=[redacted] HTTP/1.1" 200 - 0.1\n'

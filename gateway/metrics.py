@@ -17,10 +17,12 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
@@ -28,6 +30,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from prometheus_client.exposition import choose_encoder, start_http_server
 from prometheus_client.metrics_core import Metric
 
+from gateway.config import ServerConfig
 from gateway.errors import ConfigError
 from gateway.hub import Event, Hub, Observer
 from gateway.metricsdir import SnapshotDir, SnapshotWriter, process_families, process_samples
@@ -363,11 +366,25 @@ def _family_of(sample: str) -> str:
     raise KeyError(sample)
 
 
+def snapshot_dir(server: ServerConfig, env: Mapping[str, str] = os.environ) -> str:
+    """server.metrics_dir; with several workers and none set, a directory of this host's temp
+    dir named by the port, which every worker of one gateway shares and no other gateway does."""
+    if server.metrics_dir:
+        return server.metrics_dir
+    workers = server.workers
+    if not workers:  # as server.workers says: $WEB_CONCURRENCY, else 1 (config reports bad values)
+        text = env.get("WEB_CONCURRENCY", "").strip()
+        workers = int(text) if text.isdigit() else 1
+    if workers > 1:
+        return str(Path(tempfile.gettempdir()) / f"gateway-metrics-{server.port}")
+    return ""
+
+
 def init_app(app: Flask) -> Metrics:
     """Count what the hub and the admission path report; /metrics is in gateway/operator.py."""
     st = state(app)
     server = st.config.server
-    metrics = Metrics(st.hub, lambda: st.sources, server.metrics_dir, server.metrics_port)
+    metrics = Metrics(st.hub, lambda: st.sources, snapshot_dir(server), server.metrics_port)
     st.parts[Metrics] = metrics
     st.hub.observer = metrics
     st.services.append(metrics)

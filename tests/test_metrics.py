@@ -192,6 +192,18 @@ def test_metrics_port_config_errors() -> None:
         from_mapping({"server": {"metrics_port": 70000}})
 
 
+def test_several_workers_get_a_snapshot_dir_by_default() -> None:
+    from gateway.config import ServerConfig
+    from gateway.metrics import snapshot_dir
+
+    assert snapshot_dir(ServerConfig(), env={}) == ""  # one process: no files at all
+    assert snapshot_dir(ServerConfig(workers=1), env={"WEB_CONCURRENCY": "4"}) == ""
+    several = snapshot_dir(ServerConfig(port=5123), env={"WEB_CONCURRENCY": "4"})
+    assert several.endswith("gateway-metrics-5123")
+    assert snapshot_dir(ServerConfig(port=5123, workers=3), env={}) == several
+    assert snapshot_dir(ServerConfig(workers=3, metrics_dir="/srv/m"), env={}) == "/srv/m"
+
+
 def test_workers_sharing_a_metrics_dir_are_summed(
     start_gateway: Callable[..., Gateway],
     redis_server: RedisServer,  # noqa: F811

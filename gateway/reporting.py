@@ -42,6 +42,9 @@ class AdmissionReport(Observer):
         if transport in POLLS:  # streams are counted as they write (hub.observer); polls here
             self.metrics.polled(transport, events, nbytes)
         self.metrics.connection_closed(transport, reason, duration, events, nbytes)
+        if reason == "slow_consumer":  # cut for its unsent backlog (limits.slow_consumer_bytes)
+            self.metrics.slow_consumer_dropped(transport)
+            self.metrics.limit_hit("slow_consumer_bytes")
         if transport in LOGGED:
             self.connections.log_connection_end(
                 transport=transport,

@@ -75,10 +75,6 @@ def test_subscribers_are_counted_while_connected(start_gateway: Callable[..., Ga
             w.close()
 
 
-@pytest.mark.xfail(
-    reason="gateway/transports/sse.py: response.call_on_close(ticket.close) never runs with direct_passthrough",
-    strict=False,
-)
 def test_sse_subscriber_is_released_on_close(start_gateway: Callable[..., Gateway], channel: str) -> None:
     gw = start_gateway({"sse": {"heartbeat_s": 0.3}})
     with SSEClient(f"{gw.url}/sse/{channel}") as sse:

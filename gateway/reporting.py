@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from flask import Flask
+from flask import Flask, Response, request
 
 from gateway.admission import Observer, Ticket
 from gateway.connlog import ConnectionLog
@@ -22,6 +22,7 @@ LIMIT_CODES = {
     "channel_full": "max_subscribers_per_channel",
     "connecting_too_fast": "connect_rate_per_client",
     "too_many_channels_alive": "max_channels",
+    "publishing_too_fast": "publish_rate_per_token",
 }
 POLLS = frozenset({"poll", "longpoll"})
 LOGGED = frozenset({"longpoll", "sse", "ws"})  # held connections; a short poll is a request (access log)
@@ -66,7 +67,21 @@ class AdmissionReport(Observer):
 
 def init_app(app: Flask) -> AdmissionReport:
     st = state(app)
-    report = AdmissionReport(st.part(Metrics), st.part(ConnectionLog))
+    metrics = st.part(Metrics)
+    report = AdmissionReport(metrics, st.part(ConnectionLog))
     if st.admission is not None:
         st.admission.observer = report
+
+    @app.after_request
+    def count_publish_refusals(response: Response) -> Response:
+        # Publishing has no observer of its own: its error answers carry the code.
+        if response.status_code >= 400 and request.blueprint == "publish":
+            body = response.get_json(silent=True)
+            code = body.get("error") if isinstance(body, dict) else None
+            metrics.publish_refused(response.status_code, str(code or "error")[:64])
+            limit = LIMIT_CODES.get(str(code))
+            if limit is not None:
+                metrics.limit_hit(limit)
+        return response
+
     return report

@@ -490,3 +490,22 @@ def test_slow_consumer_drops_are_counted(start_gateway: Callable[..., Gateway], 
     assert value(now, "gateway_slow_consumer_drops_total", transport="sse") == 1
     assert value(now, "gateway_limit_hits_total", limit="slow_consumer_bytes") == 1
     assert value(now, "gateway_connections_closed_total", transport="sse", reason="slow_consumer") == 1
+
+
+def test_publish_refusals_are_counted(start_gateway: Callable[..., Gateway], channel: str) -> None:
+    gw = start_gateway({"limits": {"publish_rate_per_token": 1.0}})  # a burst of 4, then 1 per second
+    auth = {"Authorization": "Bearer test-token"}
+    statuses = [
+        requests.post(f"{gw.url}/publish/{channel}", data=b"x", headers=auth, timeout=10).status_code for _ in range(12)
+    ]
+    assert statuses[:4] == [202] * 4 and 429 in statuses
+    json_type = {**auth, "Content-Type": "application/json"}
+    bad = requests.post(f"{gw.url}/publish/{channel}", data=b"{", headers=json_type, timeout=10)
+    assert bad.status_code in (400, 429)
+    now = scrape(gw)
+    refused = "gateway_publish_refusals_total"
+    too_fast = statuses.count(429) + (bad.status_code == 429)
+    assert value(now, refused, status="429", reason="publishing_too_fast") == too_fast
+    assert value(now, "gateway_limit_hits_total", limit="publish_rate_per_token") == too_fast
+    assert value(now, refused, status="400", reason="invalid_json") == (bad.status_code == 400)
+    assert value(now, "gateway_events_published_total") == statuses.count(202)

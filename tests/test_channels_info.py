@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.clients import SSEClient, WSClient
 from tests.helpers import Gateway
@@ -20,6 +21,14 @@ def info(gw: Gateway, channel: str) -> dict[str, Any]:
     assert r.status_code == 200, r.text
     assert r.headers["Cache-Control"] == "no-store"
     return r.json()
+
+
+def redis_up(gw: Gateway) -> float:
+    text = requests.get(f"{gw.url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "gateway_redis_up":
+            return family.samples[0].value
+    raise AssertionError("no gateway_redis_up")
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 15) -> None:
@@ -112,13 +121,16 @@ def test_with_redis_any_process_sees_the_channel(
     listed = requests.get(f"{b.url}/channels", timeout=10).json()
     assert channel in [c["channel"] for c in listed["channels"]]
 
-    redis_server.stop()  # an outage: a clear 503, never a traceback
+    assert redis_up(b) == 1
+    redis_server.stop()  # an outage: a clear 503, never a traceback; /metrics says Redis is down
     try:
         r = requests.get(f"{b.url}/channels/{channel}", timeout=30)
         assert r.status_code == 503, r.text
         assert set(r.json()) == {"error", "detail"}
+        wait_for(lambda: redis_up(b) == 0, "gateway_redis_up to be 0")
     finally:
         redis_server.start()
+    wait_for(lambda: redis_up(b) == 1, "gateway_redis_up to be 1 again")
     assert "Traceback" not in a.log() + b.log()
 
 

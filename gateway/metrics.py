@@ -6,7 +6,7 @@ flush in SAMPLE_EVERY is timed for the latency histogram. Everything is turned i
 families when /metrics is scraped, by the Collector below: that is also when the upstream
 sources, Redis and the process are looked at.
 
-Several worker processes: with server.metrics_dir set (env GATEWAY_METRICS_DIR), each process
+Several worker processes (or server.metrics_dir set, env GATEWAY_METRICS_DIR): each process
 writes a snapshot of its counters there every few seconds (and the one answering a scrape writes
 a fresh one first); /metrics, served by any worker, sums the snapshots of the workers alive
 (gateway/metricsdir.py, docs/operations.md "Several workers").
@@ -67,7 +67,7 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "gateway_publish_refusals": ("counter", "Publishes refused, by HTTP status and reason", ("status", "reason")),
     "gateway_subscribers": ("gauge", "Streaming subscriptions (one per channel of a connection)", ()),
     "gateway_source_up": ("gauge", "1 while an upstream source is connected", ("channel", "kind")),
-    "gateway_source_state": ("gauge", "1 for the state an upstream source is in", ("channel", "kind", "state")),
+    "gateway_source_state": ("gauge", "1 for each state a worker's source is in", ("channel", "kind", "state")),
     "gateway_source_reconnects": ("counter", "Upstream source reconnects", ("channel", "kind")),
     "gateway_source_events_relayed": ("counter", "Events relayed from an upstream source", ("channel", "kind")),
     "gateway_redis_up": ("gauge", "1 when Redis answered a PING at scrape time", ()),
@@ -75,7 +75,7 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "gateway_workers": ("gauge", "Worker processes whose metrics this scrape covers", ()),
 }
 
-Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labels)
+Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, its labels in a fixed order)
 
 
 class _Histogram:

@@ -509,3 +509,26 @@ def test_publish_refusals_are_counted(start_gateway: Callable[..., Gateway], cha
     assert value(now, "gateway_limit_hits_total", limit="publish_rate_per_token") == too_fast
     assert value(now, refused, status="400", reason="invalid_json") == (bad.status_code == 400)
     assert value(now, "gateway_events_published_total") == statuses.count(202)
+
+
+def test_upstream_source_state_and_reconnects(start_gateway: Callable[..., Gateway]) -> None:
+    from tests.upstreams import Upstream
+
+    up = Upstream()
+    try:
+        source = {"kind": "sse", "url": up.url + "/events", "channel": "up.s"}
+        gw = start_gateway({"sources": [{**source, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}]})
+        labels = {"channel": "up.s", "kind": "sse"}
+        wait_for(lambda: value(scrape(gw), "gateway_source_up", **labels) == 1, "the source to connect")
+        up.emit("one")
+        wait_for(lambda: value(scrape(gw), "gateway_source_events_relayed_total", **labels) == 1, "one relayed")
+        before = value(scrape(gw), "gateway_source_reconnects_total", **labels)
+        up.kill()
+        wait_for(lambda: value(scrape(gw), "gateway_source_up", **labels) == 0, "the source to be down")
+        up.restart()
+        wait_for(lambda: value(scrape(gw), "gateway_source_up", **labels) == 1, "the source to reconnect")
+        now = scrape(gw)
+        assert value(now, "gateway_source_reconnects_total", **labels) > before
+        assert value(now, "gateway_source_state", **labels, state="connected") == 1
+    finally:
+        up.stop()

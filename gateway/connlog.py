@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import IO, Any
+from urllib.parse import unquote_plus
 
 from flask import Flask
 
@@ -24,8 +25,9 @@ __all__ = ["ConnectionLog", "AccessLog", "redact", "init_app"]
 
 log = logging.getLogger("gateway.connections")
 
-# token=<value> in a query string (any case, also access_token=): the value never reaches a log.
-_TOKEN_VALUE = re.compile(r"((?:^|[?&;])[A-Za-z_]*token=)[^&;#\s\"]*", re.IGNORECASE)
+# key=value in a query string; a value whose key ends in "token" once decoded (token=, %74oken=,
+# access_token=, any case) never reaches a log.
+_QUERY_PARAM = re.compile(r"([?&;])([^=&;#\s\"?]*)=([^&;#\s\"]*)")
 REDACTED = "[redacted]"
 # pywsgi's line: '%s - - [%s] "%s" %s %s %.6f' (client, time, request line, status, length, seconds)
 _PYWSGI_LINE = re.compile(
@@ -36,7 +38,14 @@ MAX_CHANNELS_LOGGED = 50  # a connection may name many channels; the line stays 
 
 def redact(text: str) -> str:
     """`text` with the value of every token= query parameter replaced."""
-    return _TOKEN_VALUE.sub(lambda m: m.group(1) + REDACTED, text)
+    return _QUERY_PARAM.sub(_redact_param, text)
+
+
+def _redact_param(match: re.Match[str]) -> str:
+    sep, key, _ = match.groups()
+    if unquote_plus(key).lower().endswith("token"):
+        return f"{sep}{key}={REDACTED}"
+    return match.group(0)
 
 
 def _iso_now() -> str:

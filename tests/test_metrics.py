@@ -342,6 +342,8 @@ def test_connection_log_lines_name_the_subject_never_a_token(caplog: pytest.LogC
     assert redact("GET /sse/a?since=1-0&token=abc.def.ghi HTTP/1.1") == "GET /sse/a?since=1-0&token=[redacted] HTTP/1.1"
     assert redact("/ws/a?TOKEN=x&access_token=y") == "/ws/a?TOKEN=[redacted]&access_token=[redacted]"
     assert redact("/poll/a?notatoken=1") == "/poll/a?notatoken=[redacted]"  # when in doubt, redact
+    assert redact("/sse/a?%74oken=x&tok%65n=y&since=1-0") == "/sse/a?%74oken=[redacted]&tok%65n=[redacted]&since=1-0"
+    assert redact("/sse/a?since=1-0&x=token") == "/sse/a?since=1-0&x=token"
     access = io.StringIO()
     AccessLog("json", access).write(
         '127.0.0.1 - - [2026-12-02 04:12:41] "GET /metrics?token=s3cret HTTP/1.1" 200 1234 0.002000\n'

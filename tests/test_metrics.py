@@ -534,3 +534,22 @@ def test_upstream_source_state_and_reconnects(start_gateway: Callable[..., Gatew
         assert value(now, "gateway_source_state", **labels, state="connected") == 1
     finally:
         up.stop()
+
+
+def test_snapshot_dir_drops_dead_and_stale_workers(tmp_path: Path) -> None:
+    import os
+
+    from gateway.metricsdir import STALE_AFTER_S, SnapshotDir
+
+    snaps = SnapshotDir(tmp_path)
+    snaps.write({"pid": os.getpid(), "time": time.time(), "sum": [], "max": []})
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    (tmp_path / f"{dead.pid}.json").write_text(json.dumps({"pid": dead.pid, "time": time.time()}))
+    (tmp_path / "1.json").write_text(json.dumps({"pid": 1, "time": time.time() - STALE_AFTER_S - 1}))
+    (tmp_path / "junk.json").write_text("{not json")
+    assert [s["pid"] for s in snaps.read()] == [os.getpid()]
+    assert not (tmp_path / f"{dead.pid}.json").exists()  # removed
+    assert (tmp_path / "1.json").exists()  # alive but silent: left out, kept
+    snaps.remove()
+    assert snaps.read() == []

@@ -72,7 +72,7 @@ def parse_channels(text: str, limit: int) -> list[str]:
     return list(dict.fromkeys(check_channel(n) for n in names))
 
 
-@dataclass
+@dataclass(slots=True)
 class Ticket:
     """An admitted subscription: what it may read, from where, and who it is."""
 

@@ -41,6 +41,8 @@ class ServerConfig:
     workers: int = 0  # gateway processes on one port; 0 = $WEB_CONCURRENCY, else 1
     metrics_dir: str = ""  # several workers: each writes its metrics snapshot here; env GATEWAY_METRICS_DIR
     metrics_port: int = 0  # serve /metrics on 127.0.0.1:<port> instead of the public port; 0 = on the public port
+    head_timeout_s: float = 10.0  # a request's line and headers must arrive within this (then 408)
+    max_head_bytes: int = 32_768  # request line + headers, in total (then 431); nginx's default
 
     def _check(self) -> None:
         _range("server.port", self.port, 0, 65535)
@@ -56,6 +58,8 @@ class ServerConfig:
         _range("server.max_body_bytes", self.max_body_bytes, 1, 1 << 31)
         _range("server.shutdown_grace_s", self.shutdown_grace_s, 0, 25)
         _range("server.stall_timeout_s", self.stall_timeout_s, 1, 86400)
+        _range("server.head_timeout_s", self.head_timeout_s, 0.1, 3600)
+        _range("server.max_head_bytes", self.max_head_bytes, 1024, 1 << 20)
         for key in ("publish_token", "operator_token"):
             # An Authorization header cannot carry them, so every request would be refused.
             if getattr(self, key) != getattr(self, key).strip():
@@ -66,9 +70,11 @@ class ServerConfig:
 class HistoryConfig:
     size: int = 1000
     max_age_s: float = 3600.0
+    max_bytes: int = 4 * 1024 * 1024  # per channel (memory store): data + ~200 B per event; oldest out first
 
     def _check(self) -> None:
         _range("history.size", self.size, 1, 1_000_000)
+        _range("history.max_bytes", self.max_bytes, 1024, 1 << 40)
         _range("history.max_age_s", self.max_age_s, 1, 30 * 86400)
 
 
@@ -172,11 +178,13 @@ class SourceConfig:
 class ProxyConfig:
     upstream: str = ""
     timeout_s: float = 30.0
+    websocket_idle_s: float = 120.0  # a bridged WebSocket with no bytes either way this long is closed
 
     def _check(self) -> None:
         if self.upstream and not self.upstream.startswith(("http://", "https://")):
             raise ConfigError("proxy.upstream: must be an http:// or https:// URL, or empty to turn the proxy off")
         _range("proxy.timeout_s", self.timeout_s, 0.1, 3600)
+        _range("proxy.websocket_idle_s", self.websocket_idle_s, 0.5, 86400)
 
 
 @dataclass

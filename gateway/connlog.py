@@ -2,8 +2,8 @@
 
 One line per connection end (ConnectionLog.log_connection_end, called by the admission path),
 and the per-request access log (AccessLog, the object pywsgi writes its lines to). Neither ever
-holds a token: connection lines name the token's `sub` only, and `token=` query values are
-redacted from request lines.
+holds a token: connection lines name the token's `sub` only, and secret-looking query values
+(`token=`, ...) are masked in request lines.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from urllib.parse import unquote_plus
 
 from flask import Flask
 
+from gateway.redact import MASK, is_secret_name, redact_text
 from gateway.state import state
 
 __all__ = ["ConnectionLog", "AccessLog", "redact", "init_app"]
 
 log = logging.getLogger("gateway.connections")
 
-# key=value in a query string; a value whose key ends in "token" once decoded (token=, %74oken=,
-# access_token=, any case) never reaches a log.
-_QUERY_PARAM = re.compile(r"([?&;])([^=&;#\s\"?]*)=([^&;#\s\"]*)")
-REDACTED = "[redacted]"
+# key=value in a query string, for names written percent-encoded (%74oken=): the gateway
+# decodes them when it reads a token, and redact_text matches names as written.
+_QUERY_PARAM = re.compile(r"([?&;])([^=&;#\s\"?]*%[^=&;#\s\"?]*)=([^&;#\s\"]*)")
 # pywsgi's line: '%s - - [%s] "%s" %s %s %.6f' (client, time, request line, status, length, seconds)
 _PYWSGI_LINE = re.compile(
     r'^(?P<client>\S+) - - \[(?P<time>[^\]]*)\] "(?P<request>.*)" (?P<status>\S+) (?P<length>\S+) (?P<duration>\S+)$'
@@ -37,15 +37,14 @@ MAX_CHANNELS_LOGGED = 50  # a connection may name many channels; the line stays 
 
 
 def redact(text: str) -> str:
-    """`text` with the value of every token= query parameter replaced."""
-    return _QUERY_PARAM.sub(_redact_param, text)
+    """`text` with URL credentials and secret-looking query values masked (gateway/redact.py),
+    names written percent-encoded included."""
+    return _QUERY_PARAM.sub(_redact_encoded, redact_text(text))
 
 
-def _redact_param(match: re.Match[str]) -> str:
-    sep, key, _ = match.groups()
-    if unquote_plus(key).lower().endswith("token"):
-        return f"{sep}{key}={REDACTED}"
-    return match.group(0)
+def _redact_encoded(match: re.Match[str]) -> str:
+    sep, name, _ = match.groups()
+    return f"{sep}{name}={MASK}" if is_secret_name(unquote_plus(name)) else match.group(0)
 
 
 def _iso_now() -> str:

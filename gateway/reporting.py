@@ -3,16 +3,19 @@ connection log: one object, installed as state().admission.observer."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask
 
 from gateway.admission import Observer, Ticket
 from gateway.connlog import ConnectionLog
 from gateway.metrics import Metrics
 from gateway.state import state
 
-__all__ = ["AdmissionReport", "init_app", "LIMIT_CODES"]
+__all__ = ["AdmissionReport", "PublishRefusals", "init_app", "LIMIT_CODES"]
 
 # Refusal codes of admission and limits -> the limit key that refused (gateway_limit_hits_total).
 LIMIT_CODES = {
@@ -65,23 +68,55 @@ class AdmissionReport(Observer):
             self.metrics.limit_hit(limit)
 
 
+class PublishRefusals:
+    """WSGI middleware around the whole app: publishes refused (any status from 400 on), by
+    status and error code. Publishing has no observer of its own, and its fast path answers
+    without Flask; an error body is small JSON that names the code."""
+
+    def __init__(self, app: Callable[..., Any], metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "POST" or not environ.get("PATH_INFO", "").startswith("/publish/"):
+            return self.app(environ, start_response)
+        statuses: list[str] = []
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            statuses.append(status)
+            return start_response(status, headers, exc_info)
+
+        result = self.app(environ, start)
+        if not statuses or statuses[0][:1] not in ("4", "5"):
+            return result
+        try:
+            body = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        self._count(int(statuses[0][:3]), body)
+        return [body]
+
+    def _count(self, status: int, body: bytes) -> None:
+        try:
+            code = json.loads(body).get("error")
+        except (ValueError, AttributeError):
+            code = None
+        code = str(code or "error")[:64]
+        self.metrics.publish_refused(status, code)
+        limit = LIMIT_CODES.get(code)
+        if limit is not None:
+            self.metrics.limit_hit(limit)
+
+
 def init_app(app: Flask) -> AdmissionReport:
+    """Install the report on the admission path, and count publish refusals; call it after
+    every blueprint is registered, so that the middleware sees every publish."""
     st = state(app)
     metrics = st.part(Metrics)
     report = AdmissionReport(metrics, st.part(ConnectionLog))
     if st.admission is not None:
         st.admission.observer = report
-
-    @app.after_request
-    def count_publish_refusals(response: Response) -> Response:
-        # Publishing has no observer of its own: its error answers carry the code.
-        if response.status_code >= 400 and request.blueprint == "publish":
-            body = response.get_json(silent=True)
-            code = body.get("error") if isinstance(body, dict) else None
-            metrics.publish_refused(response.status_code, str(code or "error")[:64])
-            limit = LIMIT_CODES.get(str(code))
-            if limit is not None:
-                metrics.limit_hit(limit)
-        return response
-
+    app.wsgi_app = PublishRefusals(app.wsgi_app, metrics)  # type: ignore[method-assign]
     return report

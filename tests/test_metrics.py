@@ -163,7 +163,7 @@ def test_json_access_log_redacts_the_token(start_gateway: Callable[..., Gateway]
     assert OPERATOR not in text and "not-a-real-token-but-secret" not in text
     access = [line for line in lines() if line.get("logger") == "gateway.access"]
     metrics_line = next(line for line in access if line["path"].startswith("/metrics"))
-    assert metrics_line["path"] == "/metrics?x=1&token=[redacted]"
+    assert metrics_line["path"] == "/metrics?x=1&token=***"
     assert metrics_line["status"] == 200 and metrics_line["method"] == "GET"
     assert isinstance(metrics_line["duration_s"], float)
 
@@ -339,17 +339,17 @@ def test_connection_log_lines_name_the_subject_never_a_token(caplog: pytest.LogC
     assert (line["transport"], line["channels"], line["client"]) == ("sse", ["a", "b"], "203.0.113.9")
     assert (line["duration_s"], line["events"], line["bytes"], line["reason"]) == (1.235, 4, 512, "client_closed")
     assert line["sub"] == "user-42"
-    assert redact("GET /sse/a?since=1-0&token=abc.def.ghi HTTP/1.1") == "GET /sse/a?since=1-0&token=[redacted] HTTP/1.1"
-    assert redact("/ws/a?TOKEN=x&access_token=y") == "/ws/a?TOKEN=[redacted]&access_token=[redacted]"
-    assert redact("/poll/a?notatoken=1") == "/poll/a?notatoken=[redacted]"  # when in doubt, redact
-    assert redact("/sse/a?%74oken=x&tok%65n=y&since=1-0") == "/sse/a?%74oken=[redacted]&tok%65n=[redacted]&since=1-0"
-    assert redact("/sse/a?since=1-0&x=token") == "/sse/a?since=1-0&x=token"
+    assert redact("GET /sse/a?since=1-0&token=abc.def.ghi HTTP/1.1") == "GET /sse/a?since=1-0&token=*** HTTP/1.1"
+    assert redact("/ws/a?TOKEN=x&access_token=y") == "/ws/a?TOKEN=***&access_token=***"
+    # The gateway decodes parameter names when it reads ?token=, so the log must too.
+    assert redact("/sse/a?%74oken=x&tok%65n=y&since=1-0") == "/sse/a?%74oken=***&tok%65n=***&since=1-0"
+    assert redact("/sse/a?since=1-0&x=token&%41=1") == "/sse/a?since=1-0&x=token&%41=1"
     access = io.StringIO()
     AccessLog("json", access).write(
         '127.0.0.1 - - [2026-12-02 04:12:41] "GET /metrics?token=s3cret HTTP/1.1" 200 1234 0.002000\n'
     )
     entry = json.loads(access.getvalue())
-    assert entry["path"] == "/metrics?token=[redacted]" and "s3cret" not in access.getvalue()
+    assert entry["path"] == "/metrics?token=***" and "s3cret" not in access.getvalue()
     assert (entry["method"], entry["status"], entry["length"], entry["client"]) == ("GET", 200, 1234, "127.0.0.1")
     plain = ConnectionLog("text")
     with caplog.at_level(logging.INFO, logger="gateway.connections"):
@@ -361,7 +361,7 @@ def test_connection_log_lines_name_the_subject_never_a_token(caplog: pytest.LogC
     )
     text = io.StringIO()
     AccessLog("text", text).write('1.2.3.4 - - [t] "GET /sse/a?token=zz HTTP/1.1" 200 - 0.1\n')
-    assert text.getvalue() == '1.2.3.4 - - [t] "GET /sse/a?token=[redacted] HTTP/1.1" 200 - 0.1\n'
+    assert text.getvalue() == '1.2.3.4 - - [t] "GET /sse/a?token=*** HTTP/1.1" 200 - 0.1\n'
 
 
 # -- counted by the admission path (gateway/admission.py) -----------------------------------------
@@ -504,8 +504,11 @@ def test_publish_refusals_are_counted(start_gateway: Callable[..., Gateway], cha
     json_type = {**auth, "Content-Type": "application/json"}
     bad = requests.post(f"{gw.url}/publish/{channel}", data=b"{", headers=json_type, timeout=10)
     assert bad.status_code in (400, 429)
+    evil = {**auth, "Origin": "http://evil.example"}  # through Flask (CORS), not the fast path
+    assert requests.post(f"{gw.url}/publish/{channel}", data=b"x", headers=evil, timeout=10).status_code == 403
     now = scrape(gw)
     refused = "gateway_publish_refusals_total"
+    assert value(now, refused, status="403", reason="origin_not_allowed") == 1
     too_fast = statuses.count(429) + (bad.status_code == 429)
     assert value(now, refused, status="429", reason="publishing_too_fast") == too_fast
     assert value(now, "gateway_limit_hits_total", limit="publish_rate_per_token") == too_fast

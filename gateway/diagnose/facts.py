@@ -82,14 +82,16 @@ def _platform(headers: dict[str, str]) -> str | None:
     return None
 
 
-def path_facts(req: Request) -> dict[str, Any]:
-    """The path as this request shows it to the server."""
+def path_facts(req: Request, client: str) -> dict[str, Any]:
+    """The path as this request shows it to the server; `client` is the gateway's client
+    identity for it (gateway.clients: X-Forwarded-For believed only from a trusted proxy)."""
     seen = {name: req.headers[name][:300] for name in _PROXY_HEADERS if name in req.headers}
     protocol = req.environ.get("SERVER_PROTOCOL", "")
     platform = _platform(seen)
     proxied = bool(seen.keys() & {"X-Forwarded-For", "X-Real-IP", "Forwarded", "Via"})
     facts: dict[str, Any] = {
-        "client_address": req.remote_addr,
+        "client_address": client,
+        "peer_address": req.remote_addr,
         "host": req.host[:200],
         "scheme": req.scheme,
         "http_version": protocol,

@@ -142,7 +142,8 @@ def test_websocket_refused_by_origin_check_explains_host_rewrite() -> None:
         ],
     }
     t = verdict(raw)["transports"]["websocket"]
-    assert t["status"] == "broken" and "Host" in t["reason"] and "$http_host" in t["fix"]
+    assert t["status"] == "broken" and t["findings"] == ["ws.origin_refused"]
+    assert "proxy_set_header Host $host;" in t["fix"] and "server.allowed_origins" in t["fix"]
 
 
 def test_websocket_blocked_before_the_gateway() -> None:

@@ -21,6 +21,7 @@ from flask import Blueprint, Flask, Response, g, jsonify, render_template, reque
 from gateway.clients import client_address
 from gateway.diagnose import DIAG_PREFIX, is_diag_channel
 from gateway.diagnose.facts import path_facts, request_record
+from gateway.diagnose.plan import PLAN, REAL_PREFIX
 from gateway.diagnose.verdict import verdict
 from gateway.errors import BadRequest
 from gateway.names import check_channel
@@ -127,7 +128,7 @@ def init_app(app: Flask) -> None:
 
     def _record_probe_request() -> None:
         for prefix, transport in _TRANSPORT_PATHS.items():
-            if request.path.startswith(prefix + DIAG_PREFIX):
+            if request.path.startswith((prefix + DIAG_PREFIX, prefix + REAL_PREFIX)):
                 channel = request.path[len(prefix) :]
                 record = request_record(request, transport)
                 record["t_ms"] = int(time.time() * 1000)
@@ -213,6 +214,7 @@ def page() -> str:
         mode=mode,
         quick_hold=cfg.hold_s,
         thorough_hold=cfg.thorough_hold_s,
+        plan=PLAN,
         share_script=_state().share_script.exists(),
         # Relative, so the page still works where a proxy mounts the gateway under a path prefix.
         static="../static/" if request.path.endswith("/") else "static/",
@@ -283,7 +285,9 @@ def burst() -> tuple[Response, int]:
 
 @bp.get("/diagnose/seen")
 def seen() -> Response:
-    channel = _diag_channel(request.args.get("channel"))
+    # Real-channel checks too: a browser never shows why a WebSocket handshake was refused.
+    value = request.args.get("channel") or ""
+    channel = check_channel(value) if value.startswith(REAL_PREFIX) else _diag_channel(value)
     response = jsonify(channel=channel, requests=_state().seen.get(channel))
     response.headers["Cache-Control"] = "no-store"
     return response

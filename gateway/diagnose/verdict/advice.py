@@ -147,8 +147,8 @@ ADVICE: dict[str, tuple[str, str | None]] = {
         ORIGIN_FIX,
     ),
     "ws.handshake_refused": (
-        "the WebSocket request reached the gateway with its Upgrade header but was refused (HTTP {status}{error_code}): "
-        "a proxy altered the handshake request",
+        "the WebSocket request reached the gateway with its Upgrade header but was refused "
+        "(HTTP {status}{error_code}): a proxy altered the handshake request",
         "Make the proxy pass WebSocket handshakes through unchanged (Sec-WebSocket-* headers included). "
         + NGINX_WEBSOCKET,
     ),

@@ -43,6 +43,10 @@ def _not_tested(burst: dict[str, Any], extra: dict[str, Any]) -> Outcome:
     return _out("broken", "not_tested", extra, publish_error=burst.get("publish_error"))
 
 
+# The keepalive setting that keeps each stream open through an idle limit, and its value in ctx.
+_KEEPALIVE = {"sse": ("sse.heartbeat_s", "sse_heartbeat_s"), "websocket": ("websocket.ping_s", "websocket_ping_s")}
+
+
 def _keepalive(kind: str, limit: float, ctx: dict[str, Any]) -> dict[str, Any]:
     """What the keepalive fix needs: the setting, its value now, the config lines."""
     key, ctx_key = {

@@ -39,6 +39,7 @@ def statuses(verdict: dict[str, Any]) -> dict[str, str]:
 
 def test_direct(diagnose_page: Any, gateway: Gateway) -> None:
     v = diagnose_page(gateway.url, HOLD, "1-direct")
+    assert not [c for c in v["_console"] if c.startswith("error")], v["_console"]  # not even a favicon 404
     assert statuses(v) == {"short_poll": "ok", "long_poll": "ok", "sse": "ok", "websocket": "ok"}, v
     assert v["transports"]["sse"]["buffered"] is False
     assert v["recommended"] == "websocket" and v["source"] == "server"
@@ -52,6 +53,8 @@ def test_nginx_configured_for_realtime(diagnose_page: Any, gateway: Gateway, sta
     assert v["recommended"] == "websocket"
     assert v["path"]["proxy"] is True  # X-Forwarded-For and nginx's Server header give it away
     assert not any("rewrites the Host header" in w for w in v["path"]["warnings"])  # Host $host keeps the name
+    # A real channel's WebSocket got through too: nothing of the gateway's own rules refused it.
+    assert not any(f.startswith("real.") for t in v["transports"].values() for f in t["findings"]), v
 
 
 def test_nginx_not_forwarding_upgrade(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
@@ -113,17 +116,27 @@ def test_gateway_mounted_under_a_path_prefix(diagnose_page: Any, gateway: Gatewa
 
 
 def test_nginx_rewriting_host(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
-    """Without `proxy_set_header Host`, nginx sends the upstream's address as Host. Browsers still
-    get through (diagnostic channels are open to every origin), and the page shows the rewrite as a
-    path fact and a warning."""
+    """Without `proxy_set_header Host`, nginx sends the upstream's address as Host. The probe
+    channel gets through (it is exempt from the origin rule), but a real page's WebSocket on a
+    real channel is refused 403 by the gateway's origin rule: the verdict says so, observed."""
     from tests.proxies import REALTIME
 
     proxy = start_nginx(gateway.port, REALTIME.replace("proxy_set_header Host $host;", ""))
+    # Reality, as a page of that site would meet it (the site's Origin, a real channel).
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(
+            proxy.url.replace("http", "ws") + "/ws/news", timeout=5, origin=proxy.url.rstrip("/")
+        )
+    assert refused.value.status_code == 403
     v = diagnose_page(proxy.url, HOLD, "8-nginx-host-rewrite")
-    assert all(t["ok"] for t in v["transports"].values()), v
+    ws = v["transports"]["websocket"]
+    assert ws["ok"] is False and ws["status"] == "broken" and ws["findings"] == ["real.origin_refused"], ws
+    assert "proxy_set_header Host $host;" in ws["fix"] and "server.allowed_origins" in ws["fix"], ws
+    assert "refuses this page's WebSocket on a real channel" in ws["reason"]
+    assert v["recommended"] == "sse", v
+    assert all(v["transports"][n]["ok"] for n in ("sse", "long_poll", "short_poll")), v
     assert any("the gateway was asked for 127.0.0.1:" in e for e in v["path"]["evidence"]), v["path"]
-    # ...and warns that the gateway's origin check will refuse the site's own WebSockets.
-    assert any("rewrites the Host header" in w for w in v["path"]["warnings"]), v["path"]
+    assert "path.host_rewritten" in v["path"]["findings"], v["path"]
 
 
 def test_proxy_that_accepts_the_upgrade_but_relays_no_frames(
@@ -161,18 +174,17 @@ def test_haproxy_with_4s_idle_timeouts(diagnose_page: Any, gateway: Gateway, sta
     assert v["recommended"] == "short_poll"
 
 
-def test_verdict_endpoint_unreachable_falls_back_to_the_page(
-    diagnose_page: Any, gateway: Gateway, start_nginx: Any
-) -> None:
-    """window.__diagnosis is always set: with POST /diagnose/verdict refused on the way, the page's
-    own fallback decides, from the same measurements."""
+def test_verdict_endpoint_unreachable_says_so(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
+    """window.__diagnosis is always set, but there is one verdict and it is the gateway's: with POST
+    /diagnose/verdict refused on the way, the page says it has none (and keeps the raw results)
+    rather than guessing with a second, untested one."""
     from tests.proxies import REALTIME
 
     proxy = start_nginx(gateway.port, REALTIME + "    location = /diagnose/verdict { return 502; }\n")
     v = diagnose_page(proxy.url, HOLD, "12-verdict-endpoint-blocked")
-    assert v["source"] == "browser"
-    assert all(t["ok"] for t in v["transports"].values()), v
-    assert v["transports"]["sse"]["buffered"] is False and v["recommended"] == "websocket"
+    assert v["source"] == "none" and v["recommended"] is None and "HTTP 502" in v["summary"], v
+    assert all(t["findings"] == ["no_verdict"] for t in v["transports"].values())
+    assert v["raw"]["probes"]["websocket"]["opened"] is True
 
 
 def test_slow_but_clean_link_is_not_called_broken(diagnose_page: Any, gateway: Gateway, start_tcp_proxy: Any) -> None:

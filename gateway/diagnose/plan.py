@@ -128,6 +128,7 @@ RAW_SCHEMA: dict[str, Any] = {
             "idle": {**_ANSWER, "elapsed_s": None},
             "event": {"status": None, "error": None, "arrived": None, "json": None, "latency_ms": None},
             "repeat": {"status": None, "error": None, "json": None, "arrived": None, "published": None},
+            "burst": _BURST,  # the event published during the hold (for the timeline)
             "error": None,
         },
         "sse": {

@@ -81,3 +81,29 @@ def test_cli_slow_first_byte_is_not_buffering(gateway: Gateway, start_hostile: A
     r = cli(proxy.url, "--hold", "2")
     sse = json.loads(r.stdout)["transports"]["sse"]
     assert sse["buffered"] is False and sse["status"] == "ok", sse
+
+
+def test_cli_raw_results_follow_the_one_plan(gateway: Gateway) -> None:
+    from gateway.diagnose.plan import PLAN, unknown_fields
+
+    r = cli(gateway.url, "--hold", "2", "--raw")
+    raw = json.loads(r.stdout)["raw"]
+    assert raw["plan_version"] == PLAN["version"] and unknown_fields(raw) == [], unknown_fields(raw)
+    assert raw["real"]["channel"].startswith(PLAN["channels"]["real_prefix"])
+    assert raw["real"]["websocket"]["opened"] is True and raw["real"]["sse"]["status"] == 200
+    assert len(raw["probes"]["sse"]["burst"]["arrivals"]) == PLAN["burst"]["n"]
+
+
+def test_cli_and_page_agree_through_nginx_rewriting_host(gateway: Gateway, start_nginx: Any) -> None:
+    """The same finding as the page's (test_diagnose_browser): a real channel's WebSocket with the
+    site's Origin is refused by the gateway's origin rule behind nginx's default Host handling."""
+    from tests.proxies import REALTIME
+
+    proxy = start_nginx(gateway.port, REALTIME.replace("proxy_set_header Host $host;", ""))
+    v = json.loads(cli(proxy.url, "--hold", "2").stdout)
+    ws = v["transports"]["websocket"]
+    assert ws["findings"] == ["real.origin_refused"] and ws["ok"] is False, ws
+    assert "proxy_set_header Host $host;" in ws["fix"] and "server.allowed_origins" in ws["fix"]
+    assert v["recommended"] == "sse"
+    fixed = json.loads(cli(start_nginx(gateway.port, "realtime").url, "--hold", "2").stdout)
+    assert fixed["recommended"] == "websocket" and fixed["transports"]["websocket"]["findings"] == ["ws.ok"]

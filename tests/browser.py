@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import ROOT, require_binary
 
-__all__ = ["browser", "diagnose_page", "CHROMIUM_ARGS", "ARTIFACTS", "run_diagnose", "console_errors"]
+__all__ = ["browser", "tls_browser", "diagnose_page", "CHROMIUM_ARGS", "ARTIFACTS", "run_diagnose", "console_errors"]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -40,16 +40,33 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
+@pytest.fixture(scope="module")
+def tls_browser(browser: Any) -> Iterator[Any]:
+    """A second Chromium from the same Playwright, accepting the test proxies' self-signed
+    certificates (one Playwright per process: a second sync_playwright() would refuse)."""
+    args = CHROMIUM_ARGS + ["--ignore-certificate-errors"]
+    chromium = browser.browser_type.launch(executable_path=CHROMIUM, args=args, headless=True)
+    try:
+        yield chromium
+    finally:
+        chromium.close()
+
+
+# What Chromium logs by itself when a probe meets a hostile path (a refused handshake, a 504, a
+# stream cut mid-chunk): the measurement, which a page cannot silence. Clean paths log nothing.
+_NETWORK_NOISE = ("WebSocket connection to", "Failed to load resource")
+
+
 def console_errors(console: list[str]) -> list[str]:
-    """Console errors other than a refused WebSocket handshake, which Chromium always logs (the
-    page probes such handshakes on purpose) and a page cannot silence."""
-    return [c for c in console if c.startswith(("error", "pageerror")) and "WebSocket connection to" not in c]
+    """Console errors that are the page's own fault (script errors, its own resources...)."""
+    return [c for c in console if c.startswith(("error", "pageerror")) and not any(n in c for n in _NETWORK_NOISE)]
 
 
 def run_diagnose(browser: Any, url: str, hold: float, name: str, query: str = "") -> dict[str, Any]:
     """Open {url}/diagnose?hold=N, wait for the verdict, save a screenshot, and return the
     verdict after checking that window.__diagnosis and #diagnosis-json agree and that the page
-    logged no console error (a 404 favicon, a script error...)."""
+    logged no console error of its own (script errors; see console_errors). The verdict carries
+    the whole console as "_console", for tests of clean paths to assert it is empty."""
     context = browser.new_context(viewport={"width": 1100, "height": 900})
     page = context.new_page()
     console: list[str] = []

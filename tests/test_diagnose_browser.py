@@ -18,7 +18,7 @@ from tests import proxies as _proxies
 from tests.helpers import Gateway
 
 # Fixtures from the shared modules, bound here (pytest finds fixtures among a module's names).
-browser, diagnose_page = _browser.browser, _browser.diagnose_page
+browser, diagnose_page, tls_browser = _browser.browser, _browser.diagnose_page, _browser.tls_browser
 start_nginx, start_tcp_proxy, start_haproxy = _proxies.start_nginx, _proxies.start_tcp_proxy, _proxies.start_haproxy
 start_haproxy_conf = _proxies.start_haproxy_conf
 
@@ -55,6 +55,7 @@ def test_nginx_configured_for_realtime(diagnose_page: Any, gateway: Gateway, sta
     assert not any("rewrites the Host header" in w for w in v["path"]["warnings"])  # Host $host keeps the name
     # A real channel's WebSocket got through too: nothing of the gateway's own rules refused it.
     assert not any(f.startswith("real.") for t in v["transports"].values() for f in t["findings"]), v
+    assert not [c for c in v["_console"] if c.startswith("error")], v["_console"]
 
 
 def test_nginx_not_forwarding_upgrade(diagnose_page: Any, gateway: Gateway, start_nginx: Any) -> None:
@@ -194,3 +195,34 @@ def test_slow_but_clean_link_is_not_called_broken(diagnose_page: Any, gateway: G
     v = diagnose_page(proxy.url, HOLD, "13-slow-link-400ms")
     assert all(t["ok"] for t in v["transports"].values()), v
     assert v["transports"]["websocket"]["latency_ms"] >= 700  # the round trip really was slow
+
+
+def test_tls_and_http2_at_the_proxy(tls_browser: Any, gateway: Gateway, start_nginx: Any) -> None:
+    """nginx terminating TLS (a self-signed certificate) and speaking HTTP/2 to the browser: the page
+    says so (no six-connection warning then), WebSocket works over wss://, and the verdict says which
+    transports ride the one HTTP/2 connection."""
+    proxy = start_nginx(gateway.port, "realtime", tls=True)
+    assert proxy.url.startswith("https://")
+    v = _browser.run_diagnose(tls_browser, proxy.url, HOLD, "14-nginx-tls-http2")
+    assert statuses(v) == {"short_poll": "ok", "long_poll": "ok", "sse": "ok", "websocket": "ok"}, v
+    assert v["recommended"] == "websocket"
+    path = v["path"]
+    assert path["browser_protocol"] == "h2" and path["http2"] is True, path
+    assert "path.http2" in path["findings"] and "path.six_connections" not in path["findings"]
+    assert path["on_http2_connection"] == ["short_poll", "long_poll", "sse"]
+    assert any("wss://" in w for w in path["warnings"]), path["warnings"]
+    assert not [c for c in v["_console"] if c.startswith("error")], v["_console"]
+
+
+def test_an_idle_limit_only_the_thorough_run_catches(diagnose_page: Any, gateway: Gateway, start_haproxy: Any) -> None:
+    """haproxy cutting idle connections after 4 s: a run holding 3 s sees nothing and says that
+    longer limits would not show; the thorough run (held longer) catches the cut and says how long."""
+    proxy = start_haproxy(gateway.port, "4s")
+    quick = diagnose_page(proxy.url, 3, "15-haproxy-quick-misses")
+    assert all(t["ok"] for t in quick["transports"].values()), quick
+    assert "path.short_hold" in quick["path"]["findings"], quick["path"]
+    thorough = diagnose_page(proxy.url, 7, "16-haproxy-thorough-catches", "&mode=thorough")
+    assert thorough["mode"] == "thorough" and "path.short_hold" not in thorough["path"]["findings"]
+    ws = thorough["transports"]["websocket"]
+    assert ws["findings"] == ["ws.cut"] and 3 <= ws["idle_limit_s"] <= 5.5, ws
+    assert ws["config"] == "[websocket]\nping_s = 2" and "[websocket]\nping_s = 2" in ws["fix"]

@@ -146,7 +146,7 @@ def test_page_renders_with_bounded_hold(client: Any) -> None:
     assert '"hold": 1.0' in client.get("/diagnose?hold=-5").get_data(as_text=True)
     assert '"hold": 15.0' in client.get("/diagnose?hold=nan").get_data(as_text=True)
     thorough = client.get("/diagnose?mode=thorough").get_data(as_text=True)
-    assert '"hold": 65.0' in thorough and '"mode": "thorough"' in thorough
+    assert '"hold": 110.0' in thorough and '"mode": "thorough"' in thorough
     assert 'src="../static/diagnose.js"' in client.get("/diagnose/?hold=3").get_data(as_text=True)
     assert client.get("/static/diagnose.js").status_code == 200
     assert client.get("/static/diagnose.css").status_code == 200

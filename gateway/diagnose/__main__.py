@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Probe which transports of a gateway work from here; print the verdict JSON.",
     )
     parser.add_argument("url", help="the gateway's base URL, e.g. https://rt.example.com")
-    parser.add_argument("--thorough", action="store_true", help="hold connections for diagnose.thorough_hold_s (65 s)")
+    parser.add_argument("--thorough", action="store_true", help="hold connections for diagnose.thorough_hold_s (110 s)")
     parser.add_argument("--hold", type=float, help="hold time in seconds (1-600), overriding the gateway's setting")
     parser.add_argument("--raw", action="store_true", help="print the raw probe results with the verdict")
     parser.add_argument("--token", default="", help="a subscriber token for the real-channel checks (access control)")

@@ -645,7 +645,7 @@
         verdict.transports[n] = { ok: false, status: "broken", reason: "no verdict: " + why, findings: ["no_verdict"] };
       });
       verdict.transports.sse.buffered = false;
-      verdict.raw = raw;
+      verdict.raw = JSON.parse(JSON.stringify(raw));  // plain data, as #diagnosis-json shows it
     }
     verdict.started = raw.started;
     publish(raw, verdict);

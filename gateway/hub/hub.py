@@ -24,7 +24,7 @@ from typing import Protocol
 from gateway.hub.events import Batch, Event
 from gateway.names import check_channel, check_event_name
 
-__all__ = ["Hub", "Store", "Pusher"]
+__all__ = ["Hub", "Store", "Pusher", "Observer"]
 
 SWEEP_EVERY_S = 30.0
 
@@ -32,7 +32,11 @@ SWEEP_EVERY_S = 30.0
 class Store(Protocol):
     """Where channels and their history live (memory.py, redis.py)."""
 
-    def append(self, channel: str, event: str, data: str) -> Event: ...
+    def append(self, channel: str, event: str, data: str, idempotency_key: str | None = None) -> Event:
+        """Store one event. With an idempotency key already used on this channel within the
+        history's age, store nothing and return the first event again with .repeat set."""
+        ...
+
     def read(self, channel: str, since: str | None, limit: int) -> Batch: ...
     def last_id(self, channel: str) -> str: ...
     def channels(self) -> list[str]: ...
@@ -41,6 +45,18 @@ class Store(Protocol):
 
 
 Listener = Callable[[str, int], None]
+
+
+class Observer:
+    """What the hub tells whoever counts (metrics): cheap calls from the hot path. This base
+    class ignores everything; gateway/metrics.py overrides it."""
+
+    def published(self, channel: str, event: Event) -> None:
+        pass
+
+    def delivered(self, kind: str, subscribers: int, events: list[Event], nbytes: int) -> None:
+        """One fast-path flush: `events` written to `subscribers` sockets of wire format `kind`,
+        `nbytes` in all (per subscriber: nbytes / subscribers)."""
 
 
 class Pusher(Protocol):
@@ -52,6 +68,7 @@ class Pusher(Protocol):
 
     def encode(self, events: list[Event]) -> bytes: ...
     def push(self, data: bytes, cursor: str) -> None: ...  # never blocks
+    def lag(self, nbytes: int) -> None: ...  # events it could not take at once (slow consumers)
     def wake(self) -> None: ...  # catch up from history by cursor
 
 
@@ -64,7 +81,9 @@ class Hub:
         self.store = store
         self.closing = False
         self._event_class = event_class
-        self._signals: dict[str, threading.Event] = {}
+        self._signals: dict[str, threading.Event] = {}  # one per channel, shared by its long polls
+        self._waiting: Counter[str] = Counter()  # long polls waiting per channel
+        self._extra: dict[str, set[threading.Event]] = {}  # multi-channel long polls' own events
         self._subscribers: Counter[str] = Counter()
         self._listeners: list[Listener] = []
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
@@ -74,13 +93,17 @@ class Hub:
         # How a flush is scheduled: at once by default; the server passes gevent's "after the
         # current greenlet yields" so events published in one go share one write per subscriber.
         self.defer: Callable[[Callable[[str], None], str], None] = _call_now
+        self.observer = Observer()
 
     # -- writing -------------------------------------------------------------------------
-    def publish(self, channel: str, data: str, event: str = "message") -> Event:
+    def publish(self, channel: str, data: str, event: str = "message", *, idempotency_key: str | None = None) -> Event:
         check_channel(channel)
         check_event_name(event)
-        ev = self.store.append(channel, event, data)
+        ev = self.store.append(channel, event, data, idempotency_key)
+        if ev.repeat:  # stored before: nothing new to hand anyone
+            return ev
         self.published += 1
+        self.observer.published(channel, ev)
         if channel in self._pushers:
             pending = self._pending.get(channel)
             if pending is None:
@@ -102,6 +125,10 @@ class Hub:
         signal = self._signals.pop(channel, None)
         if signal is not None:
             signal.set()
+        extra = self._extra.get(channel)
+        if extra:
+            for woken in list(extra):
+                woken.set()
 
     # -- the fast path for streams ---------------------------------------------------------
     def attach(self, channel: str, pusher: Pusher) -> None:
@@ -126,7 +153,9 @@ class Hub:
         if not all(events[i].prev == events[i - 1].id for i in range(1, len(events))):
             first = None
         encoded: dict[str, bytes] = {}
+        counts: dict[str, int] = {}
         kind, data = None, b""
+        cost = -1
         # The hot loop: one non-blocking send per subscriber, nothing else that costs.
         for pusher in list(pushers):
             if pusher.cursor == first and not pusher.hold:
@@ -134,8 +163,16 @@ class Hub:
                     kind = pusher.kind
                     data = encoded.get(kind) or encoded.setdefault(kind, pusher.encode(events))
                 pusher.push(data, last)
+                counts[kind] = counts.get(kind, 0) + 1
             elif pusher.cursor != last:  # behind, busy, or out of order: it reads from history
+                if cost < 0:
+                    cost = sum(len(e.data) for e in events) + 64 * len(events)
+                pusher.lag(cost)  # a subscriber too far behind is cut (slow consumer)
                 pusher.wake()
+        for kind, n in counts.items():
+            data = encoded[kind]
+            size = len(data) if isinstance(data, bytes) else sum(len(p) for _, p in data)
+            self.observer.delivered(kind, n, events, n * size)
 
     # -- reading -------------------------------------------------------------------------
     def read(self, channel: str, since: str | None, limit: int) -> Batch:
@@ -148,32 +185,71 @@ class Hub:
         """Events after `since`, waiting up to `timeout` s for the first; returns early, with
         whatever there is, when a gap is found or the hub is closing."""
         deadline = time.monotonic() + timeout
-        while True:
-            # Take the signal before reading, so a publish in between still wakes us.
-            signal = self._signals.get(channel)
-            if signal is None:
-                signal = self._signals[channel] = self._event_class()
-            batch = self.store.read(channel, since, limit)
-            remaining = deadline - time.monotonic()
-            if batch.events or batch.gap or self.closing or remaining <= 0:
-                return batch
-            signal.wait(remaining)
-            since = batch.cursor if since is None else since
+        self._waiting[channel] += 1
+        try:
+            while True:
+                # Take the signal before reading, so a publish in between still wakes us.
+                signal = self._signals.get(channel)
+                if signal is None:
+                    signal = self._signals[channel] = self._event_class()
+                batch = self.store.read(channel, since, limit)
+                remaining = deadline - time.monotonic()
+                if batch.events or batch.gap or self.closing or remaining <= 0:
+                    return batch
+                signal.wait(remaining)
+                since = batch.cursor if since is None else since
+        finally:
+            self._waiting[channel] -= 1
+            if not self._waiting[channel]:  # nobody waits here any more: drop the signal
+                del self._waiting[channel]
+                self._signals.pop(channel, None)
+
+    def wait_many(self, starts: dict[str, str | None], timeout: float, limit: int) -> dict[str, Batch]:
+        """wait() over several channels: returns as soon as any has events (or a gap), with a
+        batch for every channel. `starts` maps channel -> cursor (None: from now)."""
+        deadline = time.monotonic() + timeout
+        woken = self._event_class()
+        channels = list(starts)
+        for channel in channels:
+            self._extra.setdefault(channel, set()).add(woken)
+        try:
+            cursors = dict(starts)
+            while True:
+                woken.clear()
+                batches = {c: self.store.read(c, cursors[c], limit) for c in channels}
+                remaining = deadline - time.monotonic()
+                if any(b.events or b.gap for b in batches.values()) or self.closing or remaining <= 0:
+                    return batches
+                woken.wait(remaining)
+                cursors = {c: cursors[c] if cursors[c] is not None else batches[c].cursor for c in channels}
+        finally:
+            for channel in channels:
+                waiters = self._extra.get(channel)
+                if waiters is not None:
+                    waiters.discard(woken)
+                    if not waiters:
+                        del self._extra[channel]
 
     # -- who is listening ----------------------------------------------------------------
     @contextmanager
     def subscription(self, channel: str) -> Iterator[None]:
         """Count a streaming reader (SSE, WebSocket, a held long poll) for its lifetime."""
-        self._subscribers[channel] += 1
-        if self._subscribers[channel] == 1:
-            self._tell(channel, 1)
+        self.subscribe(channel)
         try:
             yield
         finally:
-            self._subscribers[channel] -= 1
-            if self._subscribers[channel] <= 0:
-                del self._subscribers[channel]
-                self._tell(channel, 0)
+            self.unsubscribe(channel)
+
+    def subscribe(self, channel: str) -> None:
+        self._subscribers[channel] += 1
+        if self._subscribers[channel] == 1:
+            self._tell(channel, 1)
+
+    def unsubscribe(self, channel: str) -> None:
+        self._subscribers[channel] -= 1
+        if self._subscribers[channel] <= 0:
+            del self._subscribers[channel]
+            self._tell(channel, 0)
 
     def subscribers(self, channel: str | None = None) -> int:
         if channel is None:
@@ -192,7 +268,7 @@ class Hub:
     def close(self) -> None:
         """Shutting down: wake every reader so each can tell its client to come back."""
         self.closing = True
-        for channel in list(self._signals) + list(self._pushers):
+        for channel in list(self._signals) + list(self._extra) + list(self._pushers):
             self.notify(channel)
 
     def _tell(self, channel: str, n: int) -> None:

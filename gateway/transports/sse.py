@@ -6,9 +6,20 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, request
 
+from gateway.admission import Ticket
+from gateway.config import Config
 from gateway.hub import Hub, gap_event
-from gateway.transports.common import channel_arg, config, hub, since_arg
-from gateway.transports.push import Pusher, chunk, sse_encoder
+from gateway.transports.common import (
+    admission,
+    admit,
+    alive_until_expiry,
+    config,
+    hub,
+    idle_until_expiry,
+    positions,
+)
+from gateway.transports.multipush import MultiPusher
+from gateway.transports.push import Pusher, SlowConsumer, bound_send_buffer, chunk, sse_encoder
 
 __all__ = ["bp"]
 
@@ -17,53 +28,106 @@ bp = Blueprint("sse", __name__)
 HEARTBEAT = b": heartbeat\n\n"
 # On shutdown: come back soon (to this or another instance); Last-Event-ID resumes the stream.
 RECONNECT_HINT = b"retry: 1000\n\n"
+EXPIRED = b": token expired; reconnect with a fresh token and Last-Event-ID to resume\n\n"
+SLOW = b": disconnected: this client fell too far behind (limits.slow_consumer_bytes); reconnect with Last-Event-ID\n\n"
+MAX_PADDING = 65536
 
 
 @bp.get("/sse/", defaults={"channel": ""})
 @bp.get("/sse/<path:channel>")
 def stream(channel: str) -> Response:
-    channel = channel_arg(channel)
-    since = since_arg(header=True)
+    ticket = admit("sse", channel)
     gateway = hub()
     cfg = config()
-    cursor = since if since is not None else gateway.last_id(channel)
+    starts = positions(ticket, gateway)
     head = b""
-    # ?padding=<bytes> (0-65536; unparseable -> the config's) lets /diagnose test whether padding helps.
-    padding = min(max(request.args.get("padding", cfg.sse.padding_bytes, type=int), 0), 65536)
+    padding = cfg.sse.padding_bytes
+    # ?padding=<bytes> lets /diagnose test whether padding helps; only on channels whose policy
+    # is the probes' (elsewhere it would let anyone amplify a tiny request into 64 KB answers).
+    if all(admission().policy(c) is not None for c in ticket.channels):
+        padding = min(max(request.args.get("padding", padding, type=int), 0), MAX_PADDING)
     if padding:
         # Some proxies and old browsers hold the first few KB back; a comment pushes it through.
         head += b":" + b" " * padding + b"\n\n"
     head += f"retry: {cfg.sse.retry_ms}\n\n".encode()
-    body = _events(gateway, channel, cursor, head, cfg.sse.heartbeat_s, cfg.poll.max_batch, request.environ)
+    body = _events(gateway, ticket, starts, head, cfg, request.environ)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return Response(body, mimetype="text/event-stream", headers=headers, direct_passthrough=True)
 
 
 def _events(
-    gateway: Hub, channel: str, cursor: str, head: bytes, heartbeat_s: float, limit: int, environ: dict
+    gateway: Hub, ticket: Ticket, starts: dict[str, str], head: bytes, cfg: Config, environ: dict
 ) -> Iterator[bytes]:
-    with gateway.subscription(channel):
-        yield head  # the server sends the headers with it; from here on the socket is ours
-        sock, chunked = environ.get("gateway.socket"), environ.get("gateway.chunked")
-        if sock is not None and chunked is not None:
-            kind, encode = sse_encoder(chunked())
-            pusher = Pusher(sock, kind, encode, cursor)
-            heartbeat = chunk(HEARTBEAT) if chunked() else HEARTBEAT
-            try:
-                pusher.serve(gateway, channel, limit, heartbeat_s, lambda: pusher.write(heartbeat))
-            except OSError:  # the client went away
-                return
-        else:  # served by something other than gateway.server: the plain loop
-            while not gateway.closing:
-                batch = gateway.wait(channel, cursor, heartbeat_s, limit)
-                if batch.gap:
-                    data = gap_event(batch, cursor).sse + b"".join(e.sse for e in batch.events)
-                elif batch.events:
-                    data = b"".join(e.sse for e in batch.events)
-                elif gateway.closing:
-                    break
-                else:
-                    data = HEARTBEAT
-                cursor = batch.cursor
-                yield data
-        yield RECONNECT_HINT
+    """The stream's body; runs after the view has returned, outside the app context. The server
+    closes it however the stream ends, which closes the ticket."""
+    with ticket:
+        yield from _stream(gateway, ticket, starts, head, cfg, environ)
+
+
+def _stream(
+    gateway: Hub, ticket: Ticket, starts: dict[str, str], head: bytes, cfg: Config, environ: dict
+) -> Iterator[bytes]:
+    heartbeat_s, limit, slow_bytes = cfg.sse.heartbeat_s, cfg.poll.max_batch, cfg.limits.slow_consumer_bytes
+    yield head  # the server sends the headers with it; from here on the socket is ours
+    sock, chunked = environ.get("gateway.socket"), environ.get("gateway.chunked")
+    if sock is not None and chunked is not None:
+        bound_send_buffer(sock, slow_bytes)
+        framed = chunked()
+        heartbeat = chunk(HEARTBEAT) if framed else HEARTBEAT
+        alive = lambda: alive_until_expiry(ticket)  # noqa: E731
+        idle = lambda: idle_until_expiry(ticket, heartbeat_s)  # noqa: E731
+        pusher: Pusher | MultiPusher
+        try:
+            if ticket.multi:
+                pusher = MultiPusher(sock, "sse", starts, framed)
+                pusher.slow_bytes = slow_bytes
+                pusher.serve(gateway, limit, idle, lambda: pusher.write(heartbeat), alive)
+            else:
+                ((channel, cursor),) = starts.items()
+                kind, encode = sse_encoder(framed)
+                pusher = Pusher(sock, kind, encode, cursor)
+                pusher.slow_bytes = slow_bytes
+                pusher.serve(gateway, channel, limit, idle, lambda: pusher.write(heartbeat), alive)
+        except SlowConsumer:
+            ticket.end_reason = "slow_consumer"
+            _try_send(sock, chunk(SLOW) if framed else SLOW)
+            return
+        except OSError:  # the client went away (or was cut as a slow consumer)
+            if pusher.slow:
+                ticket.end_reason = "slow_consumer"
+            return
+        finally:
+            ticket.bytes_sent = pusher.bytes_sent
+        if not alive_until_expiry(ticket):
+            ticket.end_reason = "token_expired"
+            yield chunk(EXPIRED) if framed else EXPIRED
+            return
+    else:  # served by something other than gateway.server: the plain loop (one channel)
+        ((channel, cursor),) = starts.items()
+        while not gateway.closing and alive_until_expiry(ticket):
+            batch = gateway.wait(channel, cursor, idle_until_expiry(ticket, heartbeat_s), limit)
+            if batch.gap:
+                data = gap_event(batch, cursor).sse + b"".join(e.sse for e in batch.events)
+            elif batch.events:
+                data = b"".join(e.sse for e in batch.events)
+            elif gateway.closing:
+                break
+            else:
+                data = HEARTBEAT
+            cursor = batch.cursor
+            yield data
+        if not alive_until_expiry(ticket):
+            yield EXPIRED
+            return
+    ticket.end_reason = "shutdown" if gateway.closing else ticket.end_reason
+    yield RECONNECT_HINT
+
+
+def _try_send(sock: object, data: bytes) -> None:
+    """A last word to a client we are dropping; if its socket cannot take it now, never mind."""
+    raw = getattr(sock, "_sock", None)
+    try:
+        if raw is not None:
+            raw.send(data)
+    except OSError:
+        pass

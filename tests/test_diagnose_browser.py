@@ -5,6 +5,7 @@ results under test-artifacts/."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -226,3 +227,23 @@ def test_an_idle_limit_only_the_thorough_run_catches(diagnose_page: Any, gateway
     ws = thorough["transports"]["websocket"]
     assert ws["findings"] == ["ws.cut"] and 3 <= ws["idle_limit_s"] <= 5.5, ws
     assert ws["config"] == "[websocket]\nping_s = 2" and "[websocket]\nping_s = 2" in ws["fix"]
+
+
+def test_access_control_on_real_channels(diagnose_page: Any, tmp_path: Any) -> None:
+    """With access control on, a page of the site needs a token on real channels: without one
+    nothing is ok (each transport says 401 and how to send a token); with ?token= all four are."""
+    import jwt
+
+    secret = "diagnose-browser-secret-0123456789ab"
+    gw = Gateway({"auth": {"secret": secret}}, tmp_path)
+    try:
+        v = diagnose_page(gw.url, HOLD, "17-auth-no-token")
+        assert all(t["findings"][-1] == "real.unauthorized" for t in v["transports"].values()), v
+        assert v["recommended"] is None and v["fallback"] == "websocket"
+        token = jwt.encode({"exp": int(time.time()) + 600, "channels": ["*"]}, secret, algorithm="HS256")
+        v = diagnose_page(gw.url, HOLD, "18-auth-token", f"&token={token}")
+        assert statuses(v) == {"short_poll": "ok", "long_poll": "ok", "sse": "ok", "websocket": "ok"}, v
+        assert v["recommended"] == "websocket"
+        assert token not in json.dumps(v)
+    finally:
+        gw.stop()

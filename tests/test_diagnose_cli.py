@@ -107,3 +107,41 @@ def test_cli_and_page_agree_through_nginx_rewriting_host(gateway: Gateway, start
     assert v["recommended"] == "sse"
     fixed = json.loads(cli(start_nginx(gateway.port, "realtime").url, "--hold", "2").stdout)
     assert fixed["recommended"] == "websocket" and fixed["transports"]["websocket"]["findings"] == ["ws.ok"]
+
+
+@pytest.fixture(scope="module")
+def auth_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = Gateway({"auth": {"secret": AUTH_SECRET}}, tmp_path_factory.mktemp("diag-cli-auth"))
+    yield gw
+    gw.stop()
+
+
+AUTH_SECRET = "diagnose-test-secret-0123456789abcdef"
+
+
+def subscriber_token(channels: list[str]) -> str:
+    import time
+
+    import jwt
+
+    return jwt.encode({"exp": int(time.time()) + 600, "channels": channels}, AUTH_SECRET, algorithm="HS256")
+
+
+def test_cli_with_access_control_on_observes_authorization(auth_gateway: Gateway) -> None:
+    """Probe channels are public, real ones are not: without a token every transport works on the
+    probe channel but a real channel answers 401, so none is ok; with a token all four are."""
+    v = json.loads(cli(auth_gateway.url, "--hold", "2").stdout)
+    for name, t in v["transports"].items():
+        assert t["ok"] is False and t["findings"][-1] == "real.unauthorized" and t["real_status"] == 401, (name, t)
+        assert "--token" in t["fix"]
+    assert v["recommended"] is None and v["fallback"] == "websocket"
+    narrow = json.loads(cli(auth_gateway.url, "--hold", "2", "--token", subscriber_token(["news.*"])).stdout)
+    assert narrow["transports"]["sse"]["findings"][-1] == "real.forbidden", narrow["transports"]["sse"]
+    ok = json.loads(cli(auth_gateway.url, "--hold", "2", "--token", subscriber_token(["*"])).stdout)
+    assert {n: t["findings"][0] for n, t in ok["transports"].items()} == {
+        "short_poll": "sp.ok",
+        "long_poll": "lp.ok",
+        "sse": "sse.ok",
+        "websocket": "ws.ok",
+    }, ok
+    assert ok["recommended"] == "websocket"

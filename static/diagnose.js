@@ -39,7 +39,7 @@
     return cond();
   }
 
-  var MIN_RTT = null;  // the quickest round trip of the run (long polls aside): see verdict.py
+  var MIN_RTT = null;  // the quickest round trip of the run (long polls aside): see verdict/evidence.py
 
   /* fetch with a deadline; never throws. */
   async function call(url, opts, ms) {

@@ -80,12 +80,17 @@ def run_diagnose(browser: Any, url: str, hold: float, name: str, query: str = ""
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(Path(ARTIFACTS) / f"diagnose-{name}.png"), full_page=True)
         raw = page.evaluate("window.__diagnoseRaw")
+        # The burst timelines drawn per transport: how many arrivals each picture shows.
+        drawn = page.evaluate(
+            "Object.fromEntries([...document.querySelectorAll('.probe')].map(e => [e.dataset.transport,"
+            " e.querySelectorAll('.picture svg circle.arrived').length]))"
+        )
         (ARTIFACTS / f"diagnose-{name}.json").write_text(json.dumps({"verdict": verdict, "raw": raw}, indent=2))
     finally:
         context.close()
     assert shown == verdict, "#diagnosis-json must hold the same verdict as window.__diagnosis"
     assert not console_errors(console), console
-    verdict["_console"] = console
+    verdict["_console"], verdict["_drawn"] = console, drawn
     return verdict
 
 

@@ -41,6 +41,8 @@ def statuses(verdict: dict[str, Any]) -> dict[str, str]:
 def test_direct(diagnose_page: Any, gateway: Gateway) -> None:
     v = diagnose_page(gateway.url, HOLD, "1-direct")
     assert not [c for c in v["_console"] if c.startswith("error")], v["_console"]  # not even a favicon 404
+    # A picture per transport: the whole burst drawn as it arrived (one event for the polls).
+    assert v["_drawn"] == {"websocket": 5, "sse": 5, "long_poll": 1, "short_poll": 1}, v["_drawn"]
     assert statuses(v) == {"short_poll": "ok", "long_poll": "ok", "sse": "ok", "websocket": "ok"}, v
     assert v["transports"]["sse"]["buffered"] is False
     assert v["recommended"] == "websocket" and v["source"] == "server"

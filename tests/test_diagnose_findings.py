@@ -157,3 +157,17 @@ def test_unknown_fields_names_drift() -> None:
         "x",
     ]
     assert set(RAW_SCHEMA["probes"]) == {"short_poll", "long_poll", "sse", "websocket"}
+
+
+def test_a_flush_inside_the_burst_is_still_bunching() -> None:
+    """Recorded through a proxy releasing data every 2 s: four frames let out together, the last at
+    the next flush. The whole spread looks wide, but the frames between flushes were held back."""
+    from gateway.diagnose.verdict import analyse_burst
+
+    sent = 1_796_186_270_559
+    arrivals = [(0, 2004), (1, 2004), (2, 2005), (3, 2005), (4, 4166)]
+    burst = {"n": 5, "gap_ms": 300, "delay_ms": 0, "post_status": 202}
+    burst["arrivals"] = [{"seq": q, "sent_ms": sent + 300 * q, "at_ms": at} for q, at in arrivals]
+    assert analyse_burst(burst)["bunched"] is True
+    spaced = dict(burst, arrivals=[{"seq": q, "sent_ms": sent + 300 * q, "at_ms": 40 + 300 * q} for q in range(5)])
+    assert analyse_burst(spaced)["bunched"] is False

@@ -1,5 +1,6 @@
-"""verdict.py on raw probe results recorded from real runs (headless Chromium through real nginx,
-see test_diagnose_browser.py) and on synthetic patterns of hostile paths."""
+"""The verdict (gateway/diagnose/verdict/) on raw probe results recorded from real runs (headless
+Chromium through real nginx, see test_diagnose_browser.py) and on synthetic patterns of hostile
+paths. Its sentences; test_diagnose_findings.py asserts the finding codes."""
 
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ class Burst:
         }
 
 
-_MIN_RTT: list[float] = []  # round trips of quick requests (long polls aside): see verdict.py
+_MIN_RTT: list[float] = []  # round trips of quick requests (long polls aside): see verdict/evidence.py
 
 
 def _get(url: str, timeout: float, **kwargs: Any) -> dict[str, Any]:

@@ -295,7 +295,7 @@ def seen() -> Response:
 
 @bp.post("/diagnose/verdict")
 def compute_verdict() -> Response:
-    """Raw probe results in, the verdict out: the page and the CLI share verdict.py."""
+    """Raw probe results in, the verdict out: the page and the CLI share gateway.diagnose.verdict."""
     _rate_limited()
     if request.content_length is not None and request.content_length > MAX_VERDICT_BYTES:
         raise BadRequest("too_large", f"probe results are limited to {MAX_VERDICT_BYTES} bytes", 413)

@@ -12,6 +12,7 @@ __all__ = ["Evidence", "RealCheck", "parse", "analyse_burst", "num", "obj", "SLO
 TRANSPORTS = ("short_poll", "long_poll", "sse", "websocket")
 SLOW_MS = 1500.0  # an event later than this after it was sent is not "prompt"
 BUNCHED_RATIO = 0.5  # arrivals squeezed into under half the send spread were held back and released together
+SQUEEZED = 0.25  # two events arriving this much closer together than they were sent came out of one buffer
 CUT_SLACK_S = 1.0  # a hold that ends this much before its time was cut by the path
 
 
@@ -66,7 +67,15 @@ def analyse_burst(burst: Any, one_way_ms: float = 0.0) -> dict[str, Any]:
         arrive_spread = arrivals[-1][1] - first_at
         out["send_spread_ms"] = round(send_spread, 1)
         out["arrival_spread_ms"] = round(arrive_spread, 1)
-        out["bunched"] = send_spread >= 400 and arrive_spread < BUNCHED_RATIO * send_spread
+        # Or most of them released together, a later flush letting the rest out: a buffer whose
+        # flush fell inside the burst spreads the whole, but not the events between flushes.
+        steps = list(zip(arrivals, arrivals[1:], strict=False))
+        squeezed = sum(
+            1 for a, b in steps if a[2] is not None and b[2] is not None and b[1] - a[1] < SQUEEZED * (b[2] - a[2])
+        )
+        out["bunched"] = send_spread >= 400 and (
+            arrive_spread < BUNCHED_RATIO * send_spread or 2 * squeezed > len(steps)
+        )
     return out
 
 

@@ -145,3 +145,18 @@ def test_cli_with_access_control_on_observes_authorization(auth_gateway: Gateway
         "websocket": "ws.ok",
     }, ok
     assert ok["recommended"] == "websocket"
+
+
+def test_cli_through_tls_at_nginx(gateway: Gateway, start_nginx: Any) -> None:
+    """nginx terminating TLS (self-signed, --insecure): the CLI checks wss:// and agrees with the page."""
+    proxy = start_nginx(gateway.port, "realtime", tls=True)
+    r = cli(proxy.url, "--hold", "2", "--insecure", "--raw")
+    v = json.loads(r.stdout)
+    found = {n: t["findings"][0] for n, t in v["transports"].items()}
+    # Every request of the CLI opens its own TLS connection: on a loaded machine the long poll's
+    # publish may read as slow; what matters here is that each transport gets through.
+    assert found.pop("long_poll") in ("lp.ok", "lp.slow"), r.stderr
+    assert found == {"short_poll": "sp.ok", "sse": "sse.ok", "websocket": "ws.ok"}, r.stderr
+    assert v["raw"]["real"]["websocket"]["opened"] is True and v["recommended"] == "websocket"
+    refused = cli(proxy.url, "--hold", "1")  # without --insecure the certificate is checked
+    assert refused.returncode == 2 and "cannot reach" in refused.stderr

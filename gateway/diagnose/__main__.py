@@ -12,6 +12,7 @@ import argparse
 import json
 import secrets
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -29,6 +30,12 @@ __all__ = ["main", "run"]
 
 BURST_N, BURST_GAP_MS, PADDING = PLAN["burst"]["n"], PLAN["burst"]["gap_ms"], PLAN["padding_bytes"]
 WAIT, TAGS, RETRY = PLAN["waits"], PLAN["tags"], PLAN["retries"]
+# --insecure: accept a self-signed certificate (a test proxy, a staging host). Set once by main().
+TLS: dict[str, Any] = {"verify": True}
+
+
+def _sslopt() -> dict[str, Any]:
+    return {} if TLS["verify"] else {"cert_reqs": ssl.CERT_NONE, "check_hostname": False}
 
 
 def _now() -> float:
@@ -63,7 +70,7 @@ class Burst:
             self.t0 = _now()  # arrivals count from the request that publishes
             self.post_error = None
             try:
-                r = requests.post(self._url, params=self._params, timeout=WAIT["request"])
+                r = requests.post(self._url, params=self._params, timeout=WAIT["request"], verify=TLS["verify"])
                 self.post_ms = round((_now() - self.t0) * 1000)
                 self.post_status = r.status_code
                 if r.status_code != 202:
@@ -107,7 +114,7 @@ def _get(url: str, timeout: float, **kwargs: Any) -> dict[str, Any]:
     t0 = _now()
     out: dict[str, Any] = {"status": None, "json": None, "ms": None, "error": None}
     try:
-        r = requests.get(url, timeout=timeout, **kwargs)
+        r = requests.get(url, timeout=timeout, verify=TLS["verify"], **kwargs)
         out["status"] = r.status_code
         out["headers"] = r.headers
         try:
@@ -240,7 +247,11 @@ class SSEStream:
     def _run(self, url: str, headers: dict[str, str], max_s: float) -> None:
         try:
             self._resp = r = requests.get(
-                url, headers={"Accept": "text/event-stream", **headers}, stream=True, timeout=(10, max_s)
+                url,
+                headers={"Accept": "text/event-stream", **headers},
+                stream=True,
+                timeout=(10, max_s),
+                verify=TLS["verify"],
             )
             self.status, self.content_type = r.status_code, r.headers.get("Content-Type", "")
             self.headers_ms = round((_now() - self.t0) * 1000)
@@ -401,7 +412,7 @@ def probe_websocket(base: str, ch: str, rec: dict[str, Any], hold: float) -> Non
     rec.update(hold_s=hold, opened=False)
     parts = urlsplit(base)
     url = ("wss://" if parts.scheme == "https" else "ws://") + parts.netloc + parts.path + f"/ws/{ch}"
-    ws = websocket.WebSocket()
+    ws = websocket.WebSocket(sslopt=_sslopt())
     t0 = _now()
     try:
         ws.connect(url, timeout=WAIT["handshake"], origin=f"{parts.scheme}://{parts.netloc}")
@@ -504,7 +515,10 @@ def probe_real(base: str, real: dict[str, Any], token: str) -> None:
     rec: dict[str, Any] = {"opened": False, "close_code": None}
     try:
         ws = websocket.create_connection(
-            url + _real_query(token), timeout=WAIT["handshake"], origin=f"{parts.scheme}://{parts.netloc}"
+            url + _real_query(token),
+            timeout=WAIT["handshake"],
+            origin=f"{parts.scheme}://{parts.netloc}",
+            sslopt=_sslopt(),
         )
         rec["opened"] = True
         ws.close()
@@ -575,9 +589,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=float, help="hold time in seconds (1-600), overriding the gateway's setting")
     parser.add_argument("--raw", action="store_true", help="print the raw probe results with the verdict")
     parser.add_argument("--token", default="", help="a subscriber token for the real-channel checks (access control)")
+    parser.add_argument("--insecure", action="store_true", help="accept a self-signed TLS certificate")
     args = parser.parse_args(argv)
     if not args.url.startswith(("http://", "https://")):
         parser.error("the URL must start with http:// or https://")
+    TLS["verify"] = not args.insecure
+    if args.insecure:
+        import urllib3
+
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     gw = _get(args.url.rstrip("/") + "/diagnose/facts", 10)
     if gw["status"] != 200 or not isinstance(gw["json"], dict):
         print(

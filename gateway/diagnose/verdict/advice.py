@@ -81,8 +81,8 @@ ADVICE: dict[str, tuple[str, str | None]] = {
     "lp.cut": (
         "events arrive, but a request held idle is cut after {cut:secs}{status_text} (hold was {hold:.0f} s)",
         "Raise the proxy's read timeout above the hold (nginx: `proxy_read_timeout {read_timeout}s;`), "
-        "or lower poll.longpoll_max_timeout_s to below {below} s and have clients ask for that timeout; "
-        "config.toml:\n{config}",
+        "or lower poll.longpoll_max_timeout_s to {below} s (under the cut) and have clients ask for that "
+        "timeout. In config.toml:\n{config}",
     ),
     "lp.slow": ("works but slowly: an event took ~{latency:.0f} ms to arrive", None),
     "lp.ok": ("works: held {hold:.0f} s without being cut; an event arrived in ~{latency:.0f} ms", None),
@@ -227,7 +227,7 @@ ADVICE: dict[str, tuple[str, str | None]] = {
     "lifetime.long_poll": (
         "",
         "Raise the proxy's or load balancer's maximum connection lifetime (here ~{lifetime:g} s), or lower "
-        "poll.longpoll_max_timeout_s to below {below} s and have clients ask for that timeout.",
+        "poll.longpoll_max_timeout_s to {below} s (under it) and have clients ask for that timeout.",
     ),
     # -- no verdict at all (only the page writes this one, when POST /diagnose/verdict is refused)
     "no_verdict": ("no verdict", None),
@@ -315,9 +315,10 @@ def _keepalive(params: dict[str, Any]) -> str:
     advice = "Raise the proxy's idle/read timeout (nginx: `proxy_read_timeout 3600s;`)"
     limit, key, value = params.get("limit"), params.get("keepalive_key"), params.get("keepalive_value")
     if key and limit is not None and value is not None and value >= limit:
-        advice += (
-            f", or make the gateway keep the connection busy: set {key} below the cut (e.g. {max(1, int(limit * 0.5))}"
-            f"); config.toml:\n{params.get('config')}"
+        example = max(1, int(limit * 0.5))
+        return advice + (
+            f", or make the gateway keep the connection busy: set {key} below the cut (e.g. {example}). "
+            f"In config.toml:\n{params.get('config')}"
         )
     return advice + "."
 

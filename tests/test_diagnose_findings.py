@@ -31,6 +31,14 @@ def recorded(name: str) -> dict[str, Any]:
         ("timeout5", {"long_poll": ["lp.cut"], "sse": ["sse.cut"], "websocket": ["ws.cut"]}),
         ("host_rewrite", {"websocket": ["real.origin_refused"], "sse": ["sse.ok", "sse.resume_ok"]}),
         ("realtime_real_checks", {"websocket": ["ws.ok"], "sse": ["sse.ok", "sse.resume_ok"]}),
+        (
+            "tls_http2",
+            {"websocket": ["ws.ok"], "sse": ["sse.ok", "sse.resume_ok"], "path": ["path.http2", "path.short_hold"]},
+        ),
+        (
+            "haproxy_thorough_4s",
+            {"long_poll": ["lp.cut"], "sse": ["sse.cut"], "websocket": ["ws.cut"], "path": ["path.six_connections"]},
+        ),
     ],
 )
 def test_recorded_runs_have_these_findings(name: str, expected: dict[str, list[str]]) -> None:
@@ -144,7 +152,7 @@ def test_every_finding_has_advice_and_the_verdict_needs_no_flask() -> None:
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("name", ["host_rewrite", "realtime_real_checks"])
+@pytest.mark.parametrize("name", ["host_rewrite", "realtime_real_checks", "tls_http2", "haproxy_thorough_4s"])
 def test_the_pages_raw_results_follow_the_plans_schema(name: str) -> None:
     raw = recorded(name)
     assert raw["plan_version"] == PLAN["version"]

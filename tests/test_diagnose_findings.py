@@ -179,3 +179,13 @@ def test_a_flush_inside_the_burst_is_still_bunching() -> None:
     assert analyse_burst(burst)["bunched"] is True
     spaced = dict(burst, arrivals=[{"seq": q, "sent_ms": sent + 300 * q, "at_ms": 40 + 300 * q} for q in range(5)])
     assert analyse_burst(spaced)["bunched"] is False
+
+
+def test_platform_limits_come_with_the_config_lines() -> None:
+    raw = recorded("direct")
+    raw["facts"]["platform"] = "heroku"
+    raw["facts"]["gateway"].update(sse_heartbeat_s=60, longpoll_max_timeout_s=40)
+    path = verdict(raw)["path"]
+    assert path["findings"].count("path.platform_setting") == 2
+    assert any(w.endswith("[sse]\nheartbeat_s = 27") for w in path["warnings"]), path["warnings"]
+    assert any("[poll]\nlongpoll_max_timeout_s = 29" in w for w in path["warnings"]), path["warnings"]

@@ -55,16 +55,19 @@ def _platform_warnings(limits: dict[str, Any], gateway: dict[str, Any]) -> list[
     """The platform's limits against this gateway's settings: what will be cut there."""
     found: list[tuple[str, dict[str, Any]]] = []
     idle, first = num(limits.get("idle_s")), num(limits.get("first_byte_s"))
-    for key, name in (("sse_heartbeat_s", "sse.heartbeat_s"), ("websocket_ping_s", "websocket.ping_s")):
+    for key, name, kind in (
+        ("sse_heartbeat_s", "sse.heartbeat_s", "sse"),
+        ("websocket_ping_s", "websocket.ping_s", "websocket"),
+    ):
         value = num(gateway.get(key))
         if idle and value and value >= idle:
-            found.append(("path.platform_setting", {"name": name, "value": value, "limit": idle, "what": "idle"}))
+            params = {"name": name, "value": value, "limit": idle, "what": "idle"}
+            found.append(("path.platform_setting", params | {"config": advice.config_lines(kind, idle)}))
     cap = num(gateway.get("longpoll_max_timeout_s"))
     limit = min(x for x in (idle, first) if x) if (idle or first) else None
     if limit and cap and cap >= limit:
-        found.append(
-            ("path.platform_setting", {"name": "poll.longpoll_max_timeout_s", "value": cap, "limit": limit, "what": ""})
-        )
+        params = {"name": "poll.longpoll_max_timeout_s", "value": cap, "limit": limit, "what": ""}
+        found.append(("path.platform_setting", params | {"config": advice.config_lines("long_poll", limit)}))
     return found
 
 

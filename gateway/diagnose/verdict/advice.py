@@ -250,7 +250,10 @@ PATH_ADVICE: dict[str, str] = {
         "`proxy_set_header Host $host;`, or list your site in server.allowed_origins"
     ),
     "path.platform": "{note}",
-    "path.platform_setting": "{name} is {value:g} s, not under the {limit:g} s {what} limit: set it below {limit:g}",
+    "path.platform_setting": (
+        "{name} is {value:g} s, not under the {limit:g} s {what} limit: set it below {limit:g}; "
+        "in config.toml:\n{config}"
+    ),
     "path.lifetime": (
         "connections through this path are closed ~{lifetime:g} s after they open, busy or not: heartbeats "
         "and pings do not help; every stream and WebSocket has to reconnect that often"

@@ -128,11 +128,20 @@
 
   function step(name, text) { ui[name].step.textContent = text; }
 
+  // The burst each probe is timing right now, drawn as it arrives (before any verdict).
+  var drawing = {};
+  function watch(name, b) { drawing[name] = b; }
+
   var ticker = setInterval(function () {
     ORDER.forEach(function (name) {
       var u = ui[name];
       if (u.start !== null && u.el.classList.contains("running")) {
         u.bar.value = Math.min(0.97, (now() - u.start) / u.expect);
+        if (drawing[name]) {
+          var pic = u.el.querySelector(".picture"), svg = timeline(burstJSON(drawing[name]));
+          pic.textContent = "";
+          if (svg) pic.appendChild(svg);
+        }
       }
     });
   }, 200);
@@ -218,6 +227,7 @@
     rec.polls.push(pollRecord(await call(since, {}, WAIT.request)));
     step("short_poll", "publishing a test event");
     var b = burst(ch, 1, 0, 0, TAGS.short_poll);
+    watch("short_poll", b);
     await b.request;
     rec.event_seen = false;
     var t0 = now();
@@ -268,6 +278,7 @@
       var evCh = ch + ".event";
       var pending = call(BASE + "/longpoll/" + evCh + "?since=0-0&timeout=" + hold, {}, deadline);
       var b = burst(evCh, 1, 0, delay, TAGS.long_poll);
+      watch("long_poll", b);
       var r = await pending;
       var events = (r.json && r.json.events) || [];
       var arrived = Array.isArray(events) && events.some(function (e) { return b.arrive(e.data); });
@@ -363,6 +374,7 @@
     var s = openSSE(BASE + "/sse/" + ch + "?since=0-0", null, HOLD * 1000 + WAIT.hold_slack);
     await untilOpen(s);
     var b = burst(ch, BURST_N, BURST_GAP, 0, TAGS.stream);
+    watch("sse", b);
     s.handlers.push(function (e) { b.arrive(e.data); });
     await waitFor(function () { return b.arrivals.length >= BURST_N || s.ended !== null; },
       BURST_N * BURST_GAP + WAIT.burst_slack);
@@ -468,6 +480,7 @@
         // Both directions at once: the echo round trip and the server's burst share one deadline.
         var e1P = echo("echo-1", WAIT.echo);
         b = burst(ch, BURST_N, BURST_GAP, 0, TAGS.stream);
+        watch("websocket", b);
         var e1 = await e1P;
         rec.echo = { arrived: e1.back !== null, rtt_ms: e1.back !== null ? Math.round(e1.back - e1.sent) : null };
         await waitFor(function () { return b.arrivals.length >= BURST_N || closedAt !== null; },

@@ -249,3 +249,20 @@ def test_access_control_on_real_channels(diagnose_page: Any, tmp_path: Any) -> N
         assert token not in json.dumps(v)
     finally:
         gw.stop()
+
+
+def test_the_burst_is_drawn_while_the_probe_runs(browser: Any, gateway: Gateway) -> None:
+    """A person sees the burst arrive in the picture before any verdict or sentence."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{gateway.url}/diagnose?hold=6", wait_until="domcontentloaded")
+        page.wait_for_function(
+            "window.__diagnosis === undefined && ['sse', 'websocket'].every(n =>"
+            " document.querySelectorAll('#probe-' + n + '.running .picture svg circle.arrived').length === 5)",
+            timeout=20_000,
+            polling=100,
+        )
+        assert page.text_content("#probe-sse .reason") == ""  # nothing to read yet
+    finally:
+        context.close()

@@ -189,3 +189,18 @@ def test_platform_limits_come_with_the_config_lines() -> None:
     assert path["findings"].count("path.platform_setting") == 2
     assert any(w.endswith("[sse]\nheartbeat_s = 27") for w in path["warnings"]), path["warnings"]
     assert any("[poll]\nlongpoll_max_timeout_s = 29" in w for w in path["warnings"]), path["warnings"]
+
+
+def test_a_publish_request_that_waited_is_not_the_transports_latency() -> None:
+    """Recorded on a loaded machine: the long poll's publish request took 1.2 s (the path's round
+    trip is 14 ms), so its event came 1.5 s late; the transport itself delivered at once."""
+    raw = recorded("direct")
+    raw["min_rtt_ms"] = 14
+    lp = raw["probes"]["long_poll"]
+    lp["event"]["latency_ms"] = 1534
+    lp["burst"] = {"n": 1, "gap_ms": 0, "delay_ms": 1000, "post_status": 202, "post_ms": 1201}
+    lp["burst"]["arrivals"] = [{"seq": 0, "sent_ms": 1796187646463, "at_ms": 2534}]
+    t = verdict(raw)["transports"]["long_poll"]
+    assert t["findings"] == ["lp.ok"] and t["latency_ms"] < 400, t
+    del lp["burst"]["post_ms"]  # without the publish's own timing: slow, as measured
+    assert verdict(raw)["transports"]["long_poll"]["findings"] == ["lp.slow"]

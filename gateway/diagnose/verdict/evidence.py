@@ -60,7 +60,8 @@ def analyse_burst(burst: Any, one_way_ms: float = 0.0) -> dict[str, Any]:
     # Latency of the first: arrival minus when it was due (request sent + delay + seq * gap), less
     # the publish request's own way there, so a slow link is not called slow twice.
     first_seq, first_at, _ = arrivals[0]
-    out["first_latency_ms"] = round(max(0.0, first_at - delay_ms - first_seq * gap_ms - one_way_ms), 1)
+    late = one_way_ms + queued_ms(burst, one_way_ms)
+    out["first_latency_ms"] = round(max(0.0, first_at - delay_ms - first_seq * gap_ms - late), 1)
     if len(arrivals) >= 3:
         sent = [s for _, _, s in arrivals if s is not None]
         send_spread = (max(sent) - min(sent)) if len(sent) == len(arrivals) else (arrivals[-1][0] - first_seq) * gap_ms
@@ -77,6 +78,16 @@ def analyse_burst(burst: Any, one_way_ms: float = 0.0) -> dict[str, Any]:
             arrive_spread < BUNCHED_RATIO * send_spread or 2 * squeezed > len(steps)
         )
     return out
+
+
+def queued_ms(burst: Any, one_way_ms: float) -> float:
+    """How much longer than the path's quickest round trip the publish request took: time it
+    waited (a busy machine, a queue at the gateway) before the burst was even scheduled, which is
+    not the transport's latency. Only with a known round trip."""
+    post_ms = num(obj(burst).get("post_ms"))
+    if post_ms is None or one_way_ms <= 0:
+        return 0.0
+    return max(0.0, post_ms - 2 * one_way_ms)
 
 
 def cut(ended_after: Any, hold: float) -> float | None:

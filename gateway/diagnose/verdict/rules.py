@@ -9,7 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.diagnose.verdict.advice import config_lines
-from gateway.diagnose.verdict.evidence import SLOW_MS, Evidence, RealCheck, analyse_burst, cut, num, obj, records
+from gateway.diagnose.verdict.evidence import (
+    SLOW_MS,
+    Evidence,
+    RealCheck,
+    analyse_burst,
+    cut,
+    num,
+    obj,
+    queued_ms,
+    records,
+)
 
 __all__ = ["Outcome", "RULES", "real_channel", "lifetime", "LIFETIME_SPREAD_S"]
 
@@ -90,7 +100,8 @@ def long_poll(p: dict[str, Any], ev: Evidence) -> Outcome:
     idle, event = obj(p.get("idle")), obj(p.get("event"))
     latency = num(event.get("latency_ms"))
     if latency is not None:  # measured from sending the publish request: less its way there
-        latency = round(max(0.0, latency - ctx["one_way_ms"]), 1)
+        late = ctx["one_way_ms"] + queued_ms(p.get("burst"), ctx["one_way_ms"])
+        latency = round(max(0.0, latency - late), 1)
     elapsed = num(idle.get("elapsed_s"))
     idle_ok = idle.get("status") == 200 and bool(idle.get("json"))
     cut_s = None

@@ -218,7 +218,7 @@ class RedisConfig:
 @dataclass
 class DiagnoseConfig:
     hold_s: float = 15.0
-    thorough_hold_s: float = 65.0
+    thorough_hold_s: float = 110.0  # outlasts Cloudflare's 100 s, nginx's 60 s, Heroku's 55 s idle limits
     max_reports: int = 1000
 
     def _check(self) -> None:

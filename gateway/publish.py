@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 
 from flask import Blueprint, Response, jsonify, request
 
@@ -14,6 +15,8 @@ from gateway.transports.common import channel_arg, config, hub
 __all__ = ["bp"]
 
 bp = Blueprint("publish", __name__)
+
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,128}")
 
 
 @bp.post("/publish/", defaults={"channel": ""})
@@ -29,9 +32,24 @@ def publish(channel: str) -> tuple[Response, int]:
         )
     _check_token(server.publish_token)
     channel = channel_arg(channel)
+    key = _idempotency_key()
     data, event = _read_body(server.max_body_bytes)
-    ev = hub().publish(channel, data, event)
+    ev = hub().publish(channel, data, event, idempotency_key=key)
     return jsonify(id=ev.id, channel=channel), 202
+
+
+def _idempotency_key() -> str | None:
+    """The contract's Idempotency-Key: up to 128 printable ASCII characters; a repeat within
+    history.max_age_s answers with the first publish's id and stores nothing."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise BadRequest(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1-128 printable ASCII characters",
+        )
+    return key
 
 
 def _check_token(expected: str) -> None:

@@ -120,3 +120,29 @@ def test_same_origin_is_allowed_and_cross_origin_refused_by_default(gateway, cha
         f"{gateway.url}/publish/{channel}", data=b"x", headers={**AUTH, "Origin": "https://evil.example"}, timeout=5
     )
     assert r.status_code == 403
+
+
+def test_idempotency_key_repeat_answers_the_first_id_and_stores_nothing(gateway, channel):
+    cursor = poll(gateway.url, channel)["cursor"]
+    url = f"{gateway.url}/publish/{channel}"
+    headers = {**AUTH, "Idempotency-Key": "order-42 retry"}
+    first = requests.post(url, json={"data": "once"}, headers=headers, timeout=5)
+    again = requests.post(url, json={"data": "once"}, headers=headers, timeout=5)
+    other = requests.post(url, json={"data": "twice"}, headers={**AUTH, "Idempotency-Key": "order-43"}, timeout=5)
+    assert first.status_code == again.status_code == other.status_code == 202
+    assert again.json()["id"] == first.json()["id"] != other.json()["id"]
+    events = poll(gateway.url, channel, cursor)["events"]
+    assert [e["data"] for e in events] == ["once", "twice"]
+
+
+def test_idempotency_key_is_per_channel_and_validated(gateway, channel):
+    headers = {**AUTH, "Idempotency-Key": "same"}
+    a = requests.post(f"{gateway.url}/publish/{channel}", data="a", headers=headers, timeout=5)
+    b = requests.post(f"{gateway.url}/publish/{channel}.b", data="b", headers=headers, timeout=5)
+    assert a.status_code == b.status_code == 202
+    assert poll(gateway.url, f"{channel}.b", "0-0")["events"][0]["data"] == "b"
+    for bad in ("x" * 129, "tab\there"):
+        r = requests.post(
+            f"{gateway.url}/publish/{channel}", data="c", headers={**AUTH, "Idempotency-Key": bad}, timeout=5
+        )
+        assert r.status_code == 400 and r.json()["error"] == "invalid_idempotency_key"

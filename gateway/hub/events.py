@@ -15,7 +15,7 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 class Event:
-    __slots__ = ("id", "event", "data", "key", "prev", "time", "_json", "_sse", "_ws")
+    __slots__ = ("id", "event", "data", "key", "prev", "time", "repeat", "_json", "_sse", "_ws")
 
     def __init__(self, id: str, event: str, data: str, key: Key, prev: str, time: float) -> None:
         self.id = id
@@ -24,6 +24,8 @@ class Event:
         self.key = key  # the parsed id, for ordering
         self.prev = prev  # id of the event before this one on its channel
         self.time = time  # wall clock at publish
+        # A store returns the first event again, marked so, for a repeated Idempotency-Key.
+        self.repeat = False
         self._json: str | None = None
         self._sse: bytes | None = None
         self._ws: bytes | None = None

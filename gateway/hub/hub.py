@@ -24,7 +24,7 @@ from typing import Protocol
 from gateway.hub.events import Batch, Event
 from gateway.names import check_channel, check_event_name
 
-__all__ = ["Hub", "Store", "Pusher"]
+__all__ = ["Hub", "Store", "Pusher", "Observer"]
 
 SWEEP_EVERY_S = 30.0
 
@@ -32,7 +32,11 @@ SWEEP_EVERY_S = 30.0
 class Store(Protocol):
     """Where channels and their history live (memory.py, redis.py)."""
 
-    def append(self, channel: str, event: str, data: str) -> Event: ...
+    def append(self, channel: str, event: str, data: str, idempotency_key: str | None = None) -> Event:
+        """Store one event. With an idempotency key already used on this channel within the
+        history's age, store nothing and return the first event again with .repeat set."""
+        ...
+
     def read(self, channel: str, since: str | None, limit: int) -> Batch: ...
     def last_id(self, channel: str) -> str: ...
     def channels(self) -> list[str]: ...
@@ -41,6 +45,18 @@ class Store(Protocol):
 
 
 Listener = Callable[[str, int], None]
+
+
+class Observer:
+    """What the hub tells whoever counts (metrics): cheap calls from the hot path. This base
+    class ignores everything; gateway/metrics.py overrides it."""
+
+    def published(self, channel: str, event: Event) -> None:
+        pass
+
+    def delivered(self, kind: str, subscribers: int, events: list[Event], nbytes: int) -> None:
+        """One fast-path flush: `events` written to `subscribers` sockets of wire format `kind`,
+        `nbytes` in all (per subscriber: nbytes / subscribers)."""
 
 
 class Pusher(Protocol):
@@ -74,13 +90,17 @@ class Hub:
         # How a flush is scheduled: at once by default; the server passes gevent's "after the
         # current greenlet yields" so events published in one go share one write per subscriber.
         self.defer: Callable[[Callable[[str], None], str], None] = _call_now
+        self.observer = Observer()
 
     # -- writing -------------------------------------------------------------------------
-    def publish(self, channel: str, data: str, event: str = "message") -> Event:
+    def publish(self, channel: str, data: str, event: str = "message", *, idempotency_key: str | None = None) -> Event:
         check_channel(channel)
         check_event_name(event)
-        ev = self.store.append(channel, event, data)
+        ev = self.store.append(channel, event, data, idempotency_key)
+        if ev.repeat:  # stored before: nothing new to hand anyone
+            return ev
         self.published += 1
+        self.observer.published(channel, ev)
         if channel in self._pushers:
             pending = self._pending.get(channel)
             if pending is None:
@@ -126,6 +146,7 @@ class Hub:
         if not all(events[i].prev == events[i - 1].id for i in range(1, len(events))):
             first = None
         encoded: dict[str, bytes] = {}
+        counts: dict[str, int] = {}
         kind, data = None, b""
         # The hot loop: one non-blocking send per subscriber, nothing else that costs.
         for pusher in list(pushers):
@@ -134,8 +155,11 @@ class Hub:
                     kind = pusher.kind
                     data = encoded.get(kind) or encoded.setdefault(kind, pusher.encode(events))
                 pusher.push(data, last)
+                counts[kind] = counts.get(kind, 0) + 1
             elif pusher.cursor != last:  # behind, busy, or out of order: it reads from history
                 pusher.wake()
+        for kind, n in counts.items():
+            self.observer.delivered(kind, n, events, n * len(encoded[kind]))
 
     # -- reading -------------------------------------------------------------------------
     def read(self, channel: str, since: str | None, limit: int) -> Batch:

@@ -7,7 +7,7 @@ publish never waits on anything but a little CPU.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from itertools import islice
 
@@ -17,13 +17,17 @@ from gateway.ids import ZERO, Key, format_id, next_key, parse
 __all__ = ["MemoryStore"]
 
 
+MAX_IDEMPOTENCY_KEYS = 10_000  # per channel; the oldest are forgotten first
+
+
 class _Channel:
-    __slots__ = ("history", "last", "last_key")
+    __slots__ = ("history", "last", "last_key", "keys")
 
     def __init__(self, size: int) -> None:
         self.history: deque[Event] = deque(maxlen=size)
         self.last = ZERO
         self.last_key: Key = (0, 0)
+        self.keys: OrderedDict[str, Event] = OrderedDict()  # idempotency key -> first event
 
 
 class MemoryStore:
@@ -33,16 +37,39 @@ class MemoryStore:
         self._clock = clock
         self._channels: dict[str, _Channel] = {}
 
-    def append(self, channel: str, event: str, data: str) -> Event:
+    def append(self, channel: str, event: str, data: str, idempotency_key: str | None = None) -> Event:
         ch = self._channels.get(channel)
         if ch is None:
             ch = self._channels[channel] = _Channel(self._size)
         now = self._clock()
+        if idempotency_key is not None:
+            first = self._first_with_key(ch, idempotency_key, now)
+            if first is not None:
+                return first
         key = next_key(ch.last_key, int(now * 1000))
         ev = Event(format_id(key), event, data, key, ch.last, now)
         ch.history.append(ev)
         ch.last, ch.last_key = ev.id, key
+        if idempotency_key is not None:
+            ch.keys[idempotency_key] = ev
+            if len(ch.keys) > MAX_IDEMPOTENCY_KEYS:
+                ch.keys.popitem(last=False)
         return ev
+
+    def _first_with_key(self, ch: _Channel, idempotency_key: str, now: float) -> Event | None:
+        """The event first published with this key within max_age_s, as a repeat (see Store)."""
+        cutoff = now - self._max_age_s
+        while ch.keys:  # forget keys older than the history's age (oldest first)
+            oldest = next(iter(ch.keys.values()))
+            if oldest.time >= cutoff:
+                break
+            ch.keys.popitem(last=False)
+        first = ch.keys.get(idempotency_key)
+        if first is None:
+            return None
+        repeat = Event(first.id, first.event, first.data, first.key, first.prev, first.time)
+        repeat.repeat = True
+        return repeat
 
     def read(self, channel: str, since: str | None, limit: int) -> Batch:
         key = parse(since) if since is not None else None

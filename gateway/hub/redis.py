@@ -187,7 +187,8 @@ class RedisStore:
         self._thread.start()
 
     # -- the Store protocol ----------------------------------------------------------------
-    def append(self, channel: str, event: str, data: str) -> Event:
+    def append(self, channel: str, event: str, data: str, idempotency_key: str | None = None) -> Event:
+        # TODO(ops branch): honour idempotency_key atomically in _APPEND (contract "Publishing retries").
         message = f"{self._node} {channel}"
         args = [event, data, self._size, self._max_age_ms, self._ttl_ms, self._topic, message, channel]
         try:

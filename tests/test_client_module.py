@@ -287,3 +287,15 @@ def test_token_for_another_channel_is_forbidden_and_a_good_one_reads(
     ids = [auth_gw.publish("mod.private", str(i)) for i in range(3)]
     wait_js(page, "window.got.length >= 3")
     assert [g[1] for g in page.evaluate("window.got")] == ids
+
+
+def test_without_web_locks_each_subscription_connects_on_its_own(gw: Gateway, page_of: Any) -> None:
+    page = page_of(gw.url)
+    page.evaluate("Object.defineProperty(Navigator.prototype, 'locks', {get: () => undefined, configurable: true})")
+    follow(page, "mod.nolocks", transports=["sse"])
+    wait_js(page, "window.sub.state === 'open'")
+    assert page.evaluate("window.sub.role") == "private"
+    ids = [gw.publish("mod.nolocks", str(i)) for i in range(3)]
+    wait_js(page, "window.got.length >= 3")
+    assert [g[1] for g in page.evaluate("window.got")] == ids
+    assert page.errors == []

@@ -99,6 +99,7 @@
     // Learn the channel's cursor first, so whichever transport ends up working starts at the same place.
     this._status("connecting", null, "reading the channel's cursor");
     var gen = ++this._gen;
+    var again = function () { self._start(); };
     this._withToken(gen, function () {
       request(self, self.base + "/poll/" + self._path(), self.options.connectTimeoutMs, null).then(
         function (body) {
@@ -112,11 +113,11 @@
           self._connect(); // the transports start "from now" on their own
         }
       );
-    });
+    }, again);
   };
 
   // Resolve the token option (a string, a function, a Promise) into this._token, then go on.
-  GatewayClient.prototype._withToken = function (gen, then) {
+  GatewayClient.prototype._withToken = function (gen, then, again) {
     var self = this;
     var source = this.options.token;
     if (typeof source !== "function") {
@@ -137,9 +138,13 @@
     if (value && typeof value.then === "function") {
       value.then(done, function (e) {
         if (gen !== self._gen || self._closed) return;
-        // The app could not mint a token (its own server down?): retry like a failed connect.
-        self._failed(self.options.transports[self._index], "the token function failed: " + (e && e.message),
-          { opened: false, healthy: false, started: now(), upgrade: false }, false);
+        // The app could not mint a token (its own server down?): try again after a backoff, on
+        // the same transport (no transport is to blame).
+        var delay = jitter(Math.min(self.options.maxBackoffMs, self.options.backoffMs * Math.pow(2, self._drops)));
+        self._drops++;
+        self._status("retry", self.transport, "the token function failed: " + (e && e.message), delay);
+        clearTimeout(self._timer);
+        self._timer = setTimeout(again, delay);
       });
     } else {
       done(value);
@@ -152,7 +157,7 @@
     var gen = ++this._gen;
     this.transport = this.options.transports[this._index];
     this._status("connecting", this.transport, null);
-    this._withToken(gen, function () { self._open(gen); });
+    this._withToken(gen, function () { self._open(gen); }, function () { self._connect(); });
   };
 
   GatewayClient.prototype._open = function (gen) {

@@ -27,6 +27,7 @@
   var DEFAULTS = {
     transports: ORDER,
     since: null, // resume after this id; null: from now
+    sinceOf: null, // the channel whose own id "since" is, when it came from a one-channel connection
     stallMs: 35000, // silence after which a stream is checked: longer than the gateway's heartbeat (15 s)
     graceMs: 3000, // WebSocket: time for events the channel has to arrive once we know they exist
     connectTimeoutMs: 10000, // handshake, first SSE byte
@@ -74,6 +75,7 @@
     this._closed = false;
     this._active = null;
     this._timer = null;
+    this._cursorOf = opts.since ? opts.sinceOf || this._single() : null;
     this._token = null; // the token of the current connection
     this._authRetried = false; // a token function gets one more chance after a 401
     if (this.channels.length) this._start();
@@ -104,7 +106,7 @@
       request(self, self.base + "/poll/" + self._path(), self.options.connectTimeoutMs, null).then(
         function (body) {
           if (gen !== self._gen || self._closed) return;
-          if (self.lastId === null && typeof body.cursor === "string") self._setCursor(body.cursor);
+          if (self.lastId === null && typeof body.cursor === "string") self._setCursor(body.cursor, self._single());
           self._connect();
         },
         function (err) {
@@ -157,13 +159,17 @@
     var gen = ++this._gen;
     this.transport = this.options.transports[this._index];
     this._status("connecting", this.transport, null);
-    this._withToken(gen, function () { self._open(gen); }, function () { self._connect(); });
+    this._withToken(gen, function () {
+      if (self.lastId && self._cursorOf && self._multi()) self._rebase(gen, function () { self._open(gen); });
+      else self._open(gen);
+    }, function () { self._connect(); });
   };
 
   GatewayClient.prototype._open = function (gen) {
     var self = this;
     var name = this.options.transports[this._index];
     var attempt = { opened: false, healthy: false, started: now(), upgrade: this._upgrading };
+    var single = this._single(); // the channel whose own ids are this connection's cursor, if one
     this._upgrading = false;
     var handle = {
       name: name,
@@ -186,9 +192,10 @@
         handle.opened();
         self._scheduleUpgrade();
       },
-      // ev, and the connection's cursor after it (undefined: the transport sets it later).
-      deliver: function (ev, cursor) { if (handle.alive()) self._deliver(ev, name, cursor); },
-      cursor: function (cursor) { if (handle.alive()) self._setCursor(cursor); },
+      // ev, and the connection's cursor after it (undefined: the transport sets it later);
+      // plain: the cursor is the event's own id (a v1 single-channel answer or frame).
+      deliver: function (ev, cursor, plain) { if (handle.alive()) self._deliver(ev, name, cursor, plain ? single : null); },
+      cursor: function (cursor, plain) { if (handle.alive()) self._setCursor(cursor, plain ? single : null); },
       gap: function (info) { if (handle.alive()) self._gap(info, name); },
       // A transport that failed before it ever worked, or stalled, gives way to the next one.
       fail: function (reason, stalled) {
@@ -321,10 +328,57 @@
     this._connect();
   };
 
-  GatewayClient.prototype._setCursor = function (cursor) {
-    if (typeof cursor !== "string" || !cursor || cursor === this.lastId) return;
+  // cursorOf: the channel when the cursor is that one channel's own id (null: a cursor for a list).
+  GatewayClient.prototype._setCursor = function (cursor, cursorOf) {
+    if (typeof cursor !== "string" || !cursor) return;
+    this._cursorOf = cursorOf || null;
+    if (cursor === this.lastId) return;
     this.lastId = cursor;
-    call(this.options.onCursor, cursor);
+    call(this.options.onCursor, cursor, this._cursorOf);
+  };
+
+  GatewayClient.prototype._single = function () {
+    return this.channels.length === 1 ? this.channels[0] : null;
+  };
+
+  // The gateway resumes a list of channels only from a cursor it gave for a list. Going from one
+  // channel (whose cursor is its own id) to several: take the list's cursor from now, then read
+  // what the old channel had after our id (events the list's stream repeats are dropped as seen).
+  GatewayClient.prototype._rebase = function (gen, then) {
+    var self = this;
+    var old = this._cursorOf;
+    var name = this.transport;
+    var timeout = this.options.connectTimeoutMs;
+    var alive = function () { return gen === self._gen && !self._closed; };
+    var failed = function (err) {
+      if (!alive()) return;
+      if (err.fatal) return self._fatal(err.message, err, function () { self._connect(); });
+      var delay = jitter(Math.min(self.options.maxBackoffMs, self.options.backoffMs * Math.pow(2, self._drops)));
+      self._drops++;
+      self._status("retry", name, "reading the channels' cursor: " + err.message, delay);
+      clearTimeout(self._timer);
+      self._timer = setTimeout(function () { self._connect(); }, delay);
+    };
+    request(this, this.base + "/poll/" + this._path(), timeout, null).then(function (body) {
+      if (!alive()) return;
+      var done = function () {
+        self._setCursor(body.cursor, null);
+        then();
+      };
+      var catchUp = function (from) {
+        if (self.channels.indexOf(old) < 0) return done();
+        request(self, self.base + "/poll/" + enc(old) + "?since=" + enc(from), timeout, null).then(function (b) {
+          if (!alive()) return;
+          if (b.gap) self._gap({ requested: from, resumed_from: null, channel: old }, name);
+          var events = b.events || [];
+          for (var i = 0; i < events.length; i++) self._deliver(events[i], name, undefined, null);
+          if (b.more && typeof b.cursor === "string" && b.cursor !== from) return catchUp(b.cursor);
+          done();
+        }, failed);
+      };
+      if (typeof body.cursor !== "string") return failed({ message: "no cursor in the answer", fatal: false });
+      catchUp(self.lastId);
+    }, failed);
   };
 
   GatewayClient.prototype._path = function () {
@@ -335,11 +389,11 @@
     return this.channels.length > 1;
   };
 
-  GatewayClient.prototype._deliver = function (ev, name, cursor) {
+  GatewayClient.prototype._deliver = function (ev, name, cursor, cursorOf) {
     var channel = typeof ev.channel === "string" ? ev.channel : this.channels.length === 1 ? this.channels[0] : null;
     if (ev.event === "gap") {
       var info = typeof ev.data === "string" ? parseJSON(ev.data) || {} : ev.data || {};
-      this._setCursor(cursor);
+      this._setCursor(cursor, cursorOf);
       return this._gap({
         requested: info.requested || null,
         resumed_from: info.resumed_from || ev.id || null,
@@ -352,7 +406,7 @@
     this._seen[key] = true;
     this._seenOrder.push(key);
     if (this._seenOrder.length > SEEN_MAX) delete this._seen[this._seenOrder.shift()];
-    this._setCursor(cursor);
+    this._setCursor(cursor, cursorOf);
     this.stats[name].events++;
     call(this.options.onEvent, { id: ev.id, event: ev.event || "message", data: ev.data, channel: channel }, name);
   };
@@ -429,7 +483,9 @@
       if (typeof ev.event === "string") {
         h.healthy();
         // v1 frames (one channel, no "channel" key) carry no cursor: the id is one.
-        h.deliver(ev, typeof ev.cursor === "string" ? ev.cursor : typeof ev.channel === "string" ? undefined : ev.id);
+        if (typeof ev.cursor === "string") h.deliver(ev, ev.cursor, false);
+        else if (typeof ev.channel === "string") h.deliver(ev);
+        else h.deliver(ev, ev.id, true);
       }
     };
     ws.onclose = function (e) {
@@ -495,7 +551,7 @@
           if (!h.alive()) return;
           if (body.cursor === client.lastId || client.lastId === null) {
             // Quiet channel: nothing was missed, so the socket counts as working.
-            if (client.lastId === null) client._setCursor(body.cursor);
+            if (client.lastId === null) client._setCursor(body.cursor, client._single());
             checking = false;
             lastFrame = now();
             h.healthy();
@@ -543,9 +599,9 @@
       var env = multi ? parseJSON(ev.data) : null;
       if (env && typeof env === "object" && typeof env.channel === "string") {
         var data = env.data === undefined ? env : typeof env.data === "string" ? env.data : JSON.stringify(env.data);
-        return h.deliver({ id: env.id, event: ev.event, data: data, channel: env.channel }, ev.id || undefined);
+        return h.deliver({ id: env.id, event: ev.event, data: data, channel: env.channel }, ev.id || undefined, false);
       }
-      h.deliver(ev, ev.id || undefined);
+      h.deliver(ev, ev.id || undefined, !multi);
     });
     // The stream counts as working from its first byte; before that, the connect timeout applies.
     var watchdog = setInterval(function () {
@@ -631,8 +687,8 @@
             }
           }
           // One channel: each id is a cursor. Several: only the response's cursor is.
-          for (var i = 0; i < events.length; i++) h.deliver(events[i], multi ? undefined : events[i].id);
-          if (typeof body.cursor === "string") h.cursor(body.cursor);
+          for (var i = 0; i < events.length; i++) h.deliver(events[i], multi ? undefined : events[i].id, !multi);
+          if (typeof body.cursor === "string") h.cursor(body.cursor, !multi);
           timer = setTimeout(once, body.more ? 0 : intervalMs);
         },
         function (err) {

@@ -228,9 +228,9 @@ function engineCallbacks(sub, extra, relay = {}) {
         if (relay.status) relay.status(s.state, info);
         sub.status(s.state, info);
       },
-      onCursor(cursor) {
+      onCursor(cursor, cursorOf) {
         sub.lastId = cursor;
-        if (relay.cursor) relay.cursor(cursor);
+        if (relay.cursor) relay.cursor(cursor, cursorOf);
       },
     },
     extra,
@@ -252,6 +252,7 @@ class SharedBackend {
     this.members = new Map(); // subscription id -> its channels
     this.leaderId = null;
     this.cursor = null; // the last cursor the leader relayed: where a new leader resumes
+    this.cursorOf = null; // the channel whose own id that cursor is (from a one-channel connection)
     this.engine = null;
     this.posted = null;
     this.unionTimer = null;
@@ -302,11 +303,11 @@ class SharedBackend {
         break;
       case "event":
         this.leaderId = m.from;
-        if (m.cursor) this.setCursor(m.cursor);
+        if (m.cursor) this.setCursor(m.cursor, m.cursorOf);
         this.sub.deliver(m.ev);
         break;
       case "cursor":
-        this.setCursor(m.cursor);
+        this.setCursor(m.cursor, m.cursorOf);
         break;
       case "state":
         this.leaderId = m.from;
@@ -315,9 +316,10 @@ class SharedBackend {
     }
   }
 
-  setCursor(cursor) {
+  setCursor(cursor, cursorOf) {
     if (typeof cursor !== "string" || !cursor) return;
     this.cursor = cursor;
+    this.cursorOf = typeof cursorOf === "string" ? cursorOf : null;
     this.sub.lastId = cursor;
   }
 
@@ -337,21 +339,22 @@ class SharedBackend {
     if (this.leaderId) this.members.delete(this.leaderId); // the tab we take over from is gone
     this.leaderId = this.id;
     this.post({ t: "leader" });
-    const since = this.cursor || this.sub.options.since || null;
+    const since = this.cursor;
     const relay = {
       event: (ev) => {
         this.posted = this.engine ? this.engine.lastId : this.cursor;
         this.cursor = this.posted || this.cursor;
-        this.post({ t: "event", ev, cursor: this.posted });
+        this.post({ t: "event", ev, cursor: this.posted, cursorOf: this.cursorOf });
       },
       // A cursor that moved without an event (a poll's end, the first read): tell after any
       // event it belongs to has gone out, so the followers' cursor never runs ahead of their events.
-      cursor: (cursor) => {
+      cursor: (cursor, cursorOf) => {
         this.cursor = cursor;
+        this.cursorOf = cursorOf || null;
         queueMicrotask(() => {
           if (this.engine && this.posted !== cursor && this.cursor === cursor) {
             this.posted = cursor;
-            this.post({ t: "cursor", cursor });
+            this.post({ t: "cursor", cursor, cursorOf: this.cursorOf });
           }
         });
       },
@@ -362,7 +365,7 @@ class SharedBackend {
     this.engine = new Engine(
       this.sub.base,
       this.union(),
-      this.sub.engineOptions(engineCallbacks(this.sub, { since }, relay)),
+      this.sub.engineOptions(engineCallbacks(this.sub, { since, sinceOf: since ? this.cursorOf : null }, relay)),
     );
   }
 
@@ -387,7 +390,7 @@ class SharedBackend {
     if (this.engine) {
       this.handingOver = true;
       this.engine.close();
-      if (this.engine.lastId) this.post({ t: "cursor", cursor: this.engine.lastId });
+      if (this.engine.lastId) this.post({ t: "cursor", cursor: this.engine.lastId, cursorOf: this.cursorOf });
       this.engine = null;
     }
     this.post({ t: "bye" });

@@ -194,7 +194,11 @@
       },
       // ev, and the connection's cursor after it (undefined: the transport sets it later);
       // plain: the cursor is the event's own id (a v1 single-channel answer or frame).
-      deliver: function (ev, cursor, plain) { if (handle.alive()) self._deliver(ev, name, cursor, plain ? single : null); },
+      deliver: function (ev, cursor, plain) {
+        if (!handle.alive()) return;
+        if (typeof ev.channel !== "string" && single) ev.channel = single; // a v1 answer: this connection's one channel
+        self._deliver(ev, name, cursor, plain ? single : null);
+      },
       cursor: function (cursor, plain) { if (handle.alive()) self._setCursor(cursor, plain ? single : null); },
       gap: function (info) { if (handle.alive()) self._gap(info, name); },
       // A transport that failed before it ever worked, or stalled, gives way to the next one.
@@ -371,7 +375,10 @@
           if (!alive()) return;
           if (b.gap) self._gap({ requested: from, resumed_from: null, channel: old }, name);
           var events = b.events || [];
-          for (var i = 0; i < events.length; i++) self._deliver(events[i], name, undefined, null);
+          for (var i = 0; i < events.length; i++) {
+            events[i].channel = old;
+            self._deliver(events[i], name, undefined, null);
+          }
           if (b.more && typeof b.cursor === "string" && b.cursor !== from) return catchUp(b.cursor);
           done();
         }, failed);

@@ -68,6 +68,7 @@ class Pusher(Protocol):
 
     def encode(self, events: list[Event]) -> bytes: ...
     def push(self, data: bytes, cursor: str) -> None: ...  # never blocks
+    def lag(self, nbytes: int) -> None: ...  # events it could not take at once (slow consumers)
     def wake(self) -> None: ...  # catch up from history by cursor
 
 
@@ -154,6 +155,7 @@ class Hub:
         encoded: dict[str, bytes] = {}
         counts: dict[str, int] = {}
         kind, data = None, b""
+        cost = -1
         # The hot loop: one non-blocking send per subscriber, nothing else that costs.
         for pusher in list(pushers):
             if pusher.cursor == first and not pusher.hold:
@@ -163,6 +165,9 @@ class Hub:
                 pusher.push(data, last)
                 counts[kind] = counts.get(kind, 0) + 1
             elif pusher.cursor != last:  # behind, busy, or out of order: it reads from history
+                if cost < 0:
+                    cost = sum(len(e.data) for e in events) + 64 * len(events)
+                pusher.lag(cost)  # a subscriber too far behind is cut (slow consumer)
                 pusher.wake()
         for kind, n in counts.items():
             data = encoded[kind]
@@ -258,6 +263,16 @@ class Hub:
 
     def channels(self) -> list[str]:
         return sorted(set(self.store.channels()) | set(self._subscribers))
+
+    def has_channel(self, channel: str) -> bool:
+        """Known to this process: it has subscribers here, or (a local store) a history."""
+        local = getattr(self.store, "local_channels", None)  # only a store in this process has it
+        return channel in self._subscribers or (local is not None and channel in local())
+
+    def channel_count(self) -> int:
+        """Channels this process holds (for limits.max_channels)."""
+        local = getattr(self.store, "local_channels", None)
+        return len(self._subscribers) if local is None else len(local() | self._subscribers.keys())
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:

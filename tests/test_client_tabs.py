@@ -197,6 +197,11 @@ def run_tabs(gw: Gateway, proxy: StreamCountingProxy, pages: list[Any]) -> None:
 def test_eight_tabs_one_channel_share_one_stream(gw: Gateway, proxy: StreamCountingProxy, tabs: Any) -> None:
     pages = tabs(lambda i: ["tabs.one"])
     run_tabs(gw, proxy, pages)
+    # And the gateway agrees: one subscriber on the channel.
+    deadline = time.monotonic() + 5
+    while requests.get(f"{gw.url}/healthz", timeout=5).json()["subscribers"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert requests.get(f"{gw.url}/healthz", timeout=5).json()["subscribers"] == 1
 
 
 def test_eight_tabs_three_channels_each_share_one_stream(gw: Gateway, proxy: StreamCountingProxy, tabs: Any) -> None:

@@ -236,6 +236,46 @@ def test_one_channel_then_two_loses_and_repeats_nothing(gw: Gateway, page_of: An
     assert page.errors == []
 
 
+@pytest.fixture(scope="module")
+def short_history_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gateway = Gateway(GATEWAY | {"history": {"size": 3}}, Path(tmp_path_factory.mktemp("short")))
+    yield gateway
+    gateway.stop()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_channel_whose_history_ran_out_gets_its_own_gap(
+    short_history_gw: Gateway, page_of: Any, transport: str
+) -> None:
+    gw = short_history_gw
+    if not multi_channel_supported(gw):
+        pytest.skip("the gateway does not take channel lists yet (GET /poll/a,b is not 200)")
+    busy, quiet = f"mod.gap.{transport}.busy", f"mod.gap.{transport}.quiet"
+    page = page_of(gw.url)
+    follow(page, [busy, quiet], transports=[transport], shareTabs=False)
+    wait_js(page, "window.sub.state === 'open'")
+    gw.publish(busy, "seen")
+    gw.publish(quiet, "seen")
+    wait_js(page, "window.got.length >= 2")
+    cursor = page.evaluate("window.sub.lastId")
+    page.evaluate("window.sub.close()")
+    busy_ids = [gw.publish(busy, f"missed {i}") for i in range(6)]  # history keeps the last 3
+    quiet_id = gw.publish(quiet, "missed")
+
+    follow(page, [busy, quiet], transports=[transport], shareTabs=False, since=cursor)
+    wait_js(page, "window.got.length >= 5")
+    time.sleep(0.5)
+    got = page.evaluate("window.got")
+    gaps = [g for g in got if g[2] == "gap"]
+    assert [g[0] for g in gaps] == [busy], got  # the busy channel's own gap, none for the quiet one
+    assert [g[1] for g in got if g[0] == busy and g[2] != "gap"] == busy_ids[-3:]
+    assert [g[1] for g in got if g[0] == quiet] == [quiet_id]
+    # Its gap comes before the busy channel's first resumed event.
+    busy_rows = [g for g in got if g[0] == busy]
+    assert busy_rows[0][2] == "gap", got
+    assert page.errors == []
+
+
 # -- tokens (server side: contract "Access control") ---------------------------------------------------
 class CountingProxy(HostileProxy):
     """A plain relay (a "sniff" of zero bytes passes everything at once) that counts the requests

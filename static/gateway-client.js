@@ -78,6 +78,7 @@
     this._cursorOf = opts.since ? opts.sinceOf || this._single() : null;
     this._token = null; // the token of the current connection
     this._authRetried = false; // a token function gets one more chance after a 401
+    this._waiters = []; // setChannels() Promises waiting for the next open connection
     if (this.channels.length) this._start();
     else this._status("idle", null, "no channels");
   }
@@ -91,6 +92,7 @@
     clearTimeout(this._timer);
     clearTimeout(this._upgradeTimer);
     if (this._active) this._active.close();
+    this._settle(new Error("GatewayClient: closed"));
     this._status("closed", this.transport, "closed by the application");
   };
 
@@ -180,6 +182,7 @@
         if (attempt.opened || !handle.alive()) return;
         attempt.opened = true;
         self._status("open", name, null);
+        self._settle(null);
       },
       // Proven to work: a later drop reconnects this transport instead of moving on.
       healthy: function () {
@@ -285,6 +288,7 @@
     }
     this._closed = true;
     var state = status === 401 ? "unauthorized" : status === 403 ? "forbidden" : "failed";
+    this._settle(new Error("GatewayClient: " + state + ": " + reason));
     this._status(state, this.transport, reason, undefined, { status: status || null, error: (err && err.error) || null });
   };
 
@@ -310,16 +314,34 @@
     }
     if (!before.length) {
       this._start();
-      return P.resolve();
+      return this._whenOpen();
     }
     var active = this._active;
     if (active && active.change) {
-      return active.change(diff(next, before), diff(before, next)).then(null, function (e) {
-        if (self._active === active) self._reconnect("the WebSocket did not take the change: " + (e && e.message));
+      return active.change(diff(next, before), diff(before, next)).then(function () {}, function (e) {
+        if (self._active !== active) return self._whenOpen();
+        self._reconnect("the WebSocket did not take the change: " + (e && e.message));
+        return self._whenOpen();
       });
     }
     this._reconnect("following " + next.length + " channel(s)");
-    return P.resolve();
+    return this._whenOpen();
+  };
+
+  // Resolves when the next connection is open: the gateway has then fixed where each of its
+  // channels starts, so an event published after that is not missed.
+  GatewayClient.prototype._whenOpen = function () {
+    var self = this;
+    return new root.Promise(function (resolve, reject) { self._waiters.push({ resolve: resolve, reject: reject }); });
+  };
+
+  GatewayClient.prototype._settle = function (err) {
+    var list = this._waiters;
+    this._waiters = [];
+    for (var i = 0; i < list.length; i++) {
+      if (err) list[i].reject(err);
+      else list[i].resolve();
+    }
   };
 
   GatewayClient.prototype._reconnect = function (reason) {

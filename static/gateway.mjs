@@ -256,6 +256,8 @@ class SharedBackend {
     this.engine = null;
     this.posted = null;
     this.unionTimer = null;
+    this.waiting = new Map(); // ref -> the Promise of a change the leader has not confirmed yet
+    this.refs = 0;
     this.bc = new BroadcastChannel(this.name);
     this.bc.onmessage = (e) => this.receive(e.data);
     this.post({ t: "join", channels: sub.channels });
@@ -288,11 +290,27 @@ class SharedBackend {
       case "join":
       case "channels":
         this.members.set(m.from, toList(m.channels));
-        if (this.engine) {
+        if (!this.engine) break;
+        if (m.t === "join") this.post({ t: "state", state: this.sub.state, info: this.info() });
+        if (m.ref) {
+          // A follower's add()/remove(): answer once the connection carries the new union.
+          clearTimeout(this.unionTimer);
+          const done = (e) => this.post({ t: "changed", ref: m.ref, error: e ? String(e.message || e) : null });
+          this.engine.setChannels(this.union()).then(() => done(null), done);
+        } else {
           this.unionChanged();
-          if (m.t === "join") this.post({ t: "state", state: this.sub.state, info: this.info() });
         }
         break;
+      case "changed": {
+        const waiter = this.waiting.get(m.ref);
+        if (waiter) {
+          this.waiting.delete(m.ref);
+          clearTimeout(waiter.timer);
+          if (m.error) waiter.reject(new Error(m.error));
+          else waiter.resolve();
+        }
+        break;
+      }
       case "bye":
         this.members.delete(m.from);
         if (this.engine) this.unionChanged();
@@ -373,15 +391,28 @@ class SharedBackend {
     clearTimeout(this.unionTimer);
     // Tabs open together: one reconnect for the lot, not one per tab.
     this.unionTimer = setTimeout(() => {
-      if (this.engine) this.engine.setChannels(this.union());
+      if (this.engine) this.engine.setChannels(this.union()).catch(() => {}); // closed meanwhile
     }, 50);
   }
 
   changed() {
-    this.post({ t: "channels", channels: this.sub.channels });
-    if (!this.engine) return Promise.resolve();
-    clearTimeout(this.unionTimer);
-    return this.engine.setChannels(this.union());
+    if (this.engine) {
+      this.post({ t: "channels", channels: this.sub.channels });
+      clearTimeout(this.unionTimer);
+      return this.engine.setChannels(this.union());
+    }
+    // A follower: the leader says when its connection carries the change. With no leader
+    // answering (one is taking over), settle after the connect timeout: the next leader connects
+    // for every tab's channels anyway.
+    const ref = this.id + ":" + ++this.refs;
+    this.post({ t: "channels", channels: this.sub.channels, ref });
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiting.delete(ref);
+        resolve();
+      }, this.sub.options.connectTimeoutMs || 10000);
+      this.waiting.set(ref, { resolve, reject, timer });
+    });
   }
 
   close() {
@@ -393,6 +424,11 @@ class SharedBackend {
       if (this.engine.lastId) this.post({ t: "cursor", cursor: this.engine.lastId, cursorOf: this.cursorOf });
       this.engine = null;
     }
+    for (const waiter of this.waiting.values()) {
+      clearTimeout(waiter.timer);
+      waiter.reject(new Error("gateway.mjs: the subscription was closed"));
+    }
+    this.waiting.clear();
     this.post({ t: "bye" });
     this.lockAbort.abort();
     if (this.release) this.release(); // the next tab in the lock's queue takes over

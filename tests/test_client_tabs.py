@@ -193,15 +193,29 @@ def run_tabs(gw: Gateway, proxy: StreamCountingProxy, pages: list[Any]) -> None:
     assert proxy.open_streams == 1, proxy.sse_requests
     assert len(proxy.sse_requests) > streams_before  # the new leader's stream
 
+    # A follower adds a channel: once add() resolves, the shared connection carries it.
+    follower = next(p for p in rest if p.evaluate("window.sub.role") == "follower")
+    follower.evaluate("window.sub.add('tabs.added').then(() => { window.added = true; })")
+    follower.wait_for_function("window.added === true", timeout=15_000)
+    added = gw.publish("tabs.added", "new")
+    follower.wait_for_function(f"window.got.some((g) => g[1] === {json.dumps(added)})", timeout=15_000)
+    time.sleep(0.5)
+    assert [g[1] for g in follower.evaluate("window.got") if g[0] == "tabs.added"] == [added]
+    assert not any(g[0] == "tabs.added" for p in rest if p is not follower for g in p.evaluate("window.got"))
+    deadline = time.monotonic() + 5
+    while proxy.open_streams != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proxy.open_streams == 1, proxy.sse_requests
+
 
 def test_eight_tabs_one_channel_share_one_stream(gw: Gateway, proxy: StreamCountingProxy, tabs: Any) -> None:
     pages = tabs(lambda i: ["tabs.one"])
     run_tabs(gw, proxy, pages)
-    # And the gateway agrees: one subscriber on the channel.
+    # And the gateway agrees: one subscriber on each of the two channels (tabs.one, tabs.added).
     deadline = time.monotonic() + 5
-    while requests.get(f"{gw.url}/healthz", timeout=5).json()["subscribers"] != 1 and time.monotonic() < deadline:
+    while requests.get(f"{gw.url}/healthz", timeout=5).json()["subscribers"] != 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert requests.get(f"{gw.url}/healthz", timeout=5).json()["subscribers"] == 1
+    assert requests.get(f"{gw.url}/healthz", timeout=5).json()["subscribers"] == 2
 
 
 def test_eight_tabs_three_channels_each_share_one_stream(gw: Gateway, proxy: StreamCountingProxy, tabs: Any) -> None:

@@ -575,10 +575,14 @@
       if (checking || now() - lastFrame < opts.stallMs) return;
       checking = true;
       var asked = now();
-      request(client, client.base + "/poll/" + client._path(), opts.connectTimeoutMs, h.stats).then(
+      // Asked from our cursor (not compared with the channel's: a cursor is opaque, and one for
+      // several channels may list them in another order).
+      var since = client._multi() && client._cursorOf ? "" : client._sinceQuery("?");
+      request(client, client.base + "/poll/" + client._path() + since, opts.connectTimeoutMs, h.stats).then(
         function (body) {
           if (!h.alive()) return;
-          if (body.cursor === client.lastId || client.lastId === null) {
+          var moved = !!((body.events && body.events.length) || body.gap);
+          if (!moved || client.lastId === null) {
             // Quiet channel: nothing was missed, so the socket counts as working.
             if (client.lastId === null) client._setCursor(body.cursor, client._single());
             checking = false;

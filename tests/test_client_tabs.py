@@ -223,3 +223,38 @@ def test_eight_tabs_three_channels_each_share_one_stream(gw: Gateway, proxy: Str
         pytest.skip("the gateway does not take channel lists yet (GET /poll/a,b is not 200)")
     pages = tabs(lambda i: ["tabs.all", f"tabs.pair{i // 2}", f"tabs.own{i}"])
     run_tabs(gw, proxy, pages)
+
+
+def test_a_quiet_shared_websocket_stays_open_when_tabs_change_its_channels(gw: Gateway, browser: Any) -> None:  # noqa: F811
+    # The leader's socket grows by a subscribe frame (its cursor then lists the channels in
+    # another order than a poll would): a quiet socket must not be taken for a stalled one.
+    context = browser.new_context()
+    try:
+        pages = []
+        for channel in ("quiet.b", "quiet.a"):
+            page = context.new_page()
+            page.goto(gw.url + "/healthz", wait_until="domcontentloaded", timeout=10_000)
+            page.evaluate(
+                """async ([channel, fast]) => {
+                    const gw = await import('/static/gateway.mjs');
+                    window.got = []; window.states = [];
+                    window.sub = gw.subscribe("", channel, Object.assign(fast, {
+                        onEvent: (ev) => window.got.push([ev.channel, ev.id]),
+                        onStateChange: (state, info) => window.states.push([state, info]),
+                    }));
+                }""",
+                [channel, FAST | {"stallMs": 1500, "graceMs": 300}],
+            )
+            page.wait_for_function("window.sub.state === 'open'", timeout=15_000)
+            pages.append(page)
+        time.sleep(5)  # quiet for more than three stall checks
+        states = pages[0].evaluate("window.states")
+        assert pages[0].evaluate("window.sub.role") == "leader"
+        assert pages[0].evaluate("window.sub.transport") == "websocket", states
+        assert [s for s in states if s[0] == "retry"] == [], states
+        ids = {ch: gw.publish(ch, "x") for ch in ("quiet.a", "quiet.b")}
+        for page, channel in zip(pages, ("quiet.b", "quiet.a"), strict=True):
+            page.wait_for_function("window.got.length >= 1", timeout=10_000)
+            assert page.evaluate("window.got") == [[channel, ids[channel]]]
+    finally:
+        context.close()

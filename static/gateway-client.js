@@ -317,15 +317,51 @@
       return this._whenOpen();
     }
     var active = this._active;
+    var added = diff(next, before);
     if (active && active.change) {
-      return active.change(diff(next, before), diff(before, next)).then(function () {}, function (e) {
+      return active.change(added, diff(before, next)).then(function (answers) {
+        var refused = answers.filter(function (a) { return a; });
+        if (refused.length) throw self._drop(refused);
+      }, function (e) {
         if (self._active !== active) return self._whenOpen();
         self._reconnect("the WebSocket did not take the change: " + (e && e.message));
         return self._whenOpen();
       });
     }
-    this._reconnect("following " + next.length + " channel(s)");
-    return this._whenOpen();
+    if (!added.length) {
+      this._reconnect("following " + next.length + " channel(s)");
+      return this._whenOpen();
+    }
+    // A list with one refused channel is refused whole: ask about the new ones first, so a
+    // channel this client may not read is turned down alone and the connection goes on.
+    return request(this, this.base + "/poll/" + added.map(enc).join(","), this.options.connectTimeoutMs, null).then(
+      function () {
+        if (self._closed) throw new Error("GatewayClient: closed");
+        self._reconnect("following " + self.channels.length + " channel(s)");
+        return self._whenOpen();
+      },
+      function (err) {
+        if (!err.fatal) {
+          self._reconnect("following " + self.channels.length + " channel(s)");
+          return self._whenOpen();
+        }
+        throw self._drop(added.map(function (c) { return { channel: c, error: err.error, detail: err.message, status: err.status }; }));
+      }
+    );
+  };
+
+  // Channels the gateway refused to add: leave them out and say why (err.status, err.error, err.channels).
+  GatewayClient.prototype._drop = function (refused) {
+    var names = refused.map(function (r) { return r.channel; });
+    this.channels = this.channels.filter(function (c) { return names.indexOf(c) < 0; });
+    this.channel = this.channels.join(",");
+    var first = refused[0];
+    var codes = { unauthorized: 401, forbidden: 403 };
+    var err = new Error("GatewayClient: refused " + names.join(", ") + ": " + (first.detail || first.error));
+    err.status = first.status || codes[first.error] || 400;
+    err.error = first.error || null;
+    err.channels = names;
+    return err;
   };
 
   // Resolves when the next connection is open: the gateway has then fixed where each of its
@@ -609,8 +645,11 @@
       // Only an open socket changes in place; one still connecting reconnects with the new list.
       change: function (added, removed) {
         if (!opened || ws.readyState !== 1) return root.Promise.reject(new Error("the WebSocket is not open"));
-        var sent = added.map(function (c) { return send("subscribe", c); })
-          .concat(removed.map(function (c) { return send("unsubscribe", c); }));
+        // Each answer: null, or the gateway's error frame for a channel it refused (the socket
+        // stays open for the others). A socket that stops answering rejects.
+        var refusal = function (e) { if (e && typeof e.error === "string") return e; throw e; };
+        var sent = added.map(function (c) { return send("subscribe", c).then(function () { return null; }, refusal); })
+          .concat(removed.map(function (c) { return send("unsubscribe", c).then(function () { return null; }, refusal); }));
         return root.Promise.all(sent);
       }
     };

@@ -173,7 +173,14 @@ class Subscription {
     if (typeof onEvent === "function") this.handlers[channel] = onEvent;
     if (this.channels.includes(channel)) return Promise.resolve();
     this.channels = this.channels.concat([channel]);
-    return this.backend.changed();
+    return this.backend.changed().catch((e) => {
+      // Refused (e.status 401/403/400): the connection goes on without it.
+      if (e && Array.isArray(e.channels) && e.channels.includes(channel)) {
+        this.channels = this.channels.filter((c) => c !== channel);
+        this.backend.refusedLocally?.(channel);
+      }
+      throw e;
+    });
   }
 
   remove(channel) {
@@ -258,6 +265,7 @@ class SharedBackend {
     this.unionTimer = null;
     this.waiting = new Map(); // ref -> the Promise of a change the leader has not confirmed yet
     this.refs = 0;
+    this.refused = new Set(); // channels the gateway turned down for the leader: kept off the union
     this.bc = new BroadcastChannel(this.name);
     this.bc.onmessage = (e) => this.receive(e.data);
     this.post({ t: "join", channels: sub.channels });
@@ -295,7 +303,11 @@ class SharedBackend {
         if (m.ref) {
           // A follower's add()/remove(): answer once the connection carries the new union.
           clearTimeout(this.unionTimer);
-          const done = (e) => this.post({ t: "changed", ref: m.ref, error: e ? String(e.message || e) : null });
+          const done = (e) => {
+            if (e && Array.isArray(e.channels)) for (const c of e.channels) this.refused.add(c);
+            const error = e ? { message: String(e.message || e), status: e.status, error: e.error, channels: e.channels } : null;
+            this.post({ t: "changed", ref: m.ref, error });
+          };
           this.engine.setChannels(this.union()).then(() => done(null), done);
         } else {
           this.unionChanged();
@@ -306,7 +318,7 @@ class SharedBackend {
         if (waiter) {
           this.waiting.delete(m.ref);
           clearTimeout(waiter.timer);
-          if (m.error) waiter.reject(new Error(m.error));
+          if (m.error) waiter.reject(Object.assign(new Error(m.error.message), m.error));
           else waiter.resolve();
         }
         break;
@@ -334,6 +346,11 @@ class SharedBackend {
     }
   }
 
+  // A channel this subscription gave up (refused): tell the others, so the union forgets it.
+  refusedLocally() {
+    this.post({ t: "channels", channels: this.sub.channels });
+  }
+
   setCursor(cursor, cursorOf) {
     if (typeof cursor !== "string" || !cursor) return;
     this.cursor = cursor;
@@ -348,6 +365,7 @@ class SharedBackend {
   union() {
     const all = new Set(this.sub.channels);
     for (const list of this.members.values()) for (const c of list) all.add(c);
+    for (const c of this.refused) all.delete(c);
     return [...all].sort();
   }
 
@@ -399,7 +417,10 @@ class SharedBackend {
     if (this.engine) {
       this.post({ t: "channels", channels: this.sub.channels });
       clearTimeout(this.unionTimer);
-      return this.engine.setChannels(this.union());
+      return this.engine.setChannels(this.union()).catch((e) => {
+        if (e && Array.isArray(e.channels)) for (const c of e.channels) this.refused.add(c);
+        throw e;
+      });
     }
     // A follower: the leader says when its connection carries the change. With no leader
     // answering (one is taking over), settle after the connect timeout: the next leader connects

@@ -423,3 +423,23 @@ def test_a_stream_ended_at_token_expiry_resumes_with_a_fresh_token(
     assert page.evaluate("window.asked") >= 3  # fresh tokens as the old ones expired
     assert page.evaluate("window.sub.state") in ("open", "connecting", "retry")
     assert not [s for s in page.evaluate("window.states") if s[0] in ("unauthorized", "failed")]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "short_poll"])
+def test_adding_a_channel_the_token_does_not_grant_is_refused_alone(
+    auth_gw: Gateway, counting: CountingProxy, page_of: Any, transport: str
+) -> None:
+    channel = f"mod.keep.{transport}"
+    page = page_of(counting.url)
+    follow(page, channel, transports=[transport], shareTabs=False, token=mint(SECRET, ["mod.*"]))
+    wait_js(page, "window.sub.state === 'open'")
+    refused = page.evaluate(
+        "() => window.sub.add('other.secret').then(() => null, (e) => [e.status, e.error, e.channels])"
+    )
+    assert refused == [403, "forbidden", ["other.secret"]]
+    assert page.evaluate("window.sub.channels") == [channel]
+    ids = [auth_gw.publish(channel, str(i)) for i in range(3)]
+    wait_js(page, "window.got.length >= 3")
+    assert [g[1] for g in page.evaluate("window.got")] == ids
+    assert page.evaluate("window.sub.state") == "open"
+    assert page.evaluate("window.sub.transport") == transport

@@ -303,8 +303,11 @@ class SharedBackend {
         if (m.ref) {
           // A follower's add()/remove(): answer once the connection carries the new union.
           clearTimeout(this.unionTimer);
+          const mine = toList(m.channels);
           const done = (e) => {
             if (e && Array.isArray(e.channels)) for (const c of e.channels) this.refused.add(c);
+            // Another tab's refused channel is not this one's failure.
+            if (e && Array.isArray(e.channels) && !e.channels.some((c) => mine.includes(c))) e = null;
             const error = e ? { message: String(e.message || e), status: e.status, error: e.error, channels: e.channels } : null;
             this.post({ t: "changed", ref: m.ref, error });
           };
@@ -409,7 +412,11 @@ class SharedBackend {
     clearTimeout(this.unionTimer);
     // Tabs open together: one reconnect for the lot, not one per tab.
     this.unionTimer = setTimeout(() => {
-      if (this.engine) this.engine.setChannels(this.union()).catch(() => {}); // closed meanwhile
+      if (!this.engine) return;
+      this.engine.setChannels(this.union()).catch((e) => {
+        // Refused for the leader's token: keep it off the union (or closed meanwhile).
+        if (e && Array.isArray(e.channels)) for (const c of e.channels) this.refused.add(c);
+      });
     }, 50);
   }
 

@@ -63,7 +63,11 @@ export interface SubscribeOptions {
 
 export interface Subscription {
   close(): void;
-  /** Follow one more channel (WebSocket: in place; elsewhere: one reconnect from the cursor). */
+  /**
+   * Follow one more channel (WebSocket: in place; elsewhere: one reconnect from the cursor).
+   * Resolves once the connection carries it; rejects with a ChannelRefusedError when the
+   * gateway refuses that channel (the connection goes on with the others).
+   */
   add(channel: string, onEvent?: (ev: GatewayEvent | GapEvent) => void): Promise<void>;
   remove(channel: string): Promise<void>;
   readonly transport: Transport | null;
@@ -72,6 +76,13 @@ export interface Subscription {
   readonly channels: string[];
   readonly state: State;
   readonly role: "leader" | "follower" | "private";
+}
+
+/** add() refused: `status` 401/403/400, `error` the gateway's code, `channels` those refused. */
+export interface ChannelRefusedError extends Error {
+  status: number;
+  error: string | null;
+  channels: string[];
 }
 
 export function subscribe(

@@ -12,6 +12,7 @@ from werkzeug.routing import WebsocketMismatch
 
 from gateway import config as config_mod
 from gateway import cors, diagnose, proxy, publish, site, sources, status
+from gateway.admission import Admission
 from gateway.clients import TrustedProxies
 from gateway.config import Config
 from gateway.demo import Ticker
@@ -36,6 +37,7 @@ def create_app(overrides: dict[str, Any] | None = None, *, config: Config | None
     app.json.sort_keys = False
     hub = make_hub(config)
     st = install(app, State(config=config, hub=hub, trusted=TrustedProxies(config.server.trusted_proxies)))
+    st.admission = Admission(config, hub, st.trusted)
     if config.demo.channel:
         st.services.append(Ticker(hub, config.demo.channel, config.demo.interval_s))
 
@@ -56,7 +58,7 @@ def create_app(overrides: dict[str, Any] | None = None, *, config: Config | None
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(BadRequest)
     def bad_request(exc: BadRequest) -> Response:
-        return error_response(exc.status, exc.code, exc.detail)
+        return error_response(exc.status, exc.code, exc.detail, exc.headers)
 
     @app.errorhandler(WebsocketMismatch)
     def websocket_required(exc: WebsocketMismatch) -> Response:

@@ -18,11 +18,12 @@ class ConfigError(GatewayError):
 class BadRequest(GatewayError):
     """Bad client input: becomes a JSON error response with this status and code."""
 
-    def __init__(self, code: str, detail: str, status: int = 400) -> None:
+    def __init__(self, code: str, detail: str, status: int = 400, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.status = status
+        self.headers = headers  # e.g. WWW-Authenticate on 401, Retry-After on 429/503
 
 
 def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Response:

@@ -14,6 +14,7 @@ __all__ = ["DIAG_PREFIX", "is_diag_channel", "init_app"]
 # Probes use fresh channels under this prefix only, so they never touch real channels; clients
 # may publish to them (bounded) without the publish token.
 DIAG_PREFIX = "diag."
+PROBE_FRAME_BYTES = 128  # the largest frame a client may publish on a probe channel
 
 
 def is_diag_channel(channel: str) -> bool:
@@ -21,8 +22,18 @@ def is_diag_channel(channel: str) -> bool:
 
 
 def init_app(app: Any) -> None:
+    from gateway.admission import ChannelPolicy
     from gateway.diagnose import live, probes, reports
+    from gateway.state import state
 
+    # Probe channels: readable without authorization, and a page may echo a tiny nonce through
+    # them (the WebSocket probe), never a payload worth relaying; their requests are recorded by
+    # Flask hooks, so the long-poll fast path leaves them to Flask.
+    admission = state(app).admission
+    assert admission is not None
+    admission.register(
+        ChannelPolicy(DIAG_PREFIX + "?*", public=True, client_publish_max_bytes=PROBE_FRAME_BYTES, fast_path=False)
+    )
     probes.init_app(app)
     reports.init_app(app)  # POST/GET /diagnose/reports
     app.register_blueprint(live.bp)  # GET /diagnose/live

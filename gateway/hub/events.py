@@ -15,7 +15,7 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 class Event:
-    __slots__ = ("id", "event", "data", "key", "prev", "time", "repeat", "_json", "_sse", "_ws")
+    __slots__ = ("id", "event", "data", "key", "prev", "time", "repeat", "channel", "_json", "_sse", "_ws", "_multi")
 
     def __init__(self, id: str, event: str, data: str, key: Key, prev: str, time: float) -> None:
         self.id = id
@@ -26,6 +26,8 @@ class Event:
         self.time = time  # wall clock at publish
         # A store returns the first event again, marked so, for a repeated Idempotency-Key.
         self.repeat = False
+        self.channel = ""  # set by multi-channel readers that need it
+        self._multi: dict[str, bytes] | None = None
         self._json: str | None = None
         self._sse: bytes | None = None
         self._ws: bytes | None = None
@@ -63,6 +65,27 @@ class Event:
                 head = bytes((0x81, 127)) + n.to_bytes(8, "big")
             self._ws = head + payload
         return self._ws
+
+    def multi_part(self, channel: str, kind: str) -> bytes:
+        """This event's shared part on a multi-channel connection (the per-connection cursor
+        follows it): SSE `event:` and `data:` lines with the channel envelope, or the start of a
+        WebSocket frame's JSON without its closing cursor field."""
+        cache = self._multi
+        if cache is None:
+            cache = self._multi = {}
+        key = kind + channel
+        part = cache.get(key)
+        if part is None:
+            if kind == "sse":
+                envelope = json.dumps({"channel": channel, "id": self.id, "data": self.data}, ensure_ascii=False)
+                part = f"event: {self.event}\ndata: {envelope}\n".encode()
+            else:
+                body = json.dumps(
+                    {"channel": channel, "id": self.id, "event": self.event, "data": self.data}, ensure_ascii=False
+                )
+                part = body[:-1].encode()  # without "}": the cursor field closes it
+            cache[key] = part
+        return part
 
     def __repr__(self) -> str:
         return f"Event({self.id!r}, {self.event!r}, {self.data[:40]!r})"

@@ -80,7 +80,9 @@ class Hub:
         self.store = store
         self.closing = False
         self._event_class = event_class
-        self._signals: dict[str, threading.Event] = {}
+        self._signals: dict[str, threading.Event] = {}  # one per channel, shared by its long polls
+        self._waiting: Counter[str] = Counter()  # long polls waiting per channel
+        self._extra: dict[str, set[threading.Event]] = {}  # multi-channel long polls' own events
         self._subscribers: Counter[str] = Counter()
         self._listeners: list[Listener] = []
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
@@ -122,6 +124,10 @@ class Hub:
         signal = self._signals.pop(channel, None)
         if signal is not None:
             signal.set()
+        extra = self._extra.get(channel)
+        if extra:
+            for woken in list(extra):
+                woken.set()
 
     # -- the fast path for streams ---------------------------------------------------------
     def attach(self, channel: str, pusher: Pusher) -> None:
@@ -159,7 +165,9 @@ class Hub:
             elif pusher.cursor != last:  # behind, busy, or out of order: it reads from history
                 pusher.wake()
         for kind, n in counts.items():
-            self.observer.delivered(kind, n, events, n * len(encoded[kind]))
+            data = encoded[kind]
+            size = len(data) if isinstance(data, bytes) else sum(len(p) for _, p in data)
+            self.observer.delivered(kind, n, events, n * size)
 
     # -- reading -------------------------------------------------------------------------
     def read(self, channel: str, since: str | None, limit: int) -> Batch:
@@ -172,32 +180,71 @@ class Hub:
         """Events after `since`, waiting up to `timeout` s for the first; returns early, with
         whatever there is, when a gap is found or the hub is closing."""
         deadline = time.monotonic() + timeout
-        while True:
-            # Take the signal before reading, so a publish in between still wakes us.
-            signal = self._signals.get(channel)
-            if signal is None:
-                signal = self._signals[channel] = self._event_class()
-            batch = self.store.read(channel, since, limit)
-            remaining = deadline - time.monotonic()
-            if batch.events or batch.gap or self.closing or remaining <= 0:
-                return batch
-            signal.wait(remaining)
-            since = batch.cursor if since is None else since
+        self._waiting[channel] += 1
+        try:
+            while True:
+                # Take the signal before reading, so a publish in between still wakes us.
+                signal = self._signals.get(channel)
+                if signal is None:
+                    signal = self._signals[channel] = self._event_class()
+                batch = self.store.read(channel, since, limit)
+                remaining = deadline - time.monotonic()
+                if batch.events or batch.gap or self.closing or remaining <= 0:
+                    return batch
+                signal.wait(remaining)
+                since = batch.cursor if since is None else since
+        finally:
+            self._waiting[channel] -= 1
+            if not self._waiting[channel]:  # nobody waits here any more: drop the signal
+                del self._waiting[channel]
+                self._signals.pop(channel, None)
+
+    def wait_many(self, starts: dict[str, str | None], timeout: float, limit: int) -> dict[str, Batch]:
+        """wait() over several channels: returns as soon as any has events (or a gap), with a
+        batch for every channel. `starts` maps channel -> cursor (None: from now)."""
+        deadline = time.monotonic() + timeout
+        woken = self._event_class()
+        channels = list(starts)
+        for channel in channels:
+            self._extra.setdefault(channel, set()).add(woken)
+        try:
+            cursors = dict(starts)
+            while True:
+                woken.clear()
+                batches = {c: self.store.read(c, cursors[c], limit) for c in channels}
+                remaining = deadline - time.monotonic()
+                if any(b.events or b.gap for b in batches.values()) or self.closing or remaining <= 0:
+                    return batches
+                woken.wait(remaining)
+                cursors = {c: cursors[c] if cursors[c] is not None else batches[c].cursor for c in channels}
+        finally:
+            for channel in channels:
+                waiters = self._extra.get(channel)
+                if waiters is not None:
+                    waiters.discard(woken)
+                    if not waiters:
+                        del self._extra[channel]
 
     # -- who is listening ----------------------------------------------------------------
     @contextmanager
     def subscription(self, channel: str) -> Iterator[None]:
         """Count a streaming reader (SSE, WebSocket, a held long poll) for its lifetime."""
-        self._subscribers[channel] += 1
-        if self._subscribers[channel] == 1:
-            self._tell(channel, 1)
+        self.subscribe(channel)
         try:
             yield
         finally:
-            self._subscribers[channel] -= 1
-            if self._subscribers[channel] <= 0:
-                del self._subscribers[channel]
-                self._tell(channel, 0)
+            self.unsubscribe(channel)
+
+    def subscribe(self, channel: str) -> None:
+        self._subscribers[channel] += 1
+        if self._subscribers[channel] == 1:
+            self._tell(channel, 1)
+
+    def unsubscribe(self, channel: str) -> None:
+        self._subscribers[channel] -= 1
+        if self._subscribers[channel] <= 0:
+            del self._subscribers[channel]
+            self._tell(channel, 0)
 
     def subscribers(self, channel: str | None = None) -> int:
         if channel is None:
@@ -216,7 +263,7 @@ class Hub:
     def close(self) -> None:
         """Shutting down: wake every reader so each can tell its client to come back."""
         self.closing = True
-        for channel in list(self._signals) + list(self._pushers):
+        for channel in list(self._signals) + list(self._extra) + list(self._pushers):
             self.notify(channel)
 
     def _tell(self, channel: str, n: int) -> None:

@@ -1,16 +1,19 @@
-"""What every client transport shares: reading the channel and cursor from a request."""
+"""What every client transport shares: admission of the request, and the pieces of a ticket."""
 
 from __future__ import annotations
 
+import time
+
 from flask import request
 
+from gateway.admission import Admission, Ticket
 from gateway.config import Config
 from gateway.hub import Hub
 from gateway.ids import parse
 from gateway.names import check_channel
 from gateway.state import state
 
-__all__ = ["hub", "config", "channel_arg", "since_arg"]
+__all__ = ["hub", "config", "admission", "admit", "channel_arg", "since_arg", "positions", "idle_until_expiry"]
 
 
 def hub() -> Hub:
@@ -19,6 +22,33 @@ def hub() -> Hub:
 
 def config() -> Config:
     return state().config
+
+
+def admission() -> Admission:
+    adm = state().admission
+    assert adm is not None
+    return adm
+
+
+def admit(transport: str, channels: str) -> Ticket:
+    """The one admission path (gateway/admission.py) for this Flask request."""
+    return admission().admit(request.environ, transport, channels, args=request.args)
+
+
+def positions(ticket: Ticket, gateway: Hub) -> dict[str, str]:
+    """Where each channel of the ticket starts: its resume id, or its last id (from now)."""
+    return {c: s if s is not None else gateway.last_id(c) for c, s in ticket.starts.items()}
+
+
+def idle_until_expiry(ticket: Ticket, idle_s: float) -> float:
+    """The wait before the next heartbeat, cut short when the ticket's token expires sooner."""
+    left = ticket.seconds_left()
+    return idle_s if left is None else max(0.0, min(idle_s, left))
+
+
+def alive_until_expiry(ticket: Ticket) -> bool:
+    exp = ticket.expires_at
+    return exp is None or time.time() < exp
 
 
 def channel_arg(channel: str) -> str:

@@ -7,10 +7,12 @@ import math
 from flask import Blueprint, Response, request
 from flask.blueprints import BlueprintSetupState
 
+from gateway.admission import Ticket
 from gateway.config import PollConfig
 from gateway.errors import BadRequest
 from gateway.state import state
-from gateway.transports.common import channel_arg, config, hub, since_arg
+from gateway.transports import pollbody
+from gateway.transports.common import admit, config, hub
 from gateway.transports.fastpoll import FastLongPoll
 
 __all__ = ["bp"]
@@ -22,35 +24,27 @@ bp = Blueprint("poll", __name__)
 def _install_fast_path(setup: BlueprintSetupState) -> None:
     """Plain long polls skip Flask's per-request machinery (see fastpoll.py)."""
     app = setup.app
-    app.wsgi_app = FastLongPoll(app.wsgi_app, state(app).hub, state(app).config, _timeout)
+    st = state(app)
+    app.wsgi_app = FastLongPoll(app.wsgi_app, st, timeout_arg)
 
 
 @bp.get("/poll/", defaults={"channel": ""})
 @bp.get("/poll/<path:channel>")
 def short_poll(channel: str) -> Response:
-    channel = channel_arg(channel)
-    since = since_arg()
-    batch = hub().read(channel, since, config().poll.max_batch)
-    return _answer(batch.poll_json())
+    with admit("poll", channel) as ticket:
+        return _answer(pollbody.read(hub(), ticket, config().poll.max_batch))
 
 
 @bp.get("/longpoll/", defaults={"channel": ""})
 @bp.get("/longpoll/<path:channel>")
 def long_poll(channel: str) -> Response:
-    channel = channel_arg(channel)
-    since = since_arg()
-    timeout = _timeout_arg()
-    gateway = hub()
-    with gateway.subscription(channel):
-        batch = gateway.wait(channel, since, timeout, config().poll.max_batch)
-    return _answer(batch.poll_json())
+    ticket = admit("longpoll", channel)
+    timeout = hold_time(ticket, timeout_arg(request.args.get("timeout"), config().poll))
+    with ticket:
+        return _answer(pollbody.wait(hub(), ticket, timeout, config().poll.max_batch))
 
 
-def _timeout_arg() -> float:
-    return _timeout(request.args.get("timeout"), config().poll)
-
-
-def _timeout(raw: str | None, poll: PollConfig) -> float:
+def timeout_arg(raw: str | None, poll: PollConfig) -> float:
     if raw is None or raw == "":
         return poll.longpoll_default_timeout_s
     try:
@@ -60,6 +54,12 @@ def _timeout(raw: str | None, poll: PollConfig) -> float:
     if not math.isfinite(timeout) or timeout < 0:
         raise BadRequest("invalid_timeout", "timeout must be a number of seconds, 0 or more")
     return min(timeout, poll.longpoll_max_timeout_s)
+
+
+def hold_time(ticket: Ticket, timeout: float) -> float:
+    """A long poll is held no longer than its token lives."""
+    left = ticket.seconds_left()
+    return timeout if left is None else max(0.0, min(timeout, left))
 
 
 def _answer(body: str) -> Response:

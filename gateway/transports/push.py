@@ -125,14 +125,15 @@ class Pusher:
         hub: Hub,
         channel: str,
         limit: int,
-        idle_s: float,
+        idle_s: float | Callable[[], float],
         on_idle: Callable[[], None],
         alive: Callable[[], bool] = lambda: True,
         on_wake: Callable[[], None] | None = None,
     ) -> None:
         """Run this subscriber until the client goes, the hub closes or alive() turns false.
         Each round catches up from history, then runs on_wake(); on_idle() runs after idle_s
-        without a wake-up (a heartbeat). Socket errors propagate."""
+        without a wake-up (a heartbeat); idle_s may be a function, asked each round (it shrinks as
+        a token's expiry nears). Socket errors propagate."""
         hub.attach(channel, self)
         try:
             while not hub.closing and not self.dead and alive():
@@ -142,7 +143,8 @@ class Pusher:
                     break
                 if on_wake is not None:
                     on_wake()
-                if not self._wakeup.wait(idle_s) and alive():
+                idle = idle_s() if callable(idle_s) else idle_s
+                if not self._wakeup.wait(idle) and alive():
                     self.hold += 1
                     try:
                         on_idle()

@@ -1,11 +1,12 @@
-"""WebSocket: one JSON text frame per event; frames from the client publish where allowed."""
+"""WebSocket: one JSON text frame per event; frames from the client publish where allowed, or
+subscribe and unsubscribe channels on the open socket."""
 
 from __future__ import annotations
 
 import _thread
-import fnmatch
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -16,11 +17,13 @@ from werkzeug.routing import WebsocketMismatch
 from wsproto.events import Ping
 from wsproto.utilities import RemoteProtocolError
 
-from gateway.diagnose import is_diag_channel
+from gateway.admission import Admission, Ticket
 from gateway.errors import BadRequest, error_response
 from gateway.hub import Hub
+from gateway.limits import TokenBuckets
 from gateway.state import state
-from gateway.transports.common import channel_arg, config, hub, since_arg
+from gateway.transports.common import admission, admit, alive_until_expiry, config, hub, idle_until_expiry, positions
+from gateway.transports.multipush import MultiPusher
 from gateway.transports.push import Pusher, ws_encode
 
 __all__ = ["bp", "sock", "init_app"]
@@ -31,7 +34,10 @@ bp = Blueprint("ws", __name__)
 sock = Sock()
 
 SERVICE_RESTART = 1012  # close code: the server is restarting, reconnect
-POLICY_VIOLATION = 1008  # close code: no pong to our ping
+POLICY_VIOLATION = 1008  # close code: no pong to our ping, or the token expired
+INPUT_BUFFER_BYTES = 256 * 1024  # client frames waiting to be handled; the reader stops above it
+INPUT_BUFFER_FRAMES = 64
+FRAMES_PER_ROUND = 16  # client frames handled before the stream yields to others
 
 
 def init_app(app: Any) -> None:
@@ -43,14 +49,22 @@ def init_app(app: Any) -> None:
 
 @bp.before_request
 def _check_before_upgrade() -> None:
-    """Reject bad input with a JSON error before the handshake, while we can still answer HTTP."""
+    """Admit (or refuse with a JSON error) before the handshake, while we can still answer HTTP."""
     if request.view_args is not None and "channel" in request.view_args:
-        channel = channel_arg(request.view_args["channel"])
+        ticket = admit("ws", request.view_args["channel"])
         # Where the stream starts, resolved now: a store outage is then a 503, not a broken socket.
-        g.ws_cursor = since_arg() or hub().last_id(channel)
+        g.ws_positions = positions(ticket, hub())
+        g.ws_ticket = ticket
     # Refuse permessage-deflate: compressing per connection would undo encode-once fan-out
     # (every frame is written as the same bytes to every subscriber; see push.py).
     request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+
+
+@bp.teardown_request
+def _release(exc: BaseException | None) -> None:
+    ticket = g.pop("ws_ticket", None)
+    if ticket is not None:
+        ticket.close()
 
 
 @bp.errorhandler(RemoteProtocolError)
@@ -74,53 +88,237 @@ bp.add_url_rule("/ws/", "handshake_without_channel", not_upgraded, defaults={"ch
 
 @sock.route("/ws/<path:channel>", bp=bp)
 def stream(ws: Any, channel: str) -> None:
-    gateway = hub()
-    cfg = config()
-    cursor = g.ws_cursor
-    # Under gevent, simple-websocket works on a dup() of the client socket: two descriptors per
-    # connection, which halves how many clients fit under the open-files limit. Use the
-    # server's own socket instead (its reader has not started yet, see _HeldReader).
-    own = request.environ.get("gateway.socket")
-    if own is not None and ws.sock is not own and ws.sock.fileno() != own.fileno():
-        ws.sock.close()
-        ws.sock = own
-    # Events go out through the pusher, straight from the publisher when the socket can take
-    # them; every other write (pings, pongs, error frames, close) goes through its lock too.
-    pusher = Pusher(ws.sock, "ws", ws_encode, cursor)
-    ws.sock = _SendAll(ws.sock, pusher)
-    # simple-websocket's reader sets ws.event when a frame arrives or the socket closes: make
-    # that wake this stream's greenlet, which then handles the frames itself (no reader thread).
-    ws.event = pusher.wakeup
-    # A bare thread (a greenlet under gevent): a threading.Thread object costs ~2 KB more.
-    _thread.start_new_thread(ws.thread.target, ())
-    forward = state().upstream_writers.get(channel)
-    allowed = (
-        forward is not None
-        or is_diag_channel(channel)
-        or any(fnmatch.fnmatchcase(channel, p) for p in cfg.websocket.client_publish)
-    )
-    keepalive = _KeepAlive(ws, cfg.websocket.ping_s)
+    ticket: Ticket = g.ws_ticket
+    _Connection(ws, ticket, g.ws_positions, request.environ).run()
 
-    def on_wake() -> None:
-        while ws.input_buffer:
-            _handle_frame(ws, gateway, channel, allowed, forward, ws.input_buffer.pop(0))
-        keepalive.ping_if_due()
 
-    with gateway.subscription(channel):
+class _Connection:
+    """One WebSocket: a pusher for its channel(s), client frames, pings, token expiry."""
+
+    def __init__(self, ws: Any, ticket: Ticket, starts: dict[str, str], environ: dict) -> None:
+        self.ws = ws
+        self.ticket = ticket
+        self.hub: Hub = hub()
+        self.admission: Admission = admission()
+        self.cfg = config()
+        self.upstream_writers = state().upstream_writers
+        # Under gevent, simple-websocket works on a dup() of the client socket: two descriptors
+        # per connection, which halves how many clients fit under the open-files limit. Use the
+        # server's own socket instead (its reader has not started yet, see _HeldReader).
+        own = environ.get("gateway.socket")
+        if own is not None and ws.sock is not own and ws.sock.fileno() != own.fileno():
+            ws.sock.close()
+            ws.sock = own
+        self.raw_sock = ws.sock
+        self.pusher: Pusher | MultiPusher = (
+            MultiPusher(ws.sock, "ws", starts) if ticket.multi else Pusher(ws.sock, "ws", ws_encode, *starts.values())
+        )
+        # Events go out through the pusher, straight from the publisher when the socket can take
+        # them; every other write (pings, pongs, error frames, close) goes through its lock too.
+        self.io = _SocketIO(ws.sock, self)
+        ws.sock = self.io
+        # simple-websocket's reader sets ws.event when a frame arrives or the socket closes:
+        # make that wake this stream's greenlet, which then handles the frames itself.
+        ws.event = self.pusher.wakeup
+        self.room = threading.Event()  # set while the input buffer has room (backpressure)
+        self.room.set()
+        self.keepalive = _KeepAlive(ws, self.cfg.websocket.ping_s)
+        rate = self.cfg.limits.ws_publish_rate
+        self.publish_rate = TokenBuckets(rate, max(1.0, 4 * rate), max_keys=1) if rate else None
+        self.switch_to_multi = False
+        self.pending: tuple[str, str] = ("", "")  # the channel a single-channel socket subscribed to
+
+    def run(self) -> None:
+        ws, ticket = self.ws, self.ticket
+        # A bare thread (a greenlet under gevent): a threading.Thread object costs ~2 KB more.
+        _thread.start_new_thread(ws.thread.target, ())
+        ticket.open()
+        ping_s = self.cfg.websocket.ping_s
         try:
-            pusher.serve(
-                gateway,
-                channel,
-                cfg.poll.max_batch,
-                cfg.websocket.ping_s,
-                keepalive.ping,
-                lambda: ws.connected,
-                on_wake,
-            )
+            while True:
+                pusher = self.pusher
+                alive = lambda: ws.connected and alive_until_expiry(ticket) and not self.switch_to_multi  # noqa: E731
+                idle = lambda: idle_until_expiry(ticket, ping_s)  # noqa: E731
+                if isinstance(pusher, MultiPusher):
+                    pusher.serve(self.hub, self.cfg.poll.max_batch, idle, self.keepalive.ping, alive, self.on_wake)
+                else:
+                    channel = ticket.channels[0]
+                    pusher.serve(
+                        self.hub, channel, self.cfg.poll.max_batch, idle, self.keepalive.ping, alive, self.on_wake
+                    )
+                if not self.switch_to_multi:
+                    break
+                self._become_multi()
         except (ConnectionClosed, OSError):  # the client went away mid-write
             return
-    if gateway.closing and ws.connected:
-        ws.close(SERVICE_RESTART, "server restarting; reconnect with ?since=<last id>")
+        if ws.connected and not alive_until_expiry(ticket):
+            ticket.end_reason = "token_expired"
+            ws.close(POLICY_VIOLATION, "token expired; reconnect with a fresh token and ?since=<cursor>")
+        elif self.hub.closing and ws.connected:
+            ticket.end_reason = "shutdown"
+            ws.close(SERVICE_RESTART, "server restarting; reconnect with ?since=<last id>")
+
+    # -- client frames --------------------------------------------------------------------------
+    def on_wake(self) -> None:
+        ws = self.ws
+        handled = 0
+        while ws.input_buffer and handled < FRAMES_PER_ROUND:
+            if self.publish_rate is not None and self.publish_rate.take("c"):
+                break  # over the rate: leave the rest buffered (the reader stops when it is full)
+            message = ws.input_buffer.pop(0)
+            self.room.set()
+            self._handle_frame(message)
+            handled += 1
+        if ws.input_buffer:
+            self.pusher.wake()  # more to do: another round, after others had their turn
+            time.sleep(0.05 if handled == 0 else 0)
+        self.keepalive.ping_if_due()
+
+    def _handle_frame(self, message: str | bytes) -> None:
+        try:
+            if isinstance(message, bytes):
+                try:
+                    message = message.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise BadRequest("invalid_frame", "binary frames must be UTF-8 text") from None
+            obj = _json_object(message)
+            if obj is not None and "action" in obj:
+                self._control(obj)
+                return
+            channel = self._publish_channel(obj)
+            self._publish(channel, message, obj)
+        except BadRequest as exc:
+            self._send_error(exc)
+
+    def _publish_channel(self, obj: dict | None) -> str:
+        """A publishing frame goes to its "channel" (multi-channel connections must name one)."""
+        named = obj.get("channel") if obj is not None else None
+        if named is not None:
+            if not isinstance(named, str) or named not in self.ticket.channels:
+                raise BadRequest("invalid_channel", "publish only to a channel this connection follows")
+            return named
+        if len(self.ticket.channels) != 1:
+            raise BadRequest("channel_required", 'this connection follows several channels: add "channel" to the frame')
+        return self.ticket.channels[0]
+
+    def _publish(self, channel: str, message: str, obj: dict | None) -> None:
+        forward = self.upstream_writers.get(channel)
+        if forward is not None:
+            forward(message)
+            return
+        policy = self.admission.policy(channel)
+        allowed = any(_glob(channel, p) for p in self.cfg.websocket.client_publish) or self.admission.auth.may_publish(
+            self.ticket.principal, channel
+        )
+        data, event = _parse_frame(message, obj)
+        if not allowed and policy is not None and policy.client_publish_max_bytes:
+            if len(data.encode()) > policy.client_publish_max_bytes:
+                raise BadRequest(
+                    "too_large", f"frames on this channel carry at most {policy.client_publish_max_bytes} bytes", 413
+                )
+            allowed = True
+        if not allowed:
+            raise BadRequest(
+                "publish_not_allowed",
+                f"clients may not publish to {channel!r}; add it to websocket.client_publish, "
+                "or connect with a token whose publish claim matches it",
+                403,
+            )
+        self.hub.publish(channel, data, event)
+
+    def _control(self, obj: dict) -> None:
+        action, channel = obj.get("action"), obj.get("channel")
+        if action not in ("subscribe", "unsubscribe"):
+            raise BadRequest("invalid_action", 'action must be "subscribe" or "unsubscribe"')
+        if not isinstance(channel, str):
+            raise BadRequest("invalid_channel", '"channel" must be a channel name', 400)
+        ticket = self.ticket
+        try:
+            if action == "subscribe":
+                self.admission.admit_more(ticket, channel)
+                since = obj.get("since")
+                if since is not None and not isinstance(since, str):
+                    raise BadRequest("invalid_since", '"since" must be a cursor or id string')
+                start = self.admission.starts([channel], since, False)[channel] if since else None
+                position = start if start is not None else self.hub.last_id(channel)
+                if channel not in ticket.channels:
+                    ticket.add_channel(channel)
+                    if isinstance(self.pusher, MultiPusher):
+                        self.pusher.add(channel, position)
+                    else:
+                        self.pending = (channel, position)
+                        self.switch_to_multi = True
+            else:
+                if channel in ticket.channels:
+                    if len(ticket.channels) == 1:
+                        raise BadRequest("last_channel", "a connection keeps at least one channel; close it instead")
+                    ticket.remove_channel(channel)
+                    if isinstance(self.pusher, MultiPusher):
+                        self.pusher.remove(channel)
+                    else:  # cannot happen: one channel left is refused above
+                        pass
+        except BadRequest as exc:
+            exc.action, exc.channel = action, channel  # type: ignore[attr-defined]
+            raise
+        reply = {"event": f"{action}d", "action": action, "channel": channel, "ok": True}
+        if "ref" in obj:
+            reply["ref"] = obj["ref"]
+        self.ws.send(json.dumps(reply))
+
+    def _become_multi(self) -> None:
+        """A single-channel socket that subscribed to another channel: from now on its frames
+        name their channel and carry the one cursor for all."""
+        old = self.pusher
+        assert isinstance(old, Pusher)
+        channel, position = self.pending
+        starts = {self.ticket.channels[0]: old.cursor, channel: position}
+        self.pusher = MultiPusher(self.raw_sock, "ws", starts)
+        self.ws.event = self.pusher.wakeup
+        self.io.pusher = self.pusher
+        self.ticket.multi = True
+        self.switch_to_multi = False
+
+    def _send_error(self, exc: BadRequest) -> None:
+        detail: dict[str, Any] = {"error": exc.code, "detail": exc.detail}
+        for key in ("action", "channel"):
+            if hasattr(exc, key):
+                detail[key] = getattr(exc, key)
+        self.ws.send(json.dumps({"event": "error", "data": json.dumps(detail), **detail}))
+
+
+def _glob(channel: str, pattern: str) -> bool:
+    from fnmatch import fnmatchcase
+
+    return fnmatchcase(channel, pattern)
+
+
+def _json_object(message: str) -> dict | None:
+    try:
+        obj = json.loads(message)
+    except (ValueError, RecursionError):  # not JSON (or nested beyond the parser's stack): plain text
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _parse_frame(message: str, obj: dict | None) -> tuple[str, str]:
+    """A JSON object with "data" (and "event") publishes like POST /publish; any other text is
+    the data of a `message` event."""
+    if obj is None or "data" not in obj:
+        return message, "message"
+    data = obj["data"]
+    event = obj.get("event", "message")
+    if event is None:
+        event = "message"
+    if not isinstance(event, str):
+        raise BadRequest("invalid_event", "event must be a string")
+    if isinstance(data, str):
+        return data, event
+    try:  # NaN / Infinity parse in Python but are not JSON text
+        return json.dumps(data, allow_nan=False), event
+    except ValueError:
+        raise BadRequest("invalid_json", '"data" holds NaN or Infinity, which JSON cannot carry') from None
+    except RecursionError:
+        raise BadRequest("invalid_json", '"data" is nested too deeply') from None
 
 
 class _KeepAlive:
@@ -138,6 +336,8 @@ class _KeepAlive:
 
     def ping(self) -> None:
         ws = self.ws
+        if time.monotonic() < self.next - 0.01:
+            return  # woken early (e.g. the token's expiry): not time for a ping yet
         self.next = time.monotonic() + self.ping_s
         if not ws.connected:
             return
@@ -148,56 +348,13 @@ class _KeepAlive:
         ws.sock.send(ws.ws.send(Ping()))
 
 
-def _handle_frame(ws: Any, gateway: Hub, channel: str, allowed: bool, forward: Any, message: str | bytes) -> None:
-    """A frame from the client: publish (or forward upstream) where allowed, else an error frame."""
-    try:
-        if not allowed:
-            raise BadRequest(
-                "publish_not_allowed",
-                f"clients may not publish to {channel!r}; add it to websocket.client_publish to allow it",
-                403,
-            )
-        if isinstance(message, bytes):
-            try:
-                message = message.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadRequest("invalid_frame", "binary frames must be UTF-8 text") from None
-        if forward is not None:
-            forward(message)
-        else:
-            data, event = _parse_frame(message)
-            gateway.publish(channel, data, event)
-    except BadRequest as exc:
-        detail = {"error": exc.code, "detail": exc.detail}
-        ws.send(json.dumps({"event": "error", "data": json.dumps(detail), **detail}))
-
-
-def _parse_frame(message: str) -> tuple[str, str]:
-    """A JSON object with "data" (and "event") publishes like POST /publish; any other text is
-    the data of a `message` event."""
-    try:
-        obj = json.loads(message)
-    except (ValueError, RecursionError):  # not JSON (or nested beyond the parser's stack): plain text
-        return message, "message"
-    if not isinstance(obj, dict) or "data" not in obj:
-        return message, "message"
-    data = obj["data"]
-    event = obj.get("event", "message")
-    if not isinstance(event, str):
-        raise BadRequest("invalid_event", "event must be a string")
-    if isinstance(data, str):
-        return data, event
-    try:  # NaN / Infinity parse in Python but are not JSON text
-        return json.dumps(data, allow_nan=False), event
-    except ValueError:
-        raise BadRequest("invalid_json", '"data" holds NaN or Infinity, which JSON cannot carry') from None
-    except RecursionError:
-        raise BadRequest("invalid_json", '"data" is nested too deeply') from None
+def _full(frames: list) -> bool:
+    return len(frames) >= INPUT_BUFFER_FRAMES or sum(len(f) for f in frames) >= INPUT_BUFFER_BYTES
 
 
 class _HeldReader:
     """simple-websocket starts its reader thread as soon as the handshake is done; this holds
-    it back until stream() has set the connection up (see there)."""
+    it back until the connection is set up (see _Connection)."""
 
     def __init__(self, target: Any) -> None:
         self.target = target
@@ -207,17 +364,27 @@ class _HeldReader:
         pass
 
 
-class _SendAll:
-    """simple-websocket writes with socket.send(), which may write only part of a large frame
-    to a slow client; this makes every write whole, and serialises it with the pusher's."""
+class _SocketIO:
+    """The socket as simple-websocket sees it. Writes: whole (socket.send() may write only part
+    of a large frame to a slow client) and serialised with the pusher's. Reads: the reader
+    stops while INPUT_BUFFER_BYTES of client frames wait to be handled, so a client that sends
+    faster than we handle is slowed by TCP instead of filling our memory."""
 
-    def __init__(self, sock: Any, pusher: Pusher) -> None:
+    def __init__(self, sock: Any, conn: _Connection) -> None:
         self._sock = sock
-        self._pusher = pusher
+        self.pusher = conn.pusher
+        self._conn = conn
 
     def send(self, data: bytes) -> int:
-        self._pusher.write(data)
+        self.pusher.write(data)
         return len(data)
+
+    def recv(self, n: int) -> bytes:
+        conn = self._conn
+        while _full(conn.ws.input_buffer) and conn.ws.connected:
+            conn.room.clear()
+            conn.room.wait(1.0)
+        return self._sock.recv(n)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)

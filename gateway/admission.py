@@ -1,0 +1,300 @@
+"""The one path every subscription passes, on every transport, for one channel or many.
+
+admit() reads the request's channels and cursor, identifies the client (credential, address),
+authorizes every channel, applies the limits, and returns a Ticket. Opening the ticket counts the
+connection (hub subscribers per channel, per-transport counts, connection limits, metrics);
+closing it releases all of that and logs the connection's end. The transports then only stream
+what the ticket allows. The long-poll fast path calls the same admit() with a WSGI environ.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from gateway import cursor as cursors
+from gateway.auth import Authorizer, Credentials, Principal, matches
+from gateway.clients import TrustedProxies, client_address
+from gateway.config import Config
+from gateway.errors import BadRequest
+from gateway.hub import Hub
+from gateway.limits import TokenBuckets, over_limit
+from gateway.names import check_channel
+
+__all__ = ["Admission", "Ticket", "ChannelPolicy", "Observer", "parse_channels", "TRANSPORTS"]
+
+log = logging.getLogger("gateway.connections")
+
+TRANSPORTS = ("poll", "longpoll", "sse", "ws")
+HELD = frozenset({"longpoll", "sse", "ws"})  # these hold a connection while they run
+
+
+@dataclass(frozen=True)
+class ChannelPolicy:
+    """Rules for a family of channels that another part registers (e.g. the probe channels):
+    readable without authorization, clients may publish small frames, and whether the long-poll
+    fast path may serve them (their own request hooks live in Flask)."""
+
+    pattern: str
+    public: bool = True
+    client_publish_max_bytes: int = 0  # 0: clients may not publish here by this policy
+    fast_path: bool = True
+
+
+class Observer:
+    """What admission tells whoever counts (metrics, connection logs). No-ops here."""
+
+    def connection_opened(self, transport: str) -> None:
+        pass
+
+    def connection_closed(self, ticket: Ticket, reason: str) -> None:
+        pass
+
+    def refused(self, transport: str, status: int, reason: str) -> None:
+        pass
+
+
+def parse_channels(text: str, limit: int) -> list[str]:
+    """A channel name or a comma-separated list of them: each valid, duplicates dropped."""
+    names = text.split(",") if text else [""]
+    if len(names) > limit:
+        raise BadRequest(
+            "too_many_channels",
+            f"{len(names)} channels in one request; at most {limit} (limits.max_channels_per_connection)",
+        )
+    return list(dict.fromkeys(check_channel(n) for n in names))
+
+
+@dataclass
+class Ticket:
+    """An admitted subscription: what it may read, from where, and who it is."""
+
+    transport: str
+    channels: list[str]
+    starts: dict[str, str | None]  # channel -> resume id (None: from now)
+    multi: bool  # the request named a list: events carry their channel, one cursor for all
+    client: str
+    principal: Principal
+    admission: Admission
+    opened_at: float = field(default_factory=time.monotonic)
+    events_sent: int = 0
+    bytes_sent: int = 0
+    end_reason: str = "client_closed"
+    _open: bool = False
+    _closed: bool = False
+
+    @property
+    def expires_at(self) -> float | None:
+        return self.principal.expires_at
+
+    def seconds_left(self) -> float | None:
+        """Until the token expires (None: never)."""
+        exp = self.principal.expires_at
+        return None if exp is None else exp - time.time()
+
+    def open(self) -> Ticket:
+        if not self._open and not self._closed:
+            self._open = True
+            self.admission._opened(self)
+        return self
+
+    def close(self, reason: str | None = None) -> None:
+        if reason is not None:
+            self.end_reason = reason
+        if self._open and not self._closed:
+            self._closed = True
+            self.admission._closed(self)
+        self._closed = True
+
+    def add_channel(self, channel: str) -> None:
+        """A channel subscribed on an open WebSocket (already authorized by admit_more)."""
+        if channel not in self.channels:
+            self.channels.append(channel)
+            if self._open:
+                self.admission._count(channel, self.transport, +1)
+
+    def remove_channel(self, channel: str) -> None:
+        if channel in self.channels:
+            self.channels.remove(channel)
+            if self._open:
+                self.admission._count(channel, self.transport, -1)
+
+    def __enter__(self) -> Ticket:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Admission:
+    def __init__(self, config: Config, hub: Hub, trusted: TrustedProxies) -> None:
+        self.config = config
+        self.hub = hub
+        self.trusted = trusted
+        self.auth = Authorizer(config)
+        self.observer = Observer()
+        self.policies: list[ChannelPolicy] = []
+        limits = config.limits
+        self._limits = limits
+        self._open = 0  # held connections in this process
+        self._per_client: Counter[str] = Counter()
+        self._per_channel: Counter[tuple[str, str]] = Counter()  # (channel, transport) -> open tickets
+        self._connect_rate = (
+            TokenBuckets(limits.connect_rate_per_client, 4 * limits.connect_rate_per_client)
+            if limits.connect_rate_per_client
+            else None
+        )
+
+    # -- registration -------------------------------------------------------------------------
+    def register(self, policy: ChannelPolicy) -> None:
+        self.policies.append(policy)
+        if policy.public:
+            self.auth.add_public(policy.pattern)
+
+    def policy(self, channel: str) -> ChannelPolicy | None:
+        for policy in self.policies:
+            if matches(channel, (policy.pattern,)):
+                return policy
+        return None
+
+    def fast_path_ok(self, channels: list[str]) -> bool:
+        return all((p := self.policy(c)) is None or p.fast_path for c in channels)
+
+    # -- the path -----------------------------------------------------------------------------
+    def admit(
+        self,
+        environ: Mapping[str, Any],
+        transport: str,
+        channels_text: str,
+        *,
+        args: Mapping[str, str] | None = None,
+    ) -> Ticket:
+        """Admit one subscription request, or raise BadRequest (400/401/403/429/503)."""
+        try:
+            return self._admit(environ, transport, channels_text, args)
+        except BadRequest as exc:
+            self.observer.refused(transport, exc.status, exc.code)
+            raise
+
+    def _admit(
+        self, environ: Mapping[str, Any], transport: str, channels_text: str, args: Mapping[str, str] | None
+    ) -> Ticket:
+        if args is None:
+            args = query_args(environ.get("QUERY_STRING", ""))
+        limits = self._limits
+        channels = parse_channels(channels_text, limits.max_channels_per_connection)
+        multi = "," in channels_text
+        since = environ.get("HTTP_LAST_EVENT_ID") if transport == "sse" else None
+        since = since or args.get("since") or None
+        starts = self.starts(channels, since, multi)
+        client = client_address(environ, self.trusted)
+        principal = self.auth.read(channels, transport, Credentials.from_environ(environ, args.get("token")))
+        if transport in HELD:
+            self._check_room(client, channels)
+        return Ticket(transport, channels, starts, multi, client, principal, self)
+
+    def starts(self, channels: list[str], since: str | None, multi: bool) -> dict[str, str | None]:
+        if since is None:
+            return dict.fromkeys(channels)
+        if multi and not cursors.is_multi(since):
+            raise BadRequest(
+                "invalid_since",
+                f"{since[:64]!r} is one channel's id; a request for several channels resumes from the cursor it gave",
+            )
+        return cursors.decode(since, channels)
+
+    def admit_more(self, ticket: Ticket, channel: str) -> None:
+        """Authorize one more channel for an open connection (WebSocket subscribe)."""
+        check_channel(channel)
+        if channel in ticket.channels:
+            return
+        if len(ticket.channels) >= self._limits.max_channels_per_connection:
+            raise BadRequest(
+                "too_many_channels",
+                f"at most {self._limits.max_channels_per_connection} channels on one connection",
+            )
+        claims = ticket.principal.claims
+        if not self.auth.is_public(channel) and not (claims is not None and claims.may_read(channel)):
+            if ticket.principal.claims is not None:
+                raise BadRequest("forbidden", f"this connection's token does not grant {channel!r}", 403)
+            raise BadRequest("unauthorized", f"{channel!r} is private: reconnect with a token that grants it", 401)
+
+    def _check_room(self, client: str, channels: list[str]) -> None:
+        limits = self._limits
+        if limits.max_connections and self._open >= limits.max_connections:
+            raise over_limit(
+                503, "too_many_connections", "the gateway is at limits.max_connections; try again shortly", 5
+            )
+        if limits.max_connections_per_client and self._per_client[client] >= limits.max_connections_per_client:
+            raise over_limit(
+                429,
+                "too_many_connections_from_client",
+                f"this client already holds {limits.max_connections_per_client} connections "
+                "(limits.max_connections_per_client); close one first",
+                5,
+            )
+        if limits.max_subscribers_per_channel:
+            for channel in channels:
+                if self.hub.subscribers(channel) >= limits.max_subscribers_per_channel:
+                    raise over_limit(
+                        503, "channel_full", f"{channel!r} has limits.max_subscribers_per_channel subscribers", 5
+                    )
+        if self._connect_rate is not None:
+            wait = self._connect_rate.take(client)
+            if wait:
+                raise over_limit(
+                    429, "connecting_too_fast", "too many new connections from this client; slow down", wait
+                )
+
+    # -- counting -----------------------------------------------------------------------------
+    def _opened(self, ticket: Ticket) -> None:
+        if ticket.transport in HELD:
+            self._open += 1
+            self._per_client[ticket.client] += 1
+        for channel in ticket.channels:
+            self._count(channel, ticket.transport, +1)
+        self.observer.connection_opened(ticket.transport)
+
+    def _closed(self, ticket: Ticket) -> None:
+        if ticket.transport in HELD:
+            self._open -= 1
+            self._per_client[ticket.client] -= 1
+            if self._per_client[ticket.client] <= 0:
+                del self._per_client[ticket.client]
+        for channel in ticket.channels:
+            self._count(channel, ticket.transport, -1)
+        self.observer.connection_closed(ticket, ticket.end_reason)
+
+    def _count(self, channel: str, transport: str, delta: int) -> None:
+        key = (channel, transport)
+        self._per_channel[key] += delta
+        if self._per_channel[key] <= 0:
+            del self._per_channel[key]
+        if transport in HELD:  # lazy upstream sources follow the hub's subscriber count
+            if delta > 0:
+                self.hub.subscribe(channel)
+            else:
+                self.hub.unsubscribe(channel)
+
+    def connections(self) -> int:
+        return self._open
+
+    def subscribers(self, channel: str) -> dict[str, int]:
+        """Open subscriptions to `channel` per transport (for /channels/<name>)."""
+        return {t: self._per_channel.get((channel, t), 0) for t in ("sse", "ws", "longpoll")}
+
+
+def query_args(query: str) -> dict[str, str]:
+    """The first value of each key, as Flask's request.args.get() would give it."""
+    out: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        out.setdefault(key, value)
+    return out
+
+
+WakeFn = Callable[[], None]

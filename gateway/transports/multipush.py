@@ -1,0 +1,222 @@
+"""The fast path for a connection that follows several channels (see push.py for one).
+
+The connection attaches one small view per channel to the hub, so a publish on one channel
+touches only that channel's subscribers: no connection scans its other channels. The hub still
+encodes each event once per wire format (the multi-channel part: the event with its channel
+envelope); each connection adds only its own cursor, which names every channel's position.
+Whatever cannot be pushed at once (busy, behind, a gap) is read from history by that channel's
+cursor, channel by channel, only for channels that were woken.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from gateway import cursor as cursors
+from gateway.hub import Event, Hub, gap_event
+from gateway.transports.push import chunk
+
+__all__ = ["MultiPusher"]
+
+Parts = list[tuple[str, bytes]]  # (event id, the event's shared part)
+
+
+class _View:
+    """What the hub sees of one channel of a multi-channel connection (the Pusher protocol)."""
+
+    __slots__ = ("parent", "channel", "cursor", "kind")
+
+    def __init__(self, parent: MultiPusher, channel: str, cursor: str) -> None:
+        self.parent = parent
+        self.channel = channel
+        self.cursor = cursor
+        self.kind = parent.kind
+
+    @property
+    def hold(self) -> int:
+        return self.parent.hold
+
+    def encode(self, events: list[Event]) -> Parts:
+        base, channel = self.parent.base, self.channel
+        return [(e.id, e.multi_part(channel, base)) for e in events]
+
+    def push(self, parts: Parts, cursor: str) -> None:
+        self.parent.push_parts(self, parts, cursor)
+
+    def wake(self) -> None:
+        self.parent.wake_channel(self.channel)
+
+
+class MultiPusher:
+    def __init__(
+        self,
+        sock: Any,
+        base: str,
+        positions: dict[str, str],
+        chunked: bool = False,
+        event_class: Callable[[], Any] = threading.Event,
+        lock_class: Callable[[], Any] = threading.Lock,
+    ) -> None:
+        self.base = base  # "sse" | "ws"
+        self.kind = base + "-multi" + ("-chunked" if chunked else "")
+        self.chunked = chunked
+        self.views: dict[str, _View] = {c: _View(self, c, pos) for c, pos in positions.items()}
+        self._entries: dict[str, str] = {c: cursors.entry(c, pos) for c, pos in positions.items()}
+        self.dead = False
+        self.bytes_sent = 0
+        self._sock = sock
+        self._raw = getattr(sock, "_sock", None)
+        self.hold = 0 if self._raw is not None else 1
+        self._dirty: set[str] = set(positions)  # channels to read from history on the next round
+        self._backlog = b""
+        self._wakeup = event_class()
+        self._lock = lock_class()
+        self._hub: Hub | None = None
+
+    # -- the cursor ------------------------------------------------------------------------------
+    def cursor(self) -> str:
+        return cursors.join(self._entries.values())
+
+    def _compose(self, channel: str, parts: Parts) -> bytes:
+        """The bytes for these events of `channel`, each followed by the cursor after it."""
+        entries = self._entries
+        out = []
+        for event_id, part in parts:
+            entries[channel] = cursors.entry(channel, event_id)
+            cur = cursors.join(entries.values()).encode()
+            if self.base == "sse":
+                out.append(part + b"id: " + cur + b"\n\n")
+            else:
+                payload = part + b',"cursor":"' + cur + b'"}'
+                out.append(_ws_text_frame(payload))
+        data = b"".join(out)
+        return chunk(data) if self.chunked else data
+
+    # -- called by the hub (through the views); never blocks --------------------------------------
+    def push_parts(self, view: _View, parts: Parts, cursor: str) -> None:
+        view.cursor = cursor
+        data = self._compose(view.channel, parts)
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.dead = True
+            self.hold += 1
+            self._wakeup.set()
+            return
+        self.bytes_sent += sent
+        if sent < len(data):
+            self._backlog = data[sent:]
+            self.hold += 1
+            self._wakeup.set()
+
+    def wake_channel(self, channel: str) -> None:
+        self._dirty.add(channel)
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    @property
+    def wakeup(self) -> Any:
+        return self._wakeup
+
+    # -- called from the connection's own greenlet ------------------------------------------------
+    def write(self, data: bytes) -> None:
+        self.hold += 1
+        try:
+            with self._lock:
+                self._sock.sendall(data)
+            self.bytes_sent += len(data)
+        finally:
+            self.hold -= 1
+
+    def add(self, channel: str, position: str) -> None:
+        if channel in self.views:
+            return
+        view = self.views[channel] = _View(self, channel, position)
+        self._entries[channel] = cursors.entry(channel, position)
+        if self._hub is not None:
+            self._hub.attach(channel, view)
+        self.wake_channel(channel)
+
+    def remove(self, channel: str) -> None:
+        view = self.views.pop(channel, None)
+        self._entries.pop(channel, None)
+        self._dirty.discard(channel)
+        if view is not None and self._hub is not None:
+            self._hub.detach(channel, view)
+
+    def serve(
+        self,
+        hub: Hub,
+        limit: int,
+        idle_s: Callable[[], float],
+        on_idle: Callable[[], None],
+        alive: Callable[[], bool] = lambda: True,
+        on_wake: Callable[[], None] | None = None,
+    ) -> None:
+        """As Pusher.serve, over every channel; idle_s() is asked each round (it may shrink as
+        a token's expiry nears)."""
+        self._hub = hub
+        for channel, view in self.views.items():
+            hub.attach(channel, view)
+        try:
+            while not hub.closing and not self.dead and alive():
+                self._wakeup.clear()
+                self._catch_up(hub, limit)
+                if hub.closing or self.dead:
+                    break
+                if on_wake is not None:
+                    on_wake()
+                if self._dirty:
+                    continue
+                if not self._wakeup.wait(idle_s()) and alive():
+                    self.hold += 1
+                    try:
+                        on_idle()
+                    finally:
+                        self.hold -= 1
+        finally:
+            for channel, view in list(self.views.items()):
+                hub.detach(channel, view)
+            self._hub = None
+
+    def _catch_up(self, hub: Hub, limit: int) -> None:
+        self.hold += 1
+        try:
+            if self._backlog:
+                data, self._backlog = self._backlog, b""
+                try:
+                    self.write(data)
+                finally:
+                    self.hold -= 1  # the backlog's hold
+            while self._dirty and not self.dead:
+                channel = self._dirty.pop()
+                view = self.views.get(channel)
+                if view is None:
+                    continue
+                start = view.cursor
+                batch = hub.read(channel, start, limit)
+                events = [gap_event(batch, start), *batch.events] if batch.gap else batch.events
+                if events:
+                    parts = [(e.id, e.multi_part(channel, self.base)) for e in events]
+                    self.write(self._compose(channel, parts))
+                view.cursor = batch.cursor
+                self._entries[channel] = cursors.entry(channel, batch.cursor)
+                if batch.more:
+                    self._dirty.add(channel)
+        finally:
+            self.hold -= 1
+
+
+def _ws_text_frame(payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload

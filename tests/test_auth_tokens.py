@@ -4,7 +4,6 @@ streams end when their token expires, scoped publish tokens, and no token in the
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pytest
 import requests
 import websocket
 
-from tests.clients import RawResponse, SSEClient, raw_request, ws_close_code
+from tests.clients import RawResponse, SSEClient, WSClient, raw_request, ws_close_code
 from tests.helpers import TOKEN, Gateway
 
 SECRET = "test-auth-secret-0123456789abcdef"
@@ -228,17 +227,17 @@ def test_scoped_publish_tokens(gw, ch):
 def test_websocket_frames_publish_only_where_the_token_allows(gw):
     tag = uuid.uuid4().hex[:8]
     token = mint(["chat.*"], publish=[f"chat.room{tag}"])
-    with websocket.create_connection(f"{gw.ws_url}/ws/chat.room{tag}?token={token}", timeout=10) as ws:
+    with WSClient(f"{gw.ws_url}/ws/chat.room{tag}?token={token}") as ws:
         ws.send("hello")
-        frame = json.loads(ws.recv())
+        frame = ws.next_frame()
         assert frame.get("event") != "error" and frame["data"] == "hello", frame
-    with websocket.create_connection(f"{gw.ws_url}/ws/chat.lobby{tag}?token={token}", timeout=10) as ws:
+    with WSClient(f"{gw.ws_url}/ws/chat.lobby{tag}?token={token}") as ws:
         ws.send("not here")
-        frame = json.loads(ws.recv())
+        frame = ws.next_frame()
         assert frame["event"] == "error" and frame.get("error"), frame
         # An error frame, not a close: the socket still delivers.
         event_id = gw.publish(f"chat.lobby{tag}", "after the refusal")
-        frame = json.loads(ws.recv())
+        frame = ws.next_frame()
         assert (frame["id"], frame["data"]) == (event_id, "after the refusal")
     stored = requests.get(f"{gw.url}/poll/chat.lobby{tag}", params={"since": "0-0", "token": token}, timeout=10).json()[
         "events"

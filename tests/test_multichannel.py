@@ -24,10 +24,12 @@ from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixtu
 CONFIG: dict[str, Any] = {
     "history": {"size": 200},
     "sse": {"heartbeat_s": 0.5, "retry_ms": 500},
-    "websocket": {"ping_s": 5.0},
+    # The default ping interval: a WebSocket must not need its next ping to notice anything.
+    "websocket": {"ping_s": 25.0},
     "poll": {"max_batch": 100, "longpoll_max_timeout_s": 10.0},
 }
 Item = dict[str, Any]  # {"channel", "id", "event", "data", "cursor"}
+EVENT_WAIT_S = 8  # generous for loopback on a loaded machine, far below the 25 s ping interval
 
 
 @pytest.fixture(scope="module")
@@ -391,24 +393,29 @@ def _reply(ws: MultiWS) -> Item:
 
 
 def _event(ws: MultiWS) -> Item:
-    frame = ws.next(time.monotonic() + 10)
+    frame = ws.next(time.monotonic() + EVENT_WAIT_S)
     assert frame is not None, "no event"
     return frame
 
 
-def test_websocket_subscribe_and_unsubscribe_on_an_open_socket(gw):
-    a, b, c = names(3)
-    ws = MultiWS(f"{gw.ws_url}/ws/{a}")
+@pytest.mark.parametrize("opened_on", ["one channel", "two channels"])
+def test_websocket_subscribe_and_unsubscribe_on_an_open_socket(gw, opened_on):
+    a, b, c, z = names(4)
+    ws = MultiWS(f"{gw.ws_url}/ws/{a}" + (f",{z}" if opened_on == "two channels" else ""))
     try:
         ws.send({"action": "subscribe", "channel": b})
         reply = _reply(ws)
         assert reply.get("event") != "error" and "error" not in reply, reply
+        # From here on the socket carries several channels: every frame names its channel and
+        # carries the one cursor.
         b0 = gw.publish(b, "b0")
         frame = _event(ws)
-        assert (frame["channel"], frame["id"], frame["data"]) == (b, b0, "b0")
+        assert (frame.get("channel"), frame["id"], frame["data"]) == (b, b0, "b0"), frame
+        assert frame.get("cursor"), frame
         a0 = gw.publish(a, "a0")
         frame = _event(ws)
-        assert (frame["id"], frame["data"]) == (a0, "a0") and frame.get("channel", a) == a
+        assert (frame.get("channel"), frame["id"], frame["data"]) == (a, a0, "a0"), frame
+        assert frame.get("cursor"), frame
 
         ws.send({"action": "unsubscribe", "channel": b})
         reply = _reply(ws)
@@ -416,7 +423,7 @@ def test_websocket_subscribe_and_unsubscribe_on_an_open_socket(gw):
         gw.publish(b, "b1 after unsubscribe")
         a1 = gw.publish(a, "a1")
         frame = _event(ws)
-        assert (frame["id"], frame["data"]) == (a1, "a1"), frame
+        assert (frame.get("channel"), frame["id"], frame["data"]) == (a, a1, "a1"), frame
 
         # subscribe with since: what the channel had after that id comes first.
         c0 = gw.publish(c, "c0")
@@ -425,8 +432,18 @@ def test_websocket_subscribe_and_unsubscribe_on_an_open_socket(gw):
         frames = [_reply(ws), _event(ws)]
         events = [f for f in frames if f.get("channel") == c and f.get("id")]
         assert [(f["id"], f["data"]) for f in events] == [(c1, "c1")], frames
+        cursor = events[0]["cursor"]
     finally:
         ws.close()
+    # The last frame's cursor resumes both channels the socket had, on a fresh connection.
+    a2, c2 = gw.publish(a, "a2"), gw.publish(c, "c2")
+    resumed = MultiWS(f"{gw.ws_url}/ws/{a},{c}?since={cursor}")
+    try:
+        gw.publish(a, "sentinel")
+        got = read_to_sentinel(resumed, "sentinel", EVENT_WAIT_S)
+    finally:
+        resumed.close()
+    assert per_channel(got[:-1]) == {a: [(a2, "a2")], c: [(c2, "c2")]}
 
 
 def test_websocket_subscribe_to_an_invalid_channel_is_an_error_frame_not_a_close(gw):

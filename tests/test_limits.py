@@ -152,6 +152,14 @@ def test_streams_of_every_transport_count_together(start_gateway, held, transpor
     assert_limited(r, 429)
 
 
+def test_a_stream_on_many_channels_is_one_connection(start_gateway, held):
+    gw = start_gateway(limited(max_connections_per_client=2))
+    tag = uuid.uuid4().hex[:8]
+    held.append(Held(gw, "sse", f"a.{tag},b.{tag},c.{tag}"))
+    held.append(Held(gw, "ws", f"d.{tag},e.{tag},f.{tag},g.{tag}"))
+    assert_limited(refused_soon(gw, "sse", f"h.{tag}", 429), 429)
+
+
 @pytest.mark.parametrize("transport", STREAMS)
 def test_process_limit_is_503_with_retry_after_and_a_freed_slot_is_reusable(start_gateway, held, transport):
     gw = start_gateway(limited(max_connections=2))

@@ -68,6 +68,7 @@ class Pusher(Protocol):
 
     def encode(self, events: list[Event]) -> bytes: ...
     def push(self, data: bytes, cursor: str) -> None: ...  # never blocks
+    def lag(self, nbytes: int) -> None: ...  # events it could not take at once (slow consumers)
     def wake(self) -> None: ...  # catch up from history by cursor
 
 
@@ -154,6 +155,7 @@ class Hub:
         encoded: dict[str, bytes] = {}
         counts: dict[str, int] = {}
         kind, data = None, b""
+        cost = -1
         # The hot loop: one non-blocking send per subscriber, nothing else that costs.
         for pusher in list(pushers):
             if pusher.cursor == first and not pusher.hold:
@@ -163,6 +165,9 @@ class Hub:
                 pusher.push(data, last)
                 counts[kind] = counts.get(kind, 0) + 1
             elif pusher.cursor != last:  # behind, busy, or out of order: it reads from history
+                if cost < 0:
+                    cost = sum(len(e.data) for e in events) + 64 * len(events)
+                pusher.lag(cost)  # a subscriber too far behind is cut (slow consumer)
                 pusher.wake()
         for kind, n in counts.items():
             data = encoded[kind]

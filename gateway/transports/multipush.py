@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway import cursor as cursors
 from gateway.hub import Event, Hub, gap_event
-from gateway.transports.push import chunk
+from gateway.transports.push import DEFAULT_SLOW_BYTES, SlowConsumer, _cut, chunk, event_cost, slices
 
 __all__ = ["MultiPusher"]
 
@@ -44,6 +44,9 @@ class _View:
 
     def push(self, parts: Parts, cursor: str) -> None:
         self.parent.push_parts(self, parts, cursor)
+
+    def lag(self, nbytes: int) -> None:
+        self.parent.lag(nbytes)
 
     def wake(self) -> None:
         self.parent.wake_channel(self.channel)
@@ -74,6 +77,10 @@ class MultiPusher:
         self._wakeup = event_class()
         self._lock = lock_class()
         self._hub: Hub | None = None
+        self.behind = 0
+        self.slow_bytes = DEFAULT_SLOW_BYTES
+        self.slow = False
+        self._writing = False
 
     # -- the cursor ------------------------------------------------------------------------------
     def cursor(self) -> str:
@@ -113,6 +120,14 @@ class MultiPusher:
             self.hold += 1
             self._wakeup.set()
 
+    def lag(self, nbytes: int) -> None:
+        self.behind += nbytes
+        if self.behind > self.slow_bytes and not self.slow:
+            self.slow = True
+            self._wakeup.set()
+            if self._writing:
+                _cut(self._sock)
+
     def wake_channel(self, channel: str) -> None:
         self._dirty.add(channel)
         self._wakeup.set()
@@ -129,7 +144,11 @@ class MultiPusher:
         self.hold += 1
         try:
             with self._lock:
-                self._sock.sendall(data)
+                self._writing = True
+                try:
+                    self._sock.sendall(data)
+                finally:
+                    self._writing = False
             self.bytes_sent += len(data)
         finally:
             self.hold -= 1
@@ -195,6 +214,8 @@ class MultiPusher:
                 finally:
                     self.hold -= 1  # the backlog's hold
             while self._dirty and not self.dead:
+                if self.slow:
+                    raise SlowConsumer()
                 channel = self._dirty.pop()
                 view = self.views.get(channel)
                 if view is None:
@@ -202,13 +223,18 @@ class MultiPusher:
                 start = view.cursor
                 batch = hub.read(channel, start, limit)
                 events = [gap_event(batch, start), *batch.events] if batch.gap else batch.events
-                if events:
-                    parts = [(e.id, e.multi_part(channel, self.base)) for e in events]
+                for group in slices(events):
+                    parts = [(e.id, e.multi_part(channel, self.base)) for e in group]
                     self.write(self._compose(channel, parts))
+                    self.behind = max(0, self.behind - event_cost(group))  # written: no longer owed
+                    if self.slow:
+                        raise SlowConsumer()
                 view.cursor = batch.cursor
                 self._entries[channel] = cursors.entry(channel, batch.cursor)
                 if batch.more:
                     self._dirty.add(channel)
+            if not self._dirty:
+                self.behind = 0  # up to date on every channel
         finally:
             self.hold -= 1
 

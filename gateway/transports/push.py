@@ -10,15 +10,45 @@ history by cursor, so no event is lost or reordered, and a slow client never slo
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from gateway.hub import Event, Hub, gap_event
 
-__all__ = ["Pusher", "chunk", "sse_encoder", "ws_encode"]
+__all__ = ["Pusher", "SlowConsumer", "chunk", "sse_encoder", "ws_encode", "DEFAULT_SLOW_BYTES"]
 
 Encode = Callable[[list[Event]], bytes]
+DEFAULT_SLOW_BYTES = 1 << 20
+WRITE_SLICE = 64 * 1024  # a catch-up writes at most this much per write, so memory per subscriber stays small
+
+
+class SlowConsumer(Exception):
+    """The subscriber fell further behind than limits.slow_consumer_bytes: it is disconnected
+    (it can resume from history with its last id)."""
+
+
+def event_cost(events: list[Event]) -> int:
+    """Roughly what these events add to a subscriber's unsent backlog."""
+    return sum(len(e.data) for e in events) + 64 * len(events)
+
+
+def slices(events: list[Event]) -> list[list[Event]]:
+    """Events in groups of at most ~WRITE_SLICE bytes (at least one event each)."""
+    groups: list[list[Event]] = []
+    group: list[Event] = []
+    size = 0
+    for e in events:
+        cost = len(e.data) + 64
+        if group and size + cost > WRITE_SLICE:
+            groups.append(group)
+            group, size = [], 0
+        group.append(e)
+        size += cost
+    if group:
+        groups.append(group)
+    return groups
 
 
 def _sse_raw(events: list[Event]) -> bytes:
@@ -57,6 +87,11 @@ class Pusher:
         "_backlog",
         "_wakeup",
         "_lock",
+        "behind",
+        "slow_bytes",
+        "slow",
+        "bytes_sent",
+        "_writing",
     )
 
     def __init__(
@@ -82,6 +117,11 @@ class Pusher:
         self._backlog = b""  # the unsent tail of a pushed write
         self._wakeup = event_class()
         self._lock = lock_class()  # one blocking writer at a time (e.g. a ping and a catch-up)
+        self.behind = 0  # bytes of events published since this subscriber was last up to date
+        self.slow_bytes = DEFAULT_SLOW_BYTES
+        self.slow = False
+        self.bytes_sent = 0
+        self._writing = False
 
     # -- called by the hub, from the publishing side; never blocks -------------------------
     def push(self, data: bytes, cursor: str) -> None:
@@ -96,10 +136,20 @@ class Pusher:
             self.hold += 1
             self.wake()
             return
+        self.bytes_sent += sent
         if sent < len(data):
             self._backlog = data[sent:]
             self.hold += 1  # released once the greenlet has written the backlog
             self.wake()
+
+    def lag(self, nbytes: int) -> None:
+        """The hub could not push `nbytes` of events to this subscriber (it was busy or behind)."""
+        self.behind += nbytes
+        if self.behind > self.slow_bytes and not self.slow:
+            self.slow = True
+            self.wake()
+            if self._writing:  # stuck in a write to a client that stopped reading: cut it
+                _cut(self._sock)
 
     def wake(self) -> None:
         self._dirty = True
@@ -111,7 +161,12 @@ class Pusher:
         self.hold += 1
         try:
             with self._lock:
-                self._sock.sendall(data)
+                self._writing = True
+                try:
+                    self._sock.sendall(data)
+                finally:
+                    self._writing = False
+            self.bytes_sent += len(data)
         finally:
             self.hold -= 1
 
@@ -157,6 +212,8 @@ class Pusher:
         self.hold += 1
         try:
             while not self.dead:
+                if self.slow:
+                    raise SlowConsumer()
                 self._dirty = False
                 if self._backlog:
                     data, self._backlog = self._backlog, b""
@@ -166,12 +223,36 @@ class Pusher:
                         self.hold -= 1  # the backlog's hold
                 cursor = self.cursor
                 batch = hub.read(channel, cursor, limit)
-                if batch.gap:
-                    self.write(self.encode([gap_event(batch, cursor), *batch.events]))
-                elif batch.events:
-                    self.write(self.encode(batch.events))
-                elif not self._dirty:
+                events = [gap_event(batch, cursor), *batch.events] if batch.gap else batch.events
+                for group in slices(events):
+                    self.write(self.encode(group))
+                    self.behind = max(0, self.behind - event_cost(group))  # written: no longer owed
+                    if self.slow:
+                        raise SlowConsumer()
+                if not events and not self._dirty:
+                    self.behind = 0  # up to date
                     return
                 self.cursor = batch.cursor
         finally:
             self.hold -= 1
+
+
+STREAM_SEND_BUFFER = 256 * 1024
+
+
+def bound_send_buffer(sock: Any, slow_bytes: int) -> None:
+    """A stream's kernel send buffer, fixed rather than autotuned (up to 4 MB on Linux): what a
+    client that stopped reading leaves unsent then shows up as its backlog here, and it is cut
+    as a slow consumer instead of quietly holding megabytes of kernel memory."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(slow_bytes, STREAM_SEND_BUFFER))
+    except (OSError, AttributeError):
+        pass
+
+
+def _cut(sock: Any) -> None:
+    """End a connection from another greenlet: its blocked write then fails at once."""
+    try:
+        sock.shutdown(2)  # SHUT_RDWR
+    except OSError:
+        pass

@@ -7,10 +7,19 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, request
 
 from gateway.admission import Ticket
+from gateway.config import Config
 from gateway.hub import Hub, gap_event
-from gateway.transports.common import admission, admit, alive_until_expiry, config, hub, idle_until_expiry, positions
+from gateway.transports.common import (
+    admission,
+    admit,
+    alive_until_expiry,
+    config,
+    hub,
+    idle_until_expiry,
+    positions,
+)
 from gateway.transports.multipush import MultiPusher
-from gateway.transports.push import Pusher, chunk, sse_encoder
+from gateway.transports.push import Pusher, SlowConsumer, bound_send_buffer, chunk, sse_encoder
 
 __all__ = ["bp"]
 
@@ -20,6 +29,7 @@ HEARTBEAT = b": heartbeat\n\n"
 # On shutdown: come back soon (to this or another instance); Last-Event-ID resumes the stream.
 RECONNECT_HINT = b"retry: 1000\n\n"
 EXPIRED = b": token expired; reconnect with a fresh token and Last-Event-ID to resume\n\n"
+SLOW = b": disconnected: this client fell too far behind (limits.slow_consumer_bytes); reconnect with Last-Event-ID\n\n"
 MAX_PADDING = 65536
 
 
@@ -40,35 +50,54 @@ def stream(channel: str) -> Response:
         # Some proxies and old browsers hold the first few KB back; a comment pushes it through.
         head += b":" + b" " * padding + b"\n\n"
     head += f"retry: {cfg.sse.retry_ms}\n\n".encode()
-    body = _events(gateway, ticket, starts, head, cfg.sse.heartbeat_s, cfg.poll.max_batch, request.environ)
+    body = _events(gateway, ticket, starts, head, cfg, request.environ)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    response = Response(body, mimetype="text/event-stream", headers=headers, direct_passthrough=True)
-    response.call_on_close(ticket.close)  # however the stream ends, even before its first byte
-    return response
+    return Response(body, mimetype="text/event-stream", headers=headers, direct_passthrough=True)
 
 
 def _events(
-    gateway: Hub, ticket: Ticket, starts: dict[str, str], head: bytes, heartbeat_s: float, limit: int, environ: dict
+    gateway: Hub, ticket: Ticket, starts: dict[str, str], head: bytes, cfg: Config, environ: dict
 ) -> Iterator[bytes]:
-    ticket.open()
+    """The stream's body; runs after the view has returned, outside the app context. The server
+    closes it however the stream ends, which closes the ticket."""
+    with ticket:
+        yield from _stream(gateway, ticket, starts, head, cfg, environ)
+
+
+def _stream(
+    gateway: Hub, ticket: Ticket, starts: dict[str, str], head: bytes, cfg: Config, environ: dict
+) -> Iterator[bytes]:
+    heartbeat_s, limit, slow_bytes = cfg.sse.heartbeat_s, cfg.poll.max_batch, cfg.limits.slow_consumer_bytes
     yield head  # the server sends the headers with it; from here on the socket is ours
     sock, chunked = environ.get("gateway.socket"), environ.get("gateway.chunked")
     if sock is not None and chunked is not None:
+        bound_send_buffer(sock, slow_bytes)
         framed = chunked()
         heartbeat = chunk(HEARTBEAT) if framed else HEARTBEAT
         alive = lambda: alive_until_expiry(ticket)  # noqa: E731
         idle = lambda: idle_until_expiry(ticket, heartbeat_s)  # noqa: E731
+        pusher: Pusher | MultiPusher
         try:
             if ticket.multi:
-                multi = MultiPusher(sock, "sse", starts, framed)
-                multi.serve(gateway, limit, idle, lambda: multi.write(heartbeat), alive)
+                pusher = MultiPusher(sock, "sse", starts, framed)
+                pusher.slow_bytes = slow_bytes
+                pusher.serve(gateway, limit, idle, lambda: pusher.write(heartbeat), alive)
             else:
                 ((channel, cursor),) = starts.items()
                 kind, encode = sse_encoder(framed)
                 pusher = Pusher(sock, kind, encode, cursor)
+                pusher.slow_bytes = slow_bytes
                 pusher.serve(gateway, channel, limit, idle, lambda: pusher.write(heartbeat), alive)
-        except OSError:  # the client went away
+        except SlowConsumer:
+            ticket.end_reason = "slow_consumer"
+            _try_send(sock, chunk(SLOW) if framed else SLOW)
             return
+        except OSError:  # the client went away (or was cut as a slow consumer)
+            if pusher.slow:
+                ticket.end_reason = "slow_consumer"
+            return
+        finally:
+            ticket.bytes_sent = pusher.bytes_sent
         if not alive_until_expiry(ticket):
             ticket.end_reason = "token_expired"
             yield chunk(EXPIRED) if framed else EXPIRED
@@ -92,3 +121,13 @@ def _events(
             return
     ticket.end_reason = "shutdown" if gateway.closing else ticket.end_reason
     yield RECONNECT_HINT
+
+
+def _try_send(sock: object, data: bytes) -> None:
+    """A last word to a client we are dropping; if its socket cannot take it now, never mind."""
+    raw = getattr(sock, "_sock", None)
+    try:
+        if raw is not None:
+            raw.send(data)
+    except OSError:
+        pass

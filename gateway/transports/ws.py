@@ -24,7 +24,7 @@ from gateway.limits import TokenBuckets
 from gateway.state import state
 from gateway.transports.common import admission, admit, alive_until_expiry, config, hub, idle_until_expiry, positions
 from gateway.transports.multipush import MultiPusher
-from gateway.transports.push import Pusher, ws_encode
+from gateway.transports.push import Pusher, SlowConsumer, bound_send_buffer, ws_encode
 
 __all__ = ["bp", "sock", "init_app"]
 
@@ -35,6 +35,7 @@ sock = Sock()
 
 SERVICE_RESTART = 1012  # close code: the server is restarting, reconnect
 POLICY_VIOLATION = 1008  # close code: no pong to our ping, or the token expired
+TRY_AGAIN_LATER = 1013  # close code: a slow consumer, dropped; it may resume
 INPUT_BUFFER_BYTES = 256 * 1024  # client frames waiting to be handled; the reader stops above it
 INPUT_BUFFER_FRAMES = 64
 FRAMES_PER_ROUND = 16  # client frames handled before the stream yields to others
@@ -110,9 +111,11 @@ class _Connection:
             ws.sock.close()
             ws.sock = own
         self.raw_sock = ws.sock
+        bound_send_buffer(ws.sock, self.cfg.limits.slow_consumer_bytes)
         self.pusher: Pusher | MultiPusher = (
             MultiPusher(ws.sock, "ws", starts) if ticket.multi else Pusher(ws.sock, "ws", ws_encode, *starts.values())
         )
+        self.pusher.slow_bytes = self.cfg.limits.slow_consumer_bytes
         # Events go out through the pusher, straight from the publisher when the socket can take
         # them; every other write (pings, pongs, error frames, close) goes through its lock too.
         self.io = _SocketIO(ws.sock, self)
@@ -149,8 +152,16 @@ class _Connection:
                 if not self.switch_to_multi:
                     break
                 self._become_multi()
-        except (ConnectionClosed, OSError):  # the client went away mid-write
+        except SlowConsumer:
+            ticket.end_reason = "slow_consumer"
+            self._close_quietly(TRY_AGAIN_LATER, "slow consumer: fell too far behind; reconnect with ?since=<cursor>")
             return
+        except (ConnectionClosed, OSError):  # the client went away mid-write (or was cut as too slow)
+            if self.pusher.slow:
+                ticket.end_reason = "slow_consumer"
+            return
+        finally:
+            ticket.bytes_sent = self.pusher.bytes_sent
         if ws.connected and not alive_until_expiry(ticket):
             ticket.end_reason = "token_expired"
             ws.close(POLICY_VIOLATION, "token expired; reconnect with a fresh token and ?since=<cursor>")
@@ -265,6 +276,12 @@ class _Connection:
             reply["ref"] = obj["ref"]
         self.ws.send(json.dumps(reply))
 
+    def _close_quietly(self, code: int, reason: str) -> None:
+        try:
+            self.ws.close(code, reason)
+        except (ConnectionClosed, OSError):
+            pass
+
     def _become_multi(self) -> None:
         """A single-channel socket that subscribed to another channel: from now on its frames
         name their channel and carry the one cursor for all."""
@@ -273,6 +290,7 @@ class _Connection:
         channel, position = self.pending
         starts = {self.ticket.channels[0]: old.cursor, channel: position}
         self.pusher = MultiPusher(self.raw_sock, "ws", starts)
+        self.pusher.slow_bytes = self.cfg.limits.slow_consumer_bytes
         self.ws.event = self.pusher.wakeup
         self.io.pusher = self.pusher
         self.ticket.multi = True

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import requests
 from flask import Flask, redirect, request, session
@@ -292,3 +293,31 @@ def test_a_browser_page_without_the_right_login_is_refused(browser, app, gw, use
         assert calls and all(("session=" in (c["cookie"] or "")) == (user is not None) for c in calls), calls
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_every_channel_of_a_multi_channel_request_is_asked(app, gw, transport):
+    mine, also_mine, theirs = f"user.alice.{tag()}", f"user.alice.{tag()}", f"user.bob.{tag()}"
+    alice = {"Cookie": app.cookie("alice")}
+    assert_admitted(ask(gw, transport, f"{mine},{also_mine}", alice), transport)
+    assert len(app.calls_for(mine)) == 1 and len(app.calls_for(also_mine)) == 1
+    assert_refused(ask(gw, transport, f"{mine},{theirs}", alice), 403, "forbidden")
+    assert app.calls_for(theirs), "the app was not asked about the other user's channel"
+
+
+def test_a_valid_token_or_a_public_channel_does_not_ask_the_app(app, tmp_path):
+    secret = "upstream-and-token-secret-0123456789"
+    gw = gateway_for(app.url, tmp_path, secret=secret, public=["pub.*"])
+    try:
+        channel, public, asked = f"user.carol.{tag()}", f"pub.{tag()}", f"user.alice.{tag()}"
+        token = jwt.encode({"exp": int(time.time()) + 600, "channels": [channel]}, secret, algorithm="HS256")
+        for transport in TRANSPORTS:
+            assert_admitted(ask(gw, transport, channel, {"Authorization": f"Bearer {token}"}), transport)
+            assert_admitted(ask(gw, transport, public), transport)
+        assert app.calls_for(channel) == [] and app.calls_for(public) == []
+        # Without a token the app decides, as before.
+        assert_admitted(ask(gw, "poll", asked, {"Cookie": app.cookie("alice")}), "poll")
+        assert_refused(ask(gw, "poll", f"user.carol.{tag()}"), 401, "unauthorized")
+        assert len(app.calls_for(asked)) == 1
+    finally:
+        gw.stop()

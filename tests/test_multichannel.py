@@ -232,7 +232,8 @@ def test_websocket_resumes_every_channel_from_the_last_cursor(gw):
 
 
 def _gap_scenario(gw: Gateway, open_reader: Callable[[list[str], str | None], Any]) -> None:
-    """Channel 0 loses history while the reader is away (history.size is 5); 1 and 2 do not."""
+    """Channel 0 loses history while the reader is away (history.size is 5); 1 and 2 do not.
+    `gw` publishes; the reader may be on another process."""
     chans = names(3)
     reader = open_reader(chans, None)
     try:
@@ -541,3 +542,16 @@ def test_redis_multi_channel_cursor_resumes_on_the_other_process(pair):
     late = two.publish(chans[3], "late")
     answer = requests.get(f"{two.url}/poll/{listing}", params={"since": cursor}, timeout=10).json()
     assert [(e["channel"], e["id"]) for e in answer["events"]] == [(chans[3], late)]
+
+
+def test_redis_a_channel_whose_history_ran_out_gets_its_own_gap_across_processes(start_gateway, redis_server):  # noqa: F811
+    env = {"REDIS_URL": redis_server.url}
+    small = CONFIG | {"history": {"size": 5}}
+    one, two = start_gateway(small, env), start_gateway(small, env)
+    readers = iter([one, two])  # the first connection on one process, the resumed one on the other
+
+    def open_sse(chans: list[str], cursor: str | None) -> MultiSSE:
+        gw = next(readers)
+        return MultiSSE(f"{gw.url}/sse/{','.join(chans)}", {"Last-Event-ID": cursor} if cursor else None)
+
+    _gap_scenario(two, open_sse)

@@ -46,9 +46,10 @@ def test_a_stuck_sse_and_websocket_subscriber_are_cut_while_others_get_everythin
     stuck = [_stuck_client(gw.port, f"/sse/{channel}"), _stuck_client(gw.port, f"/ws/{channel}", ws=True)]
     try:
         start = requests.get(f"{gw.url}/poll/{channel}", timeout=5).json()["cursor"]
-        with SSEClient(f"{gw.url}/sse/{channel}?since={start}", timeout=20) as healthy, WSClient(
-            f"{gw.ws_url}/ws/{channel}?since={start}", timeout=20
-        ) as ws_healthy:
+        with (
+            SSEClient(f"{gw.url}/sse/{channel}?since={start}", timeout=20) as healthy,
+            WSClient(f"{gw.ws_url}/ws/{channel}?since={start}", timeout=20) as ws_healthy,
+        ):
             assert _wait(lambda: _subscribers(gw.url) == 4)
             got_ws: list[str] = []
             got_sse: list[str] = []

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import jwt
 import pytest
 
 from tests.clients import RawResponse, raw_request
@@ -220,3 +221,37 @@ def test_both_limits_together_through_a_trusted_proxy(start_gateway, held):
         assert_limited(refused_soon(gw, transport, channel, 503, xff="10.1.0.3"), 503)
     held[0].close()
     assert admitted_soon(gw, "sse", channel, xff="10.1.0.3")
+
+
+SECRET = "limits-auth-secret-0123456789abcdef"
+
+
+def _token(channel: str, exp_in: float = 600) -> str:
+    return jwt.encode({"exp": int(time.time() + exp_in), "channels": [channel]}, SECRET, algorithm="HS256")
+
+
+def test_refused_requests_take_no_slot(start_gateway, held):
+    gw = start_gateway(limited(max_connections_per_client=1) | {"auth": {"secret": SECRET, "leeway_s": 0}})
+    channel = ch()
+    for transport in STREAMS:  # unauthorized, forbidden, invalid: none of them may keep a slot
+        for path in (f"/{transport}/{channel}", f"/{transport}/{channel}?token={_token('other')}"):
+            r = raw_request(gw.port, path, {"Accept": "text/event-stream"}, websocket_upgrade=transport == "ws")
+            r.close()
+            assert r.status in (401, 403), (path, r.status)
+        r = raw_request(gw.port, f"/{transport}/bad!name", websocket_upgrade=transport == "ws")
+        r.close()
+        assert r.status == 400
+    held.append(Held(gw, "sse", f"{channel}?token={_token(channel)}"))
+    assert_limited(refused_soon(gw, "ws", f"{channel}?token={_token(channel)}", 429), 429)
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_a_stream_ended_by_its_token_expiring_frees_its_slot(start_gateway, held, transport):
+    gw = start_gateway(limited(max_connections_per_client=1) | {"auth": {"secret": SECRET, "leeway_s": 0}})
+    channel = ch()
+    held.append(Held(gw, transport, f"{channel}?token={_token(channel, exp_in=3)}"))
+    fresh = f"{channel}?token={_token(channel)}"
+    assert_limited(attempt(gw, transport, fresh), 429)
+    # The gateway ends the stream at expiry (SSE: the response ends; WebSocket: close 1008) and
+    # must then count it as gone.
+    assert admitted_soon(gw, transport, fresh, within_s=20), "the expired stream still holds its slot"

@@ -149,6 +149,11 @@ class Admission:
             if limits.connect_rate_per_client
             else None
         )
+        self._publish_rate = (
+            TokenBuckets(limits.publish_rate_per_token, 4 * limits.publish_rate_per_token)
+            if limits.publish_rate_per_token
+            else None
+        )
 
     # -- registration -------------------------------------------------------------------------
     def register(self, policy: ChannelPolicy) -> None:
@@ -244,12 +249,28 @@ class Admission:
                     raise over_limit(
                         503, "channel_full", f"{channel!r} has limits.max_subscribers_per_channel subscribers", 5
                     )
+        self._check_channel_room(channels)
         if self._connect_rate is not None:
             wait = self._connect_rate.take(client)
             if wait:
                 raise over_limit(
                     429, "connecting_too_fast", "too many new connections from this client; slow down", wait
                 )
+
+    def check_publish(self, environ: Mapping[str, Any], channel: str, principal: Principal) -> None:
+        """Limits on publishing: the rate per token (or per client for the admin token's holder
+        behind one address) and the channels one process keeps."""
+        if self._publish_rate is not None:
+            key = principal.sub or client_address(environ, self.trusted)
+            wait = self._publish_rate.take(key)
+            if wait:
+                raise over_limit(429, "publishing_too_fast", "too many publishes with this token; slow down", wait)
+        self._check_channel_room([channel])
+
+    def _check_channel_room(self, channels: list[str]) -> None:
+        cap = self._limits.max_channels
+        if cap and any(not self.hub.has_channel(c) for c in channels) and self.hub.channel_count() >= cap:
+            raise over_limit(503, "too_many_channels_alive", "the gateway holds limits.max_channels channels", 30)
 
     # -- counting -----------------------------------------------------------------------------
     def _opened(self, ticket: Ticket) -> None:

@@ -228,8 +228,6 @@ class AuthConfig:
             raise ConfigError("auth.upstream_url: must be an http:// or https:// URL, or empty")
         if self.secret and self.secret != self.secret.strip():
             raise ConfigError("auth.secret: starts or ends with whitespace or a line break; remove it")
-        if self.secret and len(self.secret) < 16:
-            raise ConfigError("auth.secret: too short to sign tokens safely; use at least 16 characters (32+ random)")
         _range("auth.leeway_s", self.leeway_s, 0, 3600)
         _range("auth.cache_s", self.cache_s, 0, 3600)
         _range("auth.cache_size", self.cache_size, 1, 10_000_000)

@@ -25,8 +25,9 @@ def publish(channel: str) -> tuple[Response, int]:
     server = config().server
     adm = admission()
     creds = Credentials.from_environ(request.environ, None)  # never ?token= for a POST: it would be logged
-    adm.auth.publish(channel, creds)
+    principal = adm.auth.publish(channel, creds)
     channel = channel_arg(channel)
+    adm.check_publish(request.environ, channel, principal)
     key = _idempotency_key()
     data, event = _read_body(server.max_body_bytes)
     ev = hub().publish(channel, data, event, idempotency_key=key)

@@ -8,10 +8,13 @@ token cannot choose its own algorithm (`alg: none`, or RS256 with our secret as 
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jwt
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Claims", "TokenError", "TokenVerifier", "matches"]
 
@@ -45,6 +48,8 @@ class TokenVerifier:
     def __init__(self, secret: str, leeway_s: float) -> None:
         self._secret = secret
         self._leeway = leeway_s
+        if len(secret.encode()) < 32:  # RFC 7518 3.2: an HS256 key as long as the hash
+            log.warning("auth.secret is shorter than 32 bytes; tokens signed with it are easier to forge")
 
     def verify(self, token: str) -> Claims:
         if len(token) > MAX_TOKEN_CHARS:

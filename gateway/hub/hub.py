@@ -264,6 +264,16 @@ class Hub:
     def channels(self) -> list[str]:
         return sorted(set(self.store.channels()) | set(self._subscribers))
 
+    def has_channel(self, channel: str) -> bool:
+        """Known to this process: it has subscribers here, or (a local store) a history."""
+        local = getattr(self.store, "local_channels", None)  # only a store in this process has it
+        return channel in self._subscribers or (local is not None and channel in local())
+
+    def channel_count(self) -> int:
+        """Channels this process holds (for limits.max_channels)."""
+        local = getattr(self.store, "local_channels", None)
+        return len(self._subscribers) if local is None else len(local() | self._subscribers.keys())
+
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
         """Shutting down: wake every reader so each can tell its client to come back."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, KeysView
 from itertools import islice
 
 from gateway.hub.events import Batch, Event
@@ -99,6 +99,10 @@ class MemoryStore:
 
     def channels(self) -> list[str]:
         return list(self._channels)
+
+    def local_channels(self) -> KeysView[str]:
+        """The channels held in this process (a live view, not a copy)."""
+        return self._channels.keys()
 
     def sweep(self, busy: Callable[[str], bool]) -> int:
         """Expire old events; free channels with no history that nobody is using."""

@@ -259,6 +259,7 @@ class _Connection:
                     else:
                         self.pending = (channel, position)
                         self.switch_to_multi = True
+                        self.pusher.wake()  # end this serve round now, not at the next ping
             else:
                 if channel in ticket.channels:
                     if len(ticket.channels) == 1:

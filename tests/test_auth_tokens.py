@@ -176,14 +176,19 @@ def test_an_sse_stream_ends_when_its_token_expires(gw, ch):
     ):
         assert short.status == 200 and long.status == 200
         opened = time.monotonic()
-        while short.next_event(time.monotonic() + 20) is not None:
-            pass
+        first = gw.publish(ch, "before expiry")
+        seen = []
+        while (event := short.next_event(time.monotonic() + 20)) is not None:
+            seen.append(event["id"])
         assert short.closed, "the stream was still open 20 s after its token expired"
+        assert seen == [first]
         assert time.monotonic() - opened > 1  # not refused or cut at once: it was a live stream
         # The stream with a valid token is unaffected.
         event_id = gw.publish(ch, "still here")
-        event = long.next_event(time.monotonic() + 10)
-        assert event is not None and event["id"] == event_id
+        assert [e["id"] for e in long.events(2)] == [first, event_id]
+    # A fresh token and Last-Event-ID resume where the expired stream ended.
+    with SSEClient(f"{gw.url}/sse/{ch}?token={mint([ch])}", {"Last-Event-ID": seen[-1]}) as again:
+        assert [e["id"] for e in again.events(1)] == [event_id]
 
 
 def test_a_websocket_closes_with_1008_when_its_token_expires(gw, ch):

@@ -5,6 +5,7 @@ behind the gateway's [proxy] deciding for a real Chromium page that uses gateway
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ from typing import Any
 import jwt
 import pytest
 import requests
+import websocket
 from flask import Flask, redirect, request, session
 from werkzeug.serving import make_server
 
@@ -223,6 +225,9 @@ def test_decisions_are_cached_per_credential_and_channel(app, gw):
     for _ in range(3):  # another credential is another decision, cached too
         assert requests.get(f"{gw.url}/poll/{channel}", headers={"Cookie": bob}, timeout=10).status_code == 403
     assert len(app.calls_for(channel)) == 2
+    # No credential at all is a third: alice's cached allow is not served to it.
+    assert requests.get(f"{gw.url}/poll/{channel}", timeout=10).status_code == 401
+    assert len(app.calls_for(channel)) == 3
     other = f"user.alice.{tag()}"  # and another channel too
     assert requests.get(f"{gw.url}/poll/{other}", headers={"Cookie": alice}, timeout=10).status_code == 200
     assert len(app.calls_for(other)) == 1
@@ -321,3 +326,22 @@ def test_a_valid_token_or_a_public_channel_does_not_ask_the_app(app, tmp_path):
         assert len(app.calls_for(asked)) == 1
     finally:
         gw.stop()
+
+
+def test_websocket_subscribe_asks_the_app_like_the_url(app, gw):
+    first, second, theirs = f"user.alice.{tag()}", f"user.alice.{tag()}", f"user.bob.{tag()}"
+    ws = websocket.create_connection(f"{gw.ws_url}/ws/{first}", timeout=10, header=[f"Cookie: {app.cookie('alice')}"])
+    try:
+        ws.send(json.dumps({"action": "subscribe", "channel": second}))
+        reply = json.loads(ws.recv())
+        assert reply.get("event") != "error", reply
+        assert [c["transport"] for c in app.calls_for(second)] == ["ws"]
+        ws.send(json.dumps({"action": "subscribe", "channel": theirs}))
+        reply = json.loads(ws.recv())
+        assert reply["event"] == "error" and reply.get("error"), reply
+        assert app.calls_for(theirs), "the app was not asked"
+        event_id = gw.publish(second, "allowed")  # the socket is still open and delivers
+        frame = json.loads(ws.recv())
+        assert (frame.get("channel"), frame["id"]) == (second, event_id), frame
+    finally:
+        ws.close()

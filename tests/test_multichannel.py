@@ -362,6 +362,30 @@ def test_more_channels_than_the_limit_or_an_invalid_name_is_400(start_gateway, t
     _refused_400(gw, transport, f"{chans[0]},-leading-dash")
 
 
+def test_websocket_subscribe_past_the_channel_limit_is_an_error_frame(start_gateway):
+    gw = start_gateway(CONFIG | {"limits": {"max_channels_per_connection": 3}})
+    a, b, c, d = names(4)
+    ws = MultiWS(f"{gw.ws_url}/ws/{a},{b},{c}")
+    try:
+        ws.send({"action": "subscribe", "channel": d})
+        reply = _reply(ws)
+        assert reply["event"] == "error" and reply.get("error"), reply
+        gw.publish(d, "must not arrive")
+        a0 = gw.publish(a, "still open")
+        frame = _event(ws)
+        assert (frame["channel"], frame["id"]) == (a, a0), frame
+        # Room again after an unsubscribe.
+        ws.send({"action": "unsubscribe", "channel": b})
+        assert _reply(ws).get("event") != "error"
+        ws.send({"action": "subscribe", "channel": d})
+        assert _reply(ws).get("event") != "error"
+        d1 = gw.publish(d, "now it may")
+        frame = _event(ws)
+        assert (frame["channel"], frame["id"]) == (d, d1), frame
+    finally:
+        ws.close()
+
+
 def test_the_default_limit_is_50_channels(gw):
     chans = names(51)
     assert requests.get(f"{gw.url}/poll/{','.join(chans[:50])}", timeout=10).status_code == 200

@@ -110,11 +110,17 @@ def read_n(reader: Any, n: int, deadline_s: float = 15) -> list[Item]:
     return got
 
 
-def read_to_sentinel(reader: Any, sentinel: str, deadline_s: float = 15) -> list[Item]:
-    """Everything up to and including the event whose data is `sentinel` (published last, so
-    whatever was due before it has arrived by then: a check that nothing more came)."""
-    got = read_until(reader, lambda g: bool(g) and g[-1].get("data") == sentinel, deadline_s)
-    assert got and got[-1].get("data") == sentinel, f"no sentinel; got {got}"
+def read_to_sentinel(reader: Any, sentinel: str, deadline_s: float = 15, at_least: int = 1) -> list[Item]:
+    """Everything until the event whose data is `sentinel` (published last) has arrived, and
+    with it at least `at_least` real events: order across channels is not promised, so a
+    sentinel alone does not prove that another channel's backlog is complete."""
+
+    def done(got: list[Item]) -> bool:
+        real = [i for i in got if i["event"] != "gap"]
+        return any(i.get("data") == sentinel for i in real) and len(real) >= at_least
+
+    got = read_until(reader, done, deadline_s)
+    assert done(got), f"no sentinel or too few events (want {at_least}); got {got}"
     return got
 
 
@@ -249,8 +255,8 @@ def _gap_scenario(gw: Gateway, open_reader: Callable[[list[str], str | None], An
     kept_b = [(gw.publish(chans[1], f"b{i}"), f"b{i}") for i in range(2)]
     reader = open_reader(chans, seen[-1]["cursor"])
     try:
-        gw.publish(chans[2], "sentinel")
-        got = read_to_sentinel(reader, "sentinel")
+        sentinel = gw.publish(chans[2], "sentinel")
+        got = read_to_sentinel(reader, "sentinel", at_least=5 + 2 + 1)
     finally:
         reader.close()
     gaps = [i for i in got if i["event"] == "gap"]
@@ -260,12 +266,20 @@ def _gap_scenario(gw: Gateway, open_reader: Callable[[list[str], str | None], An
     assert per_channel(got) == {
         chans[0]: [(lost[i], f"a{i}") for i in range(7, 12)],
         chans[1]: kept_b,
-        chans[2]: [(got[-1]["id"], "sentinel")],
+        chans[2]: [(sentinel, "sentinel")],
     }
 
 
-def test_a_channel_whose_history_ran_out_gets_its_own_gap_on_sse(start_gateway):
-    gw = start_gateway(CONFIG | {"history": {"size": 5}})
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway whose channels keep only 5 events of history."""
+    gateway = Gateway(CONFIG | {"history": {"size": 5}}, Path(tmp_path_factory.mktemp("small")))
+    yield gateway
+    gateway.stop()
+
+
+def test_a_channel_whose_history_ran_out_gets_its_own_gap_on_sse(small):
+    gw = small
 
     def open_sse(chans: list[str], cursor: str | None) -> MultiSSE:
         return MultiSSE(f"{gw.url}/sse/{','.join(chans)}", {"Last-Event-ID": cursor} if cursor else None)
@@ -273,13 +287,39 @@ def test_a_channel_whose_history_ran_out_gets_its_own_gap_on_sse(start_gateway):
     _gap_scenario(gw, open_sse)
 
 
-def test_a_channel_whose_history_ran_out_gets_its_own_gap_on_websocket(start_gateway):
-    gw = start_gateway(CONFIG | {"history": {"size": 5}})
+def test_a_channel_whose_history_ran_out_gets_its_own_gap_on_websocket(small):
+    gw = small
 
     def open_ws(chans: list[str], cursor: str | None) -> MultiWS:
         return MultiWS(f"{gw.ws_url}/ws/{','.join(chans)}" + (f"?since={cursor}" if cursor else ""))
 
     _gap_scenario(gw, open_ws)
+
+
+def _gap_named(answer: dict[str, Any], channel: str) -> bool:
+    """Whether a poll answer reports a gap for `channel`: a gap event of that channel, or the
+    channel named in the answer's own fields (beside "gap": true)."""
+    if any(e.get("event") == "gap" and e.get("channel") == channel for e in answer["events"]):
+        return True
+    return channel in json.dumps({k: v for k, v in answer.items() if k not in ("events", "cursor")})
+
+
+@pytest.mark.parametrize("route", ["poll", "longpoll"])
+def test_poll_on_a_list_reports_the_gap_of_the_channel_that_lost_history(small, route):
+    a, b = names(2)
+    url = f"{small.url}/{route}/{a},{b}"
+    cursor = requests.get(url, params={"timeout": 0}, timeout=10).json()["cursor"]
+    lost = [small.publish(a, f"a{i}") for i in range(12)]  # history keeps the last 5
+    kept = [small.publish(b, f"b{i}") for i in range(2)]
+    answer = requests.get(url, params={"since": cursor, "timeout": 0}, timeout=10).json()
+    assert answer["gap"] is True, answer
+    assert _gap_named(answer, a) and not _gap_named(answer, b), answer
+    real = [e for e in answer["events"] if e.get("event") != "gap"]
+    assert [e["id"] for e in real if e["channel"] == a] == lost[7:]
+    assert [e["id"] for e in real if e["channel"] == b] == kept
+    # Its cursor resumes both without another gap.
+    again = requests.get(url, params={"since": answer["cursor"], "timeout": 0}, timeout=10).json()
+    assert again["events"] == [] and again["gap"] is False, again
 
 
 def test_a_listed_channel_the_cursor_does_not_know_starts_from_now(gw):
@@ -469,11 +509,11 @@ def test_websocket_subscribe_and_unsubscribe_on_an_open_socket(gw, opened_on):
     a2, c2 = gw.publish(a, "a2"), gw.publish(c, "c2")
     resumed = MultiWS(f"{gw.ws_url}/ws/{a},{c}?since={cursor}")
     try:
-        gw.publish(a, "sentinel")
-        got = read_to_sentinel(resumed, "sentinel", EVENT_WAIT_S)
+        sentinel = gw.publish(a, "sentinel")
+        got = read_to_sentinel(resumed, "sentinel", EVENT_WAIT_S, at_least=3)
     finally:
         resumed.close()
-    assert per_channel(got[:-1]) == {a: [(a2, "a2")], c: [(c2, "c2")]}
+    assert per_channel(got) == {a: [(a2, "a2"), (sentinel, "sentinel")], c: [(c2, "c2")]}
 
 
 def test_websocket_subscribe_to_an_invalid_channel_is_an_error_frame_not_a_close(gw):

@@ -9,7 +9,9 @@ what the ticket allows. The long-poll fast path calls the same admit() with a WS
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -18,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from gateway import cursor as cursors
-from gateway.auth import Authorizer, Credentials, Principal, matches
+from gateway.auth import ANONYMOUS, Authorizer, Credentials, Principal
 from gateway.clients import TrustedProxies, client_address
 from gateway.config import Config
 from gateway.errors import BadRequest
@@ -139,11 +141,12 @@ class Admission:
         self.auth = Authorizer(config)
         self.observer = Observer()
         self.policies: list[ChannelPolicy] = []
+        self._policy_patterns: list[tuple[re.Pattern[str], ChannelPolicy]] = []
         limits = config.limits
         self._limits = limits
         self._open = 0  # held connections in this process
         self._per_client: Counter[str] = Counter()
-        self._per_channel: Counter[tuple[str, str]] = Counter()  # (channel, transport) -> open tickets
+        self._per_channel: dict[tuple[str, str], int] = {}  # (channel, transport) -> open tickets
         self._connect_rate = (
             TokenBuckets(limits.connect_rate_per_client, 4 * limits.connect_rate_per_client)
             if limits.connect_rate_per_client
@@ -158,12 +161,13 @@ class Admission:
     # -- registration -------------------------------------------------------------------------
     def register(self, policy: ChannelPolicy) -> None:
         self.policies.append(policy)
+        self._policy_patterns.append((re.compile(fnmatch.translate(policy.pattern)), policy))
         if policy.public:
             self.auth.add_public(policy.pattern)
 
     def policy(self, channel: str) -> ChannelPolicy | None:
-        for policy in self.policies:
-            if matches(channel, (policy.pattern,)):
+        for pattern, policy in self._policy_patterns:
+            if pattern.match(channel):
                 return policy
         return None
 
@@ -198,7 +202,11 @@ class Admission:
         since = since or args.get("since") or None
         starts = self.starts(channels, since, multi)
         client = client_address(environ, self.trusted)
-        principal = self.auth.read(channels, transport, Credentials.from_environ(environ, args.get("token")))
+        principal = (
+            self.auth.read(channels, transport, Credentials.from_environ(environ, args.get("token")))
+            if self.auth.enabled
+            else ANONYMOUS
+        )
         if transport in HELD:
             self._check_room(client, channels)
         return Ticket(transport, channels, starts, multi, client, principal, self)
@@ -293,9 +301,11 @@ class Admission:
 
     def _count(self, channel: str, transport: str, delta: int) -> None:
         key = (channel, transport)
-        self._per_channel[key] += delta
-        if self._per_channel[key] <= 0:
-            del self._per_channel[key]
+        n = self._per_channel.get(key, 0) + delta
+        if n > 0:
+            self._per_channel[key] = n
+        else:
+            self._per_channel.pop(key, None)
         if transport in HELD:  # lazy upstream sources follow the hub's subscriber count
             if delta > 0:
                 self.hub.subscribe(channel)
@@ -311,10 +321,20 @@ class Admission:
 
 
 def query_args(query: str) -> dict[str, str]:
-    """The first value of each key, as Flask's request.args.get() would give it."""
+    """The first value of each key, as Flask's request.args.get() would give it (the long-poll
+    fast path calls this for every request: plain keys and values skip the decoder)."""
     out: dict[str, str] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        out.setdefault(key, value)
+    if not query:
+        return out
+    if "%" in query or "+" in query or ";" in query:
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            out.setdefault(key, value)
+        return out
+    for part in query.split("&"):
+        if part:
+            key, _, value = part.partition("=")
+            if key not in out:
+                out[key] = value
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import json
 import logging
 import signal
@@ -16,6 +17,8 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from gateway.errors import ConfigError
 from gateway.state import state
+from gateway.transports.fastpoll import FastLongPoll
+from gateway.transports.pollloop import LongPollLoop
 
 __all__ = ["serve"]
 
@@ -24,6 +27,7 @@ READ_BUFFER = 1024  # bytes; pywsgi's default is 8 KB per connection
 # deploy; the kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
 GC_THRESHOLDS = (10_000, 20, 20)  # CPython's defaults: (700, 10, 10)
+HEAD_TIMEOUT_S = 10.0
 
 
 class _Handler(WSGIHandler):
@@ -41,6 +45,25 @@ class _Handler(WSGIHandler):
             # requests are small (bodies are read past the buffer anyway).
             rfile = sock.makefile("rb", READ_BUFFER)
         super().__init__(sock, address, server, rfile)
+
+    def handle(self) -> None:
+        # Keep-alive long polls first (see transports/pollloop.py): it hands the connection back,
+        # with whatever it read, at the first request that is anything else.
+        loop = getattr(self.server, "longpoll_loop", None)
+        if loop is not None:
+            rest = loop.serve(self.socket, self.client_address, self._log_long_poll)
+            if rest is None:
+                return  # the connection is done; the server closes it
+            if rest:
+                self.rfile = io.BufferedReader(_Prefixed(rest, self.socket), READ_BUFFER)
+        super().handle()
+
+    def _log_long_poll(self, request_line: str, status: int, length: int, started: float) -> None:
+        if self.server.log is None:
+            return
+        self.requestline, self.status, self._orig_status = request_line, str(status), str(status)
+        self.response_length, self.time_start, self.time_finish = length, started, time.time()
+        self.log_request()
 
     def get_environ(self) -> dict:
         # Streams take the fast path (gateway/transports/push.py): the publisher writes encoded
@@ -64,6 +87,25 @@ class _Handler(WSGIHandler):
         # client's closing frame as one.
         if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             self.close_connection = True
+
+
+class _Prefixed(io.RawIOBase):
+    """A connection's bytes for pywsgi: those already read by the long-poll loop, then the socket."""
+
+    def __init__(self, prefix: bytes, sock: socket.socket) -> None:
+        self._prefix = memoryview(prefix)
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._prefix:
+            n = min(len(buffer), len(self._prefix))
+            buffer[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        return self._sock.recv_into(buffer)
 
 
 def _refusal(status: str) -> bytes:
@@ -106,6 +148,8 @@ def serve(app: Flask) -> None:
         error_log=sys.stderr,
     )
     server.stall_timeout_s = config.server.stall_timeout_s
+    fast = st.parts.get(FastLongPoll)
+    server.longpoll_loop = LongPollLoop(fast, HEAD_TIMEOUT_S) if fast is not None else None
     _tune_gc()
     # gevent records each greenlet's spawning stack and parent (for debugging): ~2 KB per
     # connection's greenlets, for nothing in production.

@@ -18,7 +18,7 @@ from gateway.auth.upstream import ALLOW, UNAVAILABLE, AppAuthorizer
 from gateway.config import Config
 from gateway.errors import BadRequest
 
-__all__ = ["Authorizer", "Principal", "Credentials", "unauthorized", "forbidden", "matches"]
+__all__ = ["Authorizer", "Principal", "Credentials", "ANONYMOUS", "unauthorized", "forbidden", "matches"]
 
 
 @dataclass(frozen=True)

@@ -21,20 +21,24 @@ from gateway.errors import BadRequest
 from gateway.state import State
 from gateway.transports import pollbody
 
-__all__ = ["FastLongPoll"]
+__all__ = ["FastLongPoll", "REASONS", "Answer"]
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/longpoll/"
 _HEADERS = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
-_REASONS = {
+REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
     429: "Too Many Requests",
+    200: "OK",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+
+
+Answer = tuple[int, list[tuple[str, str]], bytes]  # status, headers, body
 
 
 class FastLongPoll:
@@ -46,17 +50,32 @@ class FastLongPoll:
         self.timeout = timeout
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if not path.startswith(PREFIX) or environ.get("REQUEST_METHOD") != "GET" or "HTTP_ORIGIN" in environ:
+        answer = self.answer(environ)
+        if answer is None:
             return self.app(environ, start_response)
+        status, headers, body = answer
+        start_response(f"{status} {REASONS.get(status, 'Error')}", headers)
+        return [body]
+
+    def takes(self, method: str, path: str, has_origin: bool) -> bool:
+        """Is this request one for the fast path (else Flask answers it)?"""
+        if method != "GET" or has_origin or not path.startswith(PREFIX):
+            return False
         admission = self.state.admission
         assert admission is not None
-        text = path[len(PREFIX) :]
-        if not admission.fast_path_ok(text.split(",")):
-            return self.app(environ, start_response)  # e.g. probe channels: their hooks live in Flask
+        # e.g. the probe channels: their request hooks live in Flask
+        return admission.fast_path_ok(path[len(PREFIX) :].split(","))
+
+    def answer(self, environ: dict[str, Any]) -> Answer | None:
+        """The long poll's whole answer, or None when Flask should answer this request."""
+        path = environ.get("PATH_INFO", "")
+        if not self.takes(environ.get("REQUEST_METHOD", ""), path, "HTTP_ORIGIN" in environ):
+            return None
+        admission = self.state.admission
+        assert admission is not None
         try:
             args = query_args(environ.get("QUERY_STRING", ""))
-            ticket = admission.admit(environ, "longpoll", text, args=args)
+            ticket = admission.admit(environ, "longpoll", path[len(PREFIX) :], args=args)
             left = ticket.seconds_left()
             timeout = self.timeout(args.get("timeout"), self.poll)
             if left is not None:
@@ -64,19 +83,16 @@ class FastLongPoll:
             with ticket:
                 body = pollbody.wait(self.hub, ticket, timeout, self.poll.max_batch).encode()
         except BadRequest as exc:
-            return _error(start_response, exc)
+            return _error(exc)
         except Exception:
             log.exception("unhandled error")
             detail = "the gateway failed to handle this request; see its log"
-            return _error(start_response, BadRequest("internal_error", detail, 500))
-        start_response("200 OK", [*_HEADERS, ("Content-Length", str(len(body)))])
-        return [body]
+            return _error(BadRequest("internal_error", detail, 500))
+        return 200, [*_HEADERS, ("Content-Length", str(len(body)))], body
 
 
-def _error(start_response: Callable[..., Any], exc: BadRequest) -> list[bytes]:
+def _error(exc: BadRequest) -> Answer:
     body = json.dumps({"error": exc.code, "detail": exc.detail}).encode()
-    reason = _REASONS.get(exc.status, "Error")
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
     headers += list((exc.headers or {}).items())
-    start_response(f"{exc.status} {reason}", headers)
-    return [body]
+    return exc.status, headers, body

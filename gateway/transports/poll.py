@@ -25,7 +25,8 @@ def _install_fast_path(setup: BlueprintSetupState) -> None:
     """Plain long polls skip Flask's per-request machinery (see fastpoll.py)."""
     app = setup.app
     st = state(app)
-    app.wsgi_app = FastLongPoll(app.wsgi_app, st, timeout_arg)
+    fast = st.parts[FastLongPoll] = FastLongPoll(app.wsgi_app, st, timeout_arg)
+    app.wsgi_app = fast
 
 
 @bp.get("/poll/", defaults={"channel": ""})

@@ -4,6 +4,8 @@ streams end when their token expires, scoped publish tokens, and no token in the
 
 from __future__ import annotations
 
+import http.client
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -282,3 +284,29 @@ def test_without_auth_keys_every_channel_is_public(start_gateway):
     with SSEClient(f"{gw.url}/sse/{ch}") as sse:
         event_id = gw.publish(ch, "open to all")
         assert [(e["id"], e["data"]) for e in sse.events(1)] == [(event_id, "open to all")]
+
+
+@pytest.mark.parametrize("route", ["poll", "longpoll"])
+def test_each_request_on_a_keep_alive_connection_is_authorized_on_its_own(gw, ch, route):
+    """A credential belongs to one request: the next one on the same connection brings its own."""
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    try:
+        conn.connect()
+        local = conn.sock.getsockname()
+        plan = [
+            (f"token={mint([ch])}", {}, 200),
+            ("", {}, 401),
+            ("", {"Authorization": f"Bearer {mint([ch])}"}, 200),
+            ("", {}, 401),
+            (f"token={mint(['elsewhere'])}", {}, 403),
+            (f"token={mint([ch])}", {}, 200),
+            ("", {"Authorization": f"Bearer {mint([ch], key='w' * 32)}"}, 401),
+        ]
+        for query, headers, status in plan:
+            conn.request("GET", f"/{route}/{ch}?timeout=0&{query}", headers=headers)
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            assert r.status == status, (query, headers, r.status, body)
+            assert conn.sock is not None and conn.sock.getsockname() == local, "the connection was not kept"
+    finally:
+        conn.close()

@@ -5,6 +5,7 @@ from a trusted proxy."""
 
 from __future__ import annotations
 
+import http.client
 import socket
 import time
 import uuid
@@ -23,6 +24,7 @@ BASE: dict[str, Any] = {
     "poll": {"longpoll_max_timeout_s": 10.0},
 }
 STREAMS = ["sse", "longpoll", "ws"]
+SETTLE_S = 0.3
 HOLD_S = 8  # a held long poll's timeout: long enough to be counted while the test looks
 
 
@@ -44,6 +46,9 @@ class Held:
             lines = [f"GET /longpoll/{channel}?timeout={HOLD_S} HTTP/1.1", f"Host: 127.0.0.1:{gw.port}"]
             lines += [f"{k}: {v}" for k, v in headers.items()]
             self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            # A held poll gives no sign of being counted: let the gateway read it before the test
+            # probes (a probe admitted first would take the slot and the poll would be refused).
+            time.sleep(SETTLE_S)
         else:
             headers["Accept"] = "text/event-stream"
             path = f"/{transport}/{channel}"
@@ -255,3 +260,29 @@ def test_a_stream_ended_by_its_token_expiring_frees_its_slot(start_gateway, held
     # The gateway ends the stream at expiry (SSE: the response ends; WebSocket: close 1008) and
     # must then count it as gone.
     assert admitted_soon(gw, transport, fresh, within_s=20), "the expired stream still holds its slot"
+
+
+def test_a_long_poll_held_on_a_keep_alive_connection_counts_and_frees_its_slot(start_gateway):
+    gw = start_gateway(limited(max_connections_per_client=1))
+    channel = ch()
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=HOLD_S + 10)
+    try:
+        # Probes here are answered-at-once long polls: an SSE probe's slot lingers until the
+        # gateway notices the probe went away (its next heartbeat).
+        for _ in range(3):  # answered at once: they hold nothing afterwards
+            conn.request("GET", f"/longpoll/{channel}?timeout=0")
+            r = conn.getresponse()
+            r.read()
+            assert r.status == 200
+        assert admitted_soon(gw, "longpoll", channel, within_s=5)
+        conn.request("GET", f"/longpoll/{channel}?timeout={HOLD_S}")  # held on the same connection
+        time.sleep(SETTLE_S)
+        # Probe with answered-at-once long polls: one admitted before the held poll is read frees
+        # its slot as it answers, so the held poll is not refused in its place.
+        assert_limited(refused_soon(gw, "longpoll", channel, 429), 429)
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 200
+        assert admitted_soon(gw, "longpoll", channel, within_s=5), "the answered long poll still holds its slot"
+    finally:
+        conn.close()

@@ -307,6 +307,11 @@ def test_each_request_on_a_keep_alive_connection_is_authorized_on_its_own(gw, ch
             r = conn.getresponse()
             body = json.loads(r.read())
             assert r.status == status, (query, headers, r.status, body)
+            if status == 401:
+                assert body["error"] == "unauthorized"
+                assert (r.getheader("WWW-Authenticate") or "").lower().startswith("bearer"), r.getheaders()
+            elif status == 403:
+                assert body["error"] == "forbidden"
             assert conn.sock is not None and conn.sock.getsockname() == local, "the connection was not kept"
     finally:
         conn.close()

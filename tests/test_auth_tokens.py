@@ -173,7 +173,7 @@ def test_a_multi_channel_request_with_one_forbidden_channel_is_refused(gw, trans
 
 def test_an_sse_stream_ends_when_its_token_expires(gw, ch):
     with (
-        SSEClient(f"{gw.url}/sse/{ch}?token={mint([ch], exp_in=3)}") as short,
+        SSEClient(f"{gw.url}/sse/{ch}?token={mint([ch], exp_in=4)}") as short,
         SSEClient(f"{gw.url}/sse/{ch}?token={mint([ch])}") as long,
     ):
         assert short.status == 200 and long.status == 200
@@ -194,7 +194,7 @@ def test_an_sse_stream_ends_when_its_token_expires(gw, ch):
 
 
 def test_a_websocket_closes_with_1008_when_its_token_expires(gw, ch):
-    ws = websocket.create_connection(f"{gw.ws_url}/ws/{ch}?token={mint([ch], exp_in=3)}", timeout=5)
+    ws = websocket.create_connection(f"{gw.ws_url}/ws/{ch}?token={mint([ch], exp_in=4)}", timeout=5)
     try:
         assert ws_close_code(ws, deadline_s=20) == 1008
     finally:

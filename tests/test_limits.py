@@ -254,7 +254,7 @@ def test_refused_requests_take_no_slot(start_gateway, held):
 def test_a_stream_ended_by_its_token_expiring_frees_its_slot(start_gateway, held, transport):
     gw = start_gateway(limited(max_connections_per_client=1) | {"auth": {"secret": SECRET, "leeway_s": 0}})
     channel = ch()
-    held.append(Held(gw, transport, f"{channel}?token={_token(channel, exp_in=3)}"))
+    held.append(Held(gw, transport, f"{channel}?token={_token(channel, exp_in=4)}"))
     fresh = f"{channel}?token={_token(channel)}"
     assert_limited(attempt(gw, transport, fresh), 429)
     # The gateway ends the stream at expiry (SSE: the response ends; WebSocket: close 1008) and

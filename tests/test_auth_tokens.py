@@ -117,6 +117,7 @@ BAD_TOKENS = {
     "garbage": (lambda ch: "not-a-token", 401),
     "three_bad_parts": (lambda ch: "abc.def.ghi", 401),
     "alg_none": (lambda ch: mint([ch], algorithm="none"), 401),
+    "alg_hs512": (lambda ch: mint([ch], algorithm="HS512"), 401),  # the contract's tokens are HS256 only
     "expired": (lambda ch: mint([ch], exp_in=-3600), 401),
     "no_exp": (lambda ch: mint([ch], exp_in=None), 401),
     "wrong_key": (lambda ch: mint([ch], key="another-secret-0123456789abcdef"), 401),

@@ -33,7 +33,7 @@ __all__ = ["Admission", "Ticket", "ChannelPolicy", "Observer", "parse_channels",
 log = logging.getLogger("gateway.connections")
 
 TRANSPORTS = ("poll", "longpoll", "sse", "ws")
-HELD = frozenset({"longpoll", "sse", "ws"})  # these hold a connection while they run
+HELD = frozenset({"longpoll", "sse", "ws", "tunnel"})  # these hold a connection while they run
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def parse_channels(text: str, limit: int) -> list[str]:
     return list(dict.fromkeys(check_channel(n) for n in names))
 
 
-@dataclass
+@dataclass(slots=True)
 class Ticket:
     """An admitted subscription: what it may read, from where, and who it is."""
 
@@ -210,6 +210,17 @@ class Admission:
         if transport in HELD:
             self._check_room(client, channels)
         return Ticket(transport, channels, starts, multi, client, principal, self)
+
+    def admit_tunnel(self, environ: Mapping[str, Any]) -> Ticket:
+        """A connection that carries no channel but holds a socket (a WebSocket spliced to the
+        proxied app): it counts against the same connection limits."""
+        client = client_address(environ, self.trusted)
+        try:
+            self._check_room(client, [])
+        except BadRequest as exc:
+            self.observer.refused("tunnel", exc.status, exc.code)
+            raise
+        return Ticket("tunnel", [], {}, False, client, ANONYMOUS, self)
 
     def starts(self, channels: list[str], since: str | None, multi: bool) -> dict[str, str | None]:
         if since is None:

@@ -39,6 +39,8 @@ class ServerConfig:
     trusted_proxies: list[str] = field(default_factory=list)  # addresses/CIDRs whose X-Forwarded-For names the client
     log_format: str = "text"  # "text" | "json": connection and access log lines
     workers: int = 0  # gateway processes on one port; 0 = $WEB_CONCURRENCY, else 1
+    head_timeout_s: float = 10.0  # a request's line and headers must arrive within this (then 408)
+    max_head_bytes: int = 32_768  # request line + headers, in total (then 431); nginx's default
 
     def _check(self) -> None:
         _range("server.port", self.port, 0, 65535)
@@ -51,6 +53,8 @@ class ServerConfig:
         _range("server.max_body_bytes", self.max_body_bytes, 1, 1 << 31)
         _range("server.shutdown_grace_s", self.shutdown_grace_s, 0, 25)
         _range("server.stall_timeout_s", self.stall_timeout_s, 1, 86400)
+        _range("server.head_timeout_s", self.head_timeout_s, 0.1, 3600)
+        _range("server.max_head_bytes", self.max_head_bytes, 1024, 1 << 20)
         for key in ("publish_token", "operator_token"):
             # An Authorization header cannot carry them, so every request would be refused.
             if getattr(self, key) != getattr(self, key).strip():
@@ -61,9 +65,11 @@ class ServerConfig:
 class HistoryConfig:
     size: int = 1000
     max_age_s: float = 3600.0
+    max_bytes: int = 4 * 1024 * 1024  # per channel (memory store): data + ~200 B per event; oldest out first
 
     def _check(self) -> None:
         _range("history.size", self.size, 1, 1_000_000)
+        _range("history.max_bytes", self.max_bytes, 1024, 1 << 40)
         _range("history.max_age_s", self.max_age_s, 1, 30 * 86400)
 
 
@@ -167,11 +173,13 @@ class SourceConfig:
 class ProxyConfig:
     upstream: str = ""
     timeout_s: float = 30.0
+    websocket_idle_s: float = 120.0  # a bridged WebSocket with no bytes either way this long is closed
 
     def _check(self) -> None:
         if self.upstream and not self.upstream.startswith(("http://", "https://")):
             raise ConfigError("proxy.upstream: must be an http:// or https:// URL, or empty to turn the proxy off")
         _range("proxy.timeout_s", self.timeout_s, 0.1, 3600)
+        _range("proxy.websocket_idle_s", self.websocket_idle_s, 0.5, 86400)
 
 
 @dataclass

@@ -13,7 +13,26 @@ from collections import OrderedDict
 
 from gateway.errors import BadRequest
 
-__all__ = ["TokenBuckets", "over_limit"]
+__all__ = ["Bucket", "TokenBuckets", "over_limit"]
+
+
+class Bucket:
+    """One token bucket (e.g. per connection): two floats, no lock (one greenlet uses it)."""
+
+    __slots__ = ("rate", "burst", "tokens", "last")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst, self.tokens, self.last = rate, burst, burst, time.monotonic()
+
+    def take(self) -> float:
+        """0 if allowed (a token taken), else the seconds until one is available."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate if self.rate > 0 else math.inf
 
 
 class TokenBuckets:

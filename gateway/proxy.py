@@ -2,8 +2,9 @@
 the upstream app with its method, path, query, headers and body, streamed both ways in chunks.
 
 Owned paths (cors.is_owned) are never proxied, so they keep their own 404/405 JSON.
-WebSocket handshakes on proxied paths are spliced to the upstream as raw bytes after the
-gateway forwards the handshake, so the upstream does the WebSocket protocol itself.
+WebSocket handshakes on proxied paths are forwarded, and only once the upstream has answered
+a valid 101 are the two sockets spliced (gateway/wsbridge.py), so the upstream does the
+WebSocket protocol itself; any other answer is relayed as a normal response.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import gevent
 import requests
 from flask import Flask, Response, request
 from requests.adapters import HTTPAdapter
 from urllib3.util import SKIP_HEADER
 
+from gateway import wsbridge
 from gateway.cors import is_owned
 from gateway.errors import error_response
 from gateway.state import state
@@ -62,7 +63,7 @@ def init_app(app: Flask) -> None:
         if request.routing_exception is None or is_owned(request.path):
             return None
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            return _bridge_websocket(upstream, cfg.timeout_s)
+            return _bridge_websocket(upstream, cfg.timeout_s, cfg.websocket_idle_s)
         return _forward(http, upstream, cfg.timeout_s)
 
 
@@ -93,6 +94,17 @@ def _request_headers(upstream: str) -> dict[str, str]:
     return headers
 
 
+class _ClientBodyError(Exception):
+    """The client's body could not be read (bad chunked encoding, cut off): the client's fault."""
+
+
+def _read_client(stream: Any, size: int) -> bytes:
+    try:
+        return stream.read(size)
+    except (OSError, ValueError) as exc:  # pywsgi's chunked decoder refused it, or the client left
+        raise _ClientBodyError(type(exc).__name__) from None
+
+
 class _Body:
     """The request body as a file-like object with a known length, so requests streams it in
     blocks with the client's Content-Length instead of reading it into memory."""
@@ -102,12 +114,20 @@ class _Body:
         self.len = length
 
     def read(self, size: int = CHUNK) -> bytes:
-        return self._stream.read(min(size if size and size > 0 else CHUNK, CHUNK))
+        return _read_client(self._stream, min(size if size and size > 0 else CHUNK, CHUNK))
 
 
 def _chunks(stream: Any) -> Iterator[bytes]:
-    while chunk := stream.read(CHUNK):
+    while chunk := _read_client(stream, CHUNK):
         yield chunk
+
+
+def _bad_body() -> Response:
+    response = error_response(
+        400, "invalid_body", "the request body is malformed (bad chunked encoding) or was cut off"
+    )
+    response.headers["Connection"] = "close"  # what follows a broken body cannot be framed
+    return response
 
 
 def _forward(http: requests.Session, upstream: str, timeout_s: float) -> Response:
@@ -129,11 +149,17 @@ def _forward(http: requests.Session, upstream: str, timeout_s: float) -> Respons
             allow_redirects=False,
             timeout=timeout_s,
         )
+    except _ClientBodyError:
+        return _bad_body()
     except requests.Timeout:
         return error_response(504, "upstream_timeout", f"the upstream app did not answer within {timeout_s:g} s")
     except requests.RequestException as exc:
+        if _caused_by_client(exc):
+            return _bad_body()
         log.warning("proxy: %s %s failed: %s", request.method, request.path, type(exc).__name__)
         return error_response(502, "upstream_unavailable", "the upstream app refused or dropped the connection")
+    except ValueError:  # http.client refused what the client sent (the server lets through only tokens)
+        return error_response(400, "bad_request", "the request cannot be forwarded as it is")
     connection_named = {h.strip().lower() for h in resp.headers.get("Connection", "").split(",")}
     out = Response(_relay(resp, request.path), status=resp.status_code, direct_passthrough=True)
     out.headers.clear()
@@ -165,41 +191,98 @@ def _relay(resp: requests.Response, path: str) -> Iterator[bytes]:
         resp.close()
 
 
-def _bridge_websocket(upstream: str, timeout_s: float) -> Response:
-    """Forward the handshake, then copy bytes both ways until either side closes."""
-    client = _client_socket()
-    if client is None:
-        return error_response(500, "websocket_unsupported", "this server cannot hand over the connection")
+def _caused_by_client(exc: BaseException) -> bool:
+    """requests wraps what our body reader raised; find it in the chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _ClientBodyError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _refused_upgrade(status: int, code: str, detail: str) -> Response:
+    response = error_response(status, code, detail)
+    response.headers["Connection"] = "close"  # no second request may ride a refused upgrade
+    return response
+
+
+def _bridge_websocket(upstream: str, timeout_s: float, idle_s: float) -> Response:
+    """Forward the handshake; splice the sockets only after the upstream's valid 101."""
+    problem = wsbridge.client_problem(request.method, request.headers)
+    if problem is not None:
+        return _refused_upgrade(400, "bad_handshake", problem)
+    admission = state().admission
+    assert admission is not None
+    ticket = admission.admit_tunnel(request.environ)  # 429/503 over the connection limits
     parts = urlsplit(upstream)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     if parts.scheme == "https":
-        return error_response(
+        return _refused_upgrade(
             502, "upstream_unavailable", "WebSocket bridging to an https:// upstream is not supported"
         )
     try:
         up = socket.create_connection((parts.hostname, port), timeout=timeout_s)
     except TimeoutError:
-        return error_response(504, "upstream_timeout", f"the upstream app did not answer within {timeout_s:g} s")
+        return _refused_upgrade(504, "upstream_timeout", f"the upstream app did not answer within {timeout_s:g} s")
     except OSError:
-        return error_response(502, "upstream_unavailable", "the upstream app refused the WebSocket connection")
-    up.settimeout(client.gettimeout())  # the server's stall timeout, if it sets one
+        return _refused_upgrade(502, "upstream_unavailable", "the upstream app refused the WebSocket connection")
     headers = _request_headers(upstream)
     headers["Connection"] = "Upgrade"
-    headers["Upgrade"] = request.headers.get("Upgrade", "websocket")
+    headers["Upgrade"] = "websocket"
     lines = [f"GET {_target('')} HTTP/1.1"]
     lines += [f"{name}: {value}" for name, value in headers.items() if value is not SKIP_HEADER]
-    up.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    pipes = [gevent.spawn(_pipe, client, up), gevent.spawn(_pipe, up, client)]
-    gevent.joinall(pipes, count=1)  # one side is done: close both
-    for sock in (client, up):
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    gevent.joinall(pipes, timeout=2)
-    up.close()
-    client.close()
+    try:
+        up.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        answer = wsbridge.read_answer(up, timeout_s)
+    except TimeoutError:
+        up.close()
+        return _refused_upgrade(504, "upstream_timeout", f"the upstream app did not answer within {timeout_s:g} s")
+    except (OSError, wsbridge.BadAnswer) as exc:
+        up.close()
+        log.warning("proxy: WebSocket upgrade of %s failed: %s", request.path, exc)
+        return _refused_upgrade(502, "upstream_unavailable", "the upstream app refused or dropped the connection")
+    if answer.status != 101:
+        return _relay_answer(answer, up, timeout_s)
+    problem = wsbridge.answer_problem(answer, request.headers["Sec-WebSocket-Key"])
+    client = _client_socket() if problem is None else None
+    if client is None:
+        up.close()
+        if problem is None:
+            return _refused_upgrade(500, "websocket_unsupported", "this server cannot hand over the connection")
+        log.warning("proxy: WebSocket upgrade of %s: the upstream's %s", request.path, problem)
+        return _refused_upgrade(502, "upstream_bad_handshake", f"the upstream app's {problem}")
+    try:
+        with ticket:
+            client.sendall(answer.raw)  # its 101 as it sent it, and any frames that followed
+            wsbridge.splice(client, up, idle_s)
+    except OSError:
+        pass
+    finally:
+        up.close()
+        client.close()
     return _Handled()
+
+
+def _relay_answer(answer: wsbridge.Answer, up: socket.socket, timeout_s: float) -> Response:
+    """A non-101 answer to an upgrade: relayed like any proxied response, then the connection ends."""
+    if 100 <= answer.status < 200:
+        up.close()
+        return _refused_upgrade(502, "upstream_bad_handshake", f"the upstream app answered {answer.status}")
+    connection_named = _tokens(answer.get("Connection"))
+    out = Response(wsbridge.body(answer, up, timeout_s), status=answer.status, direct_passthrough=True)
+    out.headers.clear()
+    for name, value in answer.headers:
+        low = name.lower()
+        if low in HOP_BY_HOP or low in connection_named or low == "content-length":
+            continue
+        out.headers.add(name, value)
+    out.headers["Connection"] = "close"
+    return out
+
+
+def _tokens(value: str) -> set[str]:
+    return {t.strip().lower() for t in value.split(",")}
 
 
 def _client_socket() -> socket.socket | None:
@@ -209,24 +292,6 @@ def _client_socket() -> socket.socket | None:
     raw = getattr(stream, "raw", None)
     sock = getattr(raw, "_sock", None)
     return sock.dup() if sock is not None else None
-
-
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    """Copy one direction. A quiet side is fine (push-only sockets are); a side that stops
-    reading makes sendall time out after the server's stall timeout, which ends the bridge."""
-    while True:
-        try:
-            data = src.recv(CHUNK)
-        except TimeoutError:
-            continue
-        except OSError:
-            return
-        if not data:
-            return
-        try:
-            dst.sendall(data)
-        except OSError:
-            return
 
 
 class _Handled(Response):

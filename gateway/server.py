@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import gc
 import io
-import json
 import logging
 import signal
 import socket
 import sys
 import time
+from typing import Any
 
 import gevent
 from flask import Flask
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from gateway.config import ServerConfig
 from gateway.errors import ConfigError
+from gateway.heads import HeadReader, Refused, check_framing, head_too_big, refusal
+from gateway.redact import redact_text
 from gateway.state import state
 from gateway.transports.fastpoll import FastLongPoll
 from gateway.transports.pollloop import LongPollLoop
@@ -27,12 +30,14 @@ READ_BUFFER = 1024  # bytes; pywsgi's default is 8 KB per connection
 # deploy; the kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
 GC_THRESHOLDS = (10_000, 20, 20)  # CPython's defaults: (700, 10, 10)
-HEAD_TIMEOUT_S = 10.0
 
 
 class _Handler(WSGIHandler):
     """Drops a connection whose socket makes no progress for server.stall_timeout_s (a client
-    that stopped reading, a half-open socket); otherwise it would hold its greenlet forever."""
+    that stopped reading, a half-open socket); otherwise it would hold its greenlet forever.
+    A request head must arrive whole within server.head_timeout_s (a client trickling header
+    bytes makes progress, so the stall timeout alone would never end it) and be at most
+    server.max_head_bytes long."""
 
     def __init__(self, sock, address, server, rfile=None):  # noqa: ANN001 (gevent's signature)
         sock.settimeout(server.stall_timeout_s)
@@ -45,15 +50,22 @@ class _Handler(WSGIHandler):
             # requests are small (bodies are read past the buffer anyway).
             rfile = sock.makefile("rb", READ_BUFFER)
         super().__init__(sock, address, server, rfile)
+        self._head_timeout_s, self._max_head_bytes = _head_limits(server)
+        self._head_timer: gevent.Timeout | None = None
+        self._head_started: float | None = None  # monotonic time a head in progress began
+        self._requests = 0
 
     def handle(self) -> None:
         # Keep-alive long polls first (see transports/pollloop.py): it hands the connection back,
         # with whatever it read, at the first request that is anything else.
         loop = getattr(self.server, "longpoll_loop", None)
         if loop is not None:
-            rest = loop.serve(self.socket, self.client_address, self._log_long_poll)
+            guarded = _HeadDeadline(self.socket, self._head_timeout_s)
+            rest = loop.serve(guarded, self.client_address, self._log_long_poll)
             if rest is None:
                 return  # the connection is done; the server closes it
+            # A head the loop started reading keeps its deadline here.
+            self._requests, self._head_started = guarded.answered, guarded.head_started
             if rest:
                 self.rfile = io.BufferedReader(_Prefixed(rest, self.socket), READ_BUFFER)
         super().handle()
@@ -65,20 +77,113 @@ class _Handler(WSGIHandler):
         self.response_length, self.time_start, self.time_finish = length, started, time.time()
         self.log_request()
 
+    def handle_one_request(self):  # noqa: ANN201 (gevent's protocol: None, True or (status, raw response))
+        # The deadline runs from the connection's start for its first request, and from the first
+        # byte of each later one (an idle keep-alive connection is the stall timeout's business).
+        first = not self._requests
+        self._requests += 1
+        timeout, self._head_started = _remaining(self._head_timeout_s, self._head_started), None
+        if timeout < self._head_timeout_s:  # a head already under way (begun in the long-poll loop)
+            first = False
+        elif not first and not self._next_request_started():
+            return None
+        timer = self._head_timer = gevent.Timeout(timeout)
+        timer.start()
+        started = not first
+        try:
+            if first and not self._next_request_started():
+                return None
+            started = True
+            result = super().handle_one_request()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            # A connection that never sent a byte (a browser's spare one) is closed without a word.
+            return self._refuse("408", refusal("408")) if started else None
+        finally:
+            self._end_head()
+        if isinstance(result, tuple):  # refused before the app saw it
+            status, body = result
+            return self._refuse(status, body if b'"error"' in body else refusal(status))
+        return result
+
+    def _refuse(self, status: str, response: bytes) -> None:
+        """Answer a refused head and end the connection, as pywsgi's handle() would, except that
+        a client already gone is no error worth a traceback."""
+        self.status = self._orig_status = status
+        try:
+            self.socket.sendall(response)
+        except OSError:
+            pass
+        self.time_finish = time.time()
+        self.log_request()
+        return None
+
+    def log_error(self, msg: str, *args: Any) -> None:
+        # pywsgi quotes the client's malformed request line here: it may carry ?token=.
+        try:
+            message = msg % args if args else msg
+        except (TypeError, ValueError):
+            message = f"{msg!r} {args!r}"
+        super().log_error(redact_text(message))
+
+    def _next_request_started(self) -> bool:
+        """Wait (up to the stall timeout) for the first byte of another request on this connection."""
+        try:
+            return bool(self.rfile.peek(1))
+        except (OSError, ValueError):  # timed out, reset, or closed
+            return False
+
+    def _end_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.close()
+            self._head_timer = None
+
+    def read_request(self, raw_requestline: str) -> bool:
+        budget = self._max_head_bytes - len(raw_requestline)
+        if budget < 0:
+            raise head_too_big()
+        rfile = self.rfile
+        self.rfile = HeadReader(rfile, budget)
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self.rfile = rfile
+
+    def MessageClass(self, *args: Any) -> Any:  # noqa: N802 (pywsgi's name)
+        # The headers as parsed, checked before pywsgi reads Content-Length or Transfer-Encoding.
+        headers = super().MessageClass(*args)
+        if not headers.status:
+            check_framing(self.command, self.request_version, headers)
+        return headers
+
+    def _handle_client_error(self, ex: Exception):  # noqa: ANN202 (gevent's protocol)
+        if isinstance(ex, Refused):
+            return (ex.status, refusal(ex.status, ex.code, ex.detail))
+        return super()._handle_client_error(ex)
+
     def get_environ(self) -> dict:
+        # The head is in: the app's time is its own (the stall timeout still guards the socket).
+        self._end_head()
         # Streams take the fast path (gateway/transports/push.py): the publisher writes encoded
         # events straight to this socket. pywsgi hides the socket of plain HTTP responses, and
         # whether it frames the body as chunks, so hand both over.
         env = super().get_environ()
         env["gateway.socket"] = self.socket
         env["gateway.chunked"] = lambda: self.response_use_chunked
+        # The parsed headers are copied into environ; a stream would otherwise keep both for its life.
+        self.headers = None
         return env
 
-    def handle_one_request(self):  # noqa: ANN201 (gevent's protocol: None, True or (status, raw response))
-        result = super().handle_one_request()
-        if isinstance(result, tuple):  # pywsgi refused the request before the app saw it
-            result = (result[0], _refusal(result[0]))
-        return result
+    def format_request(self) -> str:
+        # The access log line: a request line may carry ?token= (browsers' EventSource and
+        # WebSocket cannot send headers), which must never reach a log.
+        line = self.requestline
+        self.requestline = redact_text(line or "")
+        try:
+            return super().format_request()
+        finally:
+            self.requestline = line
 
     def handle_one_response(self) -> None:
         super().handle_one_response()
@@ -87,6 +192,62 @@ class _Handler(WSGIHandler):
         # client's closing frame as one.
         if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             self.close_connection = True
+
+
+def _remaining(timeout_s: float, started: float | None) -> float:
+    if started is None:
+        return timeout_s
+    return max(0.001, timeout_s - (time.monotonic() - started))
+
+
+class _HeadDeadline:
+    """The client socket as the long-poll loop (transports/pollloop.py) reads it: recv() holds
+    a request head to server.head_timeout_s, from the connection's start for its first head and
+    from the first byte for later ones (idle keep-alive time is the stall timeout's business).
+    At the deadline it answers 408 (silence, if the client never sent a byte) and raises."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        self._sock = sock
+        self._timeout_s = timeout_s
+        self._idle = sock.gettimeout()
+        self.head_started: float | None = time.monotonic()
+        self._silent = True  # no byte from the client yet
+        self.answered = 0
+
+    def recv(self, size: int) -> bytes:
+        if self.head_started is None:
+            data = self._sock.recv(size)
+            if data:
+                self.head_started = time.monotonic()
+            return data
+        remaining = self.head_started + self._timeout_s - time.monotonic()
+        if remaining <= 0:
+            self._expired()
+        self._sock.settimeout(min(remaining, self._idle) if self._idle else remaining)
+        try:
+            data = self._sock.recv(size)
+        except TimeoutError:
+            self._expired()
+        finally:
+            self._sock.settimeout(self._idle)
+        self._silent = self._silent and not data
+        return data
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(data)
+        self.head_started, self._silent = None, False
+        self.answered += 1
+
+    def _expired(self) -> None:
+        if not self._silent:
+            try:
+                self._sock.sendall(refusal("408"))
+            except OSError:
+                pass
+        raise TimeoutError("the request head did not arrive within server.head_timeout_s")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 class _Prefixed(io.RawIOBase):
@@ -108,16 +269,13 @@ class _Prefixed(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
 
-def _refusal(status: str) -> bytes:
-    """pywsgi's own answers (a request line over 8 KB, malformed or oversized headers) have empty
-    bodies; ours carry the contract's JSON error shape like every other error."""
-    if status == "414":
-        reason, code, detail = "Request URI Too Long", "uri_too_long", "the request line is over 8 KB; shorten the URL"
-    else:
-        reason, code, detail = "Bad Request", "bad_request", "the request line or headers are malformed or too big"
-    body = json.dumps({"error": code, "detail": detail}).encode()
-    head = f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-    return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+def _head_limits(server: Any) -> tuple[float, int]:
+    """server.head_timeout_s and server.max_head_bytes of the app this server serves."""
+    try:
+        cfg = state(server.application).config.server
+    except (AttributeError, KeyError, TypeError):  # not our app (a test's bare WSGI callable)
+        cfg = ServerConfig()
+    return cfg.head_timeout_s, cfg.max_head_bytes
 
 
 log = logging.getLogger("gateway")
@@ -149,7 +307,7 @@ def serve(app: Flask) -> None:
     )
     server.stall_timeout_s = config.server.stall_timeout_s
     fast = st.parts.get(FastLongPoll)
-    server.longpoll_loop = LongPollLoop(fast, HEAD_TIMEOUT_S) if fast is not None else None
+    server.longpoll_loop = LongPollLoop(fast, config.server.head_timeout_s) if fast is not None else None
     _tune_gc()
     # gevent records each greenlet's spawning stack and parent (for debugging): ~2 KB per
     # connection's greenlets, for nothing in production.

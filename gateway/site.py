@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, render_template, request
 
+from gateway.redact import redact_url
 from gateway.transports.common import config, hub
 
 __all__ = ["bp"]
@@ -25,7 +26,8 @@ def index() -> str:
         base=base,
         ws_base=base.replace("http", "ws", 1),
         publishing=bool(cfg.server.publish_token),
-        sources=cfg.sources,
+        # Each URL as /status shows it: upstream credentials never reach a public page.
+        sources=[{"kind": s.kind, "url": redact_url(s.url), "channel": s.channel} for s in cfg.sources],
     )
 
 

@@ -44,7 +44,10 @@ def test_websocket_source_accepts_http_and_ws_urls() -> None:
 def test_expand_env_and_public_url() -> None:
     assert expand_env("Bearer ${T}-${U}", {"T": "abc"}) == "Bearer abc-"
     assert expand_env("no $T refs", {"T": "x"}) == "no $T refs"
-    assert public_url("https://user:pw@h.example:8443/feed?key=secret") == "https://h.example:8443/feed?…"
+    assert (
+        public_url("https://user:pw@h.example:8443/feed?key=secret&n=2")
+        == "https://***@h.example:8443/feed?key=***&n=2"
+    )
 
 
 def test_recent_ids_is_bounded_and_forgets_oldest_first() -> None:

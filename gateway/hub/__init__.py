@@ -27,4 +27,5 @@ def make_hub(config: Config) -> Hub:
         hub = Hub(store)
         store.attach(hub)
         return hub
-    return Hub(MemoryStore(config.history.size, config.history.max_age_s))
+    history = config.history
+    return Hub(MemoryStore(history.size, history.max_age_s, max_bytes=history.max_bytes))

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
+from gateway.eventdata import check_data
 from gateway.hub.events import Batch, Event
 from gateway.names import check_channel, check_event_name
 
@@ -99,6 +100,7 @@ class Hub:
     def publish(self, channel: str, data: str, event: str = "message", *, idempotency_key: str | None = None) -> Event:
         check_channel(channel)
         check_event_name(event)
+        check_data(data)
         ev = self.store.append(channel, event, data, idempotency_key)
         if ev.repeat:  # stored before: nothing new to hand anyone
             return ev

@@ -1,4 +1,4 @@
-"""In-process channel store: bounded history per channel (by count and age), ids that grow.
+"""In-process channel store: bounded history per channel (by count, bytes and age), ids that grow.
 
 This is the default backend, and the one tests use. All methods run without blocking, so a
 publish never waits on anything but a little CPU.
@@ -11,6 +11,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, KeysView
 from itertools import islice
 
+from gateway.config import HistoryConfig
 from gateway.hub.events import Batch, Event
 from gateway.ids import ZERO, Key, format_id, next_key, parse
 
@@ -18,21 +19,37 @@ __all__ = ["MemoryStore"]
 
 
 MAX_IDEMPOTENCY_KEYS = 10_000  # per channel; the oldest are forgotten first
+EVENT_OVERHEAD = 200  # bytes an event costs beyond its data and name (the object, its id, links)
+
+
+def event_cost(event: str, data: str) -> int:
+    """What one event counts against history.max_bytes: its UTF-8 size plus a fixed overhead."""
+    size = len(data) if data.isascii() else len(data.encode("utf-8"))
+    return size + len(event) + EVENT_OVERHEAD
 
 
 class _Channel:
-    __slots__ = ("history", "last", "last_key", "keys")
+    __slots__ = ("history", "costs", "bytes", "last", "last_key", "keys")
 
-    def __init__(self, size: int) -> None:
-        self.history: deque[Event] = deque(maxlen=size)
+    def __init__(self) -> None:
+        self.history: deque[Event] = deque()
+        self.costs: deque[int] = deque()  # event_cost of each event in history, in step with it
+        self.bytes = 0  # their sum
         self.last = ZERO
         self.last_key: Key = (0, 0)
         self.keys: OrderedDict[str, Event] = OrderedDict()  # idempotency key -> first event
 
 
 class MemoryStore:
-    def __init__(self, size: int, max_age_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        size: int,
+        max_age_s: float,
+        clock: Callable[[], float] = time.time,
+        max_bytes: int = HistoryConfig.max_bytes,
+    ) -> None:
         self._size = size
+        self._max_bytes = max_bytes
         self._max_age_s = max_age_s
         self._clock = clock
         self._channels: dict[str, _Channel] = {}
@@ -40,7 +57,7 @@ class MemoryStore:
     def append(self, channel: str, event: str, data: str, idempotency_key: str | None = None) -> Event:
         ch = self._channels.get(channel)
         if ch is None:
-            ch = self._channels[channel] = _Channel(self._size)
+            ch = self._channels[channel] = _Channel()
         now = self._clock()
         if idempotency_key is not None:
             first = self._first_with_key(ch, idempotency_key, now)
@@ -48,10 +65,19 @@ class MemoryStore:
                 return first
         key = next_key(ch.last_key, int(now * 1000))
         ev = Event(format_id(key), event, data, key, ch.last, now)
+        cost = event_cost(event, data)
         ch.history.append(ev)
+        ch.costs.append(cost)
+        ch.bytes += cost
+        # Oldest first out past either bound; the newest is always kept, however big, so that
+        # every reader can get it. A reader behind what was dropped is told (gap).
+        while len(ch.history) > 1 and (len(ch.history) > self._size or ch.bytes > self._max_bytes):
+            self._drop_oldest(ch)
         ch.last, ch.last_key = ev.id, key
         if idempotency_key is not None:
-            ch.keys[idempotency_key] = ev
+            # Only what a repeat answers with (its id), not the data: the keys outlive history
+            # (max_age_s), and must not hold what history.max_bytes has let go.
+            ch.keys[idempotency_key] = Event(ev.id, ev.event, "", ev.key, ev.prev, ev.time)
             if len(ch.keys) > MAX_IDEMPOTENCY_KEYS:
                 ch.keys.popitem(last=False)
         return ev
@@ -67,7 +93,7 @@ class MemoryStore:
         first = ch.keys.get(idempotency_key)
         if first is None:
             return None
-        repeat = Event(first.id, first.event, first.data, first.key, first.prev, first.time)
+        repeat = Event(first.id, first.event, first.data, first.key, first.prev, first.time)  # data: "" (see append)
         repeat.repeat = True
         return repeat
 
@@ -121,4 +147,9 @@ class MemoryStore:
         cutoff = self._clock() - self._max_age_s
         history = ch.history
         while history and history[0].time < cutoff:
-            history.popleft()
+            self._drop_oldest(ch)
+
+    @staticmethod
+    def _drop_oldest(ch: _Channel) -> None:
+        ch.history.popleft()
+        ch.bytes -= ch.costs.popleft()

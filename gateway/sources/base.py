@@ -21,12 +21,13 @@ import threading
 import time
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from gateway.config import SourceConfig
 from gateway.errors import BadRequest, GatewayError
+from gateway.eventdata import InvalidData
 from gateway.hub import Hub
 from gateway.names import RESERVED_EVENTS, check_event_name
+from gateway.redact import redact_text, redact_url
 
 if TYPE_CHECKING:
     from gateway.sources.lease import Lease
@@ -60,12 +61,8 @@ def expand_env(value: str, env: dict[str, str] | os._Environ | None = None) -> s
 
 
 def public_url(url: str) -> str:
-    """The URL without credentials or query (they may hold secrets): safe for /status and logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "…" if parts.query else "", ""))
+    """The URL with credentials masked (gateway/redact.py): safe for /status, pages and logs."""
+    return redact_url(url)
 
 
 class RecentIds:
@@ -283,15 +280,24 @@ class Source:
                 self.duplicates += 1
                 return False
             self._replaying = False
-        if len(data.encode("utf-8")) > self.cfg.max_event_bytes:
-            self._drop(f"an event of {len(data.encode('utf-8'))} bytes is over max_event_bytes")
+        size = len(data.encode("utf-8", "surrogatepass"))  # not yet checked: Hub.publish refuses surrogates
+        if size > self.cfg.max_event_bytes:
+            self._drop(f"an event of {size} bytes is over max_event_bytes")
             return False
         name = self._event_name(event)
         if self.lease is not None:
             self._checkpoint()  # what the previous relay left (a poll adds its item key after us)
             if not self.lease.valid():
                 raise LeaseLost("the lease ran out: another process may be relaying this upstream now")
-        self.hub.publish(self.cfg.channel, data, name)  # a store failure raises: reconnect and replay
+        try:
+            self.hub.publish(self.cfg.channel, data, name)  # a store failure raises: reconnect and replay
+        except InvalidData as exc:
+            # Refused for good (a lone surrogate): retrying would refuse it again and wedge the
+            # source, so skip it and count it as seen, like an oversized event.
+            self._drop(f"an event the gateway refuses ({exc.detail})")
+            if upstream_id is not None:
+                self.seen.add(upstream_id)
+            return False
         if upstream_id is not None:
             self.seen.add(upstream_id)
         self.events_relayed += 1
@@ -315,9 +321,9 @@ class Source:
         try:
             won = lease.acquire()
         except LeaseError as exc:
-            if self.last_error != str(exc):
-                log.warning("source %s: %s; standby, retrying in %.2f s", self.name, exc, lease.ttl_s / 2)
-            self.state, self.last_error = "standby", str(exc)
+            if self.last_error != _describe(exc):
+                log.warning("source %s: %s; standby, retrying in %.2f s", self.name, _describe(exc), lease.ttl_s / 2)
+            self.state, self.last_error = "standby", _describe(exc)
             self._pause(lease.ttl_s / 2)
             return False
         if not won:
@@ -409,7 +415,7 @@ class Source:
         log.warning("source %s: dropped %s (dropped so far: %d)", self.name, why, self.dropped)
 
     def _event_name(self, event: str | None) -> str:
-        name = event or self.cfg.event or "message"
+        name = (event or self.cfg.event or "message").strip()
         if name in RESERVED_EVENTS:
             return f"upstream.{name}"  # "gap" and "error" are the gateway's own signals
         try:
@@ -419,5 +425,5 @@ class Source:
 
 
 def _describe(exc: Exception) -> str:
-    text = str(exc) or type(exc).__name__
+    text = redact_text(str(exc)) or type(exc).__name__  # library errors quote the URL, query and all
     return text if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {text}"[:500]

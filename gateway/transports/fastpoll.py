@@ -33,6 +33,7 @@ REASONS = {
     403: "Forbidden",
     429: "Too Many Requests",
     200: "OK",
+    202: "Accepted",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }

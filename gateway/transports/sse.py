@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from flask import Blueprint, Response, request
 
@@ -60,49 +61,17 @@ def _events(
 ) -> Iterator[bytes]:
     """The stream's body; runs after the view has returned, outside the app context. The server
     closes it however the stream ends, which closes the ticket."""
-    with ticket:
-        yield from _stream(gateway, ticket, starts, head, cfg, environ)
-
-
-def _stream(
-    gateway: Hub, ticket: Ticket, starts: dict[str, str], head: bytes, cfg: Config, environ: dict
-) -> Iterator[bytes]:
-    heartbeat_s, limit, slow_bytes = cfg.sse.heartbeat_s, cfg.poll.max_batch, cfg.limits.slow_consumer_bytes
-    yield head  # the server sends the headers with it; from here on the socket is ours
-    sock, chunked = environ.get("gateway.socket"), environ.get("gateway.chunked")
-    if sock is not None and chunked is not None:
-        bound_send_buffer(sock, slow_bytes)
-        framed = chunked()
-        heartbeat = chunk(HEARTBEAT) if framed else HEARTBEAT
-        alive = lambda: alive_until_expiry(ticket)  # noqa: E731
-        idle = lambda: idle_until_expiry(ticket, heartbeat_s)  # noqa: E731
-        pusher: Pusher | MultiPusher
-        try:
-            if ticket.multi:
-                pusher = MultiPusher(sock, "sse", starts, framed)
-                pusher.slow_bytes = slow_bytes
-                pusher.serve(gateway, limit, idle, lambda: pusher.write(heartbeat), alive)
-            else:
-                ((channel, cursor),) = starts.items()
-                kind, encode = sse_encoder(framed)
-                pusher = Pusher(sock, kind, encode, cursor)
-                pusher.slow_bytes = slow_bytes
-                pusher.serve(gateway, channel, limit, idle, lambda: pusher.write(heartbeat), alive)
-        except SlowConsumer:
-            ticket.end_reason = "slow_consumer"
-            _try_send(sock, chunk(SLOW) if framed else SLOW)
+    ticket.open()
+    try:
+        yield head  # the server sends the headers with it; from here on the socket is ours
+        sock, chunked = environ.get("gateway.socket"), environ.get("gateway.chunked")
+        if sock is not None and chunked is not None:
+            tail = _push(gateway, ticket, starts, cfg, sock, chunked())
+            if tail:
+                yield tail
             return
-        except OSError:  # the client went away (or was cut as a slow consumer)
-            if pusher.slow:
-                ticket.end_reason = "slow_consumer"
-            return
-        finally:
-            ticket.bytes_sent = pusher.bytes_sent
-        if not alive_until_expiry(ticket):
-            ticket.end_reason = "token_expired"
-            yield chunk(EXPIRED) if framed else EXPIRED
-            return
-    else:  # served by something other than gateway.server: the plain loop (one channel)
+        # Served by something other than gateway.server: the plain loop (one channel).
+        heartbeat_s, limit = cfg.sse.heartbeat_s, cfg.poll.max_batch
         ((channel, cursor),) = starts.items()
         while not gateway.closing and alive_until_expiry(ticket):
             batch = gateway.wait(channel, cursor, idle_until_expiry(ticket, heartbeat_s), limit)
@@ -116,11 +85,50 @@ def _stream(
                 data = HEARTBEAT
             cursor = batch.cursor
             yield data
-        if not alive_until_expiry(ticket):
-            yield EXPIRED
-            return
-    ticket.end_reason = "shutdown" if gateway.closing else ticket.end_reason
-    yield RECONNECT_HINT
+        yield EXPIRED if not alive_until_expiry(ticket) else RECONNECT_HINT
+    finally:
+        ticket.close()
+
+
+def _push(gateway: Hub, ticket: Ticket, starts: dict[str, str], cfg: Config, sock: Any, framed: bool) -> bytes:
+    """Serve the stream on the fast path (push.py) until it ends; the last words (for the
+    server to send: it frames what the body yields, unlike what the pusher writes itself)."""
+    heartbeat_s, limit, slow_bytes = cfg.sse.heartbeat_s, cfg.poll.max_batch, cfg.limits.slow_consumer_bytes
+    bound_send_buffer(sock, slow_bytes)
+    heartbeat = chunk(HEARTBEAT) if framed else HEARTBEAT
+    alive = lambda: alive_until_expiry(ticket)  # noqa: E731
+    idle = lambda: idle_until_expiry(ticket, heartbeat_s)  # noqa: E731
+    pusher: Pusher | MultiPusher
+    if ticket.multi:
+        pusher = MultiPusher(sock, "sse", starts, framed)
+    else:
+        ((channel, cursor),) = starts.items()
+        kind, encode = sse_encoder(framed)
+        pusher = Pusher(sock, kind, encode, cursor)
+    pusher.slow_bytes = slow_bytes
+    try:
+        if isinstance(pusher, MultiPusher):
+            pusher.serve(gateway, limit, idle, lambda: pusher.write(heartbeat), alive)
+        else:
+            pusher.serve(gateway, channel, limit, idle, lambda: pusher.write(heartbeat), alive)
+    except SlowConsumer:
+        ticket.end_reason = "slow_consumer"
+        _try_send(sock, chunk(SLOW) if framed else SLOW)
+        return b""
+    except OSError:  # the client went away (or was cut as a slow consumer)
+        if pusher.slow:
+            ticket.end_reason = "slow_consumer"
+        return b""
+    finally:
+        ticket.bytes_sent = pusher.bytes_sent
+    if not alive_until_expiry(ticket):
+        ticket.end_reason = "token_expired"
+        tail = EXPIRED
+    else:
+        if gateway.closing:
+            ticket.end_reason = "shutdown"
+        tail = RECONNECT_HINT
+    return tail  # yielded to the server, which frames it like the head
 
 
 def _try_send(sock: object, data: bytes) -> None:

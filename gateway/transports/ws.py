@@ -20,7 +20,7 @@ from wsproto.utilities import RemoteProtocolError
 from gateway.admission import Admission, Ticket
 from gateway.errors import BadRequest, error_response
 from gateway.hub import Hub
-from gateway.limits import TokenBuckets
+from gateway.limits import Bucket
 from gateway.state import state
 from gateway.transports.common import admission, admit, alive_until_expiry, config, hub, idle_until_expiry, positions
 from gateway.transports.multipush import MultiPusher
@@ -96,6 +96,23 @@ def stream(ws: Any, channel: str) -> None:
 class _Connection:
     """One WebSocket: a pusher for its channel(s), client frames, pings, token expiry."""
 
+    __slots__ = (
+        "ws",
+        "ticket",
+        "hub",
+        "admission",
+        "cfg",
+        "upstream_writers",
+        "raw_sock",
+        "pusher",
+        "io",
+        "room",
+        "keepalive",
+        "publish_rate",
+        "switch_to_multi",
+        "pending",
+    )
+
     def __init__(self, ws: Any, ticket: Ticket, starts: dict[str, str], environ: dict) -> None:
         self.ws = ws
         self.ticket = ticket
@@ -123,11 +140,10 @@ class _Connection:
         # simple-websocket's reader sets ws.event when a frame arrives or the socket closes:
         # make that wake this stream's greenlet, which then handles the frames itself.
         ws.event = self.pusher.wakeup
-        self.room = threading.Event()  # set while the input buffer has room (backpressure)
-        self.room.set()
+        self.room: threading.Event | None = None  # made when the reader first waits for room
         self.keepalive = _KeepAlive(ws, self.cfg.websocket.ping_s)
         rate = self.cfg.limits.ws_publish_rate
-        self.publish_rate = TokenBuckets(rate, max(1.0, 4 * rate), max_keys=1) if rate else None
+        self.publish_rate = Bucket(rate, max(1.0, 4 * rate)) if rate else None
         self.switch_to_multi = False
         self.pending: tuple[str, str] = ("", "")  # the channel a single-channel socket subscribed to
 
@@ -174,10 +190,11 @@ class _Connection:
         ws = self.ws
         handled = 0
         while ws.input_buffer and handled < FRAMES_PER_ROUND:
-            if self.publish_rate is not None and self.publish_rate.take("c"):
+            if self.publish_rate is not None and self.publish_rate.take():
                 break  # over the rate: leave the rest buffered (the reader stops when it is full)
             message = ws.input_buffer.pop(0)
-            self.room.set()
+            if self.room is not None:
+                self.room.set()
             self._handle_frame(message)
             handled += 1
         if ws.input_buffer:
@@ -344,6 +361,8 @@ class _KeepAlive:
     """Pings every ping_s; a client that has not answered the previous ping by the next one is
     closed (as simple-websocket would)."""
 
+    __slots__ = ("ws", "ping_s", "next")
+
     def __init__(self, ws: Any, ping_s: float) -> None:
         self.ws = ws
         self.ping_s = ping_s
@@ -389,6 +408,8 @@ class _SocketIO:
     stops while INPUT_BUFFER_BYTES of client frames wait to be handled, so a client that sends
     faster than we handle is slowed by TCP instead of filling our memory."""
 
+    __slots__ = ("_sock", "pusher", "_conn")
+
     def __init__(self, sock: Any, conn: _Connection) -> None:
         self._sock = sock
         self.pusher = conn.pusher
@@ -401,6 +422,8 @@ class _SocketIO:
     def recv(self, n: int) -> bytes:
         conn = self._conn
         while _full(conn.ws.input_buffer) and conn.ws.connected:
+            if conn.room is None:
+                conn.room = threading.Event()
             conn.room.clear()
             conn.room.wait(1.0)
         return self._sock.recv(n)

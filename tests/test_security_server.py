@@ -1,0 +1,183 @@
+"""Issue 12, Medium 7: a deadline for the whole request head (apart from the stall timeout) and
+a cap on its total size (431 with the JSON error shape)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.config import ConfigError, from_mapping
+from tests.helpers import Gateway
+
+HEAD_TIMEOUT = 1.5
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = Gateway({"server": {"head_timeout_s": HEAD_TIMEOUT, "max_head_bytes": 16_384}}, tmp_path_factory.mktemp("gw"))
+    yield g
+    g.stop()
+
+
+def _connect(gw: Gateway) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, json.loads(body) if body.startswith(b"{") else {}
+
+
+def test_a_head_trickled_byte_by_byte_is_cut_at_the_deadline(gw: Gateway) -> None:
+    sock = _connect(gw)
+    started = time.monotonic()
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    answer = b""
+    try:
+        for _ in range(40):  # a header byte every 0.25 s: progress, so the stall timeout never fires
+            sock.sendall(b"X")
+            sock.settimeout(0.25)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            answer += chunk
+            if not chunk or b"\r\n\r\n" in answer:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+    elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"error": "head_timeout"' in answer
+    assert HEAD_TIMEOUT - 0.2 < elapsed < HEAD_TIMEOUT + 5
+
+
+def test_a_connection_that_sends_nothing_is_closed_silently(gw: Gateway) -> None:
+    sock = _connect(gw)
+    started = time.monotonic()
+    try:
+        assert sock.recv(100) == b""
+    finally:
+        sock.close()
+    assert time.monotonic() - started < HEAD_TIMEOUT + 5
+
+
+def test_an_idle_keep_alive_connection_is_not_cut_by_the_head_deadline(gw: Gateway) -> None:
+    sock = _connect(gw)
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(sock)[0] == 200
+        time.sleep(HEAD_TIMEOUT + 0.5)  # idle between requests: the stall timeout's business
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(sock)[0] == 200
+    finally:
+        sock.close()
+
+
+def test_a_head_over_max_head_bytes_is_431(gw: Gateway) -> None:
+    lines = "".join(f"X-Pad-{i}: {'v' * 990}\r\n" for i in range(20))  # ~20 KB, each line small
+    sock = _connect(gw)
+    try:
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode())
+        status, body = _read_response(sock)
+        assert status == 431 and body["error"] == "head_too_large" and body["detail"]
+        assert sock.recv(100) == b""  # and closed
+    finally:
+        sock.close()
+
+
+def test_a_head_under_the_cap_is_served(gw: Gateway) -> None:
+    lines = "".join(f"X-Pad-{i}: {'v' * 990}\r\n" for i in range(12))  # ~12 KB
+    sock = _connect(gw)
+    try:
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode())
+        assert _read_response(sock)[0] == 200
+    finally:
+        sock.close()
+    assert "Traceback" not in gw.log()
+
+
+def test_head_config_keys() -> None:
+    server = from_mapping({}).server
+    assert (server.head_timeout_s, server.max_head_bytes) == (10.0, 32_768)
+    with pytest.raises(ConfigError, match="server.max_head_bytes"):
+        from_mapping({"server": {"max_head_bytes": 10}})
+    with pytest.raises(ConfigError, match="server.head_timeout_s"):
+        from_mapping({"server": {"head_timeout_s": 0}})
+
+
+def test_a_refusal_to_a_client_already_gone_logs_no_traceback(gw: Gateway) -> None:
+    # The valid request is answered, then the garbage after it is refused, by which time the
+    # client has reset the connection: the refusal's write fails, quietly.
+    for _ in range(20):
+        sock = _connect(gw)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n0\r\n\r\n")
+        assert sock.recv(12).startswith(b"HTTP/1.1 200")
+        sock.close()  # linger 0: an RST
+    time.sleep(0.5)
+    assert "Traceback" not in gw.log() and "BrokenPipe" not in gw.log()
+
+
+def test_a_malformed_request_line_with_a_token_is_logged_redacted(gw: Gateway) -> None:
+    sock = _connect(gw)
+    try:
+        sock.sendall(b"PUT /poll/x?token=t0ken-VALUE HTTP/9.9\r\nHost: x\r\n\r\n")
+        assert _read_response(sock)[0] == 400
+    finally:
+        sock.close()
+    time.sleep(0.3)
+    log = gw.log()
+    assert "token=***" in log and "t0ken-VALUE" not in log
+
+
+def test_the_long_poll_keep_alive_loop_keeps_the_head_deadline(gw: Gateway) -> None:
+    sock = _connect(gw)
+    poll = b"GET /longpoll/hd.loop?since=0-0&timeout=0 HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        sock.sendall(poll)
+        assert _read_response(sock)[0] == 200
+        time.sleep(HEAD_TIMEOUT + 0.5)  # idle between requests is allowed
+        sock.sendall(poll)
+        assert _read_response(sock)[0] == 200
+        started = time.monotonic()
+        sock.sendall(b"GET /longpoll/hd.loop HTTP/1.1\r\n")
+        answer = b""
+        for _ in range(40):  # trickle, then the deadline answers
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                break
+            sock.settimeout(0.25)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            answer += chunk
+            if not chunk or b"\r\n\r\n" in answer:
+                break
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - started < HEAD_TIMEOUT + 5

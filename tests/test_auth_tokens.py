@@ -256,8 +256,9 @@ def test_websocket_frames_publish_only_where_the_token_allows(gw):
     assert [e["data"] for e in stored] == ["after the refusal"]
 
 
-def test_no_token_reaches_the_log(start_gateway):
-    gw = start_gateway(CONFIG | {"server": {"access_log": True}})
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_no_token_reaches_the_log(start_gateway, log_format):
+    gw = start_gateway(CONFIG | {"server": {"access_log": True, "log_format": log_format}})
     tag = uuid.uuid4().hex[:8]
     ch = f"team.{tag}"
     good = mint([ch], publish=[ch], sub=f"logged-{tag}")

@@ -624,3 +624,25 @@ def test_redis_a_channel_whose_history_ran_out_gets_its_own_gap_across_processes
         return MultiSSE(f"{gw.url}/sse/{','.join(chans)}", {"Last-Event-ID": cursor} if cursor else None)
 
     _gap_scenario(two, open_sse)
+
+
+def test_redis_websocket_cursor_resumes_on_the_other_process(pair):
+    one, two = pair
+    chans = names(3)
+    listing = ",".join(chans)
+    ws = MultiWS(f"{one.ws_url}/ws/{listing}")
+    try:
+        before = publish_rounds(two, chans, range(2))
+        seen = read_n(ws, 4)
+    finally:
+        ws.close()
+    after = publish_rounds(one, chans, range(2, 3))
+    resumed = MultiWS(f"{two.ws_url}/ws/{listing}?since={seen[-1]['cursor']}")
+    try:
+        expected = merge(drop(before, seen), after)
+        got = read_n(resumed, sum(len(e) for e in expected.values()))
+        one.publish(chans[0], "sentinel")
+        got += read_to_sentinel(resumed, "sentinel")
+    finally:
+        resumed.close()
+    assert_exactly(got[:-1], expected)

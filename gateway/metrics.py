@@ -30,11 +30,12 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from prometheus_client.exposition import choose_encoder, start_http_server
 from prometheus_client.metrics_core import Metric
 
-from gateway.config import ServerConfig
+from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.hub import Event, Hub, Observer
 from gateway.metricsdir import SnapshotDir, SnapshotWriter, process_families, process_samples
 from gateway.state import state
+from gateway.workers import worker_count
 
 __all__ = ["Metrics", "init_app", "TRANSPORTS", "LATENCY_BUCKETS"]
 
@@ -366,15 +367,16 @@ def _family_of(sample: str) -> str:
     raise KeyError(sample)
 
 
-def snapshot_dir(server: ServerConfig, env: Mapping[str, str] = os.environ) -> str:
+def snapshot_dir(config: Config, env: Mapping[str, str] = os.environ) -> str:
     """server.metrics_dir; with several workers and none set, a directory of this host's temp
     dir named by the port, which every worker of one gateway shares and no other gateway does."""
+    server = config.server
     if server.metrics_dir:
         return server.metrics_dir
-    workers = server.workers
-    if not workers:  # as server.workers says: $WEB_CONCURRENCY, else 1 (config reports bad values)
-        text = env.get("WEB_CONCURRENCY", "").strip()
-        workers = int(text) if text.isdigit() else 1
+    try:
+        workers = worker_count(config, env)
+    except ConfigError:  # start-up reports it; here it only means "not several workers"
+        workers = 1
     if workers > 1:
         return str(Path(tempfile.gettempdir()) / f"gateway-metrics-{server.port}")
     return ""
@@ -384,7 +386,7 @@ def init_app(app: Flask) -> Metrics:
     """Count what the hub and the admission path report; /metrics is in gateway/operator.py."""
     st = state(app)
     server = st.config.server
-    metrics = Metrics(st.hub, lambda: st.sources, snapshot_dir(server), server.metrics_port)
+    metrics = Metrics(st.hub, lambda: st.sources, snapshot_dir(st.config), server.metrics_port)
     st.parts[Metrics] = metrics
     st.hub.observer = metrics
     st.services.append(metrics)

@@ -194,15 +194,36 @@ def test_metrics_port_config_errors() -> None:
 
 
 def test_several_workers_get_a_snapshot_dir_by_default() -> None:
-    from gateway.config import ServerConfig
+    from gateway.config import from_mapping
     from gateway.metrics import snapshot_dir
 
-    assert snapshot_dir(ServerConfig(), env={}) == ""  # one process: no files at all
-    assert snapshot_dir(ServerConfig(workers=1), env={"WEB_CONCURRENCY": "4"}) == ""
-    several = snapshot_dir(ServerConfig(port=5123), env={"WEB_CONCURRENCY": "4"})
+    redis = {"url": "redis://127.0.0.1:1/0"}
+    assert snapshot_dir(from_mapping({}), env={}) == ""  # one process: no files at all
+    assert snapshot_dir(from_mapping({"server": {"workers": 1}}), env={"WEB_CONCURRENCY": "4"}) == ""
+    several = snapshot_dir(from_mapping({"server": {"port": 5123}, "redis": redis}), env={"WEB_CONCURRENCY": "4"})
     assert several.endswith("gateway-metrics-5123")
-    assert snapshot_dir(ServerConfig(port=5123, workers=3), env={}) == several
-    assert snapshot_dir(ServerConfig(workers=3, metrics_dir="/srv/m"), env={}) == "/srv/m"
+    assert snapshot_dir(from_mapping({"server": {"port": 5123, "workers": 3}, "redis": redis}), env={}) == several
+    chosen = from_mapping({"server": {"workers": 3, "metrics_dir": "/srv/m"}, "redis": redis})
+    assert snapshot_dir(chosen, env={}) == "/srv/m"
+
+
+def test_server_workers_are_covered_by_one_scrape(
+    start_gateway: Callable[..., Gateway],
+    redis_server: RedisServer,  # noqa: F811
+    channel: str,
+) -> None:
+    """server.workers = 2 (gateway/workers.py): /metrics, answered by either worker, counts both."""
+    gw = start_gateway({"server": {"workers": 2}}, env={"REDIS_URL": redis_server.url})
+
+    # Each scrape is a new connection (requests.get pools nothing): either worker may answer.
+    wait_for(lambda: value(scrape(gw), "gateway_workers") == 2, "both workers in one scrape", timeout=60)
+    before = value(scrape(gw), "gateway_events_published_total")
+    for i in range(10):  # each on its own connection: the kernel spreads them over the workers
+        gw.publish(channel, f"e{i}")
+    for _ in range(8):  # whichever worker answers, the sum is the same
+        wait_for(lambda: value(scrape(gw), "gateway_events_published_total") - before == 10, "10 publishes")
+    pids = {dict(labels)["pid"] for (name, labels) in scrape(gw) if name == "process_open_fds"}
+    assert len(pids) == 2 and str(gw.proc.pid) not in pids  # the two workers, not their parent
 
 
 def test_workers_sharing_a_metrics_dir_are_summed(

@@ -20,7 +20,7 @@ from gateway.transports.push import DEFAULT_SLOW_BYTES, SlowConsumer, _cut, chun
 
 __all__ = ["MultiPusher"]
 
-Parts = list[tuple[str, bytes]]  # (event id, the event's shared part)
+Parts = list[tuple[str, bytes]]  # (the event's cursor entry, the event's shared part)
 
 
 class _View:
@@ -40,7 +40,7 @@ class _View:
 
     def encode(self, events: list[Event]) -> Parts:
         base, channel = self.parent.base, self.channel
-        return [(e.id, e.multi_part(channel, base)) for e in events]
+        return [(e.cursor_entry(channel), e.multi_part(channel, base)) for e in events]
 
     def push(self, parts: Parts, cursor: str, events: int = 1) -> None:
         self.parent.push_parts(self, parts, cursor)
@@ -91,8 +91,8 @@ class MultiPusher:
         """The bytes for these events of `channel`, each followed by the cursor after it."""
         entries = self._entries
         out = []
-        for event_id, part in parts:
-            entries[channel] = cursors.entry(channel, event_id)
+        for entry, part in parts:
+            entries[channel] = entry
             cur = cursors.join(entries.values()).encode()
             if self.base == "sse":
                 out.append(part + b"id: " + cur + b"\n\n")
@@ -226,7 +226,7 @@ class MultiPusher:
                 batch = hub.read(channel, start, limit)
                 events = [gap_event(batch, start), *batch.events] if batch.gap else batch.events
                 for group in slices(events):
-                    parts = [(e.id, e.multi_part(channel, self.base)) for e in group]
+                    parts = [(e.cursor_entry(channel), e.multi_part(channel, self.base)) for e in group]
                     data = self._compose(channel, parts)
                     self.write(data)
                     published = published_in(group)

@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
 
 from gateway import config as config_mod
-from gateway import cors, diagnose, proxy, publish, site, sources, status
+from gateway import connlog, cors, diagnose, metrics, operator, proxy, publish, reporting, site, sources, status
 from gateway.admission import Admission
 from gateway.clients import TrustedProxies
 from gateway.config import Config
@@ -49,6 +49,10 @@ def create_app(overrides: dict[str, Any] | None = None, *, config: Config | None
     app.register_blueprint(site.bp)
     sources.init_app(app)
     app.register_blueprint(status.bp)
+    metrics.init_app(app)
+    connlog.init_app(app)
+    reporting.init_app(app)
+    operator.init_app(app)
     diagnose.init_app(app)
     proxy.init_app(app)
     _register_error_handlers(app)

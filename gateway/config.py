@@ -39,12 +39,17 @@ class ServerConfig:
     trusted_proxies: list[str] = field(default_factory=list)  # addresses/CIDRs whose X-Forwarded-For names the client
     log_format: str = "text"  # "text" | "json": connection and access log lines
     workers: int = 0  # gateway processes on one port; 0 = $WEB_CONCURRENCY, else 1
+    metrics_dir: str = ""  # several workers: each writes its metrics snapshot here; env GATEWAY_METRICS_DIR
+    metrics_port: int = 0  # serve /metrics on 127.0.0.1:<port> instead of the public port; 0 = on the public port
     head_timeout_s: float = 10.0  # a request's line and headers must arrive within this (then 408)
     max_head_bytes: int = 32_768  # request line + headers, in total (then 431); nginx's default
 
     def _check(self) -> None:
         _range("server.port", self.port, 0, 65535)
         _range("server.workers", self.workers, 0, 256)
+        _range("server.metrics_port", self.metrics_port, 0, 65535)
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError("server.metrics_port: must differ from server.port (PORT); pick another port or 0")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f'server.log_format: must be "text" or "json", not {self.log_format!r}')
         from gateway.clients import TrustedProxies  # validates each entry with a one-line error
@@ -213,7 +218,7 @@ class RedisConfig:
 @dataclass
 class DiagnoseConfig:
     hold_s: float = 15.0
-    thorough_hold_s: float = 65.0
+    thorough_hold_s: float = 110.0  # outlasts Cloudflare's 100 s, nginx's 60 s, Heroku's 55 s idle limits
     max_reports: int = 1000
 
     def _check(self) -> None:
@@ -304,6 +309,7 @@ ENV_OVERRIDES = {
     "GATEWAY_OPERATOR_TOKEN": ("server", "operator_token"),
     "REDIS_URL": ("redis", "url"),
     "GATEWAY_AUTH_SECRET": ("auth", "secret"),
+    "GATEWAY_METRICS_DIR": ("server", "metrics_dir"),
 }
 
 

@@ -20,8 +20,8 @@ from gateway.state import state
 __all__ = ["init_app", "is_owned", "host_matches"]
 
 # The routes the gateway answers itself; everything else may go to the reverse proxy.
-_OWN_PATHS = frozenset({"/", "/diagnose", "/healthz", "/status"})
-_OWN_PREFIXES = ("/poll/", "/longpoll/", "/sse/", "/ws/", "/publish/", "/diagnose/", "/static/")
+_OWN_PATHS = frozenset({"/", "/diagnose", "/healthz", "/status", "/metrics", "/channels"})
+_OWN_PREFIXES = ("/poll/", "/longpoll/", "/sse/", "/ws/", "/publish/", "/diagnose/", "/static/", "/channels/")
 
 
 def is_owned(path: str) -> bool:

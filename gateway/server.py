@@ -17,6 +17,7 @@ from flask import Flask
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from gateway.config import ServerConfig
+from gateway.connlog import AccessLog
 from gateway.errors import ConfigError
 from gateway.heads import HeadReader, Refused, check_framing, head_too_big, refusal
 from gateway.redact import redact_text
@@ -306,7 +307,7 @@ def serve(app: Flask) -> None:
         app,
         handler_class=_Handler,
         backlog=None if inherited is not None else LISTEN_BACKLOG,  # the parent set its own
-        log=sys.stderr if config.server.access_log else None,
+        log=AccessLog(config.server.log_format) if config.server.access_log else None,
         error_log=sys.stderr,
     )
     server.stall_timeout_s = config.server.stall_timeout_s

@@ -1,16 +1,22 @@
-/* /diagnose: probe the four transports through whatever sits between this browser and the
- * gateway, collect raw measurements, get the verdict from POST /diagnose/verdict (the same
- * Python code the CLI uses) or, if that fails, from a small fallback here, and show it.
- * Every probe has a hard deadline, so window.__diagnosis and #diagnosis-json are always set. */
+/* /diagnose: run the probe plan (gateway/diagnose/plan.py, handed over in #diagnose-config)
+ * through whatever sits between this browser and the gateway, collect raw measurements, get
+ * the verdict from POST /diagnose/verdict (the same Python the CLI uses) and show it. This
+ * file measures and draws; it judges nothing. Every probe has a hard deadline, so
+ * window.__diagnosis and #diagnosis-json are always set. */
 (function () {
   "use strict";
 
   var CONFIG = JSON.parse(document.getElementById("diagnose-config").textContent);
   var HOLD = Number(CONFIG.hold) || 15;
+  var PLAN = CONFIG.plan, WAIT = {}, TAGS = PLAN.tags;
+  Object.keys(PLAN.waits).forEach(function (k) { WAIT[k] = PLAN.waits[k] * 1000; });  // in ms here
   var ORDER = ["websocket", "sse", "long_poll", "short_poll"];
   // The gateway may be mounted under a path prefix by a proxy: every URL is relative to this page's.
   var BASE = location.pathname.replace(/\/diagnose\/?$/, "");
-  var BURST_N = 5, BURST_GAP = 300, PADDING = 2048;
+  var BURST_N = PLAN.burst.n, BURST_GAP = PLAN.burst.gap_ms, PADDING = PLAN.padding_bytes;
+  // A subscriber token for the real-channel checks where access control is on (?token=): sent
+  // only with those requests, never recorded.
+  var TOKEN = new URLSearchParams(location.search).get("token") || "";
   var now = function () { return performance.now(); };
   var sleep = function (ms) { return new Promise(function (r) { setTimeout(r, Math.max(0, ms)); }); };
 
@@ -33,7 +39,7 @@
     return cond();
   }
 
-  var MIN_RTT = null;  // the quickest round trip of the run (long polls aside): see verdict.py
+  var MIN_RTT = null;  // the quickest round trip of the run (long polls aside): see verdict/evidence.py
 
   /* fetch with a deadline; never throws. */
   async function call(url, opts, ms) {
@@ -66,11 +72,14 @@
     // POST, or GET where something on the path refuses POSTs (the endpoint takes both); when the
     // gateway is busy (429/503: many people diagnosing behind one address), wait and try again.
     rec.request = (async function () {
-      var method = "POST", r;
-      for (var attempt = 0; attempt < 4; attempt++) {
+      var method = "POST", r, retry = PLAN.retries;
+      for (var attempt = 0; attempt < retry.burst_attempts; attempt++) {
         rec.t0 = now();  // arrivals count from the request that publishes
-        r = await call(url, method === "POST" ? { method: "POST" } : {}, 8000);
-        if (r.status === 429 || r.status === 503) { await sleep(1000 + 500 * attempt); continue; }
+        r = await call(url, method === "POST" ? { method: "POST" } : {}, WAIT.request);
+        if (r.status === 429 || r.status === 503) {
+          await sleep(retry.burst_backoff_ms + retry.burst_backoff_step_ms * attempt);
+          continue;
+        }
         if (r.status === 202 || method === "GET") break;
         rec.post_fallback = r.error || "HTTP " + r.status;
         method = "GET";
@@ -98,21 +107,6 @@
       post_ms: b.post_ms, post_error: b.post_error } : null;
   }
 
-  /* The same test as verdict.py's analyse_burst, for deciding on the padding retry and the fallback. */
-  function analyseBurst(b) {
-    var arr = (b && b.arrivals || []).slice().sort(function (x, y) { return x.seq - y.seq; });
-    var out = { received: arr.length, expected: b ? b.n : 0, bunched: false, first_latency_ms: null };
-    if (!arr.length) return out;
-    out.first_latency_ms = Math.max(0, arr[0].at_ms - (b.delay_ms || 0) - arr[0].seq * b.gap_ms - (MIN_RTT || 0) / 2);
-    if (arr.length >= 3) {
-      var send = (arr[arr.length - 1].sent_ms - arr[0].sent_ms);
-      if (!(send >= 0)) send = (arr[arr.length - 1].seq - arr[0].seq) * b.gap_ms;
-      var spread = arr[arr.length - 1].at_ms - arr[0].at_ms;
-      out.bunched = send >= 400 && spread < 0.5 * send;
-    }
-    return out;
-  }
-
   // ---- the page --------------------------------------------------------------------------
   var ui = {};
   ORDER.forEach(function (name) {
@@ -134,11 +128,20 @@
 
   function step(name, text) { ui[name].step.textContent = text; }
 
+  // The burst each probe is timing right now, drawn as it arrives (before any verdict).
+  var drawing = {};
+  function watch(name, b) { drawing[name] = b; }
+
   var ticker = setInterval(function () {
     ORDER.forEach(function (name) {
       var u = ui[name];
       if (u.start !== null && u.el.classList.contains("running")) {
         u.bar.value = Math.min(0.97, (now() - u.start) / u.expect);
+        if (drawing[name]) {
+          var pic = u.el.querySelector(".picture"), svg = timeline(burstJSON(drawing[name]));
+          pic.textContent = "";
+          if (svg) pic.appendChild(svg);
+        }
       }
     });
   }, 200);
@@ -151,8 +154,12 @@
     u.step.textContent = text || "done; waiting for the verdict";
   }
 
-  function showTransport(name, t) {
+  function showTransport(name, t, burstRaw) {
     var u = ui[name];
+    var pic = u.el.querySelector(".picture");
+    pic.textContent = "";
+    var svg = timeline(burstRaw);
+    if (svg) pic.appendChild(svg);
     u.el.className = "probe " + t.status;
     u.bar.value = 1;
     u.badge.textContent = t.status === "ok" ? "works" : t.status;
@@ -207,7 +214,7 @@
   async function probeShortPoll(ch, rec) {
     begin("short_poll", 3);
     rec.polls = [];
-    var first = await call(BASE + "/poll/" + ch, {}, 8000);
+    var first = await call(BASE + "/poll/" + ch, {}, WAIT.request);
     rec.polls.push(pollRecord(first));
     if (!(first.status === 200 && first.json && first.json.cursor)) {
       rec.error = first.error || "HTTP " + first.status;
@@ -217,22 +224,23 @@
     // Ask once with the cursor before publishing: a path that caches answers (ignoring
     // Cache-Control) then serves this stale, empty answer to the polls after the publish.
     var since = BASE + "/poll/" + ch + "?since=" + encodeURIComponent(cursor);
-    rec.polls.push(pollRecord(await call(since, {}, 8000)));
+    rec.polls.push(pollRecord(await call(since, {}, WAIT.request)));
     step("short_poll", "publishing a test event");
-    var b = burst(ch, 1, 0, 0, "sp");
+    var b = burst(ch, 1, 0, 0, TAGS.short_poll);
+    watch("short_poll", b);
     await b.request;
     rec.event_seen = false;
     var t0 = now();
-    for (var i = 0; i < 8 && !rec.event_seen; i++) {
+    for (var i = 0; i < PLAN.short_poll.polls && !rec.event_seen; i++) {
       step("short_poll", "polling (" + (i + 1) + ")");
-      var r = await call(since, {}, 8000);
+      var r = await call(since, {}, WAIT.request);
       rec.polls.push(pollRecord(r));
       var events = r.json && r.json.events;
       if (Array.isArray(events) && events.some(function (e) { return b.arrive(e.data); })) {
         rec.event_seen = true;
         rec.event_latency_ms = Math.round(now() - t0);
       } else {
-        await sleep(250);
+        await sleep(PLAN.short_poll.pause_ms);
       }
     }
     rec.burst = burstJSON(b);
@@ -248,7 +256,7 @@
     rec.hold_s = hold;
     begin("long_poll", hold + 1);
     step("long_poll", "holding a request for " + hold + " s and publishing one event during another");
-    var deadline = (hold + 15) * 1000;
+    var deadline = hold * 1000 + WAIT.hold_slack, delay = PLAN.long_poll.event_delay_ms;
     var idleP = (async function () {
       var t0 = now(), url = BASE + "/longpoll/" + ch + ".idle?since=0-0&timeout=" + hold;
       var r = await call(url, {}, deadline);
@@ -258,9 +266,9 @@
       // The same URL again after a publish: a path that caches answers (ignoring Cache-Control)
       // replays the empty one at once, and clients re-asking with one cursor never see events.
       step("long_poll", "asking again with the same cursor after a publish");
-      var b = burst(ch + ".idle", 1, 0, 0, "lprep");
+      var b = burst(ch + ".idle", 1, 0, 0, TAGS.long_poll_repeat);
       await b.request;
-      var again = await call(url, {}, 8000);
+      var again = await call(url, {}, WAIT.request);
       var events = (again.json && again.json.events) || [];
       rec.repeat = { status: again.status, error: again.error, json: !!(again.json && Array.isArray(again.json.events)),
         arrived: Array.isArray(events) && events.some(function (e) { return b.arrive(e.data); }),
@@ -269,13 +277,15 @@
     var evP = (async function () {
       var evCh = ch + ".event";
       var pending = call(BASE + "/longpoll/" + evCh + "?since=0-0&timeout=" + hold, {}, deadline);
-      var b = burst(evCh, 1, 0, 1000, "lp");
+      var b = burst(evCh, 1, 0, delay, TAGS.long_poll);
+      watch("long_poll", b);
       var r = await pending;
       var events = (r.json && r.json.events) || [];
       var arrived = Array.isArray(events) && events.some(function (e) { return b.arrive(e.data); });
       await b.request;
       rec.event = { status: r.status, error: r.error, arrived: arrived, json: !!(r.json && Array.isArray(r.json.events)),
-        latency_ms: arrived ? Math.max(0, b.arrivals[0].at_ms - 1000) : null };
+        latency_ms: arrived ? Math.max(0, b.arrivals[0].at_ms - delay) : null };
+      rec.burst = burstJSON(b);
       if (!arrived && b.post_error) rec.event.error = "publishing the test event failed: " + b.post_error;
     })();
     await Promise.all([idleP, evP]);
@@ -323,7 +333,10 @@
         s.headers_ms = Math.round(now() - s.t0);
         if (resp.status !== 200 || !/text\/event-stream/.test(s.content_type || "") || !resp.body) {
           s.error = resp.status !== 200 ? "HTTP " + resp.status : "not an event stream";
-          try { await resp.text(); } catch (e) { /* ignore */ }
+          try {
+            var body = JSON.parse(await resp.text());
+            if (body && typeof body.error === "string") s.error_code = body.error.slice(0, 60);
+          } catch (e) { /* not the gateway's JSON */ }
           return;
         }
         await readSSE(resp.body, {
@@ -349,9 +362,8 @@
   /* Wait (a bounded while) for the stream's headers before timing a burst over it: a path slow
    * to answer (proxy auth, a slow first byte) would otherwise read as one that buffers events.
    * A path that holds back the headers themselves still gets its burst after OPEN_WAIT_MS. */
-  var OPEN_WAIT_MS = 4000;
   function untilOpen(s) {
-    return waitFor(function () { return s.status !== null || s.ended !== null; }, OPEN_WAIT_MS);
+    return waitFor(function () { return s.status !== null || s.ended !== null; }, WAIT.open);
   }
 
   async function probeSSE(ch, rec, heartbeat) {
@@ -359,18 +371,20 @@
     rec.hold_s = HOLD;
     rec.heartbeat_s = heartbeat;
     step("sse", "opening the stream and sending a timed burst of " + BURST_N + " events");
-    var s = openSSE(BASE + "/sse/" + ch + "?since=0-0", null, (HOLD + 15) * 1000);
+    var s = openSSE(BASE + "/sse/" + ch + "?since=0-0", null, HOLD * 1000 + WAIT.hold_slack);
     await untilOpen(s);
-    var b = burst(ch, BURST_N, BURST_GAP, 0, "burst");
+    var b = burst(ch, BURST_N, BURST_GAP, 0, TAGS.stream);
+    watch("sse", b);
     s.handlers.push(function (e) { b.arrive(e.data); });
-    await waitFor(function () { return b.arrivals.length >= BURST_N || s.ended !== null; }, BURST_N * BURST_GAP + 3000);
+    await waitFor(function () { return b.arrivals.length >= BURST_N || s.ended !== null; },
+      BURST_N * BURST_GAP + WAIT.burst_slack);
     step("sse", "holding the stream open, idle, until " + HOLD + " s");
     await waitFor(function () { return s.ended !== null; }, s.t0 + HOLD * 1000 - now());
     if (s.ended === null && b.arrivals.length) {
       step("sse", "checking the stream still delivers");
-      var alive = burst(ch, 1, 0, 0, "alive");
+      var alive = burst(ch, 1, 0, 0, TAGS.alive);
       s.handlers.push(function (e) { alive.arrive(e.data); });
-      var got = await waitFor(function () { return alive.arrivals.length > 0 || s.ended !== null; }, 3000);
+      var got = await waitFor(function () { return alive.arrivals.length > 0 || s.ended !== null; }, WAIT.alive);
       rec.alive = { arrived: !!(got && alive.arrivals.length),
         latency_ms: alive.arrivals.length ? alive.arrivals[0].at_ms : null };
     } else if (s.ended !== null) {
@@ -381,31 +395,26 @@
     Object.assign(rec, { status: s.status, content_type: s.content_type, headers_ms: s.headers_ms,
       first_byte_ms: s.first_byte_ms, heartbeats: s.heartbeats, error: s.error, burst: burstJSON(b) });
     // What reached the gateway: tells "held back on the way" from "never arrived".
-    var seen = await call(BASE + "/diagnose/seen?channel=" + encodeURIComponent(ch), {}, 5000);
-    rec.seen = seen.json && seen.json.requests || [];
-    // Resume: reconnect with Last-Event-ID and compare with what a poll says came after it.
-    // and, where events were held back, whether initial padding gets them through (both at once).
+    rec.seen = await seenFor(ch);
+    // Resume: reconnect with Last-Event-ID and compare with what a poll says came after it,
+    // and whether initial padding changes how events arrive (both at once; the verdict reads it
+    // only where events were held back).
     var checks = [];
     var withIds = s.events.filter(function (e) { return e.id && e.event !== "gap"; });
     if (withIds.length) {
       step("sse", "reconnecting with Last-Event-ID");
       checks.push(resumeCheck(ch, withIds[0].id).then(function (r) { rec.resume = r; }));
     }
-    var a = analyseBurst(b);
-    var late = s.first_byte_ms !== null && s.headers_ms !== null && s.first_byte_ms - s.headers_ms > 1500;
-    var answered = rec.seen.some(function (r) { return r.transport === "sse" && r.status === 200; });
-    if ((s.status === 200 || (s.status === null && answered)) && (a.bunched || late || a.received < BURST_N)) {
-      step("sse", "events were held back: trying again with " + PADDING + " bytes of padding");
-      checks.push(paddingCheck(ch + ".pad").then(function (r) { rec.padding = r; }));
-    }
+    step("sse", "trying again with " + PADDING + " bytes of padding");
+    checks.push(paddingCheck(ch + ".pad").then(function (r) { rec.padding = r; }));
     await Promise.all(checks);
   }
 
   async function resumeCheck(ch, lastId) {
-    var expect = await call(BASE + "/poll/" + ch + "?since=" + encodeURIComponent(lastId), {}, 5000);
+    var expect = await call(BASE + "/poll/" + ch + "?since=" + encodeURIComponent(lastId), {}, WAIT.seen);
     var want = (expect.json && expect.json.events || []).map(function (e) { return e.id; });
-    var s = openSSE(BASE + "/sse/" + ch, { "Last-Event-ID": lastId }, 6000);
-    await waitFor(function () { return s.events.length >= want.length || s.ended !== null; }, 4000);
+    var s = openSSE(BASE + "/sse/" + ch, { "Last-Event-ID": lastId }, WAIT.resume + 2000);
+    await waitFor(function () { return s.events.length >= want.length || s.ended !== null; }, WAIT.resume);
     s.close();
     var got = s.events.map(function (e) { return e.event === "gap" ? "gap" : e.id; }).slice(0, want.length);
     var ok = want.length > 0 && got.join(",") === want.join(",");
@@ -416,11 +425,13 @@
   }
 
   async function paddingCheck(ch) {
-    var s = openSSE(BASE + "/sse/" + ch + "?since=0-0&padding=" + PADDING, null, BURST_N * BURST_GAP + 12000);
+    var s = openSSE(BASE + "/sse/" + ch + "?since=0-0&padding=" + PADDING, null,
+      BURST_N * BURST_GAP + WAIT.padding_slack);
     await untilOpen(s);
-    var b = burst(ch, BURST_N, BURST_GAP, 0, "burst");
+    var b = burst(ch, BURST_N, BURST_GAP, 0, TAGS.stream);
     s.handlers.push(function (e) { b.arrive(e.data); });
-    await waitFor(function () { return b.arrivals.length >= BURST_N || s.ended !== null; }, BURST_N * BURST_GAP + 3000);
+    await waitFor(function () { return b.arrivals.length >= BURST_N || s.ended !== null; },
+      BURST_N * BURST_GAP + WAIT.burst_slack);
     s.close();
     return { bytes: PADDING, status: s.status, first_byte_ms: s.first_byte_ms, error: s.error, burst: burstJSON(b) };
   }
@@ -439,7 +450,7 @@
     }
     if (ws) {
       var opened = await new Promise(function (resolve) {
-        var timer = setTimeout(function () { rec.error = "no handshake within 10 s"; resolve(false); }, 10000);
+        var timer = setTimeout(function () { rec.error = "no handshake in time"; resolve(false); }, WAIT.handshake);
         ws.onopen = function () { clearTimeout(timer); resolve(true); };
         ws.onerror = function () { rec.error = rec.error || "the handshake failed"; };
         ws.onclose = function (ev) {
@@ -455,7 +466,7 @@
         var e;
         try { e = JSON.parse(m.data); } catch (x) { return; }
         if (e.event === "echo" && echoes[e.data]) echoes[e.data].back = now();
-        else if (b && e.event === "burst") b.arrive(e.data);
+        else if (b && e.event === TAGS.stream) b.arrive(e.data);
       };
       if (opened) {
         rec.opened = true;
@@ -467,16 +478,17 @@
         };
         step("websocket", "sending a message up and a timed burst down");
         // Both directions at once: the echo round trip and the server's burst share one deadline.
-        var e1P = echo("echo-1", 5000);
-        b = burst(ch, BURST_N, BURST_GAP, 0, "burst");
+        var e1P = echo("echo-1", WAIT.echo);
+        b = burst(ch, BURST_N, BURST_GAP, 0, TAGS.stream);
+        watch("websocket", b);
         var e1 = await e1P;
         rec.echo = { arrived: e1.back !== null, rtt_ms: e1.back !== null ? Math.round(e1.back - e1.sent) : null };
         await waitFor(function () { return b.arrivals.length >= BURST_N || closedAt !== null; },
-          BURST_N * BURST_GAP + 3000 - (now() - b.t0));
+          BURST_N * BURST_GAP + WAIT.burst_slack - (now() - b.t0));
         step("websocket", "holding the connection open, idle, until " + HOLD + " s");
         await waitFor(function () { return closedAt !== null; }, t0 + HOLD * 1000 - now());
         if (closedAt === null && (e1.back !== null || b.arrivals.length)) {
-          var e2 = await echo("echo-2", 3000);
+          var e2 = await echo("echo-2", WAIT.alive);
           rec.alive = { arrived: e2.back !== null, rtt_ms: e2.back !== null ? Math.round(e2.back - e2.sent) : null };
         }
         if (closedAt !== null) {
@@ -488,50 +500,105 @@
       try { ws.onclose = null; ws.close(1000); } catch (x) { /* ignore */ }
     }
     // What reached the gateway for this channel: explains a failed handshake.
-    var seen = await call(BASE + "/diagnose/seen?channel=" + encodeURIComponent(ch), {}, 5000);
-    rec.seen = seen.json && seen.json.requests || [];
+    rec.seen = await seenFor(ch);
     if (!rec.opened) {
-      var plain = await call(BASE + "/ws/" + ch, {}, 5000);
+      var plain = await call(BASE + "/ws/" + ch, {}, WAIT.seen);
       rec.http_status = plain.status;
       if (plain.json && plain.json.error) rec.http_error = plain.json.error;
     }
   }
 
-  // ---- the fallback verdict (only when POST /diagnose/verdict cannot be reached) -------------
-  function fallbackVerdict(raw) {
-    var p = raw.probes, t = {};
-    function res(status, reason, extra) { return Object.assign({ ok: status === "ok", status: status, reason: reason }, extra || {}); }
-    var sp = p.short_poll || {};
-    t.short_poll = sp.event_seen ? res("ok", "a published event showed up in a poll") : res("broken", "no event came through polling");
-    var lp = p.long_poll || {}, idle = lp.idle || {}, ev = lp.event || {};
-    var cut = idle.status !== 200 || idle.elapsed_s < (lp.hold_s || 0) - 1, rep = lp.repeat || {};
-    t.long_poll = (rep.status === 200 && rep.json && rep.published && !rep.arrived)
-      ? res("broken", "a repeated request got the old, cached answer")
-      : ev.arrived ? (cut ? res("degraded", "held requests are cut after ~" + Math.round(idle.elapsed_s) + " s",
-      { cut_after_s: idle.elapsed_s }) : res("ok", "held requests survive and events arrive"))
-      : res("broken", "no event came through long polling");
-    var sse = p.sse || {}, a = analyseBurst(sse.burst), sseCut = sse.ended_after_s != null;
-    var buffered = sse.status === 200 && (a.bunched || (a.received === 0 && !sseCut));
-    t.sse = a.received === 0 ? res("broken", buffered ? "the stream is buffered: no event came through" : "no event came through", { buffered: buffered })
-      : buffered ? res("degraded", "events arrive bunched: the stream is buffered", { buffered: true })
-      : sseCut ? res("degraded", "the stream is cut after ~" + Math.round(sse.ended_after_s) + " s", { buffered: false, cut_after_s: sse.ended_after_s })
-      : (sse.alive && !sse.alive.arrived) ? res("degraded", "the stream went silent", { buffered: false })
-      : res("ok", "events arrive as sent and the stream survived the hold", { buffered: false });
-    var ws = p.websocket || {}, wb = analyseBurst(ws.burst), echo = ws.echo || {};
-    t.websocket = !ws.opened ? res("broken", "the WebSocket handshake failed")
-      : (!echo.arrived && !wb.received) ? res("broken", "the WebSocket opened but nothing arrives")
-      : ws.closed_after_s != null ? res("degraded", "the connection is closed after ~" + Math.round(ws.closed_after_s) + " s", { cut_after_s: ws.closed_after_s })
-      : (ws.alive && !ws.alive.arrived) ? res("degraded", "the connection went silent")
-      : res("ok", "frames flow both ways and the connection survived the hold");
-    var ok = ORDER.filter(function (n) { return t[n].ok; });
-    return { transports: t, recommended: ok.length ? ok[0] : null, mode: raw.mode, hold_s: raw.hold_s, path: {},
-      summary: ok.length ? "Use " + ok[0] + "." : "No transport works cleanly from here.", source: "browser" };
+  /* What reached the gateway on a channel (Upgrade header, the gateway's answer...). */
+  async function seenFor(ch) {
+    var seen = await call(BASE + "/diagnose/seen?channel=" + encodeURIComponent(ch), {}, WAIT.seen);
+    return seen.json && seen.json.requests || [];
+  }
+
+  // ---- real channels: what a page of this site gets on a channel with no exemption ----------
+  function realUrl(path, query) {
+    var q = [query, TOKEN ? "token=" + encodeURIComponent(TOKEN) : ""].filter(Boolean).join("&");
+    return path + (q ? "?" + q : "");
+  }
+
+  function answerRecord(r) {
+    return { status: r.status, error: (r.json && typeof r.json.error === "string" ? r.json.error : r.error) || null };
+  }
+
+  async function probeReal(real) {
+    var ch = PLAN.channels.real_prefix + randomId();
+    real.channel = ch;
+    var poll = call(realUrl(BASE + "/poll/" + ch, ""), {}, WAIT.real).then(function (r) {
+      real.short_poll = answerRecord(r);
+    });
+    var longPoll = call(realUrl(BASE + "/longpoll/" + ch, "timeout=0"), {}, WAIT.real).then(function (r) {
+      real.long_poll = answerRecord(r);
+    });
+    var sse = (async function () {
+      var s = openSSE(realUrl(BASE + "/sse/" + ch, ""), null, WAIT.real);
+      await untilOpen(s);
+      s.close();
+      real.sse = { status: s.status, error: s.error_code || (s.status === 200 ? null : s.error) };
+    })();
+    var ws = (async function () {
+      var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + realUrl(BASE + "/ws/" + ch, "");
+      var rec = real.websocket = { opened: false, close_code: null };
+      var sock;
+      try { sock = new WebSocket(url); } catch (e) { rec.error = errText(e); return; }
+      rec.opened = await new Promise(function (resolve) {
+        var timer = setTimeout(function () { resolve(false); }, WAIT.handshake);
+        sock.onopen = function () { clearTimeout(timer); resolve(true); };
+        sock.onerror = function () { /* the close event says the rest */ };
+        sock.onclose = function (ev) { clearTimeout(timer); rec.close_code = ev.code; resolve(false); };
+      });
+      try { sock.onclose = null; sock.close(1000); } catch (e) { /* ignore */ }
+      // A browser never shows a refused handshake's status: ask what the gateway answered.
+      if (!rec.opened) rec.seen = await seenFor(ch);
+    })();
+    await Promise.all([poll, longPoll, sse, ws]);
+  }
+
+  // ---- pictures -------------------------------------------------------------------------------
+  var SVG = "http://www.w3.org/2000/svg";
+  function svgEl(name, attrs, text) {
+    var el = document.createElementNS(SVG, name);
+    Object.keys(attrs).forEach(function (k) { el.setAttribute(k, attrs[k]); });
+    if (text) el.textContent = text;
+    return el;
+  }
+
+  /* The burst as a timeline: when each event was due to be sent (top) and when it arrived
+   * (bottom), joined by a line. Spaced lines are live delivery; lines converging on one point
+   * are a buffer releasing events together. */
+  function timeline(b) {
+    if (!b || !b.n) return null;
+    var arrivals = (b.arrivals || []).slice().sort(function (x, y) { return x.seq - y.seq; });
+    var due = function (seq) { return (b.delay_ms || 0) + seq * (b.gap_ms || 0); };
+    var end = Math.max(due(b.n - 1), 1);
+    arrivals.forEach(function (a) { end = Math.max(end, a.at_ms); });
+    end = end * 1.08 + 50;
+    var W = 460, L = 62, R = 12, x = function (ms) { return L + (W - L - R) * ms / end; };
+    var svg = svgEl("svg", { viewBox: "0 0 " + W + " 64", width: W, height: 64, role: "img", class: "timeline" });
+    svg.appendChild(svgEl("title", {}, "sent vs arrived: " + arrivals.length + " of " + b.n + " events arrived"));
+    svg.appendChild(svgEl("text", { x: 0, y: 16, class: "lbl" }, "sent"));
+    svg.appendChild(svgEl("text", { x: 0, y: 48, class: "lbl" }, "arrived"));
+    svg.appendChild(svgEl("line", { x1: L, y1: 12, x2: W - R, y2: 12, class: "axis" }));
+    svg.appendChild(svgEl("line", { x1: L, y1: 44, x2: W - R, y2: 44, class: "axis" }));
+    for (var seq = 0; seq < b.n; seq++) {
+      svg.appendChild(svgEl("circle", { cx: x(due(seq)), cy: 12, r: 3.5, class: "sent" }));
+    }
+    arrivals.forEach(function (a) {
+      svg.appendChild(svgEl("line", { x1: x(due(a.seq)), y1: 12, x2: x(a.at_ms), y2: 44, class: "link" }));
+      svg.appendChild(svgEl("circle", { cx: x(a.at_ms), cy: 44, r: 3.5, class: "arrived" }));
+    });
+    svg.appendChild(svgEl("text", { x: L, y: 62, class: "lbl" }, "0"));
+    svg.appendChild(svgEl("text", { x: W - R, y: 62, class: "lbl end" }, Math.round(end) + " ms"));
+    return svg;
   }
 
   // ---- the run -------------------------------------------------------------------------------
   async function collect(raw) {
-    var base = "diag." + randomId();
-    var facts = await call(BASE + "/diagnose/facts", {}, 8000);
+    var base = PLAN.channels.probe_prefix + randomId(), sfx = PLAN.suffixes;
+    var facts = await call(BASE + "/diagnose/facts", {}, WAIT.facts);
     raw.facts = facts.json || { error: facts.error || "HTTP " + facts.status };
     if (facts.headers) {
       ["server", "via", "x-cache", "cf-ray", "age", "x-served-by"].forEach(function (h) {
@@ -546,42 +613,52 @@
       return fn().catch(function (e) { raw.probes[name].error = errText(e); })
         .then(function () { finishProbe(name); });
     }
+    raw.real = {};
     await Promise.all([
-      guarded("websocket", function () { return probeWebSocket(base + ".ws", raw.probes.websocket); }),
-      guarded("sse", function () { return probeSSE(base + ".sse", raw.probes.sse, Number(gw.sse_heartbeat_s) || null); }),
-      guarded("long_poll", function () { return probeLongPoll(base + ".lp", raw.probes.long_poll, cap); }),
-      guarded("short_poll", function () { return probeShortPoll(base + ".sp", raw.probes.short_poll); }),
+      guarded("websocket", function () { return probeWebSocket(base + sfx.websocket, raw.probes.websocket); }),
+      guarded("sse", function () {
+        return probeSSE(base + sfx.sse, raw.probes.sse, Number(gw.sse_heartbeat_s) || null);
+      }),
+      guarded("long_poll", function () { return probeLongPoll(base + sfx.long_poll, raw.probes.long_poll, cap); }),
+      guarded("short_poll", function () { return probeShortPoll(base + sfx.short_poll, raw.probes.short_poll); }),
+      probeReal(raw.real).catch(function (e) { raw.real.error = errText(e); }),
     ]);
   }
 
   async function run() {
     var nav = performance.getEntriesByType && performance.getEntriesByType("navigation")[0];
     var raw = {
-      version: 1, mode: CONFIG.mode, hold_s: HOLD, started: new Date().toISOString(), facts: null, probes: {},
+      version: 1, plan_version: PLAN.version, mode: CONFIG.mode, hold_s: HOLD, started: new Date().toISOString(),
+      facts: null, probes: {},
       client: { agent: "browser", user_agent: navigator.userAgent, host: location.host, secure: location.protocol === "https:",
-        protocol: nav && nav.nextHopProtocol || null, response_headers: {} },
+        protocol: nav && nav.nextHopProtocol || null, response_headers: {}, token: !!TOKEN },
     };
     window.__diagnoseRaw = raw;
     document.getElementById("rerun").disabled = true;
-    var hardStop = sleep((HOLD + 45) * 1000).then(function () { raw.timed_out = true; });
+    var hardStop = sleep(HOLD * 1000 + WAIT.run_slack).then(function () { raw.timed_out = true; });
     try {
       await Promise.race([collect(raw), hardStop]);
     } catch (e) {
       raw.error = errText(e);
     }
     raw.min_rtt_ms = MIN_RTT;
-    var verdict = null;
+    var verdict = null, r = null;
     try {
-      var r = await call(BASE + "/diagnose/verdict", { method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(raw) }, 8000);
+      r = await call(BASE + "/diagnose/verdict", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(raw) }, WAIT.request);
       if (r.status === 200 && r.json && r.json.transports) verdict = r.json;
-    } catch (e) { /* fall through to the local verdict */ }
+    } catch (e) { /* below */ }
     if (!verdict) {
-      try { verdict = fallbackVerdict(raw); } catch (e) {
-        verdict = { transports: {}, recommended: null, error: errText(e), source: "browser" };
-        ORDER.forEach(function (n) { verdict.transports[n] = { ok: false, status: "broken", reason: "no result" }; });
-        verdict.transports.sse.buffered = false;
-      }
+      // There is one verdict and it is the gateway's: without it, say so rather than guess.
+      var why = r ? (r.error || "HTTP " + r.status) : "no answer";
+      verdict = { transports: {}, recommended: null, fallback: null, source: "none", error: why,
+        summary: "The measurements are done, but the gateway's verdict could not be fetched (" + why + "): " +
+          "something on the path refuses POST /diagnose/verdict. Copy the raw results below to get it elsewhere." };
+      ORDER.forEach(function (n) {
+        verdict.transports[n] = { ok: false, status: "broken", reason: "no verdict: " + why, findings: ["no_verdict"] };
+      });
+      verdict.transports.sse.buffered = false;
+      verdict.raw = JSON.parse(JSON.stringify(raw));  // plain data, as #diagnosis-json shows it
     }
     verdict.started = raw.started;
     publish(raw, verdict);
@@ -593,7 +670,9 @@
     var text = JSON.stringify(verdict, null, 2);
     document.getElementById("diagnosis-json").textContent = text;
     try {
-      ORDER.forEach(function (n) { if (verdict.transports[n]) showTransport(n, verdict.transports[n]); });
+      ORDER.forEach(function (n) {
+        if (verdict.transports[n]) showTransport(n, verdict.transports[n], (raw.probes[n] || {}).burst);
+      });
       showFacts(raw, verdict);
       var names = { websocket: "WebSocket", sse: "Server-Sent Events", long_poll: "long polling", short_poll: "short polling" };
       var box = document.getElementById("overall");

@@ -1,6 +1,7 @@
 /*
  * live.js: the live view. One GatewayClient per transport (each pinned to that transport alone) reads
  * the same channel from the same cursor; each column shows latency and what the transport costs.
+ * Under the figures, a chart of each transport's latency over the last minute (inline SVG).
  * The state is also kept in window.__live for tests and the curious.
  */
 (function () {
@@ -10,6 +11,7 @@
   var NAMES = GatewayClient.transports;
   var KEEP = 500; // ids and latencies kept per column
   var SHOWN = 15; // rows listed per column
+  var WINDOW_MS = 60000; // the chart's span: the last minute
   var live = { channel: opts.channel, transports: {} };
   var firstArrival = {};
   var firstOrder = [];
@@ -17,7 +19,8 @@
   window.__live = live;
 
   NAMES.forEach(function (name) {
-    live.transports[name] = { state: "starting", reason: null, ids: [], latencies: [], behind: [], stats: null };
+    live.transports[name] = { state: "starting", reason: null, ids: [], latencies: [], behind: [], stats: null,
+      points: [] };
   });
 
   // One cursor for all four, so the columns list the same events.
@@ -61,6 +64,7 @@
     push(col.ids, ev.id);
     push(col.latencies, latency);
     push(col.behind, behind);
+    if (latency !== null) push(col.points, [at, latency]);
     col.rows = col.rows || [];
     col.rows.unshift({ id: ev.id, event: ev.event, latency: latency, behind: behind });
     col.rows.length = Math.min(col.rows.length, SHOWN);
@@ -117,6 +121,7 @@
     set(el, "frames", String(st.frames));
     set(el, "bytes", bytes(st.bytes));
     set(el, "per_event", col.ids.length ? bytes(st.bytes / col.ids.length) : "\u2013");
+    chart(el.querySelector('[data-k="chart"]'), col.points);
     var list = el.querySelector('[data-k="list"]');
     list.textContent = "";
     (col.rows || []).forEach(function (row) {
@@ -129,6 +134,41 @@
       li.appendChild(right);
       list.appendChild(li);
     });
+  }
+
+  /* Latency of each event over the last minute: time along, milliseconds up (scale to the
+   * largest shown, at least 100 ms), one dot per event, joined by a line. */
+  var SVG = "http://www.w3.org/2000/svg";
+  function chart(box, points) {
+    if (!box) return;
+    var now = Date.now(), W = 270, H = 80, L = 48, B = 14;
+    var shown = points.filter(function (p) { return now - p[0] <= WINDOW_MS; });
+    var top = Math.max(100, Math.max.apply(null, shown.map(function (p) { return p[1]; }).concat([0])) * 1.1);
+    var x = function (t) { return L + (W - L - 4) * (1 - (now - t) / WINDOW_MS); };
+    var y = function (v) { return 4 + (H - B - 4) * (1 - Math.max(0, v) / top); };
+    var svg = el("svg", { viewBox: "0 0 " + W + " " + H, width: W, height: H, role: "img", class: "chart" });
+    svg.appendChild(el("title", {}, "latency over the last minute: " + shown.length + " events"));
+    svg.appendChild(el("line", { x1: L, y1: H - B, x2: W - 4, y2: H - B, class: "axis" }));
+    svg.appendChild(el("line", { x1: L, y1: 4, x2: L, y2: H - B, class: "axis" }));
+    svg.appendChild(el("text", { x: L - 3, y: 12, class: "lbl end" }, Math.round(top) + " ms"));
+    svg.appendChild(el("text", { x: L - 3, y: H - B, class: "lbl end" }, "0"));
+    svg.appendChild(el("text", { x: L, y: H - 2, class: "lbl" }, "-60 s"));
+    svg.appendChild(el("text", { x: W - 4, y: H - 2, class: "lbl end" }, "now"));
+    if (shown.length > 1) {
+      svg.appendChild(el("polyline", { class: "line", points: shown.map(function (p) {
+        return x(p[0]).toFixed(1) + "," + y(p[1]).toFixed(1);
+      }).join(" ") }));
+    }
+    shown.forEach(function (p) { svg.appendChild(el("circle", { cx: x(p[0]), cy: y(p[1]), r: 2, class: "dot" })); });
+    box.textContent = "";
+    box.appendChild(svg);
+  }
+
+  function el(name, attrs, text) {
+    var node = document.createElementNS(SVG, name);
+    Object.keys(attrs).forEach(function (k) { node.setAttribute(k, attrs[k]); });
+    if (text) node.textContent = text;
+    return node;
   }
 
   function set(el, key, text, className) {

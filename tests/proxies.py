@@ -81,7 +81,8 @@ http {{
         ''      close;
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{listen_tls};
+{tls}
         location {prefix}/ {{
             proxy_pass http://127.0.0.1:{upstream}{upstream_path};
 {location}
@@ -91,15 +92,34 @@ http {{
 """
 
 
+def self_signed_certificate(tmp: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 (browsers in tests run with --ignore-certificate-errors)."""
+    openssl = require_binary("openssl")
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
 class Nginx:
-    def __init__(self, upstream_port: int, location: str, tmp: Path, prefix: str = "") -> None:
+    def __init__(self, upstream_port: int, location: str, tmp: Path, prefix: str = "", tls: bool = False) -> None:
         binary = require_binary("nginx")
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}{prefix}"  # prefix: the gateway mounted under a path
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}{prefix}"  # prefix: the gateway mounted under a path
         self.dir = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.conf = tmp / "nginx.conf"
         upstream_path = "/" if prefix else ""
+        tls_lines = ""
+        if tls:  # TLS terminated here, HTTP/2 to the browser (nginx 1.22: `listen ... ssl http2`)
+            cert, key = self_signed_certificate(tmp)
+            tls_lines = f"        ssl_certificate {cert};\n        ssl_certificate_key {key};"
         self.conf.write_text(
             _CONF.format(
                 tmp=tmp,
@@ -108,6 +128,8 @@ class Nginx:
                 upstream_path=upstream_path,
                 prefix=prefix,
                 location=location,
+                listen_tls=" ssl http2" if tls else "",
+                tls=tls_lines,
             )
         )
         cmd = [binary, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(self.conf), "-g", "daemon off;"]
@@ -127,11 +149,13 @@ class Nginx:
 
 @pytest.fixture
 def start_nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
-    """start_nginx(upstream_port, preset_or_location, prefix="") -> a running Nginx; all stopped at teardown."""
+    """start_nginx(upstream_port, preset_or_location, prefix="", tls=False) -> a running Nginx (tls:
+    a self-signed certificate, HTTP/2 to clients); all stopped at teardown."""
     started: list[Nginx] = []
 
-    def start(upstream_port: int, location: str, prefix: str = "") -> Nginx:
-        proxy = Nginx(upstream_port, NGINX_PRESETS.get(location, location), tmp_path / f"nginx-{len(started)}", prefix)
+    def start(upstream_port: int, location: str, prefix: str = "", tls: bool = False) -> Nginx:
+        preset = NGINX_PRESETS.get(location, location)
+        proxy = Nginx(upstream_port, preset, tmp_path / f"nginx-{len(started)}", prefix, tls)
         started.append(proxy)
         return proxy
 

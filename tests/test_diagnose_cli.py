@@ -81,3 +81,82 @@ def test_cli_slow_first_byte_is_not_buffering(gateway: Gateway, start_hostile: A
     r = cli(proxy.url, "--hold", "2")
     sse = json.loads(r.stdout)["transports"]["sse"]
     assert sse["buffered"] is False and sse["status"] == "ok", sse
+
+
+def test_cli_raw_results_follow_the_one_plan(gateway: Gateway) -> None:
+    from gateway.diagnose.plan import PLAN, unknown_fields
+
+    r = cli(gateway.url, "--hold", "2", "--raw")
+    raw = json.loads(r.stdout)["raw"]
+    assert raw["plan_version"] == PLAN["version"] and unknown_fields(raw) == [], unknown_fields(raw)
+    assert raw["real"]["channel"].startswith(PLAN["channels"]["real_prefix"])
+    assert raw["real"]["websocket"]["opened"] is True and raw["real"]["sse"]["status"] == 200
+    assert len(raw["probes"]["sse"]["burst"]["arrivals"]) == PLAN["burst"]["n"]
+
+
+def test_cli_and_page_agree_through_nginx_rewriting_host(gateway: Gateway, start_nginx: Any) -> None:
+    """The same finding as the page's (test_diagnose_browser): a real channel's WebSocket with the
+    site's Origin is refused by the gateway's origin rule behind nginx's default Host handling."""
+    from tests.proxies import REALTIME
+
+    proxy = start_nginx(gateway.port, REALTIME.replace("proxy_set_header Host $host;", ""))
+    v = json.loads(cli(proxy.url, "--hold", "2").stdout)
+    ws = v["transports"]["websocket"]
+    assert ws["findings"] == ["real.origin_refused"] and ws["ok"] is False, ws
+    assert "proxy_set_header Host $host;" in ws["fix"] and "server.allowed_origins" in ws["fix"]
+    assert v["recommended"] == "sse"
+    fixed = json.loads(cli(start_nginx(gateway.port, "realtime").url, "--hold", "2").stdout)
+    assert fixed["recommended"] == "websocket" and fixed["transports"]["websocket"]["findings"] == ["ws.ok"]
+
+
+@pytest.fixture(scope="module")
+def auth_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = Gateway({"auth": {"secret": AUTH_SECRET}}, tmp_path_factory.mktemp("diag-cli-auth"))
+    yield gw
+    gw.stop()
+
+
+AUTH_SECRET = "diagnose-test-secret-0123456789abcdef"
+
+
+def subscriber_token(channels: list[str]) -> str:
+    import time
+
+    import jwt
+
+    return jwt.encode({"exp": int(time.time()) + 600, "channels": channels}, AUTH_SECRET, algorithm="HS256")
+
+
+def test_cli_with_access_control_on_observes_authorization(auth_gateway: Gateway) -> None:
+    """Probe channels are public, real ones are not: without a token every transport works on the
+    probe channel but a real channel answers 401, so none is ok; with a token all four are."""
+    v = json.loads(cli(auth_gateway.url, "--hold", "2").stdout)
+    for name, t in v["transports"].items():
+        assert t["ok"] is False and t["findings"][-1] == "real.unauthorized" and t["real_status"] == 401, (name, t)
+        assert "--token" in t["fix"]
+    assert v["recommended"] is None and v["fallback"] == "websocket"
+    narrow = json.loads(cli(auth_gateway.url, "--hold", "2", "--token", subscriber_token(["news.*"])).stdout)
+    assert narrow["transports"]["sse"]["findings"][-1] == "real.forbidden", narrow["transports"]["sse"]
+    ok = json.loads(cli(auth_gateway.url, "--hold", "2", "--token", subscriber_token(["*"])).stdout)
+    assert {n: t["findings"][0] for n, t in ok["transports"].items()} == {
+        "short_poll": "sp.ok",
+        "long_poll": "lp.ok",
+        "sse": "sse.ok",
+        "websocket": "ws.ok",
+    }, ok
+    assert ok["recommended"] == "websocket"
+
+
+def test_cli_through_tls_at_nginx(gateway: Gateway, start_nginx: Any) -> None:
+    """nginx terminating TLS (self-signed, --insecure): the CLI checks wss:// and agrees with the page."""
+    proxy = start_nginx(gateway.port, "realtime", tls=True)
+    r = cli(proxy.url, "--hold", "2", "--insecure", "--raw")
+    v = json.loads(r.stdout)
+    found = {n: t["findings"][0] for n, t in v["transports"].items()}
+    # Every request of the CLI opens its own TLS connection: on a loaded machine the long poll's
+    # publish may read as slow; what matters here is that each transport gets through.
+    assert found.pop("long_poll") in ("lp.ok", "lp.slow"), r.stderr
+    assert found == {"short_poll": "sp.ok", "sse": "sse.ok", "websocket": "ws.ok"}, r.stderr
+    assert v["raw"]["real"]["websocket"]["opened"] is True and v["recommended"] == "websocket"
+    refused = cli(proxy.url, "--hold", "1")  # without --insecure the certificate is checked
+    assert refused.returncode == 2 and "cannot reach" in refused.stderr

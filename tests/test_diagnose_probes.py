@@ -146,7 +146,7 @@ def test_page_renders_with_bounded_hold(client: Any) -> None:
     assert '"hold": 1.0' in client.get("/diagnose?hold=-5").get_data(as_text=True)
     assert '"hold": 15.0' in client.get("/diagnose?hold=nan").get_data(as_text=True)
     thorough = client.get("/diagnose?mode=thorough").get_data(as_text=True)
-    assert '"hold": 65.0' in thorough and '"mode": "thorough"' in thorough
+    assert '"hold": 110.0' in thorough and '"mode": "thorough"' in thorough
     assert 'src="../static/diagnose.js"' in client.get("/diagnose/?hold=3").get_data(as_text=True)
     assert client.get("/static/diagnose.js").status_code == 200
     assert client.get("/static/diagnose.css").status_code == 200
@@ -226,3 +226,58 @@ def test_known_platforms_are_recognised(client: Any, headers: dict[str, str], pl
     facts = client.get("/diagnose/facts", headers=headers).get_json()
     assert facts["platform"] == platform
     assert (facts["platform_limits"] is not None) == (platform is not None)
+
+
+# -- bounds against one client locking everyone out (issue 12, item 9) ------------------------------
+def test_one_client_cannot_fill_the_burst_slots_of_everyone() -> None:
+    """Rotating X-Forwarded-For from an untrusted peer used to give a fresh rate-limit key per
+    request, and one address could fill the global cap of bursts in flight (everyone then got 503)."""
+    app = create_app({"server": {"access_log": False}, "demo": {"channel": ""}})
+    c = app.test_client()
+    attacker = {"REMOTE_ADDR": "192.0.2.66"}
+    codes = [
+        c.post(
+            f"/diagnose/burst?channel=diag.flood{i}&n=1&delay_ms=4000",
+            headers={"X-Forwarded-For": f"10.1.{i // 250}.{i % 250}"},
+            environ_base=attacker,
+        ).status_code
+        for i in range(230)
+    ]
+    assert codes.count(202) <= 12 and 429 in codes, codes
+    assert 503 not in codes
+    r = c.post("/diagnose/burst?channel=diag.other&n=1", environ_base={"REMOTE_ADDR": "192.0.2.77"})
+    assert r.status_code == 202, r.get_json()
+
+
+def test_trusted_proxy_clients_get_their_own_burst_slots() -> None:
+    app = create_app({"server": {"access_log": False, "trusted_proxies": ["127.0.0.1"]}, "demo": {"channel": ""}})
+    c = app.test_client()
+    for who in ("203.0.113.1", "203.0.113.2"):
+        codes = [
+            c.post("/diagnose/burst?channel=diag.tp&n=1&delay_ms=3000", headers={"X-Forwarded-For": who}).status_code
+            for _ in range(14)
+        ]
+        assert codes[:12] == [202] * 12 and codes[12:] == [429, 429], (who, codes)
+
+
+def test_burst_delays_and_spans_are_short() -> None:
+    app = create_app({"server": {"access_log": False}, "demo": {"channel": ""}})
+    c = app.test_client()
+    assert c.post("/diagnose/burst?channel=diag.d&n=1&delay_ms=60000").status_code == 400
+    r = c.post("/diagnose/burst?channel=diag.d&n=20&gap_ms=2000")
+    assert r.status_code == 400 and r.get_json()["error"] == "invalid_argument"
+
+
+def test_facts_name_the_client_as_the_gateway_does(client: Any) -> None:
+    forged = client.get("/diagnose/facts", headers={"X-Forwarded-For": "203.0.113.7"}).get_json()
+    assert forged["client_address"] == "127.0.0.1"  # an untrusted peer cannot pick its identity
+    app = create_app({"server": {"trusted_proxies": ["127.0.0.1"]}, "demo": {"channel": ""}})
+    trusted = app.test_client().get("/diagnose/facts", headers={"X-Forwarded-For": "198.51.100.1, 203.0.113.7"})
+    assert trusted.get_json()["client_address"] == "203.0.113.7"
+    assert trusted.get_json()["peer_address"] == "127.0.0.1"
+
+
+def test_verdict_on_deeply_nested_json_is_a_clean_400(client: Any) -> None:
+    for body in ("[" * 100_000, '{"a":' * 40_000 + "1" + "}" * 40_000):
+        r = client.post("/diagnose/verdict", data=body, content_type="application/json")
+        assert r.status_code == 400 and r.get_json()["error"] == "invalid_json", r.data[:200]

@@ -15,10 +15,12 @@ import requests
 
 from gateway.app import create_app
 from gateway.diagnose.reports import (
+    MAX_KEPT_BYTES,
     MAX_REPORT_BYTES,
     REPORT_BURST,
     Reports,
     aggregate,
+    compact,
     summarize,
     transport_status,
     validate,
@@ -47,14 +49,29 @@ def diagnosis(ws: bool = True, sse: str = "ok", lp: bool = True, sp: bool = True
     return {"transports": transports, "recommended": order[0] if order else None} | extra
 
 
-def record(d: dict[str, Any], ua: str = "UA") -> dict[str, Any]:
-    return summarize(validate(d), client="10.0.0.1", forwarded_for="", user_agent=ua, now=1_700_000_000.0)
+_clients = iter(range(1, 1_000_000))
+
+
+def record(d: dict[str, Any], ua: str = "UA", client: str | None = None) -> dict[str, Any]:
+    client = client or f"10.0.{next(_clients) // 250}.{next(_clients) % 250}"
+    return summarize(validate(d), client=client, forwarded_for="", user_agent=ua, now=1_700_000_000.0)
 
 
 # -- pure functions ---------------------------------------------------------------------------------
 def test_validate_accepts_the_contract_shape_and_keeps_extra_keys() -> None:
     d = diagnosis(path={"client_address": "1.2.3.4"}, summary="Use WebSocket.")
     assert validate(copy.deepcopy(d)) == d
+
+
+def test_compact_keeps_known_fields_of_known_types_only() -> None:
+    d = diagnosis(summary="Use WebSocket." * 100, junk=[[]] * 5000, path={"warnings": ["w" * 5000] * 50, "x": [[]]})
+    d["transports"]["sse"] |= {"latency_ms": 12.5, "fix": "f" * 5000, "nested": [[[]]], "findings": ["a", 3]}
+    kept = compact(d)
+    assert set(kept) == {"transports", "recommended", "summary", "path"}
+    assert len(kept["summary"]) == 300 and len(kept["path"]["warnings"]) == 6
+    sse = kept["transports"]["sse"]
+    assert sse["latency_ms"] == 12.5 and len(sse["fix"]) == 600 and sse["findings"] == ["a"]
+    assert "nested" not in sse and "junk" not in kept
 
 
 @pytest.mark.parametrize(
@@ -105,6 +122,16 @@ def test_aggregate_counts_each_transport_over_the_reports_that_tested_it() -> No
     assert (summary["first"], summary["last"]) == (1_700_000_000.0, 1_700_000_100.0)
 
 
+def test_aggregate_counts_one_vote_per_client_its_newest_report() -> None:
+    newest_first = [record(diagnosis(ws=False), client="10.9.9.9")] + [
+        record(diagnosis(), client="10.9.9.9") for _ in range(20)
+    ]
+    newest_first.append(record(diagnosis(), client="10.8.8.8"))
+    summary = aggregate(newest_first)
+    assert summary["reports"] == 22 and summary["clients"] == 2
+    assert summary["transports"]["websocket"] == {"tested": 2, "ok": 1, "degraded": 0, "broken": 1, "share_ok": 0.5}
+
+
 def test_aggregate_of_nothing_has_no_shares() -> None:
     summary = aggregate([])
     assert summary["reports"] == 0 and summary["first"] is None
@@ -141,9 +168,11 @@ def test_submitted_reports_are_listed_newest_first_with_who_sent_them() -> None:
     body = listing(c)
     assert [r["user_agent"] for r in body["reports"]] == ["Chrome/2", "Firefox/1"]
     first = body["reports"][1]
+    # X-Forwarded-For from an untrusted peer is recorded as sent, but does not name the client.
     assert first["client"] == "127.0.0.1" and first["forwarded_for"] == "203.0.113.9"
     assert first["recommended"] == "sse" and first["diagnosis"] == diagnosis(ws=False)
-    assert body["summary"]["transports"]["websocket"]["share_ok"] == 0.5
+    # One client, two reports: its newest one is its vote.
+    assert body["summary"]["transports"]["websocket"]["share_ok"] == 1.0 and body["summary"]["clients"] == 1
     assert body["source"] == "memory" and body["limit"] == 3
 
 
@@ -168,14 +197,49 @@ def test_one_address_cannot_flood_the_store() -> None:
     assert listing(c)["summary"]["reports"] == int(REPORT_BURST) + 1
 
 
-def test_the_page_lists_the_newest_rows_and_counts_them_all(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gateway.diagnose.reports.SHOWN_ROWS", 2)
+def test_the_views_are_paginated_and_count_them_all() -> None:
     c = client()
     for i in range(3):
-        c.post("/diagnose/reports", json=diagnosis(), headers={"User-Agent": f"UA{i}"})
-    page = c.get(f"/diagnose/reports?token={OP}").data.decode()
+        c.post("/diagnose/reports", json=diagnosis(), headers={"User-Agent": f"UA{i}"}, environ_base=addr(i))
+    page = c.get(f"/diagnose/reports?token={OP}&per_page=2").data.decode()
     assert page.count('<tr class="report">') == 2 and "UA2" in page and "UA0" not in page
-    assert "Showing the newest 2 of\n3" in page and "100% (3 of 3)" in page
+    assert "Page 1 of 2" in page and "100% (3 of 3)" in page and f"page=2&amp;per_page=2&amp;token={OP}" in page
+    second = c.get(f"/diagnose/reports?token={OP}&per_page=2&page=2").data.decode()
+    assert second.count('<tr class="report">') == 1 and "UA0" in second
+    body = c.get(f"/diagnose/reports?format=json&token={OP}&per_page=2&page=2").json
+    assert [r["user_agent"] for r in body["reports"]] == ["UA0"]
+    assert (body["page"], body["pages"], body["total"], body["per_page"]) == (2, 2, 3, 2)
+    for query in ("page=0", "per_page=201", "page=x"):
+        r = c.get(f"/diagnose/reports?format=json&token={OP}&{query}")
+        assert r.status_code == 400 and r.json["error"].startswith("invalid_"), query
+
+
+def test_reports_are_bounded_in_bytes_of_what_is_kept() -> None:
+    """32 KB of `[],[],...` per report used to be kept whole (20x that as Python objects) and
+    rendered whole in the views: now a compact copy is kept, bounded in bytes."""
+    c = client(max_reports=1000)
+    filler = [[]] * ((MAX_REPORT_BYTES - 800) // 6)
+    junk = diagnosis(pad=filler) | {"transports": diagnosis()["transports"] | {"x": filler}}
+    body = json.dumps(junk, separators=(",", ":"))
+    assert MAX_REPORT_BYTES - 1000 < len(body) <= MAX_REPORT_BYTES
+    for i in range(60):
+        r = c.post("/diagnose/reports", data=body, content_type="application/json", environ_base=addr(i))
+        assert r.status_code == 201, r.json
+    store = state(c.application).part(Reports)
+    assert store.kept_bytes <= 60 * 1500, store.kept_bytes
+    raw = c.get("/diagnose/reports?format=json", headers={"Authorization": f"Bearer {OP}"}).data
+    assert len(raw) < 100_000, len(raw)
+    assert len(c.get(f"/diagnose/reports?token={OP}").data) < 200_000
+
+
+def test_the_store_drops_the_oldest_past_its_byte_budget() -> None:
+    store = Reports(1000, max_bytes=3 * MAX_KEPT_BYTES)
+    big = diagnosis(summary="s" * 300, path={"warnings": ["w" * 300] * 6})
+    for i in range(50):
+        store.add(record(big, ua=f"UA{i}"))
+    reports, _ = store.newest_first()
+    assert store.kept_bytes <= 3 * MAX_KEPT_BYTES and reports[0]["user_agent"] == "UA49"
+    assert 3 <= len(reports) < 50
 
 
 def test_max_reports_zero_turns_submission_off() -> None:
@@ -219,10 +283,14 @@ def test_operator_view_refuses_a_missing_or_wrong_token(headers: dict[str, str],
     assert r.status_code == 401 and r.json["error"] == "unauthorized"
 
 
+def addr(i: int) -> dict[str, str]:
+    return {"REMOTE_ADDR": f"192.0.2.{i % 250 + 1}" if i < 250 else f"198.51.100.{i % 250 + 1}"}
+
+
 def test_operator_page_shows_reports_and_the_share_per_transport() -> None:
     c = client()
-    for d in (diagnosis(), diagnosis(ws=False), diagnosis(ws=False, sse="degraded")):
-        c.post("/diagnose/reports", json=d, headers={"User-Agent": "<b>Agent</b>"})
+    for i, d in enumerate((diagnosis(), diagnosis(ws=False), diagnosis(ws=False, sse="degraded"))):
+        c.post("/diagnose/reports", json=d, headers={"User-Agent": "<b>Agent</b>"}, environ_base=addr(i))
     r = c.get(f"/diagnose/reports?token={OP}")
     assert r.status_code == 200 and r.mimetype == "text/html" and r.headers["Cache-Control"] == "no-store"
     page = r.data.decode()
@@ -381,7 +449,8 @@ def test_a_real_diagnose_run_reaches_the_operator(share_gateway: Gateway, chromi
         context.close()
     r = requests.get(share_gateway.url + f"/diagnose/reports?format=json&token={OP}", timeout=5)
     report = r.json()["reports"][0]
-    assert report["diagnosis"] == verdict
+    assert report["diagnosis"] == compact(verdict)  # the compact copy of what the page had
+    assert report["diagnosis"]["transports"]["sse"]["findings"] == verdict["transports"]["sse"]["findings"]
     assert report["recommended"] == verdict["recommended"]
     assert report["transports"] == {name: verdict["transports"][name]["status"] for name in report["transports"]}
     assert set(report["transports"]) == {"websocket", "sse", "long_poll", "short_poll"}

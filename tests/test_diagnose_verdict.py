@@ -1,5 +1,6 @@
-"""verdict.py on raw probe results recorded from real runs (headless Chromium through real nginx,
-see test_diagnose_browser.py) and on synthetic patterns of hostile paths."""
+"""The verdict (gateway/diagnose/verdict/) on raw probe results recorded from real runs (headless
+Chromium through real nginx, see test_diagnose_browser.py) and on synthetic patterns of hostile
+paths. Its sentences; test_diagnose_findings.py asserts the finding codes."""
 
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ def test_websocket_refused_by_origin_check_explains_host_rewrite() -> None:
         ],
     }
     t = verdict(raw)["transports"]["websocket"]
-    assert t["status"] == "broken" and "Host" in t["reason"] and "$http_host" in t["fix"]
+    assert t["status"] == "broken" and t["findings"] == ["ws.origin_refused"]
+    assert "proxy_set_header Host $host;" in t["fix"] and "server.allowed_origins" in t["fix"]
 
 
 def test_websocket_blocked_before_the_gateway() -> None:

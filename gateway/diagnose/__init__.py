@@ -1,19 +1,21 @@
 """/diagnose: probe the four transports through whatever sits between a client and the gateway.
 
-probes.py serves the page and the helper endpoints, facts.py describes the network path as the
-server sees it, verdict.py turns raw probe results into the verdict (pure functions shared by
-the page and the CLI in __main__.py).
+plan.py is the one probe plan (the page and the CLI in __main__.py run it), probes.py serves the
+page and the helper endpoints, facts.py describes the network path as the server sees it, and
+verdict/ turns raw probe results into the verdict (evidence -> rules -> advice; pure, no Flask).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from gateway.diagnose.plan import PROBE_PREFIX
+
 __all__ = ["DIAG_PREFIX", "is_diag_channel", "init_app"]
 
 # Probes use fresh channels under this prefix only, so they never touch real channels; clients
 # may publish to them (bounded) without the publish token.
-DIAG_PREFIX = "diag."
+DIAG_PREFIX = PROBE_PREFIX
 PROBE_FRAME_BYTES = 128  # the largest frame a client may publish on a probe channel
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from flask import Request
 
+from gateway.diagnose.platforms import PLATFORMS
+
 __all__ = ["path_facts", "request_record", "PLATFORMS"]
 
 # Headers that proxies and platforms add; reported as seen (truncated), never trusted for anything.
@@ -30,40 +32,6 @@ _PROXY_HEADERS = (
     "X-Azure-Ref",
 )
 
-# Known platforms: how to recognise them and the limits that shape the advice.
-PLATFORMS: dict[str, dict[str, Any]] = {
-    "heroku": {
-        "name": "Heroku router",
-        "first_byte_s": 30,
-        "idle_s": 55,
-        "websocket": True,
-        "note": "Heroku's router ends a request with no first byte in 30 s and a connection idle for 55 s",
-    },
-    "cloudflare": {
-        "name": "Cloudflare",
-        "first_byte_s": 100,
-        "idle_s": 100,
-        "websocket": True,
-        "note": "Cloudflare ends a response that stays silent for 100 s; WebSockets pass when enabled for the zone",
-    },
-    "aws-elb": {
-        "name": "AWS load balancer",
-        "first_byte_s": None,
-        "idle_s": 60,
-        "websocket": True,
-        "note": "AWS load balancers close connections idle for 60 s by default (idle timeout setting)",
-    },
-    "fly": {"name": "Fly.io proxy", "first_byte_s": None, "idle_s": 60, "websocket": True, "note": ""},
-    "google": {
-        "name": "Google Cloud load balancer",
-        "first_byte_s": None,
-        "idle_s": 30,
-        "websocket": True,
-        "note": "Google Cloud backend services time out responses after 30 s by default",
-    },
-    "render": {"name": "Render proxy", "first_byte_s": None, "idle_s": None, "websocket": True, "note": ""},
-}
-
 
 def _platform(headers: dict[str, str]) -> str | None:
     via = headers.get("Via", "").lower()
@@ -82,14 +50,16 @@ def _platform(headers: dict[str, str]) -> str | None:
     return None
 
 
-def path_facts(req: Request) -> dict[str, Any]:
-    """The path as this request shows it to the server."""
+def path_facts(req: Request, client: str) -> dict[str, Any]:
+    """The path as this request shows it to the server; `client` is the gateway's client
+    identity for it (gateway.clients: X-Forwarded-For believed only from a trusted proxy)."""
     seen = {name: req.headers[name][:300] for name in _PROXY_HEADERS if name in req.headers}
     protocol = req.environ.get("SERVER_PROTOCOL", "")
     platform = _platform(seen)
     proxied = bool(seen.keys() & {"X-Forwarded-For", "X-Real-IP", "Forwarded", "Via"})
     facts: dict[str, Any] = {
-        "client_address": req.remote_addr,
+        "client_address": client,
+        "peer_address": req.remote_addr,
         "host": req.host[:200],
         "scheme": req.scheme,
         "http_version": protocol,

@@ -18,8 +18,10 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, g, jsonify, render_template, request
 
+from gateway.clients import client_address
 from gateway.diagnose import DIAG_PREFIX, is_diag_channel
 from gateway.diagnose.facts import path_facts, request_record
+from gateway.diagnose.plan import PLAN, REAL_PREFIX
 from gateway.diagnose.verdict import verdict
 from gateway.errors import BadRequest
 from gateway.names import check_channel
@@ -32,8 +34,13 @@ bp = Blueprint("diagnose", __name__)
 
 MAX_BURST = 20
 MAX_GAP_MS = 2000
-MAX_DELAY_MS = 120_000
+MAX_DELAY_MS = 5_000  # the plan waits at most a second or so; longer only ties a burst up
+MAX_SPAN_MS = 10_000  # delay + the whole burst: a burst never lives longer than this
 MAX_IN_FLIGHT = 200  # bursts scheduled at once, across all clients
+# Per client (gateway.clients identity: X-Forwarded-For only from a trusted proxy). One run of
+# the plan has at most a handful in flight; this leaves room for a few tabs and re-runs, and
+# MAX_IN_FLIGHT // MAX_IN_FLIGHT_PER_CLIENT clients would be needed to fill the global cap.
+MAX_IN_FLIGHT_PER_CLIENT = 12
 MAX_VERDICT_BYTES = 256 * 1024
 MIN_HOLD_S = 1.0
 MAX_HOLD_S = 600.0
@@ -90,6 +97,28 @@ class ProbeState:
     limit: RateLimit = field(default_factory=RateLimit)
     seen: SeenLog = field(default_factory=SeenLog)
     in_flight: int = 0  # bursts scheduled right now, across all clients
+    per_client: dict[str, int] = field(default_factory=dict)  # bursts in flight per client
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reserve(self, client: str) -> str | None:
+        """Take a burst slot for `client`; the refusal's error code when none is free."""
+        with self.lock:
+            if self.per_client.get(client, 0) >= MAX_IN_FLIGHT_PER_CLIENT:
+                return "busy_client"
+            if self.in_flight >= MAX_IN_FLIGHT:
+                return "busy"
+            self.in_flight += 1
+            self.per_client[client] = self.per_client.get(client, 0) + 1
+            return None
+
+    def release(self, client: str) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            left = self.per_client.get(client, 1) - 1
+            if left > 0:
+                self.per_client[client] = left
+            else:
+                self.per_client.pop(client, None)
 
 
 def init_app(app: Flask) -> None:
@@ -99,7 +128,7 @@ def init_app(app: Flask) -> None:
 
     def _record_probe_request() -> None:
         for prefix, transport in _TRANSPORT_PATHS.items():
-            if request.path.startswith(prefix + DIAG_PREFIX):
+            if request.path.startswith((prefix + DIAG_PREFIX, prefix + REAL_PREFIX)):
                 channel = request.path[len(prefix) :]
                 record = request_record(request, transport)
                 record["t_ms"] = int(time.time() * 1000)
@@ -126,15 +155,14 @@ def _state() -> ProbeState:
     return state().part(ProbeState)
 
 
-def _client_key() -> str:
-    # Behind a proxy every client shares its address; the forwarded one separates them (it can
-    # be forged, which MAX_IN_FLIGHT bounds).
-    forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
-    return f"{request.remote_addr}|{forwarded[:64]}"
+def client_key() -> str:
+    """The gateway's one client identity (the socket peer, or what a trusted proxy names): a
+    forged X-Forwarded-For from anywhere else changes nothing."""
+    return client_address(request.environ, state().trusted)
 
 
 def _rate_limited() -> None:
-    if not _state().limit.allow(_client_key()):
+    if not _state().limit.allow(client_key()):
         raise BadRequest("rate_limited", "too many diagnostic requests from this client; wait a few seconds", 429)
 
 
@@ -186,6 +214,7 @@ def page() -> str:
         mode=mode,
         quick_hold=cfg.hold_s,
         thorough_hold=cfg.thorough_hold_s,
+        plan=PLAN,
         share_script=_state().share_script.exists(),
         # Relative, so the page still works where a proxy mounts the gateway under a path prefix.
         static="../static/" if request.path.endswith("/") else "static/",
@@ -195,7 +224,7 @@ def page() -> str:
 @bp.get("/diagnose/facts")
 def facts() -> Response:
     cfg = config()
-    body = path_facts(request)
+    body = path_facts(request, client_key())
     body["gateway"] = {
         "sse_heartbeat_s": cfg.sse.heartbeat_s,
         "sse_padding_bytes": cfg.sse.padding_bytes,
@@ -222,11 +251,15 @@ def burst() -> tuple[Response, int]:
     gap_ms = _int_arg("gap_ms", 300, 0, MAX_GAP_MS)
     delay_ms = _int_arg("delay_ms", 0, 0, MAX_DELAY_MS)
     tag = "".join(c for c in request.args.get("tag", "burst")[:32] if c.isalnum() or c in "-_") or "burst"
-    probe = _state()
-    if probe.in_flight >= MAX_IN_FLIGHT:
+    if delay_ms + (n - 1) * gap_ms > MAX_SPAN_MS:
+        raise BadRequest("invalid_argument", f"delay_ms + (n - 1) * gap_ms must be at most {MAX_SPAN_MS}")
+    probe, client = _state(), client_key()
+    refused = probe.reserve(client)
+    if refused == "busy_client":
+        raise BadRequest("busy", "this client has too many diagnostic bursts in flight; wait a few seconds", 429)
+    if refused:
         raise BadRequest("busy", "too many diagnostic bursts in flight; try again in a few seconds", 503)
     gateway = hub()
-    probe.in_flight += 1
 
     def run() -> None:
         try:
@@ -240,7 +273,7 @@ def burst() -> tuple[Response, int]:
                 data = json.dumps({"seq": seq, "n": n, "tag": tag, "sent_ms": int(time.time() * 1000)})
                 gateway.publish(channel, data, tag)
         finally:
-            probe.in_flight -= 1
+            probe.release(client)
 
     threading.Thread(target=run, daemon=True, name=f"diag-burst-{channel}").start()
     body = {"channel": channel, "n": n, "gap_ms": gap_ms, "delay_ms": delay_ms, "tag": tag}
@@ -252,7 +285,9 @@ def burst() -> tuple[Response, int]:
 
 @bp.get("/diagnose/seen")
 def seen() -> Response:
-    channel = _diag_channel(request.args.get("channel"))
+    # Real-channel checks too: a browser never shows why a WebSocket handshake was refused.
+    value = request.args.get("channel") or ""
+    channel = check_channel(value) if value.startswith(REAL_PREFIX) else _diag_channel(value)
     response = jsonify(channel=channel, requests=_state().seen.get(channel))
     response.headers["Cache-Control"] = "no-store"
     return response
@@ -260,7 +295,7 @@ def seen() -> Response:
 
 @bp.post("/diagnose/verdict")
 def compute_verdict() -> Response:
-    """Raw probe results in, the verdict out: the page and the CLI share verdict.py."""
+    """Raw probe results in, the verdict out: the page and the CLI share gateway.diagnose.verdict."""
     _rate_limited()
     if request.content_length is not None and request.content_length > MAX_VERDICT_BYTES:
         raise BadRequest("too_large", f"probe results are limited to {MAX_VERDICT_BYTES} bytes", 413)
@@ -269,7 +304,7 @@ def compute_verdict() -> Response:
         raise BadRequest("too_large", f"probe results are limited to {MAX_VERDICT_BYTES} bytes", 413)
     try:
         results = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
         raise BadRequest("invalid_json", "send the raw probe results as a JSON object") from None
     if not isinstance(results, dict):
         raise BadRequest("invalid_json", "send the raw probe results as a JSON object")

@@ -1,0 +1,125 @@
+"""Several worker processes, one /metrics: each worker writes a snapshot of its counters into a
+shared directory (server.metrics_dir), and whichever worker is scraped sums those of the workers
+alive. A snapshot is plain JSON written atomically, so a reader never sees half of one.
+
+Why not prometheus_client's multiprocess mode: it writes a memory-mapped file under a lock on
+every increment, which is the fan-out's hot path; one snapshot every few seconds costs nothing
+there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.metrics_core import Metric
+
+__all__ = ["SnapshotDir", "SnapshotWriter", "process_samples", "process_families"]
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_EVERY_S = 5.0
+STALE_AFTER_S = 30.0  # a snapshot this old is a worker that hangs or is gone: left out
+
+
+class SnapshotDir:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    @property
+    def own(self) -> Path:
+        return self.path / f"{os.getpid()}.json"
+
+    def write(self, snapshot: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.own.with_suffix(".tmp")
+        tmp.write_text(json.dumps(snapshot), encoding="utf-8")
+        os.replace(tmp, self.own)
+
+    def remove(self) -> None:
+        self.own.unlink(missing_ok=True)
+
+    def read(self, now: float | None = None) -> list[dict[str, Any]]:
+        """The snapshots of the workers alive (this one's included, as last written)."""
+        now = time.time() if now is None else now
+        out = []
+        for path in sorted(self.path.glob("*.json")):
+            try:
+                snap = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # removed meanwhile, or not ours
+                continue
+            pid = snap.get("pid") if isinstance(snap, dict) else None
+            if not isinstance(pid, int) or not _alive(pid):
+                path.unlink(missing_ok=True)  # a worker that exited: its counters go with it
+                continue
+            if now - float(snap.get("time", 0)) <= STALE_AFTER_S:
+                out.append(snap)
+        return out
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class SnapshotWriter:
+    """Calls write() every SNAPSHOT_EVERY_S on a daemon thread (a greenlet under gevent)."""
+
+    def __init__(self, write: Callable[[], None], remove: Callable[[], None]) -> None:
+        self._write = write
+        self._remove = remove
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-snapshot", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._remove()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._write()
+            except Exception:  # a full disk must not take the gateway down
+                log.exception("writing the metrics snapshot failed")
+            self._stop.wait(SNAPSHOT_EVERY_S)
+        self._remove()
+
+
+def process_samples() -> list[list[Any]]:
+    """The library's process samples (CPU, memory, open files) of this process, as plain data."""
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    out = []
+    for family in registry.collect():
+        for s in family.samples:
+            out.append([family.name, family.type, family.documentation, s.name, s.labels, s.value])
+    return out
+
+
+def process_families(snaps: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Each worker's process_* samples, told apart by a pid label."""
+    families: dict[str, Metric] = {}
+    for snap in snaps:
+        for name, typ, doc, sample, labels, value in snap.get("process", []):
+            family = families.get(name)
+            if family is None:
+                family = families[name] = Metric(name, doc, typ)
+            family.add_sample(sample, {**labels, "pid": str(snap["pid"])}, value)
+    yield from families.values()

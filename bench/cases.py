@@ -16,6 +16,7 @@ class Case:
     rate: float = 20.0  # messages/s over all channels; 0 = flood (as fast as the server answers)
     messages: int = 200
     idle: bool = False  # only open connections and measure memory
+    multi: bool = False  # every connection follows all the case's channels (one /sse/a,b,c stream)
     workers: int = 0  # the gateway's server.workers (0: one process); more than one implies Redis
     redis: bool = False  # the gateway on a redis-server of its own (its CPU and memory count too)
 
@@ -35,6 +36,8 @@ def matrix(messages: int = 200) -> list[Case]:
     cases.append(Case("flood-ws-1k", "ws", 1000, rate=0, messages=max(messages * 10, 500)))
     # Many channels, few subscribers each: 2,000 channels x 3 SSE subscribers, 200 msg/s in all.
     cases.append(Case("channels-sse-2000x3", "sse", 6000, channels=2000, rate=200, messages=max(messages * 10, 2000)))
+    # Many channels on one connection: 1,000 SSE streams each following the same 10 channels.
+    cases.append(Case("multi-sse-1kx10", "sse", 1000, channels=10, messages=messages, multi=True))
     cases.append(Case("idle-10k", "mixed", 10000, messages=0, idle=True))
     cases += scaling(messages)
     return cases

@@ -30,6 +30,9 @@ def _assign(server: Server, case: Case, workers: int) -> tuple[list[dict[str, An
     channels = [f"bench{i}" for i in range(case.channels)]
     per_channel = case.messages // case.channels
     expected = {c: per_channel for c in channels}
+    if case.multi:  # one subscription over every channel; sequence numbers run across them all
+        channels = [",".join(channels)]
+        expected = {channels[0]: per_channel * case.channels}
     specs = [
         {"port": server.port, "server": server.name, "transport": case.transport, "expected": expected, "subs": []}
         for _ in range(workers)
@@ -179,7 +182,8 @@ async def _publish_and_wait(
             delay = start + i / case.rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-        await publisher.publish(channels[i % case.channels], i // case.channels)
+        # In a multi-channel case every stream sees every channel, so one sequence spans them.
+        await publisher.publish(channels[i % case.channels], i if case.multi else i // case.channels)
     publish_s = time.monotonic() - start
     await publisher.drain(30)
     # Wait until every worker saw every event, or give up after a grace period.
@@ -215,7 +219,7 @@ def _figures(
     if case.idle:
         return out
     delivered = sum(r["delivered"] for r in reports)
-    want = case.messages // case.channels * case.subscribers
+    want = case.messages // case.channels * case.subscribers * (case.channels if case.multi else 1)
     p50, p95, p99, pmax = percentiles(merge([r["hist"] for r in reports]))
     last = max((r["last_ns"] for r in reports if r["last_ns"]), default=0)
     span = (last - result.pop("t0_ns")) / 1e9 if last else 0

@@ -284,6 +284,7 @@ http {{
     }}
     location ~ ^/sse/(.+)$ {{
       nchan_subscriber eventsource; nchan_channel_id $1; nchan_subscriber_first_message newest;
+      nchan_channel_id_split_delimiter ",";  # /sse/a,b,c: Nchan's multiplexed subscriber
     }}
     location ~ ^/ws/(.+)$ {{
       nchan_subscriber websocket; nchan_channel_id $1; nchan_subscriber_first_message newest;

@@ -87,6 +87,7 @@ class Ticket:
     events_sent: int = 0
     bytes_sent: int = 0
     end_reason: str = "client_closed"
+    credentials: Credentials | None = None
     _open: bool = False
     _closed: bool = False
 
@@ -202,14 +203,13 @@ class Admission:
         since = since or args.get("since") or None
         starts = self.starts(channels, since, multi)
         client = client_address(environ, self.trusted)
-        principal = (
-            self.auth.read(channels, transport, Credentials.from_environ(environ, args.get("token")))
-            if self.auth.enabled
-            else ANONYMOUS
-        )
+        creds = Credentials.from_environ(environ, args.get("token")) if self.auth.enabled else None
+        principal = self.auth.read(channels, transport, creds) if creds is not None else ANONYMOUS
         if transport in HELD:
             self._check_room(client, channels)
-        return Ticket(transport, channels, starts, multi, client, principal, self)
+        ticket = Ticket(transport, channels, starts, multi, client, principal, self)
+        ticket.credentials = creds if transport == "ws" else None  # kept for subscribe on the open socket
+        return ticket
 
     def admit_tunnel(self, environ: Mapping[str, Any]) -> Ticket:
         """A connection that carries no channel but holds a socket (a WebSocket spliced to the
@@ -242,11 +242,15 @@ class Admission:
                 "too_many_channels",
                 f"at most {self._limits.max_channels_per_connection} channels on one connection",
             )
+        if self.auth.is_public(channel):
+            return
         claims = ticket.principal.claims
-        if not self.auth.is_public(channel) and not (claims is not None and claims.may_read(channel)):
-            if ticket.principal.claims is not None:
+        if claims is not None:  # the connection's token decides, as it did for the URL's channels
+            if not claims.may_read(channel):
                 raise BadRequest("forbidden", f"this connection's token does not grant {channel!r}", 403)
-            raise BadRequest("unauthorized", f"{channel!r} is private: reconnect with a token that grants it", 401)
+            return
+        # No token: what the handshake carried (the app's cookie, say) is asked, as for the URL.
+        self.auth.read([channel], ticket.transport, ticket.credentials or Credentials(None, None, None))
 
     def _check_room(self, client: str, channels: list[str]) -> None:
         limits = self._limits

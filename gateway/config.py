@@ -27,15 +27,15 @@ __all__ = [
 
 @dataclass
 class ServerConfig:
-    host: str = "0.0.0.0"
-    port: int = 5000
-    publish_token: str = ""
-    max_body_bytes: int = 1_048_576
-    allowed_origins: list[str] = field(default_factory=list)
-    shutdown_grace_s: float = 10.0
-    operator_token: str = ""
-    access_log: bool = True
-    stall_timeout_s: float = 120.0
+    host: str = "0.0.0.0"  # interface to listen on
+    port: int = 5000  # overridden by $PORT (Heroku sets it)
+    publish_token: str = ""  # admin token for POST /publish (any channel); "" = off; or $GATEWAY_PUBLISH_TOKEN
+    max_body_bytes: int = 1_048_576  # largest publish body / WebSocket frame accepted (413 above it)
+    allowed_origins: list[str] = field(default_factory=list)  # other pages' origins allowed, or "*"; [] = same origin
+    shutdown_grace_s: float = 10.0  # on SIGTERM, how long streams get to say goodbye (Heroku allows 30 s)
+    operator_token: str = ""  # token for /metrics, /channels and /diagnose/reports; prefer $GATEWAY_OPERATOR_TOKEN
+    access_log: bool = True  # one log line per request (tokens masked)
+    stall_timeout_s: float = 120.0  # a connection whose socket makes no progress this long is dropped
     trusted_proxies: list[str] = field(default_factory=list)  # addresses/CIDRs whose X-Forwarded-For names the client
     log_format: str = "text"  # "text" | "json": connection and access log lines
     workers: int = 0  # gateway processes on one port; 0 = $WEB_CONCURRENCY, else 1
@@ -68,8 +68,8 @@ class ServerConfig:
 
 @dataclass
 class HistoryConfig:
-    size: int = 1000
-    max_age_s: float = 3600.0
+    size: int = 1000  # events kept per channel for resume
+    max_age_s: float = 3600.0  # events older than this are dropped from history (and Idempotency-Keys forgotten)
     max_bytes: int = 4 * 1024 * 1024  # per channel (memory and Redis): data + name + ~200 B per event; oldest out first
 
     def _check(self) -> None:
@@ -80,9 +80,9 @@ class HistoryConfig:
 
 @dataclass
 class PollConfig:
-    max_batch: int = 100
-    longpoll_default_timeout_s: float = 25.0
-    longpoll_max_timeout_s: float = 25.0
+    max_batch: int = 100  # most events in one poll answer or stream write ("more": true says there are more)
+    longpoll_default_timeout_s: float = 25.0  # hold when the client gives no ?timeout= (under common 30 s proxy limits)
+    longpoll_max_timeout_s: float = 25.0  # cap on ?timeout= (and on the default)
 
     def _check(self) -> None:
         _range("poll.max_batch", self.max_batch, 1, 10_000)
@@ -94,9 +94,9 @@ class PollConfig:
 
 @dataclass
 class SSEConfig:
-    heartbeat_s: float = 15.0
-    retry_ms: int = 3000
-    padding_bytes: int = 0
+    heartbeat_s: float = 15.0  # comment line sent when idle, so proxies keep the stream open
+    retry_ms: int = 3000  # reconnect delay the browser's EventSource uses
+    padding_bytes: int = 0  # initial comment of this many bytes, for proxies that buffer the first KB
 
     def _check(self) -> None:
         _range("sse.heartbeat_s", self.heartbeat_s, 0.05, 3600)
@@ -106,9 +106,8 @@ class SSEConfig:
 
 @dataclass
 class WebSocketConfig:
-    ping_s: float = 25.0
-    # Channel names or glob patterns ("chat.*") whose WebSocket clients may publish.
-    client_publish: list[str] = field(default_factory=list)
+    ping_s: float = 25.0  # keepalive ping interval; a client that misses a pong is dropped
+    client_publish: list[str] = field(default_factory=list)  # channels or patterns ("chat.*") clients may publish to
 
     def _check(self) -> None:
         _range("websocket.ping_s", self.ping_s, 0.05, 3600)
@@ -116,8 +115,8 @@ class WebSocketConfig:
 
 @dataclass
 class DemoConfig:
-    channel: str = ""
-    interval_s: float = 1.0
+    channel: str = ""  # a built-in ticker publishes here; "" turns it off
+    interval_s: float = 1.0  # seconds between ticks
 
     def _check(self) -> None:
         _range("demo.interval_s", self.interval_s, 0.01, 3600)
@@ -129,21 +128,21 @@ _CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 @dataclass
 class SourceConfig:
-    kind: str = ""
-    url: str = ""
-    channel: str = ""
-    interval: float = 2.0
-    headers: dict[str, str] = field(default_factory=dict)
+    kind: str = ""  # "sse" | "poll" | "websocket"
+    url: str = ""  # the upstream (http(s):// or ws(s)://)
+    channel: str = ""  # the channel it feeds
+    interval: float = 2.0  # poll only: seconds between requests
+    headers: dict[str, str] = field(default_factory=dict)  # request headers; ${VAR} is taken from the environment
     mode: str = "eager"  # "eager" | "lazy"
-    lazy_grace_s: float = 30.0
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
-    timeout_s: float = 10.0
+    lazy_grace_s: float = 30.0  # lazy only: how long it stays connected after the last subscriber left
+    backoff_initial_s: float = 0.5  # first reconnect delay (doubles, with jitter)
+    backoff_max_s: float = 30.0  # longest reconnect delay
+    timeout_s: float = 10.0  # connect/read timeout for the upstream
     event: str = ""  # event name to use when the upstream gives none ("" -> "message")
     items: bool = False  # poll only: one event per item of a JSON array
     id_field: str = ""  # poll only, with items: de-duplicate items by this field
     forward_client_messages: bool = False  # websocket only: client frames go upstream
-    max_event_bytes: int = 1_048_576
+    max_event_bytes: int = 1_048_576  # larger upstream events are dropped (and counted)
     lease_ttl_s: float = 10.0  # with Redis: one process relays it; a standby takes over within ~1 ttl
 
     def _check(self, key: str = "sources") -> None:
@@ -176,8 +175,8 @@ class SourceConfig:
 
 @dataclass
 class ProxyConfig:
-    upstream: str = ""
-    timeout_s: float = 30.0
+    upstream: str = ""  # paths the gateway does not own are forwarded here, e.g. "http://127.0.0.1:8000"
+    timeout_s: float = 30.0  # how long the upstream may take to answer
     websocket_idle_s: float = 120.0  # a bridged WebSocket with no bytes either way this long is closed
 
     def _check(self) -> None:
@@ -189,7 +188,7 @@ class ProxyConfig:
 
 @dataclass
 class RedisConfig:
-    url: str = ""
+    url: str = ""  # set (or $REDIS_URL) -> channels and history live in Redis, shared by every process
     prefix: str = "gw:"  # key prefix, so several deployments can share one Redis
     tls_verify: bool = True  # rediss:// only; false for self-signed servers such as Heroku Redis
     max_connections: int = 50  # per process, for channels (small Redis plans cap clients, e.g. 20)
@@ -217,9 +216,9 @@ class RedisConfig:
 
 @dataclass
 class DiagnoseConfig:
-    hold_s: float = 15.0
+    hold_s: float = 15.0  # how long the quick run holds each transport idle
     thorough_hold_s: float = 110.0  # outlasts Cloudflare's 100 s, nginx's 60 s, Heroku's 55 s idle limits
-    max_reports: int = 1000
+    max_reports: int = 1000  # shared diagnoses kept for the operator; 0 = none
 
     def _check(self) -> None:
         _range("diagnose.hold_s", self.hold_s, 0.5, 600)
@@ -259,7 +258,7 @@ class AuthConfig:
 class LimitsConfig:
     max_connections: int = 0  # open streams and held polls in this process; 0 = no limit
     max_connections_per_client: int = 0  # the same per client address; 0 = no limit
-    max_channels_per_connection: int = 50
+    max_channels_per_connection: int = 50  # channels in one /sse/a,b,c request or on one WebSocket (400 above it)
     connect_rate_per_client: float = 0.0  # new connections per second per client (burst 4x); 0 = no limit
     max_channels: int = 0  # channels alive in one process; 0 = no limit
     max_subscribers_per_channel: int = 0  # 0 = no limit

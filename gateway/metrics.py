@@ -43,7 +43,14 @@ log = logging.getLogger(__name__)
 
 TRANSPORTS = ("poll", "longpoll", "sse", "ws")
 # Wire formats of the fast path (hub.Pusher.kind) -> the transport they belong to.
-_KIND_TRANSPORT = {"sse": "sse", "sse-chunked": "sse", "ws": "ws"}
+_KIND_TRANSPORT = {
+    "sse": "sse",
+    "sse-chunked": "sse",
+    "ws": "ws",
+    "sse-multi": "sse",  # many channels on one connection (transports/multipush.py)
+    "sse-multi-chunked": "sse",
+    "ws-multi": "ws",
+}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DURATION_BUCKETS = (1.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 6 * 3600.0, 24 * 3600.0)
 SAMPLE_EVERY = 16  # time one fast-path flush in this many

@@ -123,7 +123,11 @@ class Gateway:
             config["server"] = {"publish_token": TOKEN, "access_log": False} | config["server"]
         path.write_text(to_toml(config))
         self.log_path = tmp / f"gateway-{self.port}.log"
-        full_env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "GATEWAY_PUBLISH_TOKEN")}
+        full_env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("REDIS_URL", "GATEWAY_PUBLISH_TOKEN", "WEB_CONCURRENCY", "GATEWAY_AUTH_SECRET")
+        }
         full_env.update({"PORT": str(self.port), "GATEWAY_CONFIG": str(path), "PYTHONUNBUFFERED": "1"})
         full_env.update(env or {})
         self._log = open(self.log_path, "wb")

@@ -17,6 +17,7 @@ import pytest
 import requests
 import websocket
 
+from tests.browser import browser  # noqa: F401 (fixture)
 from tests.clients import RawResponse, SSEClient, WSClient, raw_request, ws_close_code
 from tests.helpers import TOKEN, Gateway
 
@@ -319,3 +320,58 @@ def test_each_request_on_a_keep_alive_connection_is_authorized_on_its_own(gw, ch
             assert conn.sock is not None and conn.sock.getsockname() == local, "the connection was not kept"
     finally:
         conn.close()
+
+
+# -- the browser client's `token` option, in a real Chromium --------------------------------------
+def _client_page(browser: Any, gw: Gateway, channel: str, options_js: str) -> tuple[Any, Any]:  # noqa: F811
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{gw.url}/healthz", wait_until="domcontentloaded", timeout=15_000)  # the gateway's origin
+    page.add_script_tag(url="/static/gateway-client.js")
+    page.evaluate(
+        """([channel, options]) => {
+            window.got = []; window.statuses = [];
+            const opts = Object.assign(eval("(" + options + ")"), {
+                onEvent: (ev, transport) => window.got.push([ev.id, ev.data, transport]),
+                onStatus: (s) => window.statuses.push(s),
+                connectTimeoutMs: 3000, backoffMs: 100, pollIntervalMs: 200, longPollTimeoutS: 5,
+            });
+            window.client = new GatewayClient("", channel, opts);
+        }""",
+        [channel, options_js],
+    )
+    return context, page
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "long_poll", "short_poll"])
+def test_the_browser_client_sends_its_token_on_every_transport(browser, gw, ch, transport):  # noqa: F811
+    token = mint([ch])
+    # A function is asked before each connect; a plain string works the same way.
+    options = f'{{transports: ["{transport}"], token: () => "{token}"}}'
+    context, page = _client_page(browser, gw, ch, options)
+    try:
+        try:
+            page.wait_for_function("window.statuses.some(s => s.state === 'open')", timeout=15_000, polling=100)
+            time.sleep(0.5)
+            ids = [gw.publish(ch, f"private {i}") for i in range(2)]
+            page.wait_for_function("window.got.length >= 2", timeout=15_000, polling=100)
+        except Exception:
+            raise AssertionError(f"statuses {page.evaluate('window.statuses')}") from None
+        got = page.evaluate("window.got")
+        assert [(g[0], g[1], g[2]) for g in got] == [(ids[0], "private 0", transport), (ids[1], "private 1", transport)]
+    finally:
+        context.close()
+
+
+def test_the_browser_client_without_a_token_stops_as_unauthorized(browser, gw, ch):  # noqa: F811
+    context, page = _client_page(browser, gw, ch, "{}")
+    try:
+        page.wait_for_function(
+            "window.statuses.some(s => ['unauthorized', 'forbidden', 'failed'].includes(s.state))",
+            timeout=15_000,
+            polling=100,
+        )
+        final = page.evaluate("window.statuses")[-1]
+        assert (final["state"], final.get("status")) == ("unauthorized", 401), final
+    finally:
+        context.close()

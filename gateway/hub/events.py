@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
+from gateway.cursor import entry as cursor_entry
 from gateway.ids import Key
 
 __all__ = ["Event", "Batch", "gap_event"]
@@ -27,7 +29,8 @@ class Event:
         # A store returns the first event again, marked so, for a repeated Idempotency-Key.
         self.repeat = False
         self.channel = ""  # set by multi-channel readers that need it
-        self._multi: dict[str, bytes] | None = None
+        # Multi-channel encodings (see multi_part, cursor_entry), made once per event and channel.
+        self._multi: dict[str, Any] | None = None
         self._json: str | None = None
         self._sse: bytes | None = None
         self._ws: bytes | None = None
@@ -65,6 +68,17 @@ class Event:
                 head = bytes((0x81, 127)) + n.to_bytes(8, "big")
             self._ws = head + payload
         return self._ws
+
+    def cursor_entry(self, channel: str) -> str:
+        """This event's position in a multi-channel cursor (the same for every connection)."""
+        cache = self._multi
+        if cache is None:
+            cache = self._multi = {}
+        key = "\x00" + channel  # no channel name holds NUL: apart from multi_part's keys
+        entry = cache.get(key)
+        if entry is None:
+            entry = cache[key] = cursor_entry(channel, self.id)
+        return entry
 
     def multi_part(self, channel: str, kind: str) -> bytes:
         """This event's shared part on a multi-channel connection (the per-connection cursor

@@ -59,6 +59,9 @@ class Observer:
         """One fast-path flush: `events` written to `subscribers` sockets of wire format `kind`,
         `nbytes` in all (per subscriber: nbytes / subscribers)."""
 
+    def caught_up(self, kind: str, events: int, nbytes: int) -> None:
+        """A stream wrote `events` events read back from history (a resume, a gap, a busy moment)."""
+
 
 class Pusher(Protocol):
     """A streaming subscriber that can take encoded events straight from the publisher."""
@@ -68,7 +71,7 @@ class Pusher(Protocol):
     hold: int  # 0 when idle, with nothing of its own being written: push() may be called
 
     def encode(self, events: list[Event]) -> bytes: ...
-    def push(self, data: bytes, cursor: str) -> None: ...  # never blocks
+    def push(self, data: bytes, cursor: str, events: int) -> None: ...  # never blocks
     def lag(self, nbytes: int) -> None: ...  # events it could not take at once (slow consumers)
     def wake(self) -> None: ...  # catch up from history by cursor
 
@@ -157,6 +160,7 @@ class Hub:
         encoded: dict[str, bytes] = {}
         counts: dict[str, int] = {}
         kind, data = None, b""
+        n_events = len(events)
         cost = -1
         # The hot loop: one non-blocking send per subscriber, nothing else that costs.
         for pusher in list(pushers):
@@ -164,7 +168,7 @@ class Hub:
                 if pusher.kind is not kind:
                     kind = pusher.kind
                     data = encoded.get(kind) or encoded.setdefault(kind, pusher.encode(events))
-                pusher.push(data, last)
+                pusher.push(data, last, n_events)
                 counts[kind] = counts.get(kind, 0) + 1
             elif pusher.cursor != last:  # behind, busy, or out of order: it reads from history
                 if cost < 0:

@@ -16,11 +16,11 @@ from typing import Any
 
 from gateway import cursor as cursors
 from gateway.hub import Event, Hub, gap_event
-from gateway.transports.push import DEFAULT_SLOW_BYTES, SlowConsumer, _cut, chunk, event_cost, slices
+from gateway.transports.push import DEFAULT_SLOW_BYTES, SlowConsumer, _cut, chunk, event_cost, published_in, slices
 
 __all__ = ["MultiPusher"]
 
-Parts = list[tuple[str, bytes]]  # (event id, the event's shared part)
+Parts = list[tuple[str, bytes]]  # (the event's cursor entry, the event's shared part)
 
 
 class _View:
@@ -40,9 +40,9 @@ class _View:
 
     def encode(self, events: list[Event]) -> Parts:
         base, channel = self.parent.base, self.channel
-        return [(e.id, e.multi_part(channel, base)) for e in events]
+        return [(e.cursor_entry(channel), e.multi_part(channel, base)) for e in events]
 
-    def push(self, parts: Parts, cursor: str) -> None:
+    def push(self, parts: Parts, cursor: str, events: int = 1) -> None:
         self.parent.push_parts(self, parts, cursor)
 
     def lag(self, nbytes: int) -> None:
@@ -69,6 +69,7 @@ class MultiPusher:
         self._entries: dict[str, str] = {c: cursors.entry(c, pos) for c, pos in positions.items()}
         self.dead = False
         self.bytes_sent = 0
+        self.events_sent = 0
         self._sock = sock
         self._raw = getattr(sock, "_sock", None)
         self.hold = 0 if self._raw is not None else 1
@@ -90,8 +91,8 @@ class MultiPusher:
         """The bytes for these events of `channel`, each followed by the cursor after it."""
         entries = self._entries
         out = []
-        for event_id, part in parts:
-            entries[channel] = cursors.entry(channel, event_id)
+        for entry, part in parts:
+            entries[channel] = entry
             cur = cursors.join(entries.values()).encode()
             if self.base == "sse":
                 out.append(part + b"id: " + cur + b"\n\n")
@@ -104,6 +105,7 @@ class MultiPusher:
     # -- called by the hub (through the views); never blocks --------------------------------------
     def push_parts(self, view: _View, parts: Parts, cursor: str) -> None:
         view.cursor = cursor
+        self.events_sent += len(parts)
         data = self._compose(view.channel, parts)
         try:
             sent = self._raw.send(data)
@@ -224,8 +226,12 @@ class MultiPusher:
                 batch = hub.read(channel, start, limit)
                 events = [gap_event(batch, start), *batch.events] if batch.gap else batch.events
                 for group in slices(events):
-                    parts = [(e.id, e.multi_part(channel, self.base)) for e in group]
-                    self.write(self._compose(channel, parts))
+                    parts = [(e.cursor_entry(channel), e.multi_part(channel, self.base)) for e in group]
+                    data = self._compose(channel, parts)
+                    self.write(data)
+                    published = published_in(group)
+                    self.events_sent += published
+                    hub.observer.caught_up(self.kind, published, len(data))
                     self.behind = max(0, self.behind - event_cost(group))  # written: no longer owed
                     if self.slow:
                         raise SlowConsumer()

@@ -34,6 +34,11 @@ def event_cost(events: list[Event]) -> int:
     return sum(len(e.data) for e in events) + 64 * len(events)
 
 
+def published_in(events: list[Event]) -> int:
+    """How many of these are published events (not the gateway's own `gap`, a reserved name)."""
+    return sum(1 for e in events if e.event != "gap")
+
+
 def slices(events: list[Event]) -> list[list[Event]]:
     """Events in groups of at most ~WRITE_SLICE bytes (at least one event each)."""
     groups: list[list[Event]] = []
@@ -91,6 +96,7 @@ class Pusher:
         "slow_bytes",
         "slow",
         "bytes_sent",
+        "events_sent",
         "_writing",
     )
 
@@ -121,11 +127,13 @@ class Pusher:
         self.slow_bytes = DEFAULT_SLOW_BYTES
         self.slow = False
         self.bytes_sent = 0
+        self.events_sent = 0
         self._writing = False
 
     # -- called by the hub, from the publishing side; never blocks -------------------------
-    def push(self, data: bytes, cursor: str) -> None:
+    def push(self, data: bytes, cursor: str, events: int = 1) -> None:
         """Called only when hold is 0 and the cursor is where these bytes start."""
+        self.events_sent += events
         self.cursor = cursor  # these bytes are committed to this stream, sent now or from the backlog
         try:
             sent = self._raw.send(data)
@@ -225,7 +233,11 @@ class Pusher:
                 batch = hub.read(channel, cursor, limit)
                 events = [gap_event(batch, cursor), *batch.events] if batch.gap else batch.events
                 for group in slices(events):
-                    self.write(self.encode(group))
+                    data = self.encode(group)
+                    self.write(data)
+                    published = published_in(group)
+                    self.events_sent += published
+                    hub.observer.caught_up(self.kind, published, len(data))
                     self.behind = max(0, self.behind - event_cost(group))  # written: no longer owed
                     if self.slow:
                         raise SlowConsumer()

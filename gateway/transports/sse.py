@@ -120,7 +120,7 @@ def _push(gateway: Hub, ticket: Ticket, starts: dict[str, str], cfg: Config, soc
             ticket.end_reason = "slow_consumer"
         return b""
     finally:
-        ticket.bytes_sent = pusher.bytes_sent
+        ticket.bytes_sent, ticket.events_sent = pusher.bytes_sent, pusher.events_sent
     if not alive_until_expiry(ticket):
         ticket.end_reason = "token_expired"
         tail = EXPIRED

@@ -177,7 +177,7 @@ class _Connection:
                 ticket.end_reason = "slow_consumer"
             return
         finally:
-            ticket.bytes_sent = self.pusher.bytes_sent
+            ticket.bytes_sent, ticket.events_sent = self.pusher.bytes_sent, self.pusher.events_sent
         if ws.connected and not alive_until_expiry(ticket):
             ticket.end_reason = "token_expired"
             ws.close(POLICY_VIOLATION, "token expired; reconnect with a fresh token and ?since=<cursor>")

@@ -32,8 +32,12 @@ STREAM_TRANSPORTS = ("sse", "ws", "longpoll")
 def require_operator() -> None:
     """Refuse (401) a request without the operator token, when one is configured."""
     expected = state().config.server.operator_token
-    if not expected:
-        return
+    if expected:
+        check_operator_token(expected)
+
+
+def check_operator_token(expected: str) -> None:
+    """The operator token, as Bearer or ?token=, compared in constant time; else 401."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer":
         given = request.args.get("token", "")

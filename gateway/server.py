@@ -21,6 +21,7 @@ from gateway.connlog import AccessLog
 from gateway.errors import ConfigError
 from gateway.heads import HeadReader, Refused, check_framing, head_too_big, refusal
 from gateway.redact import redact_text
+from gateway.sockio import Prefixed
 from gateway.state import state
 from gateway.transports.fastpoll import FastLongPoll
 from gateway.transports.pollloop import LongPollLoop
@@ -70,7 +71,7 @@ class _Handler(WSGIHandler):
             # A head the loop started reading keeps its deadline here.
             self._requests, self._head_started = guarded.answered, guarded.head_started
             if rest:
-                self.rfile = io.BufferedReader(_Prefixed(rest, self.socket), READ_BUFFER)
+                self.rfile = io.BufferedReader(Prefixed(rest, self.socket), READ_BUFFER)
         super().handle()
 
     def _log_long_poll(self, request_line: str, status: int, length: int, started: float) -> None:
@@ -251,25 +252,6 @@ class _HeadDeadline:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
-
-
-class _Prefixed(io.RawIOBase):
-    """A connection's bytes for pywsgi: those already read by the long-poll loop, then the socket."""
-
-    def __init__(self, prefix: bytes, sock: socket.socket) -> None:
-        self._prefix = memoryview(prefix)
-        self._sock = sock
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        if self._prefix:
-            n = min(len(buffer), len(self._prefix))
-            buffer[:n] = self._prefix[:n]
-            self._prefix = self._prefix[n:]
-            return n
-        return self._sock.recv_into(buffer)
 
 
 def _head_limits(server: Any) -> tuple[float, int]:

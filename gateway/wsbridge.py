@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from gateway.sockio import Prefixed
+
 __all__ = ["Answer", "BadAnswer", "client_problem", "read_answer", "answer_problem", "body", "splice"]
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
@@ -109,28 +111,9 @@ def answer_problem(answer: Answer, key: str) -> str | None:
     return None
 
 
-class _Replay(io.RawIOBase):
-    """The bytes already read, then the rest of the socket: what http.client parses."""
-
-    def __init__(self, prefix: bytes, sock: socket.socket) -> None:
-        self._prefix = prefix
-        self._sock = sock
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        if self._prefix:
-            n = min(len(buffer), len(self._prefix))
-            buffer[:n] = self._prefix[:n]
-            self._prefix = self._prefix[n:]
-            return n
-        return self._sock.recv_into(buffer)
-
-
 class _AnsweredSocket:
     def __init__(self, answer: Answer, sock: socket.socket) -> None:
-        self._reader = io.BufferedReader(_Replay(answer.raw, sock), CHUNK)
+        self._reader = io.BufferedReader(Prefixed(answer.raw, sock), CHUNK)
 
     def makefile(self, mode: str) -> io.BufferedReader:
         return self._reader

@@ -19,7 +19,7 @@ def test_only_plain_keep_alive_long_poll_heads_are_taken():
     assert line.startswith("GET /longpoll/")
     assert parse_head(b"GET /longpoll/a HTTP/1.1\r\nConnection: close", PEER)[1] is False
     for head in (
-        b"GET /poll/a HTTP/1.1",
+        b"GET /sse/a HTTP/1.1",
         b"POST /longpoll/a HTTP/1.1",
         b"GET /longpoll/a HTTP/1.0",
         b"GET /longpoll/%61 HTTP/1.1",

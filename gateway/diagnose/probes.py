@@ -24,6 +24,7 @@ from gateway.diagnose.facts import path_facts, request_record
 from gateway.diagnose.plan import PLAN, REAL_PREFIX
 from gateway.diagnose.verdict import verdict
 from gateway.errors import BadRequest
+from gateway.limits import TokenBuckets
 from gateway.names import check_channel
 from gateway.state import state
 from gateway.transports.common import config, hub
@@ -47,24 +48,14 @@ MAX_HOLD_S = 600.0
 _TRANSPORT_PATHS = {"/poll/": "short_poll", "/longpoll/": "long_poll", "/sse/": "sse", "/ws/": "websocket"}
 
 
-class RateLimit:
+class RateLimit(TokenBuckets):
     """Token bucket per client address: `burst` at once, refilled at `rate` per second."""
 
     def __init__(self, rate: float = 5.0, burst: float = 60.0, max_clients: int = 10_000) -> None:
-        self.rate, self.burst, self.max_clients = rate, burst, max_clients
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self._lock = threading.Lock()
+        super().__init__(rate, burst, max_clients)
 
     def allow(self, client: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            tokens, last = self._buckets.pop(client, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            allowed = tokens >= 1
-            self._buckets[client] = (tokens - 1 if allowed else tokens, now)
-            while len(self._buckets) > self.max_clients:
-                self._buckets.popitem(last=False)
-            return allowed
+        return self.take(client, now) == 0
 
 
 class SeenLog:

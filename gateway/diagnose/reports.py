@@ -10,7 +10,6 @@ redis.url set the reports also go to Redis, so every gateway process sees them a
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
@@ -25,6 +24,7 @@ from gateway.clients import client_address
 from gateway.config import Config
 from gateway.diagnose.probes import RateLimit
 from gateway.errors import BadRequest
+from gateway.operator import check_operator_token
 from gateway.state import state
 
 __all__ = [
@@ -395,13 +395,7 @@ def _check_operator() -> None:
             "/diagnose/reports?token=<token> or send 'Authorization: Bearer <token>'",
             403,
         )
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        given = request.args.get("token", "")
-    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
-        raise BadRequest(
-            "unauthorized", "send the operator token as 'Authorization: Bearer <token>' or as ?token=<token>", 401
-        )
+    check_operator_token(expected)
 
 
 def _wants_json() -> bool:

@@ -26,6 +26,17 @@ __all__ = ["FastLongPoll", "REASONS", "Answer"]
 log = logging.getLogger(__name__)
 
 PREFIX = "/longpoll/"
+SHORT_PREFIX = "/poll/"
+
+
+def _prefix(path: str) -> str | None:
+    if path.startswith(PREFIX):
+        return PREFIX
+    if path.startswith(SHORT_PREFIX):
+        return SHORT_PREFIX
+    return None
+
+
 _HEADERS = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
 REASONS = {
     400: "Bad Request",
@@ -60,12 +71,15 @@ class FastLongPoll:
 
     def takes(self, method: str, path: str, has_origin: bool) -> bool:
         """Is this request one for the fast path (else Flask answers it)?"""
-        if method != "GET" or has_origin or not path.startswith(PREFIX):
+        if method != "GET" or has_origin:
+            return False
+        prefix = _prefix(path)
+        if prefix is None:
             return False
         admission = self.state.admission
         assert admission is not None
         # e.g. the probe channels: their request hooks live in Flask
-        return admission.fast_path_ok(path[len(PREFIX) :].split(","))
+        return admission.fast_path_ok(path[len(prefix) :].split(","))
 
     def answer(self, environ: dict[str, Any]) -> Answer | None:
         """The long poll's whole answer, or None when Flask should answer this request."""
@@ -74,9 +88,15 @@ class FastLongPoll:
             return None
         admission = self.state.admission
         assert admission is not None
+        prefix = _prefix(path)
+        assert prefix is not None
         try:
             args = query_args(environ.get("QUERY_STRING", ""))
-            ticket = admission.admit(environ, "longpoll", path[len(PREFIX) :], args=args)
+            if prefix == SHORT_PREFIX:  # short poll: long poll with no wait
+                with admission.admit(environ, "poll", path[len(prefix) :], args=args) as ticket:
+                    body = pollbody.read(self.hub, ticket, self.poll.max_batch).encode()
+                return 200, [*_HEADERS, ("Content-Length", str(len(body)))], body
+            ticket = admission.admit(environ, "longpoll", path[len(prefix) :], args=args)
             left = ticket.seconds_left()
             timeout = self.timeout(args.get("timeout"), self.poll)
             if left is not None:

@@ -20,6 +20,7 @@ from gateway.transports.fastpoll import REASONS, FastLongPoll
 
 __all__ = ["LongPollLoop", "parse_head"]
 
+_POLLS = (b"/longpoll/", b"/poll/")  # short polls too: a long poll with no wait
 MAX_HEAD = 8192  # bigger heads go to the general server, which has the limits and the errors
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _HANDED_OVER = frozenset({"ORIGIN", "UPGRADE", "CONTENT_LENGTH", "TRANSFER_ENCODING", "EXPECT"})
@@ -32,7 +33,7 @@ def parse_head(head: bytes, peer: tuple[str, int]) -> tuple[dict[str, Any], bool
     None for anything this loop leaves to the general server."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1" or not parts[1].startswith(b"/longpoll/"):
+    if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1" or not parts[1].startswith(_POLLS):
         return None
     target = parts[1]
     if any(c < 0x21 or c > 0x7E or c in (0x25, 0x23) for c in target):  # no %-encoding, no fragment

@@ -118,6 +118,19 @@ def test_leeway_forgives_a_little_clock_skew_only():
         auth.read(["c"], "poll", creds(token(channels=["c"], exp=time.time() - 60)))
 
 
+def test_a_stream_ends_at_exp_plus_the_leeway_the_check_allowed():
+    exp = time.time() - 10  # expired by our clock, within the 30 s leeway
+    principal = authorizer(leeway_s=30).read(["c"], "sse", creds(token(channels=["c"], exp=exp)))
+    assert principal.expires_at == pytest.approx(exp + 30)
+
+
+def test_a_stray_bearer_on_public_channels_is_no_refusal():
+    auth = authorizer(public=["news.*"])
+    assert auth.read(["news.today"], "sse", creds("not-our-token")).claims is None
+    publisher = auth.read(["news.today"], "ws", creds(token(channels=[], publish=["news.*"])))
+    assert publisher.claims is not None and publisher.claims.may_publish("news.today")
+
+
 def test_the_bearer_header_wins_over_the_query_and_public_channels_need_nothing():
     auth = authorizer(public=["news.*"])
     assert auth.read(["news.today"], "sse", creds()).claims is None

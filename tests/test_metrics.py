@@ -172,7 +172,16 @@ def test_metrics_port_serves_on_loopback_only(start_gateway: Callable[..., Gatew
     port = free_port()
     gw = start_gateway({"server": {"metrics_port": port}})
     gw.publish(channel, "one")
-    r = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    # The metrics listener is a service started just after the public port answers /healthz.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            r = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+            break
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
     assert r.status_code == 200
     families = {f.name: f for f in text_string_to_metric_families(r.text)}
     assert families["gateway_events_published"].samples[0].value == 1

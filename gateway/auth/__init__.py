@@ -72,6 +72,7 @@ class Authorizer:
             else None
         )
         self._publish_token = config.server.publish_token
+        self._leeway = auth.leeway_s
 
     def add_public(self, pattern: str) -> None:
         """Channels anyone may read (the probe channels register theirs here)."""
@@ -83,16 +84,17 @@ class Authorizer:
     # -- reading ---------------------------------------------------------------------------
     def read(self, channels: Sequence[str], transport: str, creds: Credentials) -> Principal:
         """The principal allowed to read every one of `channels`, or raise 401/403/503."""
-        claims = self._claims(creds) if self._tokens is not None and creds.token else None
         private = [c for c in channels if not self.is_public(c)]
+        if not private:  # anyone may read these; a token only adds its publish rights
+            claims = self._claims(creds, quiet=True) if self._tokens is not None and creds.token else None
+            return Principal(claims.sub, claims, self._expiry(claims)) if claims is not None else ANONYMOUS
+        claims = self._claims(creds) if self._tokens is not None and creds.token else None
         if claims is not None:
-            principal = Principal(claims.sub, claims, claims.exp)
+            principal = Principal(claims.sub, claims, self._expiry(claims))
             denied = [c for c in private if not claims.may_read(c)]
             if denied:
                 raise forbidden(f"this token does not grant {denied[0]!r}; ask for a token whose channels include it")
             return principal
-        if not private:
-            return ANONYMOUS
         if self._app is None:
             if creds.token and self._tokens is not None:
                 self._claims(creds, strict=True)  # raises the token's own reason
@@ -140,17 +142,24 @@ class Authorizer:
         assert claims is not None
         if not claims.may_publish(channel):
             raise forbidden(f"this token may not publish to {channel!r}; its publish claim must match the channel")
-        return Principal(claims.sub, claims, claims.exp)
+        return Principal(claims.sub, claims, self._expiry(claims))
+
+    def _expiry(self, claims: Claims) -> float:
+        """When a stream opened with these claims ends: exp, with the same clock-skew leeway the
+        check allowed (else a token accepted within the leeway would end its stream at once)."""
+        return claims.exp + self._leeway
 
     def may_publish(self, principal: Principal, channel: str) -> bool:
         """For WebSocket client frames: the connection's token allows publishing here."""
         return principal.claims is not None and principal.claims.may_publish(channel)
 
-    def _claims(self, creds: Credentials, strict: bool = False) -> Claims | None:
+    def _claims(self, creds: Credentials, strict: bool = False, quiet: bool = False) -> Claims | None:
         assert self._tokens is not None and creds.token is not None
         try:
             return self._tokens.verify(creds.token)
         except TokenError as exc:
+            if quiet:
+                return None
             if strict or self._app is None:
                 raise unauthorized(str(exc)) from None
             return None  # no valid token: the app decides

@@ -50,8 +50,10 @@ def parse_head(head: bytes, peer: tuple[str, int]) -> tuple[dict[str, Any], bool
     keep_alive = True
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or any(c not in _TOKEN for c in name):
-            return None  # obs-fold, a malformed line: the general server answers it
+        if not sep or not name or any(c not in _TOKEN for c in name) or b"_" in name:
+            # obs-fold, a malformed line, or an underscore (the general server drops such
+            # headers, so X_Forwarded_For cannot pose as X-Forwarded-For): it answers them.
+            return None
         if any(c < 0x20 and c != 0x09 or c == 0x7F for c in value):
             return None
         key = name.decode("ascii").upper().replace("-", "_")

@@ -189,7 +189,7 @@ class _Connection:
     def on_wake(self) -> None:
         ws = self.ws
         handled = 0
-        while ws.input_buffer and handled < FRAMES_PER_ROUND:
+        while ws.input_buffer and handled < FRAMES_PER_ROUND and not self.switch_to_multi:
             if self.publish_rate is not None and self.publish_rate.take():
                 break  # over the rate: leave the rest buffered (the reader stops when it is full)
             message = ws.input_buffer.pop(0)

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -351,6 +351,3 @@ def query_args(query: str) -> dict[str, str]:
             if key not in out:
                 out[key] = value
     return out
-
-
-WakeFn = Callable[[], None]

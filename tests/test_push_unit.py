@@ -118,3 +118,52 @@ def test_resuming_from_history_no_longer_held_starts_with_a_gap(setup):
     start(cursor=first)
     got = _read(client, 2)
     assert len(got) == 2 and got[0].startswith(b'{"requested"') and got[1] == b"new"
+
+
+def test_multi_channel_connections_with_equal_cursors_share_one_encoding(monkeypatch):
+    """Up-to-date connections on the same channels compose each flush once between them; one
+    whose cursor differs (another channel order) gets bytes of its own, with its own cursor."""
+    from gateway import cursor as cursors
+    from gateway.transports.multipush import MultiPusher
+
+    hub = Hub(MemoryStore(10_000, 3600), event_class=gevent.event.Event)
+    hub.defer = lambda fn, channel: gevent.get_hub().loop.run_callback(fn, channel)
+    composed: list[str] = []
+    real_compose = MultiPusher._compose
+
+    def compose(self: MultiPusher, channel: str, parts: list) -> bytes:
+        composed.append(channel)
+        return real_compose(self, channel, parts)
+
+    monkeypatch.setattr(MultiPusher, "_compose", compose)
+    pairs = [gevent.socket.socketpair() for _ in range(3)]
+    orders = [("a", "b"), ("a", "b"), ("b", "a")]
+    pushers, started = [], []
+    for (server, _), order in zip(pairs, orders, strict=True):
+        pusher = MultiPusher(
+            _Sock(server), "sse", {c: hub.last_id(c) for c in order}, False, gevent.event.Event, gevent.lock.Semaphore
+        )
+        pushers.append(pusher)
+        started.append(gevent.spawn(pusher.serve, hub, 100, lambda: 30.0, lambda: None))
+    try:
+        gevent.sleep(0.01)  # attached and caught up (nothing to read)
+        composed.clear()
+        hub.publish("a", "one")
+        hub.publish("b", "two")
+        gevent.sleep(0.01)
+        assert sorted(composed) == ["a", "a", "b", "b"]  # per flush: one per distinct cursor, not per connection
+        assert pushers[0].cursor() is pushers[1].cursor()  # the same cursor object, shared
+        ids = {"a": hub.last_id("a"), "b": hub.last_id("b")}
+        for (_, client), pusher in zip(pairs, pushers, strict=True):
+            buf = b""
+            with gevent.Timeout(5, False):
+                while buf.count(b"\n\n") < 2:
+                    buf += client.recv(65536)
+            last = re.findall(rb"^id: (.*)$", buf, re.M)[-1].decode()
+            assert last == pusher.cursor()
+            assert cursors.decode(last, ["a", "b"]) == ids
+    finally:
+        gevent.killall(started, timeout=5)
+        for server, client in pairs:
+            server.close()
+            client.close()

@@ -10,6 +10,7 @@ cursor, channel by channel, only for channels that were woken.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -23,27 +24,35 @@ __all__ = ["MultiPusher"]
 Parts = list[tuple[str, bytes]]  # (the event's cursor entry, the event's shared part)
 
 
+class _Batch(list):
+    """One flush's parts for one wire format, shared by every view of that format, with the
+    bytes already composed for each cursor seen so far: up-to-date connections on the same
+    channels have equal cursors, so one of them composes and the rest reuse its bytes."""
+
+    __slots__ = ("composed",)
+
+    def __init__(self, parts: Parts) -> None:
+        super().__init__(parts)
+        self.composed: dict[str, tuple[bytes, str]] = {}  # cursor before -> (bytes, cursor after)
+
+
 class _View:
     """What the hub sees of one channel of a multi-channel connection (the Pusher protocol)."""
 
-    __slots__ = ("parent", "channel", "cursor", "kind")
+    __slots__ = ("parent", "channel", "cursor", "kind", "hold", "push")
 
     def __init__(self, parent: MultiPusher, channel: str, cursor: str) -> None:
         self.parent = parent
         self.channel = channel
         self.cursor = cursor
         self.kind = parent.kind
+        self.hold = parent.hold  # a copy the parent keeps in step: the hub reads it per delivery
+        # push(parts, cursor, events): straight to the parent, without a frame of our own.
+        self.push = functools.partial(parent.push_parts, self)
 
-    @property
-    def hold(self) -> int:
-        return self.parent.hold
-
-    def encode(self, events: list[Event]) -> Parts:
+    def encode(self, events: list[Event]) -> _Batch:
         base, channel = self.parent.base, self.channel
-        return [(e.cursor_entry(channel), e.multi_part(channel, base)) for e in events]
-
-    def push(self, parts: Parts, cursor: str, events: int = 1) -> None:
-        self.parent.push_parts(self, parts, cursor)
+        return _Batch([(e.cursor_entry(channel), e.multi_part(channel, base)) for e in events])
 
     def lag(self, nbytes: int) -> None:
         self.parent.lag(nbytes)
@@ -65,14 +74,15 @@ class MultiPusher:
         self.base = base  # "sse" | "ws"
         self.kind = base + "-multi" + ("-chunked" if chunked else "")
         self.chunked = chunked
-        self.views: dict[str, _View] = {c: _View(self, c, pos) for c, pos in positions.items()}
         self._entries: dict[str, str] = {c: cursors.entry(c, pos) for c, pos in positions.items()}
+        self._text: str | None = None  # the joined cursor, kept while _entries do not change
         self.dead = False
         self.bytes_sent = 0
         self.events_sent = 0
         self._sock = sock
         self._raw = getattr(sock, "_sock", None)
-        self.hold = 0 if self._raw is not None else 1
+        self._hold = 0 if self._raw is not None else 1
+        self.views: dict[str, _View] = {c: _View(self, c, pos) for c, pos in positions.items()}
         self._dirty: set[str] = set(positions)  # channels to read from history on the next round
         self._backlog = b""
         self._wakeup = event_class()
@@ -83,30 +93,60 @@ class MultiPusher:
         self.slow = False
         self._writing = False
 
+    @property
+    def hold(self) -> int:
+        """Above 0 while the publisher must not write (as Pusher.hold), mirrored on every view."""
+        return self._hold
+
+    @hold.setter
+    def hold(self, value: int) -> None:
+        self._hold = value
+        for view in self.views.values():
+            view.hold = value
+
     # -- the cursor ------------------------------------------------------------------------------
     def cursor(self) -> str:
-        return cursors.join(self._entries.values())
+        text = self._text
+        if text is None:
+            text = self._text = cursors.join(self._entries.values())
+        return text
+
+    def _set_entry(self, channel: str, entry: str) -> None:
+        self._entries[channel] = entry
+        self._text = None
 
     def _compose(self, channel: str, parts: Parts) -> bytes:
         """The bytes for these events of `channel`, each followed by the cursor after it."""
         entries = self._entries
         out = []
+        text = ""
         for entry, part in parts:
             entries[channel] = entry
-            cur = cursors.join(entries.values()).encode()
+            text = cursors.join(entries.values())
+            cur = text.encode()
             if self.base == "sse":
                 out.append(part + b"id: " + cur + b"\n\n")
             else:
                 payload = part + b',"cursor":"' + cur + b'"}'
                 out.append(_ws_text_frame(payload))
+        if parts:
+            self._text = text
         data = b"".join(out)
         return chunk(data) if self.chunked else data
 
     # -- called by the hub (through the views); never blocks --------------------------------------
-    def push_parts(self, view: _View, parts: Parts, cursor: str) -> None:
+    def push_parts(self, view: _View, parts: _Batch, cursor: str, events: int = 1) -> None:
         view.cursor = cursor
         self.events_sent += len(parts)
-        data = self._compose(view.channel, parts)
+        before = self._text or self.cursor()
+        done = parts.composed.get(before)
+        if done is None:
+            data = self._compose(view.channel, parts)
+            parts.composed[before] = (data, self.cursor())
+        else:
+            data, after = done
+            self._entries[view.channel] = parts[-1][0]
+            self._text = after
         try:
             sent = self._raw.send(data)
         except BlockingIOError:
@@ -159,7 +199,7 @@ class MultiPusher:
         if channel in self.views:
             return
         view = self.views[channel] = _View(self, channel, position)
-        self._entries[channel] = cursors.entry(channel, position)
+        self._set_entry(channel, cursors.entry(channel, position))
         if self._hub is not None:
             self._hub.attach(channel, view)
         self.wake_channel(channel)
@@ -167,6 +207,7 @@ class MultiPusher:
     def remove(self, channel: str) -> None:
         view = self.views.pop(channel, None)
         self._entries.pop(channel, None)
+        self._text = None
         self._dirty.discard(channel)
         if view is not None and self._hub is not None:
             self._hub.detach(channel, view)
@@ -236,7 +277,7 @@ class MultiPusher:
                     if self.slow:
                         raise SlowConsumer()
                 view.cursor = batch.cursor
-                self._entries[channel] = cursors.entry(channel, batch.cursor)
+                self._set_entry(channel, cursors.entry(channel, batch.cursor))
                 if batch.more:
                     self._dirty.add(channel)
             if not self._dirty:

@@ -15,36 +15,21 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import IO, Any
-from urllib.parse import unquote_plus
 
 from flask import Flask
 
-from gateway.redact import MASK, is_secret_name, redact_text
+from gateway.redact import redact_text
 from gateway.state import state
 
-__all__ = ["ConnectionLog", "AccessLog", "redact", "init_app"]
+__all__ = ["ConnectionLog", "AccessLog", "init_app"]
 
 log = logging.getLogger("gateway.connections")
 
-# key=value in a query string, for names written percent-encoded (%74oken=): the gateway
-# decodes them when it reads a token, and redact_text matches names as written.
-_QUERY_PARAM = re.compile(r"([?&;])([^=&;#\s\"?]*%[^=&;#\s\"?]*)=([^&;#\s\"]*)")
 # pywsgi's line: '%s - - [%s] "%s" %s %s %.6f' (client, time, request line, status, length, seconds)
 _PYWSGI_LINE = re.compile(
     r'^(?P<client>\S+) - - \[(?P<time>[^\]]*)\] "(?P<request>.*)" (?P<status>\S+) (?P<length>\S+) (?P<duration>\S+)$'
 )
 MAX_CHANNELS_LOGGED = 50  # a connection may name many channels; the line stays bounded
-
-
-def redact(text: str) -> str:
-    """`text` with URL credentials and secret-looking query values masked (gateway/redact.py),
-    names written percent-encoded included."""
-    return _QUERY_PARAM.sub(_redact_encoded, redact_text(text))
-
-
-def _redact_encoded(match: re.Match[str]) -> str:
-    sep, name, _ = match.groups()
-    return f"{sep}{name}={MASK}" if is_secret_name(unquote_plus(name)) else match.group(0)
 
 
 def _iso_now() -> str:
@@ -127,7 +112,7 @@ class AccessLog:
 
     def write(self, line: str) -> None:
         stream = self.stream or sys.stderr
-        line = redact(line.rstrip("\n"))
+        line = redact_text(line.rstrip("\n"))
         if self.json:
             line = json.dumps(_access_fields(line), ensure_ascii=False)
         stream.write(line + "\n")

@@ -8,7 +8,7 @@ names of query parameters and harmless values) and replaces every secret with `*
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote_plus, urlsplit, urlunsplit
 
 __all__ = ["redact_url", "redact_text", "is_secret_name", "MASK"]
 
@@ -38,11 +38,12 @@ _SECRET_PARTS = (
 _SEPARATORS = re.compile(r"[^a-z0-9]")
 # In free text (error messages): userinfo before a host, and name=value pairs of a query.
 _USERINFO = re.compile(r"(?<=//)[^/\s@'\"]+@")
-_QUERY_PAIR = re.compile(r"(?<=[?&;])([^=&\s'\"#]+)=([^&\s'\"#]*)")
+_QUERY_PAIR = re.compile(r"(?<=[?&;])([^=&;?\s'\"#]+)=([^&;\s'\"#]*)")
 
 
 def is_secret_name(name: str) -> bool:
-    low = _SEPARATORS.sub("", name.lower())
+    """Whether a parameter named `name` (as written, percent-encoded or not) looks secret."""
+    low = _SEPARATORS.sub("", unquote_plus(name).lower())
     return any(part in low for part in _SECRET_PARTS)
 
 
@@ -69,6 +70,8 @@ def redact_url(url: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Free text (an exception's message, a log line) with URL credentials masked the same way."""
+    """Free text (an exception's message, a log line) with URL credentials masked the same way;
+    a name written percent-encoded (`%74oken=`) is judged by what it decodes to, as the gateway
+    reads it."""
     text = _USERINFO.sub(f"{MASK}@", text)
     return _QUERY_PAIR.sub(lambda m: f"{m.group(1)}={MASK}" if is_secret_name(m.group(1)) else m.group(0), text)

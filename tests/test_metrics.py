@@ -357,7 +357,8 @@ def test_sources_and_a_stalled_redis_at_scrape_time() -> None:
 def test_connection_log_lines_name_the_subject_never_a_token(caplog: pytest.LogCaptureFixture) -> None:
     import io
 
-    from gateway.connlog import AccessLog, ConnectionLog, redact
+    from gateway.connlog import AccessLog, ConnectionLog
+    from gateway.redact import redact_text as redact
 
     stream = io.StringIO()
     ConnectionLog("json", stream).log_connection_end(

@@ -39,6 +39,13 @@ def test_redact_text_masks_urls_inside_messages() -> None:
     assert redact_text(text) == "Max retries exceeded with url: /items.json?api_key=***&page=2 (http://***@h/?sig=*** )"
 
 
+def test_redact_text_judges_percent_encoded_names_by_what_they_decode_to() -> None:
+    # The gateway decodes parameter names when it reads ?token=, so every page and log must too.
+    text = "upstream http://h/x?%74oken=abc&ok=1&api%5Fkey=zz;tok%65n=q failed"
+    assert redact_text(text) == "upstream http://h/x?%74oken=***&ok=1&api%5Fkey=***;tok%65n=*** failed"
+    assert redact_text("/sse/a?since=1-0&x=token&%41=1") == "/sse/a?since=1-0&x=token&%41=1"
+
+
 def test_index_status_and_logs_never_show_upstream_credentials(start_gateway: Callable[..., Gateway]) -> None:
     # An upstream that refuses connections: the sources log their failures (urllib3 quotes the
     # URL with its query in the error), which must be redacted too.

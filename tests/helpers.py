@@ -118,9 +118,11 @@ class Gateway:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         path = tmp / f"gateway-{self.port}.toml"
-        config = {"server": {"publish_token": TOKEN, "access_log": False}, "demo": {"channel": ""}} | config
-        if "server" in config:
-            config["server"] = {"publish_token": TOKEN, "access_log": False} | config["server"]
+        # Loopback only: a test gateway is no service, and 0.0.0.0:port would also clash with
+        # sockets other tests bind on other loopback addresses (127.0.x.y clients).
+        defaults = {"host": "127.0.0.1", "publish_token": TOKEN, "access_log": False}
+        config = {"server": defaults, "demo": {"channel": ""}} | config
+        config["server"] = defaults | config["server"]
         path.write_text(to_toml(config))
         self.log_path = tmp / f"gateway-{self.port}.log"
         full_env = {

@@ -44,7 +44,8 @@ class App:
     """A small web app with session-cookie login and the one view the gateway asks:
     /auth?channel=&transport= answers 2xx for the logged-in user's own channels
     (user.<name> and user.<name>.*), 401 when nobody is logged in, 403 otherwise.
-    Channels named err.* answer 500, slow.* take 6 s, moved.* redirect to the login page."""
+    Channels named err.* answer 500, slow.* take 6 s, lag.* allow after 0.8 s, moved.* redirect
+    to the login page."""
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
@@ -75,6 +76,9 @@ class App:
                 return {"oops": True}, 500
             if channel.startswith("slow."):
                 time.sleep(6)
+                return "", 204
+            if channel.startswith("lag."):  # slow but allowed: several of them outlast one timeout
+                time.sleep(0.8)
                 return "", 204
             if channel.startswith("moved."):
                 return redirect("/login")
@@ -211,6 +215,21 @@ def test_an_app_that_is_down_is_503(app, tmp_path):
     try:
         for transport in TRANSPORTS:
             assert_refused(ask(gw, transport, f"user.alice.{tag()}", {"Cookie": app.cookie("alice")}), 503)
+    finally:
+        gw.stop()
+
+
+def test_one_request_shares_one_timeout_among_its_channels(app, tmp_path):
+    gw = gateway_for(app.url, tmp_path, upstream_timeout_s=1.5)
+    try:
+        assert_admitted(ask(gw, "sse", f"lag.{tag()}"), "sse")  # 0.8 s: within the timeout
+        names = ",".join(f"lag.{tag()}" for _ in range(6))  # 6 x 0.8 s asked one after another
+        started = time.monotonic()
+        r = ask(gw, "sse", names)
+        took = time.monotonic() - started
+        assert_refused(r, 503, "auth_unavailable")
+        assert took < 3.5, f"a request for 6 slow channels took {took:.1f} s (one 1.5 s budget)"
+        assert sum(len(app.calls_for(n)) for n in names.split(",")) <= 3  # the rest were never asked
     finally:
         gw.stop()
 

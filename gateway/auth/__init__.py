@@ -101,8 +101,9 @@ class Authorizer:
             raise unauthorized(
                 f"{private[0]!r} is private: send a token as 'Authorization: Bearer <token>' or ?token=<token>"
             )
+        deadline = self._app.budget()  # one timeout for all of this request's questions
         for channel in private:
-            status = self._app.decide(channel, transport, creds.cookie, creds.authorization)
+            status = self._app.decide(channel, transport, creds.cookie, creds.authorization, deadline)
             if status == ALLOW:
                 continue
             if status == 401:

@@ -1,7 +1,9 @@
 """Asking the app: GET <auth.upstream_url>?channel=<name>&transport=<t> with the client's Cookie
 and Authorization. 2xx allows, 401/403 refuse with that status, anything else (or silence past
 the timeout) is 503: never an allow. Answers are cached briefly per credential and channel, so a
-short poller does not call the app every second; the cache is bounded (oldest dropped first)."""
+short poller does not call the app every second; the cache is bounded (oldest dropped first).
+A request that names several private channels shares one timeout among its questions (see
+`budget`): fifty channels cannot hold a request for fifty timeouts."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 from collections import OrderedDict
 
 import requests
+from urllib3.util import Timeout
 
 __all__ = ["AppAuthorizer", "ALLOW", "UNAVAILABLE"]
 
@@ -33,15 +36,31 @@ class AppAuthorizer:
         self._http.trust_env = False  # the app is named in config, never reached through env proxies
         self._next_error_log = 0.0
 
-    def decide(self, channel: str, transport: str, cookie: str | None, authorization: str | None) -> int:
-        """ALLOW, 401, 403 or UNAVAILABLE for this credential reading this channel."""
+    def budget(self) -> float:
+        """The deadline (monotonic) for one request's questions: auth.upstream_timeout_s from now."""
+        return time.monotonic() + self._timeout
+
+    def decide(
+        self,
+        channel: str,
+        transport: str,
+        cookie: str | None,
+        authorization: str | None,
+        deadline: float | None = None,
+    ) -> int:
+        """ALLOW, 401, 403 or UNAVAILABLE for this credential reading this channel; a question
+        that would start past `deadline` (see budget) is UNAVAILABLE without asking."""
         key = (_credential_key(cookie, authorization), channel, transport)
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None and hit[0] > now:
                 return hit[1]
-        status = self._ask(channel, transport, cookie, authorization)
+        left = self._timeout if deadline is None else min(self._timeout, deadline - now)
+        if left <= 0.01:
+            self._warn("took the whole auth.upstream_timeout_s for this request's channels")
+            return UNAVAILABLE
+        status = self._ask(channel, transport, cookie, authorization, left)
         if status != UNAVAILABLE and self._cache_s > 0:  # an outage is never remembered
             with self._lock:
                 self._cache[key] = (now + self._cache_s, status)
@@ -50,7 +69,7 @@ class AppAuthorizer:
                     self._cache.popitem(last=False)
         return status
 
-    def _ask(self, channel: str, transport: str, cookie: str | None, authorization: str | None) -> int:
+    def _ask(self, channel: str, transport: str, cookie: str | None, authorization: str | None, left: float) -> int:
         headers = {}
         if cookie:
             headers["Cookie"] = cookie
@@ -61,7 +80,7 @@ class AppAuthorizer:
                 self._url,
                 params={"channel": channel, "transport": transport},
                 headers=headers,
-                timeout=self._timeout,
+                timeout=Timeout(total=left),  # connect and reading the head, together
                 allow_redirects=False,
                 stream=True,
             )

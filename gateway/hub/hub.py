@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, KeysView
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -41,6 +41,8 @@ class Store(Protocol):
     def read(self, channel: str, since: str | None, limit: int) -> Batch: ...
     def last_id(self, channel: str) -> str: ...
     def channels(self) -> list[str]: ...
+    # The channels whose history this process holds (a live view), or None for a shared store.
+    def local_channels(self) -> KeysView[str] | None: ...
     def sweep(self, busy: Callable[[str], bool]) -> int: ...
     def close(self) -> None: ...
 
@@ -275,13 +277,13 @@ class Hub:
 
     def has_channel(self, channel: str) -> bool:
         """Known to this process: it has subscribers here, or (a local store) a history."""
-        local = getattr(self.store, "local_channels", None)  # only a store in this process has it
-        return channel in self._subscribers or (local is not None and channel in local())
+        local = self.store.local_channels()
+        return channel in self._subscribers or (local is not None and channel in local)
 
     def channel_count(self) -> int:
         """Channels this process holds (for limits.max_channels)."""
-        local = getattr(self.store, "local_channels", None)
-        return len(self._subscribers) if local is None else len(local() | self._subscribers.keys())
+        local = self.store.local_channels()
+        return len(self._subscribers) if local is None else len(local | self._subscribers.keys())
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:

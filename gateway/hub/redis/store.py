@@ -166,6 +166,10 @@ class RedisStore:
             del self._last_flights[channel]
             flight.done.set()
 
+    def local_channels(self) -> None:
+        """None: the history lives in Redis, shared by every process."""
+        return None
+
     def channels(self) -> list[str]:
         """Channels published to within a key's lifetime (an index, not a SCAN of the keyspace:
         /healthz and / call this, and Redis may hold millions of other keys)."""

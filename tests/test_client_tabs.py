@@ -219,8 +219,6 @@ def test_eight_tabs_one_channel_share_one_stream(gw: Gateway, proxy: StreamCount
 
 
 def test_eight_tabs_three_channels_each_share_one_stream(gw: Gateway, proxy: StreamCountingProxy, tabs: Any) -> None:
-    if requests.get(f"{gw.url}/poll/probe.a,probe.b", timeout=5).status_code != 200:
-        pytest.skip("the gateway does not take channel lists yet (GET /poll/a,b is not 200)")
     pages = tabs(lambda i: ["tabs.all", f"tabs.pair{i // 2}", f"tabs.own{i}"])
     run_tabs(gw, proxy, pages)
 

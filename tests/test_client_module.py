@@ -95,10 +95,6 @@ def mint(secret: str, channels: list[str], exp_in: float = 300, publish: list[st
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-def multi_channel_supported(gw: Gateway) -> bool:
-    return requests.get(f"{gw.url}/poll/probe.a,probe.b", timeout=5).status_code == 200
-
-
 # -- one channel, each transport -------------------------------------------------------------------
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_one_channel_on_each_transport_once_in_order(gw: Gateway, page_of: Any, transport: str) -> None:
@@ -181,8 +177,6 @@ def test_publish_resolves_to_the_id_and_rejects_with_status_and_code(gw: Gateway
 # -- several channels on one connection (server side: contract "Many channels on one connection") ---
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_several_channels_on_one_connection_and_add_remove(gw: Gateway, page_of: Any, transport: str) -> None:
-    if not multi_channel_supported(gw):
-        pytest.skip("the gateway does not take channel lists yet (GET /poll/a,b is not 200)")
     chans = [f"mod.multi.{transport}.{i}" for i in range(3)]
     page = page_of(gw.url)
     follow(page, chans[:2], transports=[transport], shareTabs=False)
@@ -216,8 +210,6 @@ def test_several_channels_on_one_connection_and_add_remove(gw: Gateway, page_of:
 def test_one_channel_then_two_loses_and_repeats_nothing(gw: Gateway, page_of: Any, transport: str) -> None:
     # A one-channel connection's cursor is that channel's id, which the gateway does not take for
     # a list: the client must carry the first channel over the change without a gap or a repeat.
-    if not multi_channel_supported(gw):
-        pytest.skip("the gateway does not take channel lists yet (GET /poll/a,b is not 200)")
     first, second = f"mod.grow.{transport}.a", f"mod.grow.{transport}.b"
     page = page_of(gw.url)
     follow(page, first, transports=[transport], shareTabs=False)
@@ -251,8 +243,6 @@ def test_a_channel_whose_history_ran_out_gets_its_own_gap(
     short_history_gw: Gateway, page_of: Any, transport: str
 ) -> None:
     gw = short_history_gw
-    if not multi_channel_supported(gw):
-        pytest.skip("the gateway does not take channel lists yet (GET /poll/a,b is not 200)")
     busy, quiet = f"mod.gap.{transport}.busy", f"mod.gap.{transport}.quiet"
     page = page_of(gw.url)
     follow(page, [busy, quiet], transports=[transport], shareTabs=False)
@@ -305,8 +295,7 @@ def auth_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 @pytest.fixture
 def counting(auth_gw: Gateway) -> Iterator[CountingProxy]:
-    if requests.get(f"{auth_gw.url}/poll/mod.private", timeout=5).status_code != 401:
-        pytest.skip("the gateway does not check tokens yet (GET /poll without one is not 401 with auth.secret)")
+    assert requests.get(f"{auth_gw.url}/poll/mod.private", timeout=5).status_code == 401  # checked: private
     proxy = CountingProxy(auth_gw.port)
     yield proxy
     proxy.stop()

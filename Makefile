@@ -8,8 +8,12 @@ BIN := $(VENV)/bin
 run: $(VENV)/.deps
 	$(BIN)/python app.py
 
+# Two processes, one test file each at a time (a file's fixtures stay in one process): the suite
+# waits on real servers and browsers more than it computes, so two halve its time on two cores.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.dev-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-deps
 	$(BIN)/ruff check .

@@ -89,12 +89,30 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for case in cases:
             for name in servers:
+                if case.subscribers + FD_SPARE > nofile:
+                    results.append(_too_many_files(name, case, nofile))
+                    continue
                 results.append(_one(name, case, Path(tmp), module, args))
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
     print()
     print(table(results))
     return 0
+
+
+FD_SPARE = 1024  # open files a server needs beside its clients' sockets
+
+
+def _too_many_files(name: str, case: Case, nofile: int) -> dict[str, Any]:
+    """A case this machine's open-files limit cannot hold: said, not run (it would only fail)."""
+    detail = (
+        f"needs {case.subscribers + FD_SPARE} open files per process, the limit is {nofile}; raise the hard "
+        "limit (ulimit -Hn, or run as a user with CAP_SYS_RESOURCE: the bench lifts it itself then)"
+    )
+    result = {"server": name, "case": case.name, "skipped": detail}
+    print(json.dumps(result), flush=True)
+    print(f"# {case.name} ({name}) not run: {detail}", file=sys.stderr, flush=True)
+    return result
 
 
 def _one(name: str, case: Case, tmp: Path, module: str | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -148,11 +166,14 @@ def table(results: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"{r['case']:>20} {r['server']:>8} ERROR {r['error']}")
             continue
+        if "skipped" in r:
+            lines.append(f"{r['case']:>20} {r['server']:>8} NOT RUN {r['skipped']}")
+            continue
         lines.append(" ".join(f"{_fmt(r.get(key)):>{width}}" for _, key, width in COLUMNS))
     ratio_lines = []
     for case, servers in by_case.items():
         gw, nc = servers.get("gateway"), servers.get("nchan")
-        if not gw or not nc or "error" in gw or "error" in nc:
+        if not gw or not nc or any(k in gw or k in nc for k in ("error", "skipped")):
             continue
         parts = []
         for key, label in RATIOS:

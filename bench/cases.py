@@ -39,6 +39,8 @@ def matrix(messages: int = 200) -> list[Case]:
     # Many channels on one connection: 1,000 SSE streams each following the same 10 channels.
     cases.append(Case("multi-sse-1kx10", "sse", 1000, channels=10, messages=messages, multi=True))
     cases.append(Case("idle-10k", "mixed", 10000, messages=0, idle=True))
+    # One process holding 100,000 idle streams (the bench lifts the open-files limit itself).
+    cases.append(Case("idle-100k", "mixed", 100000, messages=0, idle=True))
     cases += scaling(messages)
     return cases
 

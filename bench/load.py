@@ -21,6 +21,9 @@ TOKEN = re.compile(rb"~(\d+):(\d+)~")
 BUCKET_US = 100  # latency histogram resolution
 BUCKETS = 200_001  # up to 20 s; anything later lands in the last bucket
 CONNECT_CONCURRENCY = 200
+PORTS_PER_SOURCE = 20_000  # below the ~28k of the default ephemeral port range
+SOURCES_PER_WORKER = 16
+SOURCE_BASE = 1  # 127.0.1.1 and up (127.0.0.1 is where the server listens)
 _HEADER_END = b"\r\n\r\n"
 _CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
 _CURSOR = re.compile(rb'"cursor":"([^"]+)"')
@@ -89,7 +92,7 @@ class Worker:
             async with sem:
                 for attempt in range(5):
                     try:
-                        await loop.create_connection(lambda: sub, host, port)
+                        await loop.create_connection(lambda: sub, host, port, local_addr=sub.source)
                         await asyncio.wait_for(sub.ready_event.wait(), 30)
                         return
                     except (TimeoutError, OSError) as exc:
@@ -98,12 +101,18 @@ class Worker:
                         await asyncio.sleep(0.2 * (attempt + 1))
 
         kind = spec["transport"]
-        for channel, path in spec["subs"]:
+        # One source address has ~28k ephemeral ports toward the server's one port: past that,
+        # spread the connections over more loopback addresses (all of 127/8 is local on Linux).
+        spread = len(spec["subs"]) > PORTS_PER_SOURCE
+        first = SOURCE_BASE + spec.get("index", 0) * SOURCES_PER_WORKER
+        for i, (channel, path) in enumerate(spec["subs"]):
             expected = spec["expected"].get(channel, 0)
             if kind == "lp":
                 sub: _Sub = _LongPoll(self, channel, path, expected, spec["server"])
             else:
                 sub = _Stream(self, channel, _stream_request(kind, path), expected)
+            if spread:
+                sub.source = (f"127.0.{first + i % SOURCES_PER_WORKER}.1", 0)
             self.subs.append(sub)
         if not any(s.expected for s in self.subs):
             self.done_sent = True  # nothing to wait for (idle connections)
@@ -181,6 +190,7 @@ class _Sub(asyncio.Protocol):
         self.buf = b""
         self.is_ready = False
         self.ready_event = asyncio.Event()
+        self.source: tuple[str, int] | None = None  # the local address to connect from (None: any)
 
     def _mark_ready(self) -> None:
         if not self.is_ready:

@@ -37,6 +37,8 @@ def _assign(server: Server, case: Case, workers: int) -> tuple[list[dict[str, An
         {"port": server.port, "server": server.name, "transport": case.transport, "expected": expected, "subs": []}
         for _ in range(workers)
     ]
+    for k, spec in enumerate(specs):
+        spec["index"] = k  # which loopback source addresses it may use (load.py)
     for i in range(case.subscribers):
         channel = channels[i % len(channels)]
         spec = specs[i % workers]
@@ -53,7 +55,9 @@ def _split_mixed(server: Server, case: Case, channels: list[str], workers: int) 
     specs = []
     for k in range(workers):
         transport = "sse" if k % 2 == 0 else "ws"
-        specs.append({"port": server.port, "server": server.name, "transport": transport, "expected": {}, "subs": []})
+        specs.append(
+            {"port": server.port, "server": server.name, "transport": transport, "expected": {}, "subs": [], "index": k}
+        )
     for i in range(case.subscribers):
         k = i % workers
         transport = specs[k]["transport"]

@@ -8,30 +8,30 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, g, request
-from flask_sock import Sock
-from simple_websocket import ConnectionClosed
+from flask import Blueprint, Response, current_app, g, request
+from simple_websocket import ConnectionClosed, Server
 from werkzeug.routing import WebsocketMismatch
 from wsproto.events import Ping
-from wsproto.utilities import RemoteProtocolError
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from gateway.admission import Admission, Ticket
 from gateway.errors import BadRequest, error_response
 from gateway.hub import Hub
 from gateway.limits import Bucket
+from gateway.readwatch import ReadWatch, watchable
 from gateway.state import state
 from gateway.transports.common import admission, admit, alive_until_expiry, config, hub, idle_until_expiry, positions
 from gateway.transports.multipush import MultiPusher
 from gateway.transports.push import Pusher, SlowConsumer, bound_send_buffer, ws_encode
 
-__all__ = ["bp", "sock", "init_app"]
+__all__ = ["bp", "init_app"]
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("ws", __name__)
-sock = Sock()
 
 SERVICE_RESTART = 1012  # close code: the server is restarting, reconnect
 POLICY_VIOLATION = 1008  # close code: no pong to our ping, or the token expired
@@ -87,10 +87,48 @@ def not_upgraded(channel: str) -> None:
 bp.add_url_rule("/ws/", "handshake_without_channel", not_upgraded, defaults={"channel": ""}, websocket=True)
 
 
-@sock.route("/ws/<path:channel>", bp=bp)
-def stream(ws: Any, channel: str) -> None:
-    ticket: Ticket = g.ws_ticket
-    _Connection(ws, ticket, g.ws_positions, request.environ).run()
+@bp.route("/ws/<path:channel>", websocket=True)
+def stream(channel: str) -> Response:
+    ws = Server(request.environ, **current_app.config.get("SOCK_SERVER_OPTIONS", {}))  # sends the 101
+    conn = _Connection(ws, g.ws_ticket, g.ws_positions, request.environ)
+    if ws.mode != "gevent":  # another server (e.g. werkzeug's): serve it here, as flask-sock does
+        _serve(conn)
+        return Response() if ws.mode == "werkzeug" else _Upgraded(None)
+    # Served after the view has returned, as an SSE body is: Flask's contexts (and their share
+    # of the greenlet's saved stack) are gone while the connection lives. It closes the ticket.
+    g.pop("ws_ticket")
+    return _Upgraded(conn)
+
+
+class _Upgraded(Response):
+    """The answer of a view that has done the handshake: the WSGI server gets no status and no
+    headers (the 101 is written), and a body that runs the connection (when conn is given)."""
+
+    def __init__(self, conn: _Connection | None) -> None:
+        super().__init__()
+        self._conn = conn
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        return [] if self._conn is None else _body(self._conn)
+
+
+def _body(conn: _Connection) -> Iterator[bytes]:
+    try:
+        _serve(conn)
+    finally:
+        conn.ticket.close()
+    yield from ()
+
+
+def _serve(conn: _Connection) -> None:
+    try:
+        conn.run()
+    except ConnectionClosed:
+        pass
+    try:
+        conn.ws.close()
+    except Exception:  # noqa: BLE001 (closed already, or the client is gone)
+        pass
 
 
 class _Connection:
@@ -111,6 +149,7 @@ class _Connection:
         "publish_rate",
         "switch_to_multi",
         "pending",
+        "reader",
     )
 
     def __init__(self, ws: Any, ticket: Ticket, starts: dict[str, str], environ: dict) -> None:
@@ -146,11 +185,17 @@ class _Connection:
         self.publish_rate = Bucket(rate, max(1.0, 4 * rate)) if rate else None
         self.switch_to_multi = False
         self.pending: tuple[str, str] = ("", "")  # the channel a single-channel socket subscribed to
+        self.reader: _FrameReader | None = None
 
     def run(self) -> None:
         ws, ticket = self.ws, self.ticket
-        # A bare thread (a greenlet under gevent): a threading.Thread object costs ~2 KB more.
-        _thread.start_new_thread(ws.thread.target, ())
+        if watchable(self.raw_sock):
+            # No greenlet waits on an idle socket: a watcher notices the client's frames.
+            self.reader = _FrameReader(self)
+            self.reader.start()
+        else:
+            # A bare thread (a greenlet under gevent): a threading.Thread object costs ~2 KB more.
+            _thread.start_new_thread(ws.thread.target, ())
         ticket.open()
         ping_s = self.cfg.websocket.ping_s
         try:
@@ -178,6 +223,8 @@ class _Connection:
             return
         finally:
             ticket.bytes_sent, ticket.events_sent = self.pusher.bytes_sent, self.pusher.events_sent
+            if self.reader is not None:
+                self.reader.stop()  # before the server closes the socket under its watcher
         if ws.connected and not alive_until_expiry(ticket):
             ticket.end_reason = "token_expired"
             ws.close(POLICY_VIOLATION, "token expired; reconnect with a fresh token and ?since=<cursor>")
@@ -400,6 +447,62 @@ class _HeldReader:
 
     def start(self) -> None:
         pass
+
+
+class _FrameReader:
+    """simple-websocket's reader without its greenlet: each time the socket is readable a short
+    greenlet reads what is there, lets simple-websocket handle it (frames to ws.input_buffer,
+    pongs, the close handshake) and exits. While INPUT_BUFFER_BYTES of frames wait to be
+    handled it waits for room before watching again, so a client that sends faster than we
+    handle is slowed by TCP instead of filling our memory."""
+
+    __slots__ = ("_conn", "_raw", "_watch", "_stopped")
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self._raw = conn.raw_sock._sock  # the OS socket, non-blocking under gevent
+        self._watch = ReadWatch(conn.raw_sock, self._read)
+        self._stopped = False
+
+    def start(self) -> None:
+        if not self._stopped:
+            self._watch.start()
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._watch.close()
+
+    def _read(self) -> None:
+        conn = self._conn
+        ws = conn.ws
+        if self._stopped or not ws.connected:
+            return
+        try:
+            data = self._raw.recv(ws.receive_bytes)
+        except BlockingIOError:  # woken for nothing
+            self.start()
+            return
+        except OSError:  # reset
+            data = b""
+        try:
+            if not data:
+                raise OSError("the client closed the connection")
+            ws.ws.receive_data(data)
+            ws.connected = ws._handle_events()
+        except (OSError, LocalProtocolError):
+            ws.connected = False
+        if not ws.connected:
+            ws.event.set()
+            self.stop()
+            ws.sock.close()  # as simple-websocket's reader does when it ends
+            return
+        while _full(ws.input_buffer) and ws.connected and not self._stopped:
+            if conn.room is None:
+                conn.room = threading.Event()
+            conn.room.clear()
+            conn.room.wait(1.0)
+        self.start()
 
 
 class _SocketIO:

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import pytest
 
-from tests.chaos import Publisher, ResettingRelay, Subscriber, exactly_once_or_gap, settle, subscribe
+from tests.chaos import GAP, Publisher, ResettingRelay, Subscriber, exactly_once_or_gap, settle, subscribe
 from tests.helpers import Gateway
 from tests.redis_server import RedisServer
 from tests.test_workers import Workers
@@ -181,3 +181,29 @@ def test_a_relay_resetting_connections_at_random(tmp_path: Path):
     finally:
         relay.stop()
         gw.stop()
+
+
+def test_the_ledger_catches_duplicates_reordering_and_silent_loss():
+    """The ledger itself can fail: each way of breaking exactly-once is caught; a loss is
+    accepted only where allowed and a gap sits between the neighbours that did arrive."""
+
+    def check(log: list[object], allow_gap: bool = True) -> dict[str, int]:
+        sub = Subscriber("http://127.0.0.1:9", "c", "sse", "")
+        sub.log = log
+        return exactly_once_or_gap(sub, ["a", "b", "c"], allow_gap)
+
+    assert check(["a", "b", "c"], allow_gap=False)["delivered"] == 3
+    assert check(["a", "z", "b", "c"], allow_gap=False)["delivered"] == 3  # stored, never acknowledged
+    assert check(["a", GAP, "c"])["missing"] == 1
+    assert check(["a", "b", GAP])["missing"] == 1
+    broken = [
+        (["a", "b", "b", "c"], True),  # a duplicate
+        (["a", "c", "b"], True),  # reordered
+        (["a", "c"], True),  # silent loss
+        (["a", "b"], True),  # the last one lost, no gap
+        (["a", GAP, "c"], False),  # a loss announced, where none is allowed
+        (["a", GAP, "b", "c"], False),  # a gap where none may be
+    ]
+    for log, allow_gap in broken:
+        with pytest.raises(AssertionError):
+            check(log, allow_gap)

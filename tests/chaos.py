@@ -34,13 +34,22 @@ class Publisher(threading.Thread):
         self.acked: list[str] = []
         self.retries = 0
         self.refused: list[str] = []  # unexpected 4xx answers: a test failure
+        self.pid: int | None = None
+        self.ready = threading.Event()
         self._halt = threading.Event()
+        self._session = requests.Session()  # keep-alive: a fault can hit a connection mid-publish
 
     def stop(self) -> None:
         self._halt.set()
         self.join(60)
+        self._session.close()
 
     def run(self) -> None:
+        try:  # which process this publisher's connection reached (several workers: a target)
+            self.pid = self._session.get(f"{self.base}/healthz", timeout=self.timeout_s).json().get("pid")
+        except (requests.RequestException, ValueError):
+            pass
+        self.ready.set()
         n = 0
         while not self._halt.is_set():
             data = f"{self.prefix}{n}"
@@ -53,7 +62,7 @@ class Publisher(threading.Thread):
         headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/plain", "Idempotency-Key": key}
         while time.monotonic() < deadline:
             try:
-                r = requests.post(
+                r = self._session.post(
                     f"{self.base}/publish/{self.channel}", data=data, headers=headers, timeout=self.timeout_s
                 )
                 if r.status_code == 202 and r.json().get("id"):

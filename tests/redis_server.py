@@ -16,12 +16,14 @@ from tests.helpers import free_port, require_binary
 
 
 class RedisServer:
-    """`redis-server` on a free port; stop() and start() again on the same port (an outage)."""
+    """`redis-server` on a free port; stop() and start() again on the same port (an outage).
+    persistent: an append-only file synced on every write, so a kill -9 loses nothing."""
 
-    def __init__(self, workdir: Path, tls: bool = False) -> None:
+    def __init__(self, workdir: Path, tls: bool = False, persistent: bool = False) -> None:
         self.binary = require_binary("redis-server")
         self.port = free_port()
         self.tls = tls
+        self.persistent = persistent
         self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}/0"
         self.workdir = workdir
         if tls:  # a self-signed certificate, like Heroku Redis has
@@ -45,7 +47,9 @@ class RedisServer:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "always",
             "--dir",
             str(self.workdir),
             "--logfile",

@@ -22,6 +22,7 @@ def test_only_plain_keep_alive_long_poll_heads_are_taken():
     assert environ["HTTP_X_A"] == "1" and environ["REMOTE_ADDR"] == "127.0.0.1" and keep_alive
     assert line.startswith("GET /longpoll/")
     assert parse_head(b"GET /longpoll/a HTTP/1.1\r\nConnection: close", PEER)[1] is False
+    assert parse_head(b"GET /longpoll/a HTTP/1.1\r\nX-Tab: a\tb\xe9", PEER)[0]["HTTP_X_TAB"] == "a\tb\xe9"
     for head in (
         b"GET /sse/a HTTP/1.1",
         b"POST /longpoll/a HTTP/1.1",
@@ -34,6 +35,11 @@ def test_only_plain_keep_alive_long_poll_heads_are_taken():
         b"GET /longpoll/a HTTP/1.1\r\n folded: line",
         b"GET /longpoll/a HTTP/1.1\r\nBad Name: x",
         b"GET /longpoll/a HTTP/1.1\r\nX: a\x00b",
+        b"GET /longpoll/a HTTP/1.1\r\nX: a\rb",
+        b"GET /longpoll/a HTTP/1.1\r\nX: a\x7fb",
+        b"GET /longpoll/a#f HTTP/1.1",
+        b"GET /longpoll/\xc3\xa9 HTTP/1.1",
+        b"GET /longpoll/a HTTP/1.1\r\nX\xc3: 1",
         b"GET /longpoll/a HTTP/1.1\r\nX_Forwarded_For: 6.6.6.6",  # the general server drops such names
         b"GET  /longpoll/a HTTP/1.1",
         b"POST /publish/a HTTP/1.1",  # no declared length: chunked or none, the general server's

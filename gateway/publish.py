@@ -3,6 +3,8 @@
 One implementation, publish_request(), serves both the Flask route and a WSGI fast path: a
 plain publish (no Origin to check, a declared or chunked body) skips Flask's request cycle,
 so a back end publishing to thousands of channels pays for a lean parse and one store append.
+On a keep-alive connection the lean request loop (transports/pollloop.py) reads such a publish
+itself and calls this same WSGI stack, so pywsgi's request cycle is skipped too.
 """
 
 from __future__ import annotations

@@ -7,7 +7,11 @@ import json
 import socket
 import time
 
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
 from gateway.transports.pollloop import parse_head
+from tests.helpers import TOKEN
 
 PEER = ("127.0.0.1", 5555)
 
@@ -18,6 +22,7 @@ def test_only_plain_keep_alive_long_poll_heads_are_taken():
     assert environ["HTTP_X_A"] == "1" and environ["REMOTE_ADDR"] == "127.0.0.1" and keep_alive
     assert line.startswith("GET /longpoll/")
     assert parse_head(b"GET /longpoll/a HTTP/1.1\r\nConnection: close", PEER)[1] is False
+    assert parse_head(b"GET /longpoll/a HTTP/1.1\r\nX-Tab: a\tb\xe9", PEER)[0]["HTTP_X_TAB"] == "a\tb\xe9"
     for head in (
         b"GET /sse/a HTTP/1.1",
         b"POST /longpoll/a HTTP/1.1",
@@ -30,10 +35,31 @@ def test_only_plain_keep_alive_long_poll_heads_are_taken():
         b"GET /longpoll/a HTTP/1.1\r\n folded: line",
         b"GET /longpoll/a HTTP/1.1\r\nBad Name: x",
         b"GET /longpoll/a HTTP/1.1\r\nX: a\x00b",
+        b"GET /longpoll/a HTTP/1.1\r\nX: a\rb",
+        b"GET /longpoll/a HTTP/1.1\r\nX: a\x7fb",
+        b"GET /longpoll/a#f HTTP/1.1",
+        b"GET /longpoll/\xc3\xa9 HTTP/1.1",
+        b"GET /longpoll/a HTTP/1.1\r\nX\xc3: 1",
         b"GET /longpoll/a HTTP/1.1\r\nX_Forwarded_For: 6.6.6.6",  # the general server drops such names
         b"GET  /longpoll/a HTTP/1.1",
+        b"POST /publish/a HTTP/1.1",  # no declared length: chunked or none, the general server's
+        b"POST /publish/a HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3",
+        b"POST /publish/a HTTP/1.1\r\nContent-Length: -3",
+        b"POST /publish/a HTTP/1.1\r\nContent-Length: 99999999",
+        b"POST /publish/a HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue",
+        b"POST /publish/a HTTP/1.1\r\nContent-Length: 3\r\nOrigin: http://x",
+        b"POST /publish/a HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked",
+        b"POST /sse/a HTTP/1.1\r\nContent-Length: 3",
     ):
         assert parse_head(head, PEER) is None, head
+
+
+def test_a_publish_head_with_a_declared_length_is_taken():
+    head = b"POST /publish/a HTTP/1.1\r\nContent-Length: 12\r\nContent-Type: application/json\r\nIdempotency-Key: k"
+    environ, keep_alive, _ = parse_head(head, PEER)
+    assert environ["REQUEST_METHOD"] == "POST" and environ["PATH_INFO"] == "/publish/a" and keep_alive
+    assert environ["CONTENT_LENGTH"] == 12 and environ["CONTENT_TYPE"] == "application/json"
+    assert environ["HTTP_IDEMPOTENCY_KEY"] == "k" and "HTTP_CONTENT_TYPE" not in environ
 
 
 class _Conn:
@@ -104,3 +130,58 @@ def test_connection_close_is_honoured_and_a_refused_long_poll_keeps_its_headers(
         assert conn.file.read() == b""  # the gateway closed the connection
     finally:
         conn.close()
+
+
+def _post(path: str, body: bytes, extra: str = "") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    return head.encode() + body
+
+
+def test_pipelined_keep_alive_publishes_are_answered_in_order_with_the_contract_errors(start_gateway, channel):
+    gw = start_gateway({})
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+    as_json = auth + "Content-Type: application/json\r\n"
+    conn = _Conn(gw.port)
+    try:
+        cursor = json.loads(requests.get(f"{gw.url}/poll/{channel}", timeout=5).content)["cursor"]
+        conn.send(
+            _post(f"/publish/{channel}", b"one", auth)
+            + _post(f"/publish/{channel}", b'{"data": {"n": 2}, "event": "e"}', as_json)
+            + _post(f"/publish/{channel}", b"{not json", as_json)
+            + _post(f"/publish/{channel}", b"x")  # no token
+            + _post("/publish/bad!name", b"x", auth)
+            + _post(f"/publish/{channel}", b"k1", auth + "Idempotency-Key: same\r\n")
+            + _post(f"/publish/{channel}", b"k2", auth + "Idempotency-Key: same\r\n")
+            + _post(f"/publish/{channel}", b"x", auth + "Idempotency-Key: \x01\r\n")
+        )
+        answers = [conn.answer() for _ in range(8)]
+        assert [a[0] for a in answers] == [202, 202, 400, 401, 400, 202, 202, 400]
+        assert all(a[1]["content-type"] == "application/json" and "date" in a[1] for a in answers)
+        assert [json.loads(a[2]).get("error") for a in answers[2:5]] == [
+            "invalid_json",
+            "unauthorized",
+            "invalid_channel",
+        ]
+        assert answers[3][1]["www-authenticate"].startswith("Bearer")
+        assert json.loads(answers[5][2])["id"] == json.loads(answers[6][2])["id"]  # the repeat stores nothing
+        # The general server still answers on the same connection, and the loop takes it back.
+        conn.send(_get("/healthz") + _post(f"/publish/{channel}", b"last", auth))
+        assert conn.answer()[0] == 200 and conn.answer()[0] == 202
+        events = json.loads(requests.get(f"{gw.url}/poll/{channel}?since={cursor}", timeout=5).content)["events"]
+        assert [(e["event"], e["data"]) for e in events] == [
+            ("message", "one"),
+            ("e", '{"n": 2}'),
+            ("message", "k1"),
+            ("message", "last"),
+        ]
+    finally:
+        conn.close()
+    metrics = requests.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).text
+    refused = {
+        (sample.labels["status"], sample.labels["reason"]): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "gateway_publish_refusals_total"
+    }
+    assert refused[("400", "invalid_json")] == 1 and refused[("401", "unauthorized")] == 1
+    assert refused[("400", "invalid_channel")] == 1 and refused[("400", "invalid_idempotency_key")] == 1

@@ -42,6 +42,7 @@ REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
+    413: "Payload Too Large",
     429: "Too Many Requests",
     200: "OK",
     202: "Accepted",

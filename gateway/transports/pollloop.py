@@ -7,10 +7,17 @@ request head itself, answers plain long polls through FastLongPoll.answer() — 
 path, bodies, errors and headers as the WSGI route — and hands the connection, with every byte
 it read, back to the general server at the first request that is anything else (another path,
 an Origin, a body, an encoded path, HTTP/1.0, anything unusual in the head).
+
+A back end publishing over one keep-alive connection is the same shape: `POST /publish/<channel>`
+with a declared Content-Length (no Origin, no chunking, no Expect) is answered here too, by the
+app's own WSGI stack (FastPublish's publish_request, the refusal metrics), without pywsgi's cycle.
 """
 
 from __future__ import annotations
 
+import io
+import re
+import sys
 import time
 from collections.abc import Callable
 from email.utils import formatdate
@@ -21,26 +28,36 @@ from gateway.transports.fastpoll import REASONS, FastLongPoll
 __all__ = ["LongPollLoop", "parse_head"]
 
 _POLLS = (b"/longpoll/", b"/poll/")  # short polls too: a long poll with no wait
+_PUBLISH = b"/publish/"
 MAX_HEAD = 8192  # bigger heads go to the general server, which has the limits and the errors
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+MAX_BODY = 65536  # bigger publish bodies too (server.max_body_bytes is checked by the app)
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# Byte checks as one C-level scan each (a Python loop per byte cost more than the answer).
+_BAD_TARGET = re.compile(rb"[^\x21-\x7e]|[%#]")  # no %-encoding, no fragment, nothing unprintable
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control bytes but tab
 _HANDED_OVER = frozenset({"ORIGIN", "UPGRADE", "CONTENT_LENGTH", "TRANSFER_ENCODING", "EXPECT"})
 
 OnAnswer = Callable[[str, int, int, float], None]  # request line, status, body length, start time
+Wsgi = Callable[[dict[str, Any], Callable[..., Any]], Any]
 
 
 def parse_head(head: bytes, peer: tuple[str, int]) -> tuple[dict[str, Any], bool, str] | None:
-    """(environ, keep_alive, request line) for a plain `GET /longpoll/...` HTTP/1.1 head, or
-    None for anything this loop leaves to the general server."""
+    """(environ, keep_alive, request line) for a plain `GET /longpoll/...` or `POST /publish/...`
+    (with a Content-Length) HTTP/1.1 head, or None for anything this loop leaves to the general
+    server. A publish's environ has CONTENT_LENGTH as an int; its body is the caller's to read."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1" or not parts[1].startswith(_POLLS):
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+        return None
+    publish = parts[0] == b"POST" and parts[1].startswith(_PUBLISH)
+    if not publish and (parts[0] != b"GET" or not parts[1].startswith(_POLLS)):
         return None
     target = parts[1]
-    if any(c < 0x21 or c > 0x7E or c in (0x25, 0x23) for c in target):  # no %-encoding, no fragment
+    if _BAD_TARGET.search(target):
         return None
     path, _, query = target.decode("ascii").partition("?")
     environ: dict[str, Any] = {
-        "REQUEST_METHOD": "GET",
+        "REQUEST_METHOD": "POST" if publish else "GET",
         "PATH_INFO": path,
         "QUERY_STRING": query,
         "SERVER_PROTOCOL": "HTTP/1.1",
@@ -50,27 +67,39 @@ def parse_head(head: bytes, peer: tuple[str, int]) -> tuple[dict[str, Any], bool
     keep_alive = True
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or any(c not in _TOKEN for c in name) or b"_" in name:
+        if not sep or not name or name.translate(None, _TOKEN) or b"_" in name:
             # obs-fold, a malformed line, or an underscore (the general server drops such
             # headers, so X_Forwarded_For cannot pose as X-Forwarded-For): it answers them.
             return None
-        if any(c < 0x20 and c != 0x09 or c == 0x7F for c in value):
+        if _BAD_VALUE.search(value):
             return None
         key = name.decode("ascii").upper().replace("-", "_")
+        text = value.strip(b" \t").decode("latin-1")
+        if publish and key in ("CONTENT_LENGTH", "CONTENT_TYPE"):
+            if key in environ or (key == "CONTENT_LENGTH" and not _small_length(text)):
+                return None  # repeated, malformed or large: the general server's errors
+            environ[key] = int(text) if key == "CONTENT_LENGTH" else text
+            continue
         if key in _HANDED_OVER:
             return None
-        text = value.strip(b" \t").decode("latin-1")
         if key == "CONNECTION" and "close" in text.lower():
             keep_alive = False
         header = "HTTP_" + key
         environ[header] = environ[header] + "," + text if header in environ else text
+    if publish and "CONTENT_LENGTH" not in environ:
+        return None
     return environ, keep_alive, lines[0].decode("ascii")
 
 
+def _small_length(text: str) -> bool:
+    return text.isdigit() and text.isascii() and len(text) <= 6 and int(text) <= MAX_BODY
+
+
 class LongPollLoop:
-    def __init__(self, fast: FastLongPoll, head_timeout_s: float) -> None:
+    def __init__(self, fast: FastLongPoll, head_timeout_s: float, wsgi: Wsgi | None = None) -> None:
         self.fast = fast
         self.head_timeout_s = head_timeout_s
+        self.wsgi = wsgi  # the app's WSGI stack, for publishes; None hands them over
         self._date = ("", 0)
 
     def serve(self, sock: Any, peer: tuple[str, int], on_answer: OnAnswer | None = None) -> bytes | None:
@@ -100,7 +129,22 @@ class LongPollLoop:
                 return buf
             environ, keep_alive, request_line = parsed
             started = time.time()
-            answer = self.fast.answer(environ)
+            consumed = end + 4
+            if environ["REQUEST_METHOD"] == "POST":
+                if self.wsgi is None:
+                    return buf
+                consumed += environ["CONTENT_LENGTH"]
+                while len(buf) < consumed:  # the body, under the head's deadline
+                    try:
+                        chunk = sock.recv(max(4096, consumed - len(buf)))
+                    except OSError:
+                        return None
+                    if not chunk:
+                        return None
+                    buf += chunk
+                answer = self._publish(environ, buf[end + 4 : consumed])
+            else:
+                answer = self.fast.answer(environ)
             if answer is None:
                 return buf
             status, headers, body = answer
@@ -117,7 +161,39 @@ class LongPollLoop:
                 on_answer(request_line, status, len(body), started)
             if not keep_alive:
                 return None
-            buf = buf[end + 4 :]
+            buf = buf[consumed:]
+
+    def _publish(self, environ: dict[str, Any], body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        """A publish through the app's WSGI stack, which answers it without Flask (FastPublish:
+        no Origin here) and counts its refusals, exactly as when pywsgi calls it."""
+        length = environ["CONTENT_LENGTH"]
+        environ["CONTENT_LENGTH"] = str(length)
+        environ.setdefault("CONTENT_TYPE", "")
+        environ.update(
+            {
+                "SCRIPT_NAME": "",
+                "wsgi.input": io.BytesIO(body),
+                "wsgi.errors": sys.stderr,
+                "wsgi.version": (1, 0),
+                "wsgi.url_scheme": "http",
+                "wsgi.multithread": False,
+                "wsgi.multiprocess": False,
+                "wsgi.run_once": False,
+            }
+        )
+        started: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            started[:] = [int(status.split(" ", 1)[0]), headers]
+
+        result = self.wsgi(environ, start_response)
+        try:
+            out = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        return started[0], started[1], out
 
     def _now(self) -> str:
         second = int(time.time())

@@ -19,7 +19,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from gateway.config import ServerConfig
 from gateway.connlog import AccessLog
 from gateway.errors import ConfigError
-from gateway.heads import HeadReader, Refused, check_framing, head_too_big, refusal
+from gateway.heads import HeadReader, Refused, check_framing, forget_unread_headers, head_too_big, refusal
 from gateway.redact import redact_text
 from gateway.sockio import Prefixed
 from gateway.state import state
@@ -34,36 +34,6 @@ READ_BUFFER = 1024  # bytes; pywsgi's default is 8 KB per connection
 # deploy; the kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
 GC_THRESHOLDS = (10_000, 20, 20)  # CPython's defaults: (700, 10, 10)
-# The request headers a streaming answer may still read (access log, CORS, resume, forwarding);
-# the rest of its head is dropped once the stream has begun.
-KEPT_HEADERS = frozenset(
-    "HTTP_" + name.upper().replace("-", "_")
-    for name in (
-        "Host",
-        "Origin",
-        "Authorization",
-        "Cookie",
-        "Last-Event-ID",
-        "X-Forwarded-For",
-        "X-Forwarded-Proto",
-        "X-Forwarded-Host",
-        "Forwarded",
-        "Via",
-        "User-Agent",
-        "Referer",
-        "Accept",
-        "Connection",
-        "Upgrade",
-        "Sec-WebSocket-Key",
-        "Sec-WebSocket-Version",
-        "Sec-WebSocket-Extensions",
-        "Sec-Fetch-Site",
-        "If-None-Match",
-        "If-Modified-Since",
-        "Cache-Control",
-        "Idempotency-Key",
-    )
-)
 
 
 class _Handler(WSGIHandler):
@@ -152,9 +122,7 @@ class _Handler(WSGIHandler):
         """Drop the parsed head and every header the gateway never reads from the environ: up
         to server.max_head_bytes of it would otherwise stay with each stream (issue 12, hole 7)."""
         self.headers = None  # pywsgi reads it again only for the next request, which parses anew
-        environ = self.environ
-        for key in [k for k in environ if k.startswith("HTTP_") and k not in KEPT_HEADERS]:
-            del environ[key]
+        forget_unread_headers(self.environ)
 
     def _refuse(self, status: str, response: bytes) -> None:
         """Answer a refused head and end the connection, as pywsgi's handle() would, except that

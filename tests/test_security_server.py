@@ -198,7 +198,7 @@ from gateway.config import load
 from gateway.server import serve
 
 gevent.spawn(serve, create_app(config=load()))
-port, n, big = int(os.environ["PORT"]), int(sys.argv[1]), sys.argv[2]
+port, n, big, request = int(os.environ["PORT"]), int(sys.argv[1]), sys.argv[2], sys.argv[3]
 for _ in range(100):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -208,8 +208,8 @@ for _ in range(100):
 socks, opened = [], 0
 for i in range(n):
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.sendall(("GET /sse/heads%d HTTP/1.1\\r\\nHost: x\\r\\n%s\\r\\n" % (i, big)).encode())
-    opened += s.recv(4096).startswith(b"HTTP/1.1 200")
+    s.sendall((request % i + big + "\\r\\n").encode())
+    opened += s.recv(4096)[9:12] in (b"200", b"101")
     socks.append(s)
 gevent.sleep(0.5)
 gc.collect()
@@ -224,19 +224,32 @@ os._exit(0)
 """
 
 
-def test_a_large_request_head_is_not_kept_for_the_stream_s_life(tmp_path) -> None:
+STREAM_REQUESTS = {
+    "sse": "GET /sse/heads%d HTTP/1.1\r\nHost: x\r\n",
+    "ws": "GET /ws/heads%d HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+}
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_a_large_request_head_is_not_kept_for_the_stream_s_life(tmp_path, transport: str) -> None:
     """Hole 7, the second half: 90 header lines (~30 KB, under the default 32 KB cap) were kept
-    as long as the SSE stream they opened (in its WSGI environ: 30 such streams, +295 MB with
+    as long as the SSE or WebSocket stream they opened (in its WSGI environ: 30 such streams, +295 MB with
     the old 8 KB lines). Once a stream has begun, nothing in the gateway may still hold the
     values of headers it never reads."""
     big = "".join(f"X-Pad-{i:02}: X-Pad-value-{'v' * 308}\r\n" for i in range(90))
     assert 29_000 < len(big) < 32_000
     config = tmp_path / "gateway.toml"
-    config.write_text("[sse]\nheartbeat_s = 600\n")
+    config.write_text("[sse]\nheartbeat_s = 600\n[websocket]\nping_s = 600\n")
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "WEB_CONCURRENCY")}
     env.update({"PORT": str(free_port()), "GATEWAY_CONFIG": str(config), "PYTHONPATH": str(ROOT)})
     out = subprocess.run(
-        [sys.executable, "-c", _HEAD_PROBE, "5", big], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", _HEAD_PROBE, "5", big, STREAM_REQUESTS[transport]],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])

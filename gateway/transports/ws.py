@@ -19,6 +19,7 @@ from wsproto.utilities import RemoteProtocolError
 
 from gateway.admission import Admission, Ticket
 from gateway.errors import BadRequest, error_response
+from gateway.heads import forget_unread_headers
 from gateway.hub import Hub
 from gateway.limits import Bucket
 from gateway.state import state
@@ -90,6 +91,7 @@ bp.add_url_rule("/ws/", "handshake_without_channel", not_upgraded, defaults={"ch
 @sock.route("/ws/<path:channel>", bp=bp)
 def stream(ws: Any, channel: str) -> None:
     ticket: Ticket = g.ws_ticket
+    forget_unread_headers(request.environ)  # the handshake is done; the stream may last for hours
     _Connection(ws, ticket, g.ws_positions, request.environ).run()
 
 

@@ -1,5 +1,7 @@
 """`make bench` / `python -m bench [--quick] [--cases sse-1k,flood*] [--servers gateway,nchan]`.
 
+Churn and soak (`--cases churn-100k,soak-10m`) are opt-in: only an explicit --cases selects them.
+
 Runs each case against a fresh gateway and, when nginx with the Nchan module is installed, a
 fresh Nchan; prints one JSON line per case and server, then a table with gateway/Nchan ratios.
 """
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cases import Case, matrix, quick
+from bench.cases import Case, long_runs, matrix, quick
 from bench.run import run_case
 from bench.servers import ROOT, GatewayServer, NchanServer, Server, nchan_module, raise_fd_limit
 
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c if c.idle else dataclasses.replace(c, messages=args.messages) for c in cases]
     if args.cases:
         patterns = args.cases.split(",")
-        cases = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+        cases = [c for c in cases + long_runs() if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
     if args.list:
         for c in cases:
             print(
@@ -92,11 +94,17 @@ def main(argv: list[str] | None = None) -> int:
                 if case.subscribers + FD_SPARE > nofile:
                     results.append(_too_many_files(name, case, nofile))
                     continue
+                if case.long_run and name != "gateway":
+                    print(f"# {case.name}: gateway only (no Nchan side by side for churn and soak)", file=sys.stderr)
+                    continue
                 results.append(_one(name, case, Path(tmp), module, args))
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
     print()
-    print(table(results))
+    print(table([r for r in results if not r.get("baseline")]))
+    for r in results:
+        if r.get("baseline"):
+            print(long_run_table(r))
     return 0
 
 
@@ -121,7 +129,9 @@ def _one(name: str, case: Case, tmp: Path, module: str | None, args: argparse.Na
     started = time.monotonic()
     try:
         if name == "gateway":
-            server = GatewayServer(workdir, args.gateway_toml, args.gateway_root, case.workers, case.redis)
+            server = GatewayServer(
+                workdir, args.gateway_toml, args.gateway_root, case.workers, case.redis, keepalives=case.long_run
+            )
         else:
             server = NchanServer(workdir, module or "")
         result = run_case(server, case, args.workers, args.pad, args.profile)
@@ -183,6 +193,18 @@ def table(results: list[dict[str, Any]]) -> str:
         ratio_lines.append(f"{case:>20}  gateway/nchan: " + ", ".join(parts))
     if ratio_lines:
         lines += ["", "ratios (below 1.0 = gateway lower; for deliv/s higher is better):"] + ratio_lines
+    return "\n".join(lines)
+
+
+def long_run_table(r: dict[str, Any]) -> str:
+    """Baseline, peak and final figures of a churn or soak case, one row each."""
+    keys = ("rss_mb", "pss_mb", "fds", "greenlets", "connections")
+    lines = [f"\n{r['case']} ({r['server']}): " + " ".join(f"{k:>11}" for k in keys)]
+    for point in ("baseline", "peak", "final"):
+        lines.append(
+            f"{point:>{len(r['case']) + len(r['server']) + 4}} "
+            + " ".join(f"{_fmt(r[point].get(k)):>11}" for k in keys)
+        )
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Case", "matrix", "quick", "scaling"]
+__all__ = ["Case", "matrix", "quick", "scaling", "long_runs"]
 
 
 @dataclass(frozen=True)
@@ -19,9 +19,20 @@ class Case:
     multi: bool = False  # every connection follows all the case's channels (one /sse/a,b,c stream)
     workers: int = 0  # the gateway's server.workers (0: one process); more than one implies Redis
     redis: bool = False  # the gateway on a redis-server of its own (its CPU and memory count too)
+    connects: int = 0  # churn: this many connects and disconnects, `subscribers` at a time
+    seconds: float = 0  # soak: this long of mixed traffic, `subscribers` client loops
+
+    @property
+    def long_run(self) -> bool:
+        """Churn and soak: figures of what the gateway keeps, not latency; gateway only."""
+        return bool(self.connects or self.seconds)
 
     @property
     def kind(self) -> str:
+        if self.connects:
+            return "churn"
+        if self.seconds:
+            return "soak"
         if self.idle:
             return "idle"
         return "flood" if self.rate == 0 else "rate"
@@ -64,4 +75,16 @@ def quick() -> list[Case]:
         Case("lp-1k", "lp", 1000, messages=60),
         Case("flood-sse-1k", "sse", 1000, rate=0, messages=500),
         Case("idle-2k", "mixed", 2000, messages=0, idle=True),
+    ]
+
+
+def long_runs() -> list[Case]:
+    """Opt-in only (`--cases churn-100k,soak-10m`), never in the default matrix: minutes each."""
+    return [
+        # 100,000 connects and disconnects over poll, long poll, SSE and WebSocket, 200 at a time.
+        Case("churn-100k", "all4", 200, channels=50, messages=0, connects=100_000),
+        # 10 minutes: 20 msg/s over 20 channels, 300 client loops coming and going on all four.
+        Case("soak-10m", "all4", 300, channels=20, rate=20.0, messages=0, seconds=600.0),
+        Case("churn-2k", "all4", 50, channels=10, messages=0, connects=2000),  # a smoke-sized churn
+        Case("soak-20s", "all4", 30, channels=5, rate=20.0, messages=0, seconds=20.0),  # a smoke-sized soak
     ]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cases import Case
+from bench.churn import run_churn, run_soak
 from bench.load import run_worker
 from bench.profile import Profiler
 from bench.publisher import Publisher
@@ -23,6 +24,10 @@ SATURATED = 0.85  # a worker busier than this share of a core may itself be the 
 
 
 def run_case(server: Server, case: Case, workers: int, pad: int, profile: Path | None = None) -> dict[str, Any]:
+    if case.connects:
+        return run_churn(server, case)
+    if case.seconds:
+        return run_soak(server, case)
     return asyncio.run(_run(server, case, workers, pad, profile))
 
 

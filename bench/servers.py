@@ -192,19 +192,29 @@ class GatewayServer(Server):
     name = "gateway"
 
     def __init__(
-        self, workdir: Path, extra_toml: str = "", root: Path = ROOT, workers: int = 0, redis: bool = False
+        self,
+        workdir: Path,
+        extra_toml: str = "",
+        root: Path = ROOT,
+        workers: int = 0,
+        redis: bool = False,
+        keepalives: bool = False,
     ) -> None:
         self.port = free_port()
         self.workers = workers
         # Redis mode: a redis-server of its own, whose CPU and memory count as the gateway's.
         self.redis = RedisProcess(workdir) if redis or workers > 1 else None
         config = workdir / "gateway.toml"
-        # Heartbeats and pings far apart, so that only events are measured; no access log.
+        # Heartbeats and pings far apart, so that only events are measured; no access log. Churn
+        # and soak keep the defaults (keepalives): a heartbeat is how an idle stream finds its
+        # client gone, and what is left after clients leave is what those cases measure.
+        quiet = "" if keepalives else "[sse]\nheartbeat_s = 600\n[websocket]\nping_s = 600\n"
         config.write_text(
             f'[server]\npublish_token = "{TOKEN}"\naccess_log = false\nmax_body_bytes = 65536\n'
             f"workers = {workers or 1}\n"
-            "[sse]\nheartbeat_s = 600\n[websocket]\nping_s = 600\n"
-            "[poll]\nlongpoll_default_timeout_s = 25\n[history]\nsize = 5000\n" + extra_toml
+            + quiet
+            + "[poll]\nlongpoll_default_timeout_s = 25\n[history]\nsize = 5000\n"
+            + extra_toml
         )
         env = {
             k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "GATEWAY_PUBLISH_TOKEN", "WEB_CONCURRENCY")

@@ -8,7 +8,47 @@ import json
 import re
 from typing import Any
 
-__all__ = ["Refused", "HeadReader", "check_framing", "head_too_big", "refusal"]
+__all__ = ["Refused", "HeadReader", "check_framing", "forget_unread_headers", "head_too_big", "refusal"]
+
+
+# The request headers a stream may still read once it has begun (access log, CORS, resume,
+# forwarding); forget_unread_headers drops the rest of its head.
+KEPT_HEADERS = frozenset(
+    "HTTP_" + name.upper().replace("-", "_")
+    for name in (
+        "Host",
+        "Origin",
+        "Authorization",
+        "Cookie",
+        "Last-Event-ID",
+        "X-Forwarded-For",
+        "X-Forwarded-Proto",
+        "X-Forwarded-Host",
+        "Forwarded",
+        "Via",
+        "User-Agent",
+        "Referer",
+        "Accept",
+        "Connection",
+        "Upgrade",
+        "Sec-WebSocket-Key",
+        "Sec-WebSocket-Version",
+        "Sec-WebSocket-Extensions",
+        "Sec-Fetch-Site",
+        "If-None-Match",
+        "If-Modified-Since",
+        "Cache-Control",
+        "Idempotency-Key",
+    )
+)
+
+
+def forget_unread_headers(environ: dict[str, Any]) -> None:
+    """Drop from a WSGI environ every header the gateway never reads: a stream (SSE, WebSocket)
+    keeps its environ for its whole life, and with it up to server.max_head_bytes of head
+    (issue 12, hole 7). Call once the stream has begun."""
+    for key in [k for k in environ if k.startswith("HTTP_") and k not in KEPT_HEADERS]:
+        del environ[key]
 
 
 class Refused(ValueError):

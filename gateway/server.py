@@ -19,7 +19,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from gateway.config import ServerConfig
 from gateway.connlog import AccessLog
 from gateway.errors import ConfigError
-from gateway.heads import HeadReader, Refused, check_framing, head_too_big, refusal
+from gateway.heads import HeadReader, Refused, check_framing, forget_unread_headers, head_too_big, refusal
 from gateway.redact import redact_text
 from gateway.sockio import Prefixed
 from gateway.state import state
@@ -110,6 +110,19 @@ class _Handler(WSGIHandler):
             status, body = result
             return self._refuse(status, body if b'"error"' in body else refusal(status))
         return result
+
+    def process_result(self) -> None:
+        # A streaming answer (SSE, a proxied stream) lives as long as its client: the request's
+        # head is needed only while the app decided what to answer, not for the stream's life.
+        if not isinstance(self.result, (list, tuple)):
+            self._forget_head()
+        super().process_result()
+
+    def _forget_head(self) -> None:
+        """Drop the parsed head and every header the gateway never reads from the environ: up
+        to server.max_head_bytes of it would otherwise stay with each stream (issue 12, hole 7)."""
+        self.headers = None  # pywsgi reads it again only for the next request, which parses anew
+        forget_unread_headers(self.environ)
 
     def _refuse(self, status: str, response: bytes) -> None:
         """Answer a refused head and end the connection, as pywsgi's handle() would, except that

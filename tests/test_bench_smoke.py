@@ -69,3 +69,18 @@ def test_redis_and_two_worker_cases_deliver_every_event_in_order(tmp_path):
         assert "error" not in r, r
         assert r["delivered"] == 48 and r["lost"] == 0 and r["disorder"] == 0, r
         assert r["server_cpu_s"] > 0 and r["peak_pss_mb"] > 0, r
+
+
+def test_churn_and_soak_are_opt_in():
+    """The long runs never join the default matrix; an explicit --cases selects them."""
+
+    def listed(*args: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench", "--list", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 0, out.stderr
+        return [line.split()[0] for line in out.stdout.splitlines()]
+
+    default = listed()
+    assert default and not any(c.startswith(("churn", "soak")) for c in default)
+    assert listed("--cases", "churn-100k,soak-10m") == ["churn-100k", "soak-10m"]

@@ -424,6 +424,8 @@ def test_connection_gauges_follow_open_connections(start_gateway: Callable[..., 
         wait_for(lambda: open_now("sse") == 2 and open_now("ws") == 3, "2 SSE and 3 WebSocket connections")
         wait_for(lambda: open_now("longpoll") == 1, "the held long poll")
         assert value(scrape(gw), "gateway_longpolls_held") == 1
+        # A greenlet per connection at least (gateway_greenlets, counted at scrape time).
+        assert value(scrape(gw), "gateway_greenlets") >= value(base, "gateway_greenlets") + 6
         gw.publish(channel, "release")  # answers the long poll
         held.join(15)
         wait_for(lambda: open_now("longpoll") == 0, "the long poll to be answered")
@@ -442,6 +444,8 @@ def test_connection_gauges_follow_open_connections(start_gateway: Callable[..., 
     assert sum(v for (name, labels), v in now.items() if name == closed and ("transport", "longpoll") in labels) == 1
     duration = "gateway_connection_duration_seconds_count"
     assert value(now, duration, transport="ws") == 3
+    # Every connection's greenlet ends with it (the SSE ones at their next heartbeat).
+    wait_for(lambda: value(scrape(gw), "gateway_greenlets") <= value(base, "gateway_greenlets"), "greenlets to end")
 
 
 def test_refusals_and_limit_hits_are_counted(start_gateway: Callable[..., Gateway], channel: str) -> None:

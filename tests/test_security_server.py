@@ -4,14 +4,17 @@ a cap on its total size (431 with the JSON error shape)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from gateway.config import ConfigError, from_mapping
-from tests.helpers import Gateway
+from tests.helpers import ROOT, Gateway, free_port
 
 HEAD_TIMEOUT = 1.5
 
@@ -181,3 +184,74 @@ def test_the_long_poll_keep_alive_loop_keeps_the_head_deadline(gw: Gateway) -> N
         sock.close()
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert time.monotonic() - started < HEAD_TIMEOUT + 5
+
+
+# Runs inside a real gateway process (app.py's own serve(), in a greenlet beside this probe):
+# opens SSE streams with large heads, then asks the collector which objects still hold them.
+_HEAD_PROBE = """
+from gevent import monkey
+monkey.patch_all()
+import gc, json, os, socket, sys
+import gevent
+from gateway.app import create_app
+from gateway.config import load
+from gateway.server import serve
+
+gevent.spawn(serve, create_app(config=load()))
+port, n, big, request = int(os.environ["PORT"]), int(sys.argv[1]), sys.argv[2], sys.argv[3]
+for _ in range(100):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        break
+    except OSError:
+        gevent.sleep(0.1)
+socks, opened = [], 0
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall((request % i + big + "\\r\\n").encode())
+    opened += s.recv(4096)[9:12] in (b"200", b"101")
+    socks.append(s)
+gevent.sleep(0.5)
+gc.collect()
+marker = "X-Pad-value-"
+def holds(o):
+    values = o.values() if isinstance(o, dict) else o
+    return any(isinstance(v, str) and marker in v for v in values)
+holders = [type(o).__name__ for o in gc.get_objects() if isinstance(o, (dict, list, tuple)) and holds(o)]
+print(json.dumps({"opened": opened, "holders": holders}))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+STREAM_REQUESTS = {
+    "sse": "GET /sse/heads%d HTTP/1.1\r\nHost: x\r\n",
+    "ws": "GET /ws/heads%d HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+}
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_a_large_request_head_is_not_kept_for_the_stream_s_life(tmp_path, transport: str) -> None:
+    """Hole 7, the second half: 90 header lines (~30 KB, under the default 32 KB cap) were kept
+    as long as the SSE or WebSocket stream they opened (in its WSGI environ: 30 such streams, +295 MB with
+    the old 8 KB lines). Once a stream has begun, nothing in the gateway may still hold the
+    values of headers it never reads."""
+    big = "".join(f"X-Pad-{i:02}: X-Pad-value-{'v' * 308}\r\n" for i in range(90))
+    assert 29_000 < len(big) < 32_000
+    config = tmp_path / "gateway.toml"
+    config.write_text("[sse]\nheartbeat_s = 600\n[websocket]\nping_s = 600\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "WEB_CONCURRENCY")}
+    env.update({"PORT": str(free_port()), "GATEWAY_CONFIG": str(config), "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", _HEAD_PROBE, "5", big, STREAM_REQUESTS[transport]],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["opened"] == 5, out.stderr[-2000:]
+    assert report["holders"] == [], f"the heads of open streams are still held by {report['holders']}"

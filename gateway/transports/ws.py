@@ -19,6 +19,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from gateway.admission import Admission, Ticket
 from gateway.errors import BadRequest, error_response
+from gateway.heads import forget_unread_headers
 from gateway.hub import Hub
 from gateway.limits import Bucket
 from gateway.readwatch import ReadWatch, watchable
@@ -90,6 +91,7 @@ bp.add_url_rule("/ws/", "handshake_without_channel", not_upgraded, defaults={"ch
 @bp.route("/ws/<path:channel>", websocket=True)
 def stream(channel: str) -> Response:
     ws = Server(request.environ, **current_app.config.get("SOCK_SERVER_OPTIONS", {}))  # sends the 101
+    forget_unread_headers(request.environ)  # the handshake is done; the stream may last for hours
     conn = _Connection(ws, g.ws_ticket, g.ws_positions, request.environ)
     if ws.mode != "gevent":  # another server (e.g. werkzeug's): serve it here, as flask-sock does
         _serve(conn)

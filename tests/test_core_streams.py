@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import time
 
 import pytest
+import requests
 import websocket
 
 from tests.clients import SSEClient, WSClient, poll
@@ -152,3 +155,33 @@ def test_ws_server_sends_keepalive_pings(start_gateway, channel):
         assert opcode == websocket.ABNF.OPCODE_PING
     finally:
         ws.close()
+
+
+@pytest.mark.parametrize("channels", ["hup.one", "hup.a,hup.b"])
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_sse_stream_ends_as_soon_as_its_client_hangs_up(start_gateway, channels, how):
+    # Heartbeats a minute apart: only the hang-up itself can end these streams within the test.
+    gw = start_gateway({"sse": {"heartbeat_s": 60.0}})
+
+    def subscribers() -> int:
+        return requests.get(f"{gw.url}/healthz", timeout=5).json()["subscribers"]
+
+    socks = []
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+        s.sendall(f"GET /sse/{channels} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        socks.append(s)
+    per_stream = len(channels.split(","))
+    deadline = time.monotonic() + 5
+    while subscribers() != 3 * per_stream and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert subscribers() == 3 * per_stream
+    for s in socks:
+        if how == "reset":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    deadline = time.monotonic() + 5
+    while subscribers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert subscribers() == 0  # without the hang-up watch: still 3 streams, for up to 2 minutes

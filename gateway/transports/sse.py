@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +11,7 @@ from flask import Blueprint, Response, request
 from gateway.admission import Ticket
 from gateway.config import Config
 from gateway.hub import Hub, gap_event
+from gateway.readwatch import ReadWatch, watchable
 from gateway.transports.common import (
     admission,
     admit,
@@ -106,6 +108,7 @@ def _push(gateway: Hub, ticket: Ticket, starts: dict[str, str], cfg: Config, soc
         kind, encode = sse_encoder(framed)
         pusher = Pusher(sock, kind, encode, cursor)
     pusher.slow_bytes = slow_bytes
+    hangup = _watch_for_hangup(sock, pusher)
     try:
         if isinstance(pusher, MultiPusher):
             pusher.serve(gateway, limit, idle, lambda: pusher.write(heartbeat), alive)
@@ -120,6 +123,8 @@ def _push(gateway: Hub, ticket: Ticket, starts: dict[str, str], cfg: Config, soc
             ticket.end_reason = "slow_consumer"
         return b""
     finally:
+        if hangup is not None:
+            hangup.close()
         ticket.bytes_sent, ticket.events_sent = pusher.bytes_sent, pusher.events_sent
     if not alive_until_expiry(ticket):
         ticket.end_reason = "token_expired"
@@ -129,6 +134,33 @@ def _push(gateway: Hub, ticket: Ticket, starts: dict[str, str], cfg: Config, soc
             ticket.end_reason = "shutdown"
         tail = RECONNECT_HINT
     return tail  # yielded to the server, which frames it like the head
+
+
+def _watch_for_hangup(sock: Any, pusher: Pusher | MultiPusher) -> ReadWatch | None:
+    """An SSE client sends nothing once its request is in, so its socket turning readable means
+    it hung up (EOF or reset): the stream ends now, not at the next heartbeat's failed write
+    (up to two heartbeats later), and stops counting against the connection limits."""
+    if not watchable(sock):
+        return None
+    raw = sock._sock
+
+    def on_readable() -> None:
+        try:
+            data = raw.recv(1, socket.MSG_PEEK)  # peek: bytes, if any, stay where they are
+        except BlockingIOError:
+            watch.start()  # nothing after all: keep watching
+            return
+        except OSError:
+            data = b""
+        if data:
+            return  # bytes after the request (pipelined?): not a hang-up; heartbeats will tell
+        pusher.dead = True
+        pusher.hold += 1  # the hub writes to it no more
+        pusher.wake()
+
+    watch = ReadWatch(sock, on_readable)
+    watch.start()
+    return watch
 
 
 def _try_send(sock: object, data: bytes) -> None:

@@ -1,16 +1,19 @@
-"""Chaos helpers: publishers that retry like the README advises (same Idempotency-Key), subscribers
-that resume like real clients on SSE / WebSocket / long poll, an exactly-once ledger that checks
-what each subscriber got against what was acknowledged, and a relay that resets connections."""
+"""Chaos helpers: publishers that retry like the README advises (same Idempotency-Key) and can hold
+one publish in flight for a fault to cut, subscribers that resume like real clients on SSE /
+WebSocket / long poll, an exactly-once ledger that checks what each subscriber got against what
+was acknowledged, and a relay that resets connections."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import struct
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -26,7 +29,8 @@ GAP = object()  # what a subscriber's log holds where a `gap` was announced
 class Publisher(threading.Thread):
     """Publishes "<prefix><n>" to one channel, one at a time, until stop(); a 5xx, timeout or
     broken connection is retried with the same Idempotency-Key until acknowledged (202 + id).
-    `acked` lists the data of every acknowledged event, in acknowledgement order."""
+    `acked` lists the data of every acknowledged event, in acknowledgement order. hold_next()
+    leaves one publish in flight on a connection of its own, for a fault to cut."""
 
     def __init__(self, base: str, channel: str, prefix: str, every_s: float = 0.02, timeout_s: float = 2.0) -> None:
         super().__init__(daemon=True)
@@ -34,26 +38,48 @@ class Publisher(threading.Thread):
         self.acked: list[str] = []
         self.retries = 0
         self.refused: list[str] = []  # unexpected 4xx answers: a test failure
-        self.pid: int | None = None
         self.ready = threading.Event()
+        self.held: list[str] = []  # data of each publish held in flight (hold_next)
+        self.cut_in_flight = 0  # held publishes whose connection broke without an answer
+        self.held_not_cut: list[str] = []  # a held publish answered, or never cut: a test failure
         self._halt = threading.Event()
         self._session = requests.Session()  # keep-alive: a fault can hit a connection mid-publish
+        self._hold_wanted = threading.Event()
+        self._holding = threading.Event()
+        self._held_sock: socket.socket | None = None
+        self._held_pid: int | None = None
 
     def stop(self) -> None:
         self._halt.set()
+        if self._held_sock is not None:  # a held publish nobody cut: wake its thread
+            try:
+                self._held_sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.join(60)
         self._session.close()
 
+    def hold_next(self, timeout_s: float = 10.0) -> int:
+        """Start the next publish on a keep-alive connection of its own with only part of its
+        body sent, and return the pid of the worker that holds it (its /healthz answer on that
+        connection) once that worker has read every byte sent: a request in flight until the
+        connection breaks. Then it is retried with the same Idempotency-Key like any other."""
+        self._holding.clear()
+        self._hold_wanted.set()
+        assert self._holding.wait(timeout_s), "the publisher did not start a held publish"
+        assert self._held_pid is not None, "the held publish could not be started"
+        return self._held_pid
+
     def run(self) -> None:
-        try:  # which process this publisher's connection reached (several workers: a target)
-            self.pid = self._session.get(f"{self.base}/healthz", timeout=self.timeout_s).json().get("pid")
-        except (requests.RequestException, ValueError):
-            pass
         self.ready.set()
         n = 0
         while not self._halt.is_set():
             data = f"{self.prefix}{n}"
-            if self._publish(data, uuid.uuid4().hex, time.monotonic() + 40):
+            key = uuid.uuid4().hex
+            if self._hold_wanted.is_set():
+                self._hold_wanted.clear()
+                self._hold(data, key)
+            if self._publish(data, key, time.monotonic() + 40):
                 self.acked.append(data)
             n += 1
             time.sleep(self.every_s)
@@ -75,6 +101,118 @@ class Publisher(threading.Thread):
             self.retries += 1
             time.sleep(0.1)
         return False  # never acknowledged: it may or may not be delivered, both are right
+
+    def _hold(self, data: str, key: str) -> None:
+        """The first attempt of a held publish; it returns once its connection has broken."""
+        body = data.encode()
+        try:
+            sock = socket.create_connection(_host_port(self.base), timeout=self.timeout_s)
+        except OSError:
+            self._holding.set()
+            return
+        self._held_sock = sock
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            self._held_pid = json.loads(_read_response(sock)).get("pid")
+            head = (
+                f"POST /publish/{self.channel} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: text/plain\r\nIdempotency-Key: {key}\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + body[:-1])  # the worker waits for the last byte
+            self.held.append(data)
+            inode = _wait_read_by_peer(sock, timeout_s=5.0)
+            if inode is not None and not _holds(self._held_pid, inode):
+                raise ValueError(f"pid {self._held_pid} does not hold the held connection")
+        except (OSError, ValueError, TypeError):
+            self._held_pid = None
+        self._holding.set()
+        if self._held_pid is None:
+            sock.close()
+            return
+        sock.settimeout(30.0)  # a kill is the test's next step; stop() ends a wait for none
+        try:
+            answer = sock.recv(65536)
+        except TimeoutError:
+            answer = b"(neither answered nor cut within 30 s)"
+        except OSError:  # reset
+            answer = b""
+        finally:
+            self._held_sock = None
+            sock.close()
+        if answer:
+            self.held_not_cut.append(answer[:200].decode(errors="replace"))
+        elif self._halt.is_set():
+            self.held_not_cut.append("(still in flight at stop())")
+        else:  # cut: the retry below, with the same key, is the publish's second attempt
+            self.cut_in_flight += 1
+            self.retries += 1
+
+
+def _host_port(base: str) -> tuple[str, int]:
+    host, _, port = base.rpartition("//")[2].partition(":")
+    return host, int(port)
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One HTTP/1.1 response with a Content-Length, read off `sock`; its body (the connection
+    stays usable for the next request)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ValueError("the connection closed before an answer")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
+    fields = {k.strip().lower(): v.strip().lower() for k, v in fields.items()}
+    if fields.get(b"connection") == b"close":
+        raise ValueError("the gateway would not keep the connection alive")
+    length = int(fields[b"content-length"])
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ValueError("the connection closed mid-answer")
+        body += chunk
+    return body
+
+
+def _wait_read_by_peer(sock: socket.socket, timeout_s: float) -> int | None:
+    """Wait until the process at the other end of this loopback connection has read every byte
+    sent on it (its receive queue in /proc/net/tcp is empty): the request is in its hands, not
+    in the kernel's. The inode of that end's socket; without /proc, a short pause and None."""
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        time.sleep(0.3)
+        return None
+    ours = _proc_address(sock.getsockname())
+    theirs = _proc_address(sock.getpeername())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == theirs and fields[2] == ours and int(fields[4].split(":")[1], 16) == 0:
+                return int(fields[9])
+        time.sleep(0.02)
+    raise ValueError("the gateway did not read the held request")
+
+
+def _holds(pid: int, inode: int) -> bool:
+    """Whether process `pid` has the socket with this inode open."""
+    fds = Path(f"/proc/{pid}/fd")
+    target = f"socket:[{inode}]"
+    for fd in fds.iterdir():
+        try:
+            if os.readlink(fd) == target:
+                return True
+        except OSError:  # closed meanwhile
+            pass
+    return False
+
+
+def _proc_address(address: tuple[str, int]) -> str:
+    """An IPv4 (host, port) as /proc/net/tcp spells it: little-endian hex, then the port."""
+    host, port = address
+    return f"{struct.unpack('<I', socket.inet_aton(host))[0]:08X}:{port:04X}"
 
 
 class Subscriber(threading.Thread):

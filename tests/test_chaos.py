@@ -1,9 +1,10 @@
-"""Chaos with exactly-once accounting, on real processes: a worker killed with SIGKILL mid-publish,
-Redis stopped for 10 s (SIGSTOP) and continued, Redis restarted with and without persistence, an
-upstream that flaps, and a relay that resets connections at random. Publishers retry with the same
-Idempotency-Key until acknowledged; SSE, WebSocket and long-poll subscribers resume like real
-clients; at the end each subscriber holds every acknowledged event exactly once and in order, or a
-`gap` was announced where something was lost (tests/chaos.py keeps the ledger)."""
+"""Chaos with exactly-once accounting, on real processes: a worker killed with SIGKILL while it
+holds a publish in flight, Redis stopped for 10 s (SIGSTOP) and continued, Redis restarted with
+and without persistence, an upstream that flaps, and a relay that resets connections at random.
+Publishers retry with the same Idempotency-Key until acknowledged; SSE, WebSocket and long-poll
+subscribers resume like real clients; at the end each subscriber holds every acknowledged event
+exactly once and in order, or a `gap` was announced where something was lost (tests/chaos.py
+keeps the ledger)."""
 
 from __future__ import annotations
 
@@ -90,17 +91,29 @@ def test_a_worker_killed_mid_publish_loses_and_duplicates_nothing(redis: RedisSe
 
         def kill_a_worker(pubs: list[Publisher]) -> None:
             nonlocal victim
-            victim = pubs[0].pid or next(iter(gw.pids()))  # the worker a publisher is connected to
+            # c1's next publish waits on a worker for its last body byte; c2's publisher goes on.
+            victim = pubs[0].hold_next()
             os.kill(victim, signal.SIGKILL)
-            time.sleep(2.0)  # the parent restarts it; publishes and clients retry meanwhile
+            _wait_for(lambda: pubs[0].held and pubs[0].held[-1] in pubs[0].acked, "the cut publish is retried", 15)
+            # The parent restarts the worker; publishes and clients retry meanwhile.
+            _wait_for(lambda: (p := gw.pids()) and len(p) == 2 and victim not in p, "two workers answer again", 30)
 
-        # (A publish in flight at the kill is retried; between publishes the client's pool just
-        # opens a new connection: which of the two happens is timing.)
-        counts, _ = _run(gw.url, gw, kill_a_worker, ("c1", "c2"), allow_gap=False, each=2)
+        counts, pubs = _run(gw.url, gw, kill_a_worker, ("c1", "c2"), allow_gap=False, each=2)
+        # The publish in flight at the kill saw its connection break unanswered, and its retry with
+        # the same Idempotency-Key was acknowledged (the ledger then found it once everywhere).
+        assert pubs[0].cut_in_flight == 1 and not pubs[0].held_not_cut, pubs[0].held_not_cut
         assert any(c["connects"] > 1 for c in counts)  # some subscribers were on the killed worker
         assert f"(pid {victim}) was killed by SIGKILL" in gw.log()
+        assert "restarting in" in gw.log()
     finally:
         gw.stop()
+
+
+def _wait_for(check: Callable[[], object], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
 
 
 def test_redis_stopped_ten_seconds_then_continued(redis: RedisServer, tmp_path: Path):

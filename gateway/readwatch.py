@@ -26,14 +26,17 @@ class ReadWatch:
     start(): the greenlet does its work and exits, and start() arms the watch again. An idle
     socket then costs a watcher, not a greenlet with its saved stack."""
 
-    __slots__ = ("_watcher", "_on_readable")
+    __slots__ = ("_watcher", "_on_readable", "_closed")
 
     def __init__(self, sock: Any, on_readable: Callable[[], None]) -> None:
         self._watcher = gevent.get_hub().loop.io(sock.fileno(), 1)  # 1: readable
         self._on_readable = on_readable
+        self._closed = False
 
     def start(self) -> None:
-        if not self._watcher.active:
+        # A greenlet spawned before close() may still ask to watch again: never once closed
+        # (libev would re-arm a closed watcher, on an fd that may be another connection's by then).
+        if not self._closed and not self._watcher.active:
             self._watcher.start(self._fire)
 
     def _fire(self) -> None:
@@ -42,5 +45,6 @@ class ReadWatch:
         gevent.spawn_raw(self._on_readable)
 
     def close(self) -> None:
+        self._closed = True
         self._watcher.stop()
         self._watcher.close()

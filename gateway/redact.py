@@ -38,7 +38,9 @@ _SECRET_PARTS = (
 _SEPARATORS = re.compile(r"[^a-z0-9]")
 # In free text (error messages): userinfo before a host, and name=value pairs of a query.
 _USERINFO = re.compile(r"(?<=//)[^/\s@'\"]+@")
-_QUERY_PAIR = re.compile(r"(?<=[?&;])([^=&;?\s'\"#]+)=([^&;\s'\"#]*)")
+# A value runs to the next `&`; a `;` ends it only where another name= follows (the gateway
+# reads ?token=a;b as the token "a;b", and ?x=1;token=... as two parameters to be safe).
+_QUERY_PAIR = re.compile(r"(?<=[?&;])([^=&;?\s'\"#]+)=((?:[^&;\s'\"#]|;(?![^=&;?\s'\"#]+=))*)")
 
 
 def is_secret_name(name: str) -> bool:

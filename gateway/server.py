@@ -307,7 +307,11 @@ def serve(app: Flask) -> None:
     )
     server.stall_timeout_s = config.server.stall_timeout_s
     fast = st.parts.get(FastLongPoll)
-    server.longpoll_loop = LongPollLoop(fast, config.server.head_timeout_s, app.wsgi_app) if fast is not None else None
+    server.longpoll_loop = (
+        LongPollLoop(fast, config.server.head_timeout_s, app.wsgi_app, config.server.max_head_bytes)
+        if fast is not None
+        else None
+    )
     _tune_gc()
     # gevent records each greenlet's spawning stack and parent (for debugging): ~2 KB per
     # connection's greenlets, for nothing in production.

@@ -44,6 +44,8 @@ def test_redact_text_judges_percent_encoded_names_by_what_they_decode_to() -> No
     text = "upstream http://h/x?%74oken=abc&ok=1&api%5Fkey=zz;tok%65n=q failed"
     assert redact_text(text) == "upstream http://h/x?%74oken=***&ok=1&api%5Fkey=***;tok%65n=*** failed"
     assert redact_text("/sse/a?since=1-0&x=token&%41=1") == "/sse/a?since=1-0&x=token&%41=1"
+    # A `;` inside a value is part of it (the gateway reads ?token=a;b as "a;b"): all of it hidden.
+    assert redact_text("GET /sse/a?token=abc;def&x=1 HTTP/1.1") == "GET /sse/a?token=***&x=1 HTTP/1.1"
 
 
 def test_index_status_and_logs_never_show_upstream_credentials(start_gateway: Callable[..., Gateway]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.config import ConfigError, from_mapping
-from tests.helpers import ROOT, Gateway, free_port
+from tests.helpers import ROOT, TOKEN, Gateway, free_port
 
 HEAD_TIMEOUT = 1.5
 
@@ -106,6 +106,26 @@ def test_a_head_over_max_head_bytes_is_431(gw: Gateway) -> None:
         status, body = _read_response(sock)
         assert status == 431 and body["error"] == "head_too_large" and body["detail"]
         assert sock.recv(100) == b""  # and closed
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("path", ["/longpoll/cap.small?timeout=0", "/publish/cap.small"])
+def test_a_small_max_head_bytes_holds_on_the_lean_loop_too(start_gateway, path: str) -> None:
+    # Long polls and keep-alive publishes are answered by the lean loop: its 8 KB cap must not
+    # let through heads that server.max_head_bytes refuses.
+    g = start_gateway({"server": {"max_head_bytes": 2048}})
+    pad = "".join(f"X-Pad-{i}: {'v' * 290}\r\n" for i in range(10))  # ~3 KB: over 2 KB, under 8
+    if path.startswith("/publish"):
+        body = b"x"
+        head = f"POST {path} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n"
+    else:
+        body, head = b"", f"GET {path} HTTP/1.1\r\n"
+    sock = _connect(g)
+    try:
+        sock.sendall(f"{head}Host: x\r\n{pad}\r\n".encode() + body)
+        status, payload = _read_response(sock)
+        assert status == 431 and payload["error"] == "head_too_large"
     finally:
         sock.close()
 

@@ -96,9 +96,13 @@ def _small_length(text: str) -> bool:
 
 
 class LongPollLoop:
-    def __init__(self, fast: FastLongPoll, head_timeout_s: float, wsgi: Wsgi | None = None) -> None:
+    def __init__(
+        self, fast: FastLongPoll, head_timeout_s: float, wsgi: Wsgi | None = None, max_head: int = MAX_HEAD
+    ) -> None:
         self.fast = fast
         self.head_timeout_s = head_timeout_s
+        # Never above server.max_head_bytes: a bigger head goes to the general server, whose 431 it is.
+        self.max_head = min(max_head, MAX_HEAD)
         self.wsgi = wsgi  # the app's WSGI stack, for publishes; None hands them over
         self._date = ("", 0)
 
@@ -110,7 +114,7 @@ class LongPollLoop:
             end = buf.find(b"\r\n\r\n")
             deadline = None
             while end < 0:
-                if len(buf) > MAX_HEAD:
+                if len(buf) > self.max_head:
                     return buf
                 if buf and deadline is None:
                     deadline = time.monotonic() + self.head_timeout_s
@@ -124,6 +128,8 @@ class LongPollLoop:
                     return None
                 buf += chunk
                 end = buf.find(b"\r\n\r\n")
+            if end + 4 > self.max_head:
+                return buf  # over the cap, however it arrived: the general server's 431
             parsed = parse_head(buf[:end], peer)
             if parsed is None:
                 return buf

@@ -340,12 +340,9 @@ class ResettingRelay(LoopbackRelay):
         super().__init__(upstream_port)
 
     def _handle(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
-        except OSError:
-            client.close()
+        upstream = self._open_upstream(client)
+        if upstream is None:
             return
-        self._track(upstream)
         # Both directions poll, so the deadline is noticed even while a stream sits idle (a
         # close() from another thread would not interrupt a blocked recv()).
         deadline = time.monotonic() + random.uniform(self.min_s, self.max_s)

@@ -195,6 +195,16 @@ class LoopbackRelay:
     def _handle(self, client: socket.socket) -> None:
         raise NotImplementedError
 
+    def _open_upstream(self, client: socket.socket) -> socket.socket | None:
+        """A tracked connection to the gateway, or None (the client closed) if it cannot be had."""
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+        except OSError:
+            client.close()
+            return None
+        self._track(upstream)
+        return upstream
+
     def stop(self) -> None:
         self._stopping.set()
         self._listener.close()
@@ -235,13 +245,10 @@ class TcpProxy(LoopbackRelay):
         super().__init__(upstream_port)
 
     def _handle(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
-        except OSError:
-            client.close()
+        upstream = self._open_upstream(client)
+        if upstream is None:
             return
         upstream.settimeout(None)
-        self._track(upstream)
         state = {"upgraded": False}
         threading.Thread(target=self._pipe, args=(client, upstream, state, False), daemon=True).start()
         self._pipe(upstream, client, state, True)

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from bench.cases import Case
-from bench.load import WS_KEY
+from bench.load import stream_request
 from bench.publisher import Publisher
 from bench.servers import Server
 
@@ -113,12 +113,7 @@ def _request(transport: str, channel: str, since: str | None = None) -> bytes:
     if transport == "longpoll":
         q = f"?since={since or '0-0'}&timeout=20"
         return f"GET /longpoll/{channel}{q} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
-    if transport == "sse":
-        return f"GET /sse/{channel}{q} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode()
-    return (
-        f"GET /ws/{channel}{q} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
+    return stream_request(transport, f"/{transport}/{channel}{q}")  # "sse" or "ws"
 
 
 WS_CLOSE = bytes([0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xE8 ^ 2])  # masked close frame, code 1000

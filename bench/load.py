@@ -110,7 +110,7 @@ class Worker:
             if kind == "lp":
                 sub: _Sub = _LongPoll(self, channel, path, expected, spec["server"])
             else:
-                sub = _Stream(self, channel, _stream_request(kind, path), expected)
+                sub = _Stream(self, channel, stream_request(kind, path), expected)
             if spread:
                 sub.source = (f"127.0.{first + i % SOURCES_PER_WORKER}.1", 0)
             self.subs.append(sub)
@@ -168,7 +168,8 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _stream_request(kind: str, path: str) -> bytes:
+def stream_request(kind: str, path: str) -> bytes:
+    """The request head that opens an SSE stream or a WebSocket on `path`."""
     if kind == "sse":
         return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode()
     return (

@@ -1,4 +1,5 @@
-"""Reading a request body with a size limit, shared by every route that takes one."""
+"""Reading a request body with a size limit, shared by every route that takes one; and an
+answer's body whole, for the places that call the WSGI app themselves."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from flask import request
 
 from gateway.errors import BadRequest
 
-__all__ = ["read_limited", "read_stream"]
+__all__ = ["read_limited", "read_stream", "drain"]
 
 
 def read_limited(limit: int, detail: str) -> bytes:
@@ -28,3 +29,13 @@ def read_stream(stream: Any, content_length: int | None, limit: int, detail: str
     if len(raw) > limit:
         raise BadRequest("too_large", detail, 413)
     return raw
+
+
+def drain(result: Any) -> bytes:
+    """A WSGI answer's body in one piece; the iterable is closed as WSGI requires."""
+    try:
+        return b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()

@@ -11,6 +11,7 @@ from typing import Any
 from flask import Flask
 
 from gateway.admission import Observer, Ticket
+from gateway.bodies import drain
 from gateway.connlog import ConnectionLog
 from gateway.metrics import Metrics
 from gateway.state import state
@@ -89,12 +90,7 @@ class PublishRefusals:
         result = self.app(environ, start)
         if not statuses or statuses[0][:1] not in ("4", "5"):
             return result
-        try:
-            body = b"".join(result)
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
+        body = drain(result)
         self._count(int(statuses[0][:3]), body)
         return [body]
 

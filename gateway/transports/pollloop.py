@@ -23,6 +23,7 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
+from gateway.bodies import drain
 from gateway.transports.fastpoll import REASONS, FastLongPoll
 
 __all__ = ["LongPollLoop", "parse_head"]
@@ -192,13 +193,7 @@ class LongPollLoop:
         def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
             started[:] = [int(status.split(" ", 1)[0]), headers]
 
-        result = self.wsgi(environ, start_response)
-        try:
-            out = b"".join(result)
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
+        out = drain(self.wsgi(environ, start_response))
         return started[0], started[1], out
 
     def _now(self) -> str:

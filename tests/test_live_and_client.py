@@ -191,6 +191,9 @@ def cutting(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
 def test_client_falls_back_past_refused_websocket_and_buffered_sse(gw: Gateway, hostile: Nginx, open_page: Any) -> None:
     page = open_page(hostile.url + "/healthz")
     start_client(page, "client.fallback", **FAST)
+    # The client starts from "now": publishing before it has read the channel's cursor would
+    # put the first events behind its start. Once it tries a transport, it has the cursor.
+    page.wait_for_function("window.statuses.some((s) => s.transport)", timeout=10_000)
     # Publish all through the fallbacks: nothing may be lost or doubled on the way.
     ids: list[str] = []
     publisher = threading.Thread(target=lambda: ids.extend(publish_many(gw, "client.fallback", 30, every_s=0.1)))

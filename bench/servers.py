@@ -210,7 +210,7 @@ class GatewayServer(Server):
         # client gone, and what is left after clients leave is what those cases measure.
         quiet = "" if keepalives else "[sse]\nheartbeat_s = 600\n[websocket]\nping_s = 600\n"
         config.write_text(
-            f'[server]\npublish_token = "{TOKEN}"\naccess_log = false\nmax_body_bytes = 65536\n'
+            f'[server]\npublish_token = "{TOKEN}"\naccess_log = false\nconnection_log = false\nmax_body_bytes = 65536\n'
             f"workers = {workers or 1}\n"
             + quiet
             + "[poll]\nlongpoll_default_timeout_s = 25\n[history]\nsize = 5000\n"

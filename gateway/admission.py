@@ -33,6 +33,7 @@ __all__ = ["Admission", "Ticket", "ChannelPolicy", "Observer", "parse_channels",
 log = logging.getLogger("gateway.connections")
 
 TRANSPORTS = ("poll", "longpoll", "sse", "ws")
+FAST_OK_MEMO = 4096  # channel lists whose fast-path answer is remembered (then forgotten at once)
 HELD = frozenset({"longpoll", "sse", "ws", "tunnel"})  # these hold a connection while they run
 
 
@@ -143,6 +144,7 @@ class Admission:
         self.observer = Observer()
         self.policies: list[ChannelPolicy] = []
         self._policy_patterns: list[tuple[re.Pattern[str], ChannelPolicy]] = []
+        self._fast_ok: dict[str, bool] = {}
         limits = config.limits
         self._limits = limits
         self._open = 0  # held connections in this process
@@ -162,6 +164,7 @@ class Admission:
     # -- registration -------------------------------------------------------------------------
     def register(self, policy: ChannelPolicy) -> None:
         self.policies.append(policy)
+        self._fast_ok.clear()
         self._policy_patterns.append((re.compile(fnmatch.translate(policy.pattern)), policy))
         if policy.public:
             self.auth.add_public(policy.pattern)
@@ -172,8 +175,16 @@ class Admission:
                 return policy
         return None
 
-    def fast_path_ok(self, channels: list[str]) -> bool:
-        return all((p := self.policy(c)) is None or p.fast_path for c in channels)
+    def fast_path_ok(self, channels_text: str) -> bool:
+        """May the long-poll fast path serve these channels (comma-separated)? Asked on every
+        poll, so the answer is remembered per text (a bounded memo: any text may come)."""
+        known = self._fast_ok.get(channels_text)
+        if known is None:
+            known = all((p := self.policy(c)) is None or p.fast_path for c in channels_text.split(","))
+            if len(self._fast_ok) >= FAST_OK_MEMO:
+                self._fast_ok.clear()
+            self._fast_ok[channels_text] = known
+        return known
 
     # -- the path -----------------------------------------------------------------------------
     def admit(

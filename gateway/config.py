@@ -35,6 +35,7 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0  # on SIGTERM, how long streams get to say goodbye (Heroku allows 30 s)
     operator_token: str = ""  # token for /metrics, /channels and /diagnose/reports; prefer $GATEWAY_OPERATOR_TOKEN
     access_log: bool = True  # one log line per request (tokens masked)
+    connection_log: bool = True  # one log line per ended stream, WebSocket or held long poll
     stall_timeout_s: float = 120.0  # a connection whose socket makes no progress this long is dropped
     trusted_proxies: list[str] = field(default_factory=list)  # addresses/CIDRs whose X-Forwarded-For names the client
     log_format: str = "text"  # "text" | "json": connection and access log lines

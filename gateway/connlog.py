@@ -29,6 +29,7 @@ log = logging.getLogger("gateway.connections")
 _PYWSGI_LINE = re.compile(
     r'^(?P<client>\S+) - - \[(?P<time>[^\]]*)\] "(?P<request>.*)" (?P<status>\S+) (?P<length>\S+) (?P<duration>\S+)$'
 )
+_NEEDS_QUOTES = re.compile(r'[\s"=]')  # a value with these is written as a JSON string
 MAX_CHANNELS_LOGGED = 50  # a connection may name many channels; the line stays bounded
 
 
@@ -42,9 +43,10 @@ class ConnectionLog:
     log pipeline reads each line as one object; text lines go through the `gateway.connections`
     logger like the rest of the gateway's log."""
 
-    def __init__(self, log_format: str = "text", stream: IO[str] | None = None) -> None:
+    def __init__(self, log_format: str = "text", stream: IO[str] | None = None, enabled: bool = True) -> None:
         self.json = log_format == "json"
         self.stream = stream
+        self.enabled = enabled  # server.connection_log
 
     def log_connection_end(
         self,
@@ -60,6 +62,8 @@ class ConnectionLog:
         status: int | None = None,
     ) -> None:
         """One connection ended. `sub` is the token's subject (who), never the token."""
+        if not self.enabled or not (self.json or log.isEnabledFor(logging.INFO)):
+            return
         fields: dict[str, Any] = {
             "msg": "connection_end",
             "transport": transport,
@@ -96,7 +100,7 @@ def _text(fields: dict[str, Any]) -> str:
         if isinstance(value, list):
             value = ",".join(value) or "-"
         text = str(value)
-        if not text or any(c.isspace() or c in '"=' for c in text):
+        if not text or _NEEDS_QUOTES.search(text):
             text = json.dumps(text, ensure_ascii=False)
         parts.append(f"{key}={text}")
     return " ".join(parts)
@@ -149,6 +153,6 @@ def _access_fields(line: str) -> dict[str, Any]:
 
 def init_app(app: Flask) -> ConnectionLog:
     st = state(app)
-    connlog = ConnectionLog(st.config.server.log_format)
+    connlog = ConnectionLog(st.config.server.log_format, enabled=st.config.server.connection_log)
     st.parts[ConnectionLog] = connlog
     return connlog

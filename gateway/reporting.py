@@ -50,7 +50,7 @@ class AdmissionReport(Observer):
         if reason == "slow_consumer":  # cut for its unsent backlog (limits.slow_consumer_bytes)
             self.metrics.slow_consumer_dropped(transport)
             self.metrics.limit_hit("slow_consumer_bytes")
-        if transport in LOGGED:
+        if transport in LOGGED and self.connections.enabled:
             self.connections.log_connection_end(
                 transport=transport,
                 channels=ticket.channels,

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -64,8 +65,9 @@ class _Handler(WSGIHandler):
         # with whatever it read, at the first request that is anything else.
         loop = getattr(self.server, "longpoll_loop", None)
         if loop is not None:
-            guarded = _HeadDeadline(self.socket, self._head_timeout_s)
-            rest = loop.serve(guarded, self.client_address, self._log_long_poll)
+            guarded = _HeadDeadline(self.socket, self._head_timeout_s, self.server.idle_between_polls)
+            logged = self.server.access_log_on  # pywsgi's stand-in for no log still formats each line
+            rest = loop.serve(guarded, self.client_address, self._log_long_poll if logged else None)
             if rest is None:
                 return  # the connection is done; the server closes it
             # A head the loop started reading keeps its deadline here.
@@ -75,8 +77,6 @@ class _Handler(WSGIHandler):
         super().handle()
 
     def _log_long_poll(self, request_line: str, status: int, length: int, started: float) -> None:
-        if self.server.log is None:
-            return
         self.requestline, self.status, self._orig_status = request_line, str(status), str(status)
         self.response_length, self.time_start, self.time_finish = length, started, time.time()
         self.log_request()
@@ -217,15 +217,89 @@ def _remaining(timeout_s: float, started: float | None) -> float:
     return max(0.001, timeout_s - (time.monotonic() - started))
 
 
+class _CoarseDeadlines:
+    """Deadlines kept in slots of `resolution_s`, all served by one repeating timer: a gevent
+    timeout per wait cost 3-12 µs, a large part of a whole long-poll cycle. What is still
+    registered when its slot has passed is handed to `expire` (from the event loop; it must
+    not block). Deadlines end up to one slot late."""
+
+    def __init__(self, resolution_s: float, expire: Callable[[Any], None]) -> None:
+        self.resolution_s = resolution_s
+        self._expire_one = expire
+        self._slots: dict[int, dict[Any, None]] = {}
+        self._timer: Any = None
+
+    def add(self, what: Any, timeout_s: float) -> int:
+        slot = int((time.monotonic() + timeout_s) / self.resolution_s) + 1
+        self._slots.setdefault(slot, {})[what] = None
+        if self._timer is None:
+            self._timer = gevent.get_hub().loop.timer(self.resolution_s, self.resolution_s)
+            self._timer.start(self._expire)
+        return slot
+
+    def remove(self, what: Any, slot: int) -> None:
+        waiting = self._slots.get(slot)
+        if waiting is not None:
+            waiting.pop(what, None)
+            if not waiting:
+                del self._slots[slot]
+
+    def _expire(self) -> None:
+        now = time.monotonic() / self.resolution_s
+        for slot in [s for s in self._slots if s <= now]:
+            for what in list(self._slots.pop(slot, ())):
+                self._expire_one(what)
+
+
+def _hang_up(sock: socket.socket) -> None:
+    """An idle keep-alive connection at its stall timeout: its wait ends as at a hang-up."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _WaitExpired(Exception):
+    """Thrown into a long poll whose wait reached its timeout (see _CoarseWaits)."""
+
+
+class _CoarseWaits:
+    """The hub's wait for a signal (hub.wait_on), with the timeout kept by _CoarseDeadlines: the
+    waiting greenlet is woken by an exception at its deadline (up to 0.1 s late) instead of
+    carrying a timer of its own. The hub re-reads the channel after every wake-up either way."""
+
+    def __init__(self) -> None:
+        self._deadlines = _CoarseDeadlines(0.1, self._wake)
+
+    def wait_on(self, signal: Any, timeout: float) -> None:
+        if timeout < self._deadlines.resolution_s:
+            signal.wait(timeout)  # short waits keep their precision
+            return
+        me = gevent.getcurrent()
+        slot = self._deadlines.add(me, timeout)
+        try:
+            signal.wait()
+        except _WaitExpired:
+            pass
+        finally:
+            self._deadlines.remove(me, slot)
+
+    @staticmethod
+    def _wake(glet: Any) -> None:
+        glet.throw(_WaitExpired())
+
+
 class _HeadDeadline:
     """The client socket as the long-poll loop (transports/pollloop.py) reads it: recv() holds
     a request head to server.head_timeout_s, from the connection's start for its first head and
-    from the first byte for later ones (idle keep-alive time is the stall timeout's business).
-    At the deadline it answers 408 (silence, if the client never sent a byte) and raises."""
+    from the first byte for later ones. Between requests a connection waits for the next one up
+    to the stall timeout (kept by _CoarseDeadlines). At a head's deadline it answers 408 (silence, if
+    the client never sent a byte) and raises."""
 
-    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+    def __init__(self, sock: socket.socket, timeout_s: float, idle: _CoarseDeadlines) -> None:
         self._sock = sock
         self._timeout_s = timeout_s
+        self._idle_connections = idle
         self._idle = sock.gettimeout()
         self.head_started: float | None = time.monotonic()
         self._silent = True  # no byte from the client yet
@@ -233,6 +307,9 @@ class _HeadDeadline:
 
     def recv(self, size: int) -> bytes:
         if self.head_started is None:
+            # Between requests: the next one is rarely there yet, so wait before reading (an
+            # attempt first would only fail). The wait is the socket's own, with its stall timeout.
+            self._wait_readable()
             data = self._sock.recv(size)
             if data:
                 self.head_started = time.monotonic()
@@ -251,9 +328,29 @@ class _HeadDeadline:
         return data
 
     def sendall(self, data: bytes) -> None:
-        self._sock.sendall(data)
+        # An answer nearly always fits the socket's buffer: one non-blocking send, and gevent's
+        # sendall (which asks the kernel for the buffer size each time) only for what is left.
+        raw = getattr(self._sock, "_sock", None)
+        try:
+            sent = raw.send(data) if raw is not None else 0
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self._sock.sendall(data[sent:])
         self.head_started, self._silent = None, False
         self.answered += 1
+
+    def _wait_readable(self) -> None:
+        wait, watcher = getattr(self._sock, "_wait", None), getattr(self._sock, "_read_event", None)
+        if wait is None or watcher is None or not self._idle:
+            return  # not a gevent socket, or no stall timeout: recv() waits as the socket does
+        slot = self._idle_connections.add(self._sock, self._idle)
+        self._sock.settimeout(None)  # the deadline is _CoarseDeadlines', not a timer per wait
+        try:
+            wait(watcher)
+        finally:
+            self._sock.settimeout(self._idle)
+            self._idle_connections.remove(self._sock, slot)
 
     def _expired(self) -> None:
         if not self._silent:
@@ -306,6 +403,8 @@ def serve(app: Flask) -> None:
         error_log=sys.stderr,
     )
     server.stall_timeout_s = config.server.stall_timeout_s
+    server.access_log_on = config.server.access_log
+    server.idle_between_polls = _CoarseDeadlines(1.0, _hang_up)
     fast = st.parts.get(FastLongPoll)
     server.longpoll_loop = (
         LongPollLoop(fast, config.server.head_timeout_s, app.wsgi_app, config.server.max_head_bytes)
@@ -318,6 +417,7 @@ def serve(app: Flask) -> None:
     gevent.config.track_greenlet_tree = False
     # Flush pushed events once the publishing greenlet yields: a burst shares one write.
     hub.defer = gevent.get_hub().loop.run_callback
+    hub.wait_on = _CoarseWaits().wait_on
     try:
         server.start()
     except OSError as exc:  # e.g. the port is taken: a config problem, said in one line

@@ -509,6 +509,29 @@ def test_connection_log_counts_what_the_stream_sent(start_gateway: Callable[...,
     assert line["events"] == 3 and line["bytes"] >= 3 * len("event 0")
 
 
+def test_connection_log_can_be_turned_off(start_gateway: Callable[..., Gateway], channel: str) -> None:
+    """server.connection_log = false: no connection_end lines (a long poller makes one per answer),
+    while the metrics still count every connection and how it ended."""
+    gw = start_gateway({"server": {"log_format": "json", "connection_log": False}, "sse": {"heartbeat_s": 0.3}})
+    with SSEClient(f"{gw.url}/sse/{channel}") as client:
+        gw.publish(channel, "one")
+        assert client.events(1)[0]["data"] == "one"
+    since = gw.publish(channel, "two")
+    assert longpoll(gw.url, channel, since="0-0", timeout=5)["events"]
+    wait = {"since": since, "timeout": 20}
+    held = threading.Thread(target=longpoll, args=(gw.url, channel), kwargs=wait, daemon=True)
+    held.start()
+    wait_for(lambda: value(scrape(gw), "gateway_connections", transport="longpoll") == 1, "the held long poll")
+    gw.publish(channel, "three")
+    held.join(10)
+    assert not held.is_alive()
+    wait_for(lambda: value(scrape(gw), "gateway_connections", transport="sse") == 0, "the stream's end")
+    now = scrape(gw)
+    assert value(now, "gateway_connections_closed_total", transport="sse", reason="client_closed") == 1
+    assert value(now, "gateway_connections_closed_total", transport="longpoll", reason="client_closed") == 2
+    assert _log_lines(gw, "connection_end") == []
+
+
 def test_slow_consumer_drops_are_counted(start_gateway: Callable[..., Gateway], channel: str) -> None:
     gw = start_gateway({"limits": {"slow_consumer_bytes": 65536}, "server": {"max_body_bytes": 65536}})
     stuck = socket.socket()  # a client with a tiny receive buffer that never reads

@@ -4,6 +4,7 @@ hand-over of a connection to the general server at the first request that is any
 from __future__ import annotations
 
 import json
+import select
 import socket
 import time
 
@@ -185,3 +186,44 @@ def test_pipelined_keep_alive_publishes_are_answered_in_order_with_the_contract_
     }
     assert refused[("400", "invalid_json")] == 1 and refused[("401", "unauthorized")] == 1
     assert refused[("400", "invalid_channel")] == 1 and refused[("400", "invalid_idempotency_key")] == 1
+
+
+def test_an_idle_keep_alive_poller_is_closed_at_the_stall_timeout(start_gateway, channel):
+    """Between requests the loop waits for the next one up to server.stall_timeout_s (kept by one
+    timer for all connections, not one per wait); a poller that keeps asking is never cut."""
+    gw = start_gateway({"server": {"stall_timeout_s": 1.0}})
+    busy, idle = _Conn(gw.port), _Conn(gw.port)
+    try:
+        idle.send(_get(f"/longpoll/{channel}?timeout=0"))
+        assert idle.answer()[0] == 200
+        started = time.monotonic()
+        for _ in range(6):  # 3 s of polls every 0.5 s: well past the stall timeout
+            busy.send(_get(f"/longpoll/{channel}?timeout=0"))
+            assert busy.answer()[0] == 200
+            time.sleep(0.5)
+        assert idle.file.read() == b""  # closed by the gateway, about 1-2 s after its answer
+        assert time.monotonic() - started < 6
+    finally:
+        busy.close()
+        idle.close()
+
+
+def test_one_long_poll_timing_out_leaves_the_others_held(start_gateway, channel):
+    """A long poll's timeout wakes that poll only (up to 0.1 s late); the others on its channel
+    stay held until an event comes."""
+    gw = start_gateway()
+    short, long = _Conn(gw.port), _Conn(gw.port)
+    try:
+        long.send(_get(f"/longpoll/{channel}?timeout=20"))
+        short.send(_get(f"/longpoll/{channel}?timeout=1"))
+        started = time.monotonic()
+        status, _, body = short.answer()
+        assert status == 200 and json.loads(body)["events"] == []
+        assert 0.9 < time.monotonic() - started < 2.0
+        assert select.select([long.sock], [], [], 0.8)[0] == []  # still held
+        event_id = gw.publish(channel, "now")
+        status, _, body = long.answer()
+        assert status == 200 and [e["id"] for e in json.loads(body)["events"]] == [event_id]
+    finally:
+        short.close()
+        long.close()

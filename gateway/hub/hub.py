@@ -82,6 +82,10 @@ def _call_now(fn: Callable[[str], None], channel: str) -> None:
     fn(channel)
 
 
+def _wait_on(signal: threading.Event, timeout: float) -> None:
+    signal.wait(timeout)
+
+
 class Hub:
     def __init__(self, store: Store, event_class: type = threading.Event) -> None:
         self.store = store
@@ -99,6 +103,9 @@ class Hub:
         # How a flush is scheduled: at once by default; the server passes gevent's "after the
         # current greenlet yields" so events published in one go share one write per subscriber.
         self.defer: Callable[[Callable[[str], None], str], None] = _call_now
+        # How a long poll waits for its signal, up to a timeout: the server passes one that
+        # keeps a timer per wait out of it (gateway/server.py's _CoarseDeadlines).
+        self.wait_on: Callable[[threading.Event, float], None] = _wait_on
         self.observer = Observer()
 
     # -- writing -------------------------------------------------------------------------
@@ -207,7 +214,7 @@ class Hub:
                 remaining = deadline - time.monotonic()
                 if batch.events or batch.gap or self.closing or remaining <= 0:
                     return batch
-                signal.wait(remaining)
+                self.wait_on(signal, remaining)
                 since = batch.cursor if since is None else since
         finally:
             self._waiting[channel] -= 1
@@ -231,7 +238,7 @@ class Hub:
                 remaining = deadline - time.monotonic()
                 if any(b.events or b.gap for b in batches.values()) or self.closing or remaining <= 0:
                     return batches
-                woken.wait(remaining)
+                self.wait_on(woken, remaining)
                 cursors = {c: cursors[c] if cursors[c] is not None else batches[c].cursor for c in channels}
         finally:
             for channel in channels:

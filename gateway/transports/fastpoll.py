@@ -80,7 +80,7 @@ class FastLongPoll:
         admission = self.state.admission
         assert admission is not None
         # e.g. the probe channels: their request hooks live in Flask
-        return admission.fast_path_ok(path[len(prefix) :].split(","))
+        return admission.fast_path_ok(path[len(prefix) :])
 
     def answer(self, environ: dict[str, Any]) -> Answer | None:
         """The long poll's whole answer, or None when Flask should answer this request."""

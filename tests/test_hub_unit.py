@@ -99,6 +99,35 @@ def test_wait_wakes_on_publish_and_on_close():
     assert not t.is_alive() and results[1].events == []
 
 
+def test_long_polls_woken_together_share_one_read_and_a_later_event_is_not_hidden():
+    import gevent
+    import gevent.event
+
+    hub = Hub(MemoryStore(50, 60.0, Clock()), event_class=gevent.event.Event)
+    first = hub.publish("c", "0")
+    reads: list[str | None] = []
+    store_read = hub.store.read
+
+    def counted(channel: str, since: str | None, limit: int):  # noqa: ANN202
+        reads.append(since)
+        return store_read(channel, since, limit)
+
+    hub.store.read = counted  # type: ignore[method-assign]
+    polls = [gevent.spawn(hub.wait, "c", first.id, 5, 10) for _ in range(5)]
+    gevent.sleep(0)  # all five are held now
+    reads.clear()
+    hub.publish("c", "1")
+    gevent.joinall(polls, timeout=3)
+    batches = [p.value for p in polls]
+    assert all([e.data for e in b.events] == ["1"] for b in batches)
+    assert len({id(b) for b in batches}) == 1 and reads == [first.id]  # one read, one encoding
+    assert batches[0].poll_json() is batches[1].poll_json()
+    hub.publish("c", "2")  # the next event forgets the shared batch
+    later = [gevent.spawn(hub.wait, "c", first.id, 5, 10) for _ in range(2)]
+    gevent.joinall(later, timeout=3)
+    assert all([e.data for e in p.value.events] == ["1", "2"] for p in later)
+
+
 def test_event_encodings_are_computed_once():
     hub, _ = make()
     e = hub.publish("c", "a\r\nb", "x")

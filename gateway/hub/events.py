@@ -114,8 +114,14 @@ class Batch:
     cursor: str = "0-0"
     gap: bool = False
     more: bool = False  # more events wait beyond this batch's limit
+    _poll_json: str | None = field(default=None, repr=False, compare=False)  # made once (a batch may be shared)
 
     def poll_json(self) -> str:
+        if self._poll_json is None:
+            self._poll_json = self._encode_poll_json()
+        return self._poll_json
+
+    def _encode_poll_json(self) -> str:
         events = ",".join(e.json for e in self.events)
         gap = "true" if self.gap else "false"
         more = "true" if self.more else "false"

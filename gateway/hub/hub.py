@@ -94,6 +94,10 @@ class Hub:
         self._signals: dict[str, threading.Event] = {}  # one per channel, shared by its long polls
         self._waiting: Counter[str] = Counter()  # long polls waiting per channel
         self._extra: dict[str, set[threading.Event]] = {}  # multi-channel long polls' own events
+        # The last batch a woken long poll read per channel, for the others woken with it: they
+        # nearly all ask from the same cursor. Forgotten at the channel's next event.
+        self._shared: dict[str, tuple[str | None, int, Batch]] = {}
+        self._wakes = 0
         self._subscribers: Counter[str] = Counter()
         self._listeners: list[Listener] = []
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
@@ -136,6 +140,8 @@ class Hub:
             pusher.wake()
 
     def _wake_waiters(self, channel: str) -> None:
+        self._wakes += 1
+        self._shared.pop(channel, None)
         signal = self._signals.pop(channel, None)
         if signal is not None:
             signal.set()
@@ -199,9 +205,8 @@ class Hub:
     def wait(self, channel: str, since: str | None, timeout: float, limit: int) -> Batch:
         """Events after `since`, waiting up to `timeout` s for the first; returns early, with
         whatever there is, when a gap is found or the hub is closing."""
-        batch = self.store.read(channel, since, limit)
-        if batch.events or batch.gap or self.closing or timeout <= 0:
-            return batch  # the common answer needs no signal at all
+        if self.closing or timeout <= 0:
+            return self.store.read(channel, since, limit)
         deadline = time.monotonic() + timeout
         self._waiting[channel] += 1
         try:
@@ -210,7 +215,7 @@ class Hub:
                 signal = self._signals.get(channel)
                 if signal is None:
                     signal = self._signals[channel] = self._event_class()
-                batch = self.store.read(channel, since, limit)
+                batch = self._read_shared(channel, since, limit)
                 remaining = deadline - time.monotonic()
                 if batch.events or batch.gap or self.closing or remaining <= 0:
                     return batch
@@ -221,6 +226,20 @@ class Hub:
             if not self._waiting[channel]:  # nobody waits here any more: drop the signal
                 del self._waiting[channel]
                 self._signals.pop(channel, None)
+                self._shared.pop(channel, None)
+
+    def _read_shared(self, channel: str, since: str | None, limit: int) -> Batch:
+        """A long poll's read, shared with the others woken by the same event: they nearly all
+        ask from the same cursor, and each would otherwise read and encode the same batch."""
+        shared = self._shared.get(channel)
+        if shared is not None and shared[0] == since and shared[1] == limit:
+            return shared[2]
+        wakes = self._wakes
+        batch = self.store.read(channel, since, limit)
+        # Kept only if no event came in during the read (a shared store's read yields).
+        if (batch.events or batch.gap) and wakes == self._wakes and channel in self._waiting:
+            self._shared[channel] = (since, limit, batch)
+        return batch
 
     def wait_many(self, starts: dict[str, str | None], timeout: float, limit: int) -> dict[str, Batch]:
         """wait() over several channels: returns as soon as any has events (or a gap), with a

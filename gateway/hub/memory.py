@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, KeysView
-from itertools import islice
 
 from gateway.config import HistoryConfig
 from gateway.hub.events import Batch, Event
@@ -98,12 +97,12 @@ class MemoryStore:
         return repeat
 
     def read(self, channel: str, since: str | None, limit: int) -> Batch:
-        key = parse(since) if since is not None else None
         ch = self._channels.get(channel)
+        if ch is not None and (since is None or since == ch.last):
+            return Batch([], ch.last)  # the common answer: a reader at the tail
+        key = parse(since) if since is not None else None
         if ch is None:
             return Batch([], ZERO, gap=since not in (None, ZERO))
-        if key is None or since == ch.last:
-            return Batch([], ch.last)
         self._expire(ch)
         history = ch.history
         # Readers are nearly always at the tail: walk back from the newest event.
@@ -114,8 +113,10 @@ class MemoryStore:
             known = history[start - 1].id == since
         else:
             known = bool(history) and history[0].prev == since
-        events = list(islice(history, start, start + limit))
-        more = start + limit < len(history)
+        # Indexing a deque near its end is cheap; islice would walk it from the oldest event.
+        stop = min(start + limit, len(history))
+        events = [history[i] for i in range(start, stop)]
+        more = stop < len(history)
         cursor = events[-1].id if events else ch.last
         return Batch(events, cursor, gap=not known, more=more)
 

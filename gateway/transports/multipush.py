@@ -62,6 +62,31 @@ class _View:
 
 
 class MultiPusher:
+    __slots__ = (
+        "base",
+        "kind",
+        "chunked",
+        "_entries",
+        "_text",
+        "dead",
+        "bytes_sent",
+        "events_sent",
+        "_sock",
+        "_raw",
+        "_hold",
+        "views",
+        "_dirty",
+        "_backlog",
+        "_wakeup",
+        "_lock",
+        "_hub",
+        "behind",
+        "slow_bytes",
+        "slow",
+        "_writing",
+        "__weakref__",
+    )
+
     def __init__(
         self,
         sock: Any,

@@ -4,7 +4,8 @@ One implementation, publish_request(), serves both the Flask route and a WSGI fa
 plain publish (no Origin to check, a declared or chunked body) skips Flask's request cycle,
 so a back end publishing to thousands of channels pays for a lean parse and one store append.
 On a keep-alive connection the lean request loop (transports/pollloop.py) reads such a publish
-itself and calls this same WSGI stack, so pywsgi's request cycle is skipped too.
+itself and has FastPublish.answer() answer it (refusals counted as from the WSGI stack), so
+pywsgi's request cycle and the WSGI layers are skipped too.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ ReadBody = Callable[[int], bytes]  # limit -> the body (413 above it, 400 when m
 @bp.record_once
 def _install_fast_path(setup: BlueprintSetupState) -> None:
     app = setup.app
-    app.wsgi_app = FastPublish(app.wsgi_app, state(app))
+    st = state(app)
+    fast = st.parts[FastPublish] = FastPublish(app.wsgi_app, st)
+    app.wsgi_app = fast
 
 
 @bp.post("/publish/", defaults={"channel": ""})
@@ -78,22 +81,37 @@ class FastPublish:
         path = environ.get("PATH_INFO", "")
         if environ.get("REQUEST_METHOD") != "POST" or not path.startswith(PREFIX) or "HTTP_ORIGIN" in environ:
             return self.app(environ, start_response)
-        mimetype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
 
         def read_body(limit: int) -> bytes:
             return read_stream(environ["wsgi.input"], _content_length(environ), limit, _too_large(limit))
 
-        try:
-            body, status = publish_request(self.state, environ, path[len(PREFIX) :], read_body, mimetype), 202
-            headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-        except Exception as raised:  # noqa: BLE001 (our JSON error shape for anything)
-            exc = raised if isinstance(raised, BadRequest) else _internal(raised)
-            body = json.dumps({"error": exc.code, "detail": exc.detail}).encode()
-            status = exc.status
-            headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-            headers += list((exc.headers or {}).items())
+        status, headers, body, _ = self.answer(environ, read_body)
         start_response(f"{status} {REASONS.get(status, 'Accepted' if status == 202 else 'Error')}", headers)
         return [body]
+
+    def answer(self, environ: dict[str, Any], read_body: ReadBody) -> tuple[int, list[tuple[str, str]], bytes, str]:
+        """A publish without an Origin, whole: (status, headers, body, error code or "")."""
+        path = environ.get("PATH_INFO", "")
+        mimetype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+        try:
+            body = publish_request(self.state, environ, path[len(PREFIX) :], read_body, mimetype)
+            return 202, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body, ""
+        except Exception as raised:  # noqa: BLE001 (our JSON error shape for anything)
+            exc = raised if isinstance(raised, BadRequest) else _internal(raised)
+        body = json.dumps({"error": exc.code, "detail": exc.detail}).encode()
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        headers += list((exc.headers or {}).items())
+        return exc.status, headers, body, exc.code
+
+    def answer_read(self, environ: dict[str, Any], body: bytes) -> tuple[int, list[tuple[str, str]], bytes, str]:
+        """answer() for a body already read whole (the lean request loop's)."""
+
+        def read_body(limit: int) -> bytes:
+            if len(body) > limit:
+                raise BadRequest("too_large", _too_large(limit), 413)
+            return body
+
+        return self.answer(environ, read_body)
 
 
 def _internal(exc: Exception) -> BadRequest:

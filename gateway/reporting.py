@@ -99,7 +99,11 @@ class PublishRefusals:
             code = json.loads(body).get("error")
         except (ValueError, AttributeError):
             code = None
-        code = str(code or "error")[:64]
+        self.count(status, str(code or "error"))
+
+    def count(self, status: int, code: str) -> None:
+        """One publish refused with `status` and error `code` (also called by the lean loop)."""
+        code = code[:64]
         self.metrics.publish_refused(status, code)
         limit = LIMIT_CODES.get(code)
         if limit is not None:
@@ -114,5 +118,6 @@ def init_app(app: Flask) -> AdmissionReport:
     report = AdmissionReport(metrics, st.part(ConnectionLog))
     if st.admission is not None:
         st.admission.observer = report
-    app.wsgi_app = PublishRefusals(app.wsgi_app, metrics)  # type: ignore[method-assign]
+    refusals = st.parts[PublishRefusals] = PublishRefusals(app.wsgi_app, metrics)
+    app.wsgi_app = refusals  # type: ignore[method-assign]
     return report

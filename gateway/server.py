@@ -21,9 +21,11 @@ from gateway.config import ServerConfig
 from gateway.connlog import AccessLog
 from gateway.errors import ConfigError
 from gateway.heads import HeadReader, Refused, check_framing, forget_unread_headers, head_too_big, refusal
+from gateway.publish import FastPublish
 from gateway.redact import redact_text
+from gateway.reporting import PublishRefusals
 from gateway.sockio import Prefixed
-from gateway.state import state
+from gateway.state import State, state
 from gateway.transports.fastpoll import FastLongPoll
 from gateway.transports.pollloop import LongPollLoop
 from gateway.workers import WORKER_ENV, inherited_socket
@@ -386,6 +388,22 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLDS[0], GC_THRESHOLDS[1], GC_THRESHOLDS[2])
 
 
+def _lean_publish(st: State) -> Callable[[dict[str, Any], bytes], tuple[int, list[tuple[str, str]], bytes]] | None:
+    """How the lean loop answers a keep-alive publish: FastPublish.answer(), its refusals
+    counted exactly as the WSGI stack's PublishRefusals counts them."""
+    fast, refusals = st.parts.get(FastPublish), st.parts.get(PublishRefusals)
+    if fast is None:
+        return None
+
+    def publish(environ: dict[str, Any], body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        status, headers, out, code = fast.answer_read(environ, body)
+        if status >= 400 and refusals is not None:
+            refusals.count(status, code or "error")
+        return status, headers, out
+
+    return publish
+
+
 def serve(app: Flask) -> None:
     """Serve until SIGTERM/SIGINT, then: stop accepting, tell every stream to come back later
     (SSE: a retry hint, WebSocket: close 1012, long poll: answer now), and exit within the
@@ -407,7 +425,7 @@ def serve(app: Flask) -> None:
     server.idle_between_polls = _CoarseDeadlines(1.0, _hang_up)
     fast = st.parts.get(FastLongPoll)
     server.longpoll_loop = (
-        LongPollLoop(fast, config.server.head_timeout_s, app.wsgi_app, config.server.max_head_bytes)
+        LongPollLoop(fast, config.server.head_timeout_s, _lean_publish(st), config.server.max_head_bytes)
         if fast is not None
         else None
     )

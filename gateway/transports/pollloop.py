@@ -10,21 +10,19 @@ an Origin, a body, an encoded path, HTTP/1.0, anything unusual in the head).
 
 A back end publishing over one keep-alive connection is the same shape: `POST /publish/<channel>`
 with a declared Content-Length (no Origin, no chunking, no Expect) is answered here too, by the
-app's own WSGI stack (FastPublish's publish_request, the refusal metrics), without pywsgi's cycle.
+`publish` callable the server passes (FastPublish.answer, the one publish implementation, with
+its refusals counted), without pywsgi's cycle or the WSGI layers.
 """
 
 from __future__ import annotations
 
-import io
 import re
-import sys
 import time
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
-from gateway.bodies import drain
-from gateway.transports.fastpoll import REASONS, FastLongPoll
+from gateway.transports.fastpoll import REASONS, Answer, FastLongPoll
 
 __all__ = ["LongPollLoop", "parse_head"]
 
@@ -39,7 +37,7 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control bytes but tab
 _HANDED_OVER = frozenset({"ORIGIN", "UPGRADE", "CONTENT_LENGTH", "TRANSFER_ENCODING", "EXPECT"})
 
 OnAnswer = Callable[[str, int, int, float], None]  # request line, status, body length, start time
-Wsgi = Callable[[dict[str, Any], Callable[..., Any]], Any]
+Publish = Callable[[dict[str, Any], bytes], Answer]  # (environ, the body read whole) -> the answer
 
 
 def parse_head(head: bytes, peer: tuple[str, int]) -> tuple[dict[str, Any], bool, str] | None:
@@ -98,13 +96,13 @@ def _small_length(text: str) -> bool:
 
 class LongPollLoop:
     def __init__(
-        self, fast: FastLongPoll, head_timeout_s: float, wsgi: Wsgi | None = None, max_head: int = MAX_HEAD
+        self, fast: FastLongPoll, head_timeout_s: float, publish: Publish | None = None, max_head: int = MAX_HEAD
     ) -> None:
         self.fast = fast
         self.head_timeout_s = head_timeout_s
         # Never above server.max_head_bytes: a bigger head goes to the general server, whose 431 it is.
         self.max_head = min(max_head, MAX_HEAD)
-        self.wsgi = wsgi  # the app's WSGI stack, for publishes; None hands them over
+        self.publish = publish  # None hands publishes over to the general server
         self._date = ("", 0)
 
     def serve(self, sock: Any, peer: tuple[str, int], on_answer: OnAnswer | None = None) -> bytes | None:
@@ -138,7 +136,7 @@ class LongPollLoop:
             started = time.time()
             consumed = end + 4
             if environ["REQUEST_METHOD"] == "POST":
-                if self.wsgi is None:
+                if self.publish is None:
                     return buf
                 consumed += environ["CONTENT_LENGTH"]
                 while len(buf) < consumed:  # the body, under the head's deadline
@@ -149,7 +147,7 @@ class LongPollLoop:
                     if not chunk:
                         return None
                     buf += chunk
-                answer = self._publish(environ, buf[end + 4 : consumed])
+                answer = self.publish(environ, buf[end + 4 : consumed])
             else:
                 answer = self.fast.answer(environ)
             if answer is None:
@@ -169,32 +167,6 @@ class LongPollLoop:
             if not keep_alive:
                 return None
             buf = buf[consumed:]
-
-    def _publish(self, environ: dict[str, Any], body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-        """A publish through the app's WSGI stack, which answers it without Flask (FastPublish:
-        no Origin here) and counts its refusals, exactly as when pywsgi calls it."""
-        length = environ["CONTENT_LENGTH"]
-        environ["CONTENT_LENGTH"] = str(length)
-        environ.setdefault("CONTENT_TYPE", "")
-        environ.update(
-            {
-                "SCRIPT_NAME": "",
-                "wsgi.input": io.BytesIO(body),
-                "wsgi.errors": sys.stderr,
-                "wsgi.version": (1, 0),
-                "wsgi.url_scheme": "http",
-                "wsgi.multithread": False,
-                "wsgi.multiprocess": False,
-                "wsgi.run_once": False,
-            }
-        )
-        started: list[Any] = []
-
-        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
-            started[:] = [int(status.split(" ", 1)[0]), headers]
-
-        out = drain(self.wsgi(environ, start_response))
-        return started[0], started[1], out
 
     def _now(self) -> str:
         second = int(time.time())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import logging
@@ -10,7 +11,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
@@ -21,6 +22,7 @@ from gateway.config import ServerConfig
 from gateway.connlog import AccessLog
 from gateway.errors import ConfigError
 from gateway.heads import HeadReader, Refused, check_framing, forget_unread_headers, head_too_big, refusal
+from gateway.hub import WaitAbandoned
 from gateway.publish import FastPublish
 from gateway.redact import redact_text
 from gateway.reporting import PublishRefusals
@@ -69,7 +71,8 @@ class _Handler(WSGIHandler):
         if loop is not None:
             guarded = _HeadDeadline(self.socket, self._head_timeout_s, self.server.idle_between_polls)
             logged = self.server.access_log_on  # pywsgi's stand-in for no log still formats each line
-            rest = loop.serve(guarded, self.client_address, self._log_long_poll if logged else None)
+            with self.server.coarse_waits.watching(self.socket):
+                rest = loop.serve(guarded, self.client_address, self._log_long_poll if logged else None)
             if rest is None:
                 return  # the connection is done; the server closes it
             # A head the loop started reading keeps its deadline here.
@@ -268,27 +271,104 @@ class _WaitExpired(Exception):
 class _CoarseWaits:
     """The hub's wait for a signal (hub.wait_on), with the timeout kept by _CoarseDeadlines: the
     waiting greenlet is woken by an exception at its deadline (up to 0.1 s late) instead of
-    carrying a timer of its own. The hub re-reads the channel after every wake-up either way."""
+    carrying a timer of its own. The hub re-reads the channel after every wake-up either way.
+
+    A connection of the lean request loop registers its socket (watching()): while its poll is
+    held, the socket is watched, and a hang-up (EOF or reset; a client sends nothing while it
+    waits) ends the wait at once with WaitAbandoned, so the poll stops counting against the
+    connection limits instead of lasting until its timeout."""
 
     def __init__(self) -> None:
         self._deadlines = _CoarseDeadlines(0.1, self._wake)
+        # A wait's hang-up watch is armed once it has lasted a moment (a socket that hung up
+        # before then is readable at once): most waits end sooner, and arming costs syscalls.
+        self._arming = _CoarseDeadlines(0.25, self._arm)
+        self._hangups: dict[Any, _HangupWatch] = {}  # greenlet -> its connection's watch
+
+    @contextlib.contextmanager
+    def watching(self, sock: Any) -> Iterator[None]:
+        """Waits of the current greenlet end when this socket's client hangs up."""
+        raw = getattr(sock, "_sock", None)
+        if raw is None:
+            yield
+            return
+        me = gevent.getcurrent()
+        watch = self._hangups[me] = _HangupWatch(raw, me)
+        try:
+            yield
+        finally:
+            del self._hangups[me]
+            watch.close()
 
     def wait_on(self, signal: Any, timeout: float) -> None:
         if timeout < self._deadlines.resolution_s:
             signal.wait(timeout)  # short waits keep their precision
             return
         me = gevent.getcurrent()
+        hangup = self._hangups.get(me)
         slot = self._deadlines.add(me, timeout)
+        arming = self._arming.add(hangup, 0.0) if hangup is not None else 0
         try:
             signal.wait()
         except _WaitExpired:
             pass
         finally:
             self._deadlines.remove(me, slot)
+            if hangup is not None:
+                self._arming.remove(hangup, arming)
+                hangup.disarm()
+        if hangup is not None and hangup.gone:
+            raise WaitAbandoned()
 
     @staticmethod
     def _wake(glet: Any) -> None:
         glet.throw(_WaitExpired())
+
+    @staticmethod
+    def _arm(hangup: _HangupWatch) -> None:
+        hangup.arm()
+
+
+class _HangupWatch:
+    """Watches a held poll's socket from the event loop: readable with no bytes means the client
+    is gone (bytes mean a pipelined request: the watch stops, the poll goes on)."""
+
+    __slots__ = ("_raw", "_glet", "_watcher", "_waiting", "gone")
+
+    def __init__(self, raw: socket.socket, glet: Any) -> None:
+        self._raw = raw
+        self._glet = glet
+        self._watcher = gevent.get_hub().loop.io(raw.fileno(), 1)  # 1: readable
+        self._waiting = False
+        self.gone = False
+
+    def arm(self) -> None:
+        self._waiting = True
+        if not self.gone and not self._watcher.active:
+            self._watcher.start(self._readable)
+
+    def disarm(self) -> None:
+        self._waiting = False
+        if self._watcher.active:
+            self._watcher.stop()
+
+    def _readable(self) -> None:
+        self._watcher.stop()
+        try:
+            data = self._raw.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            self._watcher.start(self._readable)
+            return
+        except OSError:
+            data = b""
+        if data or not self._waiting:
+            return
+        self.gone = True
+        self._glet.throw(_WaitExpired())  # from the loop: the greenlet is in its wait
+
+    def close(self) -> None:
+        self._watcher.stop()
+        self._watcher.close()
 
 
 class _HeadDeadline:
@@ -423,6 +503,7 @@ def serve(app: Flask) -> None:
     server.stall_timeout_s = config.server.stall_timeout_s
     server.access_log_on = config.server.access_log
     server.idle_between_polls = _CoarseDeadlines(1.0, _hang_up)
+    server.coarse_waits = _CoarseWaits()
     fast = st.parts.get(FastLongPoll)
     server.longpoll_loop = (
         LongPollLoop(fast, config.server.head_timeout_s, _lean_publish(st), config.server.max_head_bytes)
@@ -435,7 +516,7 @@ def serve(app: Flask) -> None:
     gevent.config.track_greenlet_tree = False
     # Flush pushed events once the publishing greenlet yields: a burst shares one write.
     hub.defer = gevent.get_hub().loop.run_callback
-    hub.wait_on = _CoarseWaits().wait_on
+    hub.wait_on = server.coarse_waits.wait_on
     try:
         server.start()
     except OSError as exc:  # e.g. the port is taken: a config problem, said in one line

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import select
 import socket
+import struct
 import time
 
 import requests
@@ -80,6 +81,7 @@ class _Conn:
         return status, headers, self.file.read(int(headers.get("content-length", 0)))
 
     def close(self) -> None:
+        self.file.close()  # the socket closes (FIN, or RST with SO_LINGER 0) once its file has too
         self.sock.close()
 
 
@@ -227,3 +229,61 @@ def test_one_long_poll_timing_out_leaves_the_others_held(start_gateway, channel)
     finally:
         short.close()
         long.close()
+
+
+def _held_longpolls(gw) -> float:  # noqa: ANN001
+    metrics = requests.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).text
+    return next(
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "gateway_longpolls_held"
+    )
+
+
+def test_a_held_long_poll_ends_when_its_client_hangs_up(start_gateway, channel):
+    """A long-poll client sends nothing while it waits: its socket turning readable with no
+    bytes means it left, and the poll stops being held at once, not at its timeout."""
+    gw = start_gateway()
+    conns = [_Conn(gw.port) for _ in range(3)]
+    try:
+        for conn in conns:
+            conn.send(_get(f"/longpoll/{channel}?timeout=20"))
+        deadline = time.monotonic() + 5
+        while _held_longpolls(gw) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _held_longpolls(gw) == 3
+        conns[0].close()  # a clean close (FIN)
+        conns[1].sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conns[1].close()  # a reset (RST)
+        deadline = time.monotonic() + 3
+        while _held_longpolls(gw) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _held_longpolls(gw) == 1  # well before the 20 s timeout
+        # The one still there is still held, and answered by the next event.
+        event_id = gw.publish(channel, "still here")
+        status, _, body = conns[2].answer()
+        assert status == 200 and [e["id"] for e in json.loads(body)["events"]] == [event_id]
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_a_request_pipelined_behind_a_held_poll_is_not_a_hang_up(start_gateway, channel):
+    gw = start_gateway()
+    conn = _Conn(gw.port)
+    try:
+        conn.send(_get(f"/longpoll/{channel}?timeout=20"))
+        deadline = time.monotonic() + 5
+        while _held_longpolls(gw) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        conn.send(_get(f"/longpoll/{channel}?timeout=0"))  # pipelined while the first is held
+        time.sleep(0.5)
+        assert _held_longpolls(gw) == 1
+        event_id = gw.publish(channel, "one")
+        status, _, body = conn.answer()
+        assert status == 200 and [e["id"] for e in json.loads(body)["events"]] == [event_id]
+        status, _, body = conn.answer()
+        assert status == 200 and json.loads(body)["events"] == []  # the pipelined one, from now
+    finally:
+        conn.close()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from gateway.config import Config
 from gateway.hub.events import Batch, Event, gap_event
-from gateway.hub.hub import Hub, Observer, Store
+from gateway.hub.hub import Hub, Observer, Store, WaitAbandoned
 from gateway.hub.memory import MemoryStore
 
-__all__ = ["Hub", "Store", "Observer", "Event", "Batch", "gap_event", "MemoryStore", "make_hub"]
+__all__ = ["Hub", "Store", "Observer", "Event", "Batch", "gap_event", "MemoryStore", "make_hub", "WaitAbandoned"]
 
 
 def make_hub(config: Config) -> Hub:

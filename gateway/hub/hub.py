@@ -25,9 +25,14 @@ from gateway.eventdata import check_data
 from gateway.hub.events import Batch, Event
 from gateway.names import check_channel, check_event_name
 
-__all__ = ["Hub", "Store", "Pusher", "Observer"]
+__all__ = ["Hub", "Store", "Pusher", "Observer", "WaitAbandoned"]
 
 SWEEP_EVERY_S = 30.0
+
+
+class WaitAbandoned(Exception):
+    """Raised by a wait (hub.wait_on) whose reader is gone, e.g. its client hung up: the wait
+    ends at once instead of at its timeout; the hub lets it through to the reader."""
 
 
 class Store(Protocol):

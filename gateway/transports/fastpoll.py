@@ -18,6 +18,7 @@ from flask import json
 
 from gateway.admission import query_args
 from gateway.errors import BadRequest
+from gateway.hub import WaitAbandoned
 from gateway.state import State
 from gateway.transports import pollbody
 
@@ -106,6 +107,8 @@ class FastLongPoll:
                 body = pollbody.wait(self.hub, ticket, timeout, self.poll.max_batch).encode()
         except BadRequest as exc:
             return _error(exc)
+        except WaitAbandoned:
+            raise  # the client hung up while its poll was held: nothing to answer
         except Exception:
             log.exception("unhandled error")
             detail = "the gateway failed to handle this request; see its log"

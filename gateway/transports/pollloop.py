@@ -22,6 +22,7 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
+from gateway.hub import WaitAbandoned
 from gateway.transports.fastpoll import REASONS, Answer, FastLongPoll
 
 __all__ = ["LongPollLoop", "parse_head"]
@@ -149,7 +150,10 @@ class LongPollLoop:
                     buf += chunk
                 answer = self.publish(environ, buf[end + 4 : consumed])
             else:
-                answer = self.fast.answer(environ)
+                try:
+                    answer = self.fast.answer(environ)
+                except WaitAbandoned:
+                    return None  # the client hung up while its poll was held
             if answer is None:
                 return buf
             status, headers, body = answer

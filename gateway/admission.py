@@ -34,6 +34,7 @@ log = logging.getLogger("gateway.connections")
 
 TRANSPORTS = ("poll", "longpoll", "sse", "ws")
 FAST_OK_MEMO = 4096  # channel lists whose fast-path answer is remembered (then forgotten at once)
+FAST_OK_MEMO_TEXT = 256  # ... each at most this long (so the memo holds at most ~1 MB)
 HELD = frozenset({"longpoll", "sse", "ws", "tunnel"})  # these hold a connection while they run
 
 
@@ -181,9 +182,10 @@ class Admission:
         known = self._fast_ok.get(channels_text)
         if known is None:
             known = all((p := self.policy(c)) is None or p.fast_path for c in channels_text.split(","))
-            if len(self._fast_ok) >= FAST_OK_MEMO:
-                self._fast_ok.clear()
-            self._fast_ok[channels_text] = known
+            if len(channels_text) <= FAST_OK_MEMO_TEXT:  # anyone may send any text: keep the memo small
+                if len(self._fast_ok) >= FAST_OK_MEMO:
+                    self._fast_ok.clear()
+                self._fast_ok[channels_text] = known
         return known
 
     # -- the path -----------------------------------------------------------------------------

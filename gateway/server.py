@@ -68,7 +68,7 @@ class _Handler(WSGIHandler):
         # Keep-alive long polls first (see transports/pollloop.py): it hands the connection back,
         # with whatever it read, at the first request that is anything else.
         loop = getattr(self.server, "longpoll_loop", None)
-        if loop is not None:
+        if loop is not None:  # serve() set it up, with the rest the loop uses
             guarded = _HeadDeadline(self.socket, self._head_timeout_s, self.server.idle_between_polls)
             logged = self.server.access_log_on  # pywsgi's stand-in for no log still formats each line
             with self.server.coarse_waits.watching(self.socket):
@@ -226,20 +226,24 @@ class _CoarseDeadlines:
     """Deadlines kept in slots of `resolution_s`, all served by one repeating timer: a gevent
     timeout per wait cost 3-12 µs, a large part of a whole long-poll cycle. What is still
     registered when its slot has passed is handed to `expire` (from the event loop; it must
-    not block). Deadlines end up to one slot late."""
+    not block). A deadline added with early=False ends up to two slots late, never early; one
+    added with early=True ends up to one slot early or late (its owner waits out the rest)."""
 
     def __init__(self, resolution_s: float, expire: Callable[[Any], None]) -> None:
         self.resolution_s = resolution_s
         self._expire_one = expire
         self._slots: dict[int, dict[Any, None]] = {}
+        self._next = 0  # the first slot not yet expired
         self._timer: Any = None
 
-    def add(self, what: Any, timeout_s: float) -> int:
-        slot = int((time.monotonic() + timeout_s) / self.resolution_s) + 1
-        self._slots.setdefault(slot, {})[what] = None
+    def add(self, what: Any, timeout_s: float, early: bool = False) -> int:
         if self._timer is None:
+            self._next = int(time.monotonic() / self.resolution_s)
             self._timer = gevent.get_hub().loop.timer(self.resolution_s, self.resolution_s)
             self._timer.start(self._expire)
+        slot = int((time.monotonic() + timeout_s) / self.resolution_s) + (0 if early else 1)
+        slot = max(slot, self._next)
+        self._slots.setdefault(slot, {})[what] = None
         return slot
 
     def remove(self, what: Any, slot: int) -> None:
@@ -250,10 +254,14 @@ class _CoarseDeadlines:
                 del self._slots[slot]
 
     def _expire(self) -> None:
-        now = time.monotonic() / self.resolution_s
-        for slot in [s for s in self._slots if s <= now]:
-            for what in list(self._slots.pop(slot, ())):
-                self._expire_one(what)
+        now = int(time.monotonic() / self.resolution_s)
+        while self._next <= now:
+            for what in list(self._slots.pop(self._next, ())):
+                try:
+                    self._expire_one(what)
+                except Exception:  # one failure must not leave the rest of the slot unexpired
+                    log.exception("expiring a deadline")
+            self._next += 1
 
 
 def _hang_up(sock: socket.socket) -> None:
@@ -271,7 +279,8 @@ class _WaitExpired(Exception):
 class _CoarseWaits:
     """The hub's wait for a signal (hub.wait_on), with the timeout kept by _CoarseDeadlines: the
     waiting greenlet is woken by an exception at its deadline (up to 0.1 s late) instead of
-    carrying a timer of its own. The hub re-reads the channel after every wake-up either way.
+    carrying a timer of its own. The hub re-reads the channel after every wake-up, and waits out
+    what is left of the hold (then with a precise timer) when woken a little early.
 
     A connection of the lean request loop registers its socket (watching()): while its poll is
     held, the socket is watched, and a hang-up (EOF or reset; a client sends nothing while it
@@ -280,8 +289,8 @@ class _CoarseWaits:
 
     def __init__(self) -> None:
         self._deadlines = _CoarseDeadlines(0.1, self._wake)
-        # A wait's hang-up watch is armed once it has lasted a moment (a socket that hung up
-        # before then is readable at once): most waits end sooner, and arming costs syscalls.
+        # A wait's hang-up watch is armed once it has lasted a moment, 0.25-0.5 s (a socket that
+        # hung up before then is readable at once): most waits end sooner, and arming costs syscalls.
         self._arming = _CoarseDeadlines(0.25, self._arm)
         self._hangups: dict[Any, _HangupWatch] = {}  # greenlet -> its connection's watch
 
@@ -306,9 +315,12 @@ class _CoarseWaits:
             return
         me = gevent.getcurrent()
         hangup = self._hangups.get(me)
-        slot = self._deadlines.add(me, timeout)
-        arming = self._arming.add(hangup, 0.0) if hangup is not None else 0
+        slot = arming = -1
         try:
+            # Woken at the slot before its deadline (or just after): the hub waits out the rest.
+            slot = self._deadlines.add(me, timeout, early=True)
+            if hangup is not None:
+                arming = self._arming.add(hangup, 0.0)
             signal.wait()
         except _WaitExpired:
             pass
@@ -502,7 +514,9 @@ def serve(app: Flask) -> None:
     )
     server.stall_timeout_s = config.server.stall_timeout_s
     server.access_log_on = config.server.access_log
-    server.idle_between_polls = _CoarseDeadlines(1.0, _hang_up)
+    # Idle connections close up to two slots after the stall timeout: a slot of 1 s, finer for
+    # short stall timeouts.
+    server.idle_between_polls = _CoarseDeadlines(min(1.0, config.server.stall_timeout_s / 10), _hang_up)
     server.coarse_waits = _CoarseWaits()
     fast = st.parts.get(FastLongPoll)
     server.longpoll_loop = (

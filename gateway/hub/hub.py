@@ -28,6 +28,7 @@ from gateway.names import check_channel, check_event_name
 __all__ = ["Hub", "Store", "Pusher", "Observer", "WaitAbandoned"]
 
 SWEEP_EVERY_S = 30.0
+SHARED_READ_S = 1.0  # how long the polls woken by one event may share its read
 
 
 class WaitAbandoned(Exception):
@@ -101,7 +102,7 @@ class Hub:
         self._extra: dict[str, set[threading.Event]] = {}  # multi-channel long polls' own events
         # The last batch a woken long poll read per channel, for the others woken with it: they
         # nearly all ask from the same cursor. Forgotten at the channel's next event.
-        self._shared: dict[str, tuple[str | None, int, Batch]] = {}
+        self._shared: dict[str, tuple[str | None, int, Batch, float]] = {}
         self._wakes = 0
         self._subscribers: Counter[str] = Counter()
         self._listeners: list[Listener] = []
@@ -237,13 +238,15 @@ class Hub:
         """A long poll's read, shared with the others woken by the same event: they nearly all
         ask from the same cursor, and each would otherwise read and encode the same batch."""
         shared = self._shared.get(channel)
-        if shared is not None and shared[0] == since and shared[1] == limit:
+        now = time.monotonic()
+        if shared is not None and shared[0] == since and shared[1] == limit and now < shared[3]:
             return shared[2]
         wakes = self._wakes
         batch = self.store.read(channel, since, limit)
-        # Kept only if no event came in during the read (a shared store's read yields).
+        # Kept only if no event came in during the read (a shared store's read yields), and
+        # briefly: the polls woken together read it at once; history may age out after that.
         if (batch.events or batch.gap) and wakes == self._wakes and channel in self._waiting:
-            self._shared[channel] = (since, limit, batch)
+            self._shared[channel] = (since, limit, batch, now + SHARED_READ_S)
         return batch
 
     def wait_many(self, starts: dict[str, str | None], timeout: float, limit: int) -> dict[str, Batch]:

@@ -30,6 +30,7 @@ __all__ = ["LongPollLoop", "parse_head"]
 _POLLS = (b"/longpoll/", b"/poll/")  # short polls too: a long poll with no wait
 _PUBLISH = b"/publish/"
 MAX_HEAD = 8192  # bigger heads go to the general server, which has the limits and the errors
+CLIENT_CLOSED = 499  # the access log's status for a poll whose client left first (nginx's)
 MAX_BODY = 65536  # bigger publish bodies too (server.max_body_bytes is checked by the app)
 _TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # Byte checks as one C-level scan each (a Python loop per byte cost more than the answer).
@@ -152,8 +153,10 @@ class LongPollLoop:
             else:
                 try:
                     answer = self.fast.answer(environ)
-                except WaitAbandoned:
-                    return None  # the client hung up while its poll was held
+                except WaitAbandoned:  # the client hung up while its poll was held
+                    if on_answer is not None:
+                        on_answer(request_line, CLIENT_CLOSED, 0, started)  # as nginx logs it
+                    return None
             if answer is None:
                 return buf
             status, headers, body = answer

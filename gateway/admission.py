@@ -33,8 +33,8 @@ __all__ = ["Admission", "Ticket", "ChannelPolicy", "Observer", "parse_channels",
 log = logging.getLogger("gateway.connections")
 
 TRANSPORTS = ("poll", "longpoll", "sse", "ws")
-FAST_OK_MEMO = 4096  # channel lists whose fast-path answer is remembered (then forgotten at once)
-FAST_OK_MEMO_TEXT = 256  # ... each at most this long (so the memo holds at most ~1 MB)
+FAST_OK_MEMO = 4096  # channel lists whose parse and fast-path answer are remembered (then forgotten at once)
+FAST_OK_MEMO_TEXT = 256  # ... each at most this long (so a memo holds at most ~1 MB)
 HELD = frozenset({"longpoll", "sse", "ws", "tunnel"})  # these hold a connection while they run
 
 
@@ -146,6 +146,7 @@ class Admission:
         self.policies: list[ChannelPolicy] = []
         self._policy_patterns: list[tuple[re.Pattern[str], ChannelPolicy]] = []
         self._fast_ok: dict[str, bool] = {}
+        self._parsed: dict[str, tuple[str, ...]] = {}  # channel list text -> its valid channels
         limits = config.limits
         self._limits = limits
         self._open = 0  # held connections in this process
@@ -209,8 +210,7 @@ class Admission:
     ) -> Ticket:
         if args is None:
             args = query_args(environ.get("QUERY_STRING", ""))
-        limits = self._limits
-        channels = parse_channels(channels_text, limits.max_channels_per_connection)
+        channels = self._parse_channels(channels_text)
         multi = "," in channels_text
         since = environ.get("HTTP_LAST_EVENT_ID") if transport == "sse" else None
         since = since or args.get("since") or None
@@ -223,6 +223,17 @@ class Admission:
         ticket = Ticket(transport, channels, starts, multi, client, principal, self)
         ticket.credentials = creds if transport == "ws" else None  # kept for subscribe on the open socket
         return ticket
+
+    def _parse_channels(self, text: str) -> list[str]:
+        """parse_channels(), remembered per text (a poller asks for the same list every time)."""
+        known = self._parsed.get(text)
+        if known is None:
+            known = tuple(parse_channels(text, self._limits.max_channels_per_connection))
+            if len(text) <= FAST_OK_MEMO_TEXT:
+                if len(self._parsed) >= FAST_OK_MEMO:
+                    self._parsed.clear()
+                self._parsed[text] = known
+        return list(known)
 
     def admit_tunnel(self, environ: Mapping[str, Any]) -> Ticket:
         """A connection that carries no channel but holds a socket (a WebSocket spliced to the

@@ -241,9 +241,13 @@ class _CoarseDeadlines:
             self._next = int(time.monotonic() / self.resolution_s)
             self._timer = gevent.get_hub().loop.timer(self.resolution_s, self.resolution_s)
             self._timer.start(self._expire)
-        slot = int((time.monotonic() + timeout_s) / self.resolution_s) + (0 if early else 1)
-        slot = max(slot, self._next)
-        self._slots.setdefault(slot, {})[what] = None
+        slot = int((time.monotonic() + timeout_s) / self.resolution_s) + (not early)
+        if slot < self._next:
+            slot = self._next
+        waiting = self._slots.get(slot)
+        if waiting is None:
+            waiting = self._slots[slot] = {}
+        waiting[what] = None
         return slot
 
     def remove(self, what: Any, slot: int) -> None:

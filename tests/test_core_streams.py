@@ -158,8 +158,9 @@ def test_ws_server_sends_keepalive_pings(start_gateway, channel):
 
 
 @pytest.mark.parametrize("channels", ["hup.one", "hup.a,hup.b"])
-@pytest.mark.parametrize("how", ["close", "reset"])
+@pytest.mark.parametrize("how", ["close", "reset", "half_close"])
 def test_sse_stream_ends_as_soon_as_its_client_hangs_up(start_gateway, channels, how):
+    """A half-close (the client shuts its sending side, as nginx also treats it) counts too."""
     # Heartbeats a minute apart: only the hang-up itself can end these streams within the test.
     gw = start_gateway({"sse": {"heartbeat_s": 60.0}})
 
@@ -178,6 +179,9 @@ def test_sse_stream_ends_as_soon_as_its_client_hangs_up(start_gateway, channels,
         time.sleep(0.05)
     assert subscribers() == 3 * per_stream
     for s in socks:
+        if how == "half_close":
+            s.shutdown(socket.SHUT_WR)  # still open for reading
+            continue
         if how == "reset":
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()
@@ -185,3 +189,5 @@ def test_sse_stream_ends_as_soon_as_its_client_hangs_up(start_gateway, channels,
     while subscribers() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert subscribers() == 0  # without the hang-up watch: still 3 streams, for up to 2 minutes
+    for s in socks:
+        s.close()

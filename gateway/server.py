@@ -438,6 +438,12 @@ class _HeadDeadline:
         self.head_started, self._silent = None, False
         self.answered += 1
 
+    def start_head_deadline(self) -> None:
+        """The request in hand is not whole yet (a body to come): the head deadline runs from
+        now if it is not running already (its head came pipelined, in an earlier read)."""
+        if self.head_started is None:
+            self.head_started = time.monotonic()
+
     def _wait_readable(self) -> None:
         wait, watcher = getattr(self._sock, "_wait", None), getattr(self._sock, "_read_event", None)
         if wait is None or watcher is None or not self._idle:

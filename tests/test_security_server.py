@@ -206,6 +206,26 @@ def test_the_long_poll_keep_alive_loop_keeps_the_head_deadline(gw: Gateway) -> N
     assert time.monotonic() - started < HEAD_TIMEOUT + 5
 
 
+def test_a_pipelined_publish_body_is_held_to_the_head_deadline(gw: Gateway) -> None:
+    """A publish whose head came in the same read as the request before it still has to send
+    its body within server.head_timeout_s (not the far longer stall timeout), even when no
+    further byte ever comes."""
+    sock = _connect(gw)
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+    first = f"POST /publish/hd.pipe HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 3\r\n\r\none"
+    second = f"POST /publish/hd.pipe HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 40\r\n\r\nab"
+    try:
+        sock.sendall((first + second).encode())
+        assert _read_response(sock)[0] == 202
+        started = time.monotonic()
+        sock.settimeout(HEAD_TIMEOUT + 4)
+        answer = sock.recv(65536)  # then silence: only the deadline can answer
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - started < HEAD_TIMEOUT + 2
+
+
 # Runs inside a real gateway process (app.py's own serve(), in a greenlet beside this probe):
 # opens SSE streams with large heads, then asks the collector which objects still hold them.
 _HEAD_PROBE = """

@@ -141,7 +141,13 @@ class LongPollLoop:
                 if self.publish is None:
                     return buf
                 consumed += environ["CONTENT_LENGTH"]
-                while len(buf) < consumed:  # the body, under the head's deadline
+                if len(buf) < consumed:
+                    # The body, under the head's deadline, also when the head came pipelined
+                    # behind an earlier request (read before its clock would have started).
+                    start_deadline = getattr(sock, "start_head_deadline", None)
+                    if start_deadline is not None:
+                        start_deadline()
+                while len(buf) < consumed:
                     try:
                         chunk = sock.recv(max(4096, consumed - len(buf)))
                     except OSError:

@@ -260,12 +260,13 @@ class _CoarseDeadlines:
     def _expire(self) -> None:
         now = int(time.monotonic() / self.resolution_s)
         while self._next <= now:
-            for what in list(self._slots.pop(self._next, ())):
+            slot = self._next
+            self._next += 1  # first: an add() made by an expiry lands in a slot still to be visited
+            for what in list(self._slots.pop(slot, ())):
                 try:
                     self._expire_one(what)
                 except Exception:  # one failure must not leave the rest of the slot unexpired
                     log.exception("expiring a deadline")
-            self._next += 1
 
 
 def _hang_up(sock: socket.socket) -> None:
@@ -293,7 +294,7 @@ class _CoarseWaits:
 
     def __init__(self) -> None:
         self._deadlines = _CoarseDeadlines(0.1, self._wake)
-        # A wait's hang-up watch is armed once it has lasted a moment, 0.25-0.5 s (a socket that
+        # A wait's hang-up watch is armed within 0.5 s of its start (a socket that
         # hung up before then is readable at once): most waits end sooner, and arming costs syscalls.
         self._arming = _CoarseDeadlines(0.25, self._arm)
         self._hangups: dict[Any, _HangupWatch] = {}  # greenlet -> its connection's watch

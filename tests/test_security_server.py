@@ -226,6 +226,21 @@ def test_a_pipelined_publish_body_is_held_to_the_head_deadline(gw: Gateway) -> N
     assert time.monotonic() - started < HEAD_TIMEOUT + 2
 
 
+def test_a_partial_head_pipelined_behind_an_answer_is_held_to_the_head_deadline(gw: Gateway) -> None:
+    sock = _connect(gw)
+    try:
+        answered = b"GET /longpoll/hd.pipe2?timeout=0 HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(answered + b"GET /longpoll/hd.pipe2 HTTP/1.1\r\nHo")  # a second head, cut short
+        assert _read_response(sock)[0] == 200
+        started = time.monotonic()
+        sock.settimeout(HEAD_TIMEOUT + 4)
+        answer = sock.recv(65536)  # then silence: only the deadline can answer
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - started < HEAD_TIMEOUT + 2
+
+
 # Runs inside a real gateway process (app.py's own serve(), in a greenlet beside this probe):
 # opens SSE streams with large heads, then asks the collector which objects still hold them.
 _HEAD_PROBE = """

@@ -119,6 +119,11 @@ class LongPollLoop:
                     return buf
                 if buf and deadline is None:
                     deadline = time.monotonic() + self.head_timeout_s
+                    # A partial head pipelined behind the last answer: the socket's own head
+                    # deadline starts now too (its recv would otherwise wait the stall timeout).
+                    start_deadline = getattr(sock, "start_head_deadline", None)
+                    if start_deadline is not None:
+                        start_deadline()
                 if deadline is not None and time.monotonic() > deadline:
                     return buf  # a slow head: the general server applies its deadline and answers
                 try:

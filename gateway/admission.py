@@ -33,8 +33,8 @@ __all__ = ["Admission", "Ticket", "ChannelPolicy", "Observer", "parse_channels",
 log = logging.getLogger("gateway.connections")
 
 TRANSPORTS = ("poll", "longpoll", "sse", "ws")
-FAST_OK_MEMO = 4096  # channel lists whose parse and fast-path answer are remembered (then forgotten at once)
-FAST_OK_MEMO_TEXT = 256  # ... each at most this long (so a memo holds at most ~1 MB)
+MEMO_TEXTS = 4096  # channel lists whose parse and fast-path answer are remembered (then forgotten at once)
+MEMO_TEXT_CHARS = 256  # ... each at most this long (anyone may send any text: a memo stays ~1 MB)
 HELD = frozenset({"longpoll", "sse", "ws", "tunnel"})  # these hold a connection while they run
 
 
@@ -183,10 +183,7 @@ class Admission:
         known = self._fast_ok.get(channels_text)
         if known is None:
             known = all((p := self.policy(c)) is None or p.fast_path for c in channels_text.split(","))
-            if len(channels_text) <= FAST_OK_MEMO_TEXT:  # anyone may send any text: keep the memo small
-                if len(self._fast_ok) >= FAST_OK_MEMO:
-                    self._fast_ok.clear()
-                self._fast_ok[channels_text] = known
+            _remember(self._fast_ok, channels_text, known)
         return known
 
     # -- the path -----------------------------------------------------------------------------
@@ -229,10 +226,7 @@ class Admission:
         known = self._parsed.get(text)
         if known is None:
             known = tuple(parse_channels(text, self._limits.max_channels_per_connection))
-            if len(text) <= FAST_OK_MEMO_TEXT:
-                if len(self._parsed) >= FAST_OK_MEMO:
-                    self._parsed.clear()
-                self._parsed[text] = known
+            _remember(self._parsed, text, known)
         return list(known)
 
     def admit_tunnel(self, environ: Mapping[str, Any]) -> Ticket:
@@ -357,6 +351,14 @@ class Admission:
     def subscribers(self, channel: str) -> dict[str, int]:
         """Open subscriptions to `channel` per transport (for /channels/<name>)."""
         return {t: self._per_channel.get((channel, t), 0) for t in ("sse", "ws", "longpoll")}
+
+
+def _remember(memo: dict[str, Any], text: str, value: Any) -> None:
+    """Keep `value` for `text` in a bounded memo: short texts only, all forgotten when full."""
+    if len(text) <= MEMO_TEXT_CHARS:
+        if len(memo) >= MEMO_TEXTS:
+            memo.clear()
+        memo[text] = value
 
 
 def query_args(query: str) -> dict[str, str]:

@@ -293,10 +293,10 @@ class _CoarseWaits:
     connection limits instead of lasting until its timeout."""
 
     def __init__(self) -> None:
-        self._deadlines = _CoarseDeadlines(0.1, self._wake)
+        self._deadlines = _CoarseDeadlines(0.1, _expire_wait)
         # A wait's hang-up watch is armed within 0.5 s of its start (a socket that
         # hung up before then is readable at once): most waits end sooner, and arming costs syscalls.
-        self._arming = _CoarseDeadlines(0.25, self._arm)
+        self._arming = _CoarseDeadlines(0.25, _HangupWatch.arm)
         self._hangups: dict[Any, _HangupWatch] = {}  # greenlet -> its connection's watch
 
     @contextlib.contextmanager
@@ -337,35 +337,29 @@ class _CoarseWaits:
         if hangup is not None and hangup.gone:
             raise WaitAbandoned()
 
-    @staticmethod
-    def _wake(glet: Any) -> None:
-        glet.throw(_WaitExpired())
 
-    @staticmethod
-    def _arm(hangup: _HangupWatch) -> None:
-        hangup.arm()
+def _expire_wait(glet: Any) -> None:
+    glet.throw(_WaitExpired())  # from the loop: the greenlet is in its wait
 
 
 class _HangupWatch:
-    """Watches a held poll's socket from the event loop: readable with no bytes means the client
-    is gone (bytes mean a pipelined request: the watch stops, the poll goes on)."""
+    """Watches a held poll's socket from the event loop, while armed (only inside its wait):
+    readable with no bytes means the client is gone (bytes mean a pipelined request: the watch
+    stops, the poll goes on)."""
 
-    __slots__ = ("_raw", "_glet", "_watcher", "_waiting", "gone")
+    __slots__ = ("_raw", "_glet", "_watcher", "gone")
 
     def __init__(self, raw: socket.socket, glet: Any) -> None:
         self._raw = raw
         self._glet = glet
         self._watcher = gevent.get_hub().loop.io(raw.fileno(), 1)  # 1: readable
-        self._waiting = False
         self.gone = False
 
     def arm(self) -> None:
-        self._waiting = True
         if not self.gone and not self._watcher.active:
             self._watcher.start(self._readable)
 
     def disarm(self) -> None:
-        self._waiting = False
         if self._watcher.active:
             self._watcher.stop()
 
@@ -378,10 +372,10 @@ class _HangupWatch:
             return
         except OSError:
             data = b""
-        if data or not self._waiting:
+        if data:
             return
         self.gone = True
-        self._glet.throw(_WaitExpired())  # from the loop: the greenlet is in its wait
+        _expire_wait(self._glet)  # a stopped (disarmed) watcher never gets here
 
     def close(self) -> None:
         self._watcher.stop()
@@ -440,8 +434,8 @@ class _HeadDeadline:
         self.answered += 1
 
     def start_head_deadline(self) -> None:
-        """The request in hand is not whole yet (a body to come): the head deadline runs from
-        now if it is not running already (its head came pipelined, in an earlier read)."""
+        """Bytes of the next request are already in hand (pipelined, read before the last
+        answer): its head deadline runs from now, not from a first byte still to come."""
         if self.head_started is None:
             self.head_started = time.monotonic()
 

@@ -114,7 +114,7 @@ class Batch:
     cursor: str = "0-0"
     gap: bool = False
     more: bool = False  # more events wait beyond this batch's limit
-    _poll_json: str | None = field(default=None, repr=False, compare=False)  # made once (a batch may be shared)
+    _poll_json: str | None = field(default=None, init=False, repr=False, compare=False)  # made once; batches are shared
 
     def poll_json(self) -> str:
         if self._poll_json is None:

@@ -119,11 +119,6 @@ class LongPollLoop:
                     return buf
                 if buf and deadline is None:
                     deadline = time.monotonic() + self.head_timeout_s
-                    # A partial head pipelined behind the last answer: the socket's own head
-                    # deadline starts now too (its recv would otherwise wait the stall timeout).
-                    start_deadline = getattr(sock, "start_head_deadline", None)
-                    if start_deadline is not None:
-                        start_deadline()
                 if deadline is not None and time.monotonic() > deadline:
                     return buf  # a slow head: the general server applies its deadline and answers
                 try:
@@ -146,13 +141,7 @@ class LongPollLoop:
                 if self.publish is None:
                     return buf
                 consumed += environ["CONTENT_LENGTH"]
-                if len(buf) < consumed:
-                    # The body, under the head's deadline, also when the head came pipelined
-                    # behind an earlier request (read before its clock would have started).
-                    start_deadline = getattr(sock, "start_head_deadline", None)
-                    if start_deadline is not None:
-                        start_deadline()
-                while len(buf) < consumed:
+                while len(buf) < consumed:  # the body, under the head's deadline
                     try:
                         chunk = sock.recv(max(4096, consumed - len(buf)))
                     except OSError:
@@ -185,6 +174,12 @@ class LongPollLoop:
             if not keep_alive:
                 return None
             buf = buf[consumed:]
+            if buf:
+                # The next request came pipelined, in a read before this answer: its head (or its
+                # body) is under the head deadline from now, not the stall timeout of idle time.
+                start_deadline = getattr(sock, "start_head_deadline", None)
+                if start_deadline is not None:
+                    start_deadline()
 
     def _now(self) -> str:
         second = int(time.time())

@@ -121,7 +121,7 @@ def test_long_polls_woken_together_share_one_read_and_a_later_event_is_not_hidde
     batches = [p.value for p in polls]
     assert all([e.data for e in b.events] == ["1"] for b in batches)
     assert len({id(b) for b in batches}) == 1 and reads == [first.id]  # one read, one encoding
-    assert batches[0].poll_json() is batches[1].poll_json()
+    assert batches[0].poll_body() is batches[1].poll_body()
     hub.publish("c", "2")  # the next event forgets the shared batch
     later = [gevent.spawn(hub.wait, "c", first.id, 5, 10) for _ in range(2)]
     gevent.joinall(later, timeout=3)

@@ -114,14 +114,15 @@ class Batch:
     cursor: str = "0-0"
     gap: bool = False
     more: bool = False  # more events wait beyond this batch's limit
-    _poll_json: str | None = field(default=None, init=False, repr=False, compare=False)  # made once; batches are shared
+    _poll_body: bytes | None = field(default=None, init=False, repr=False, compare=False)  # made once: shared
 
-    def poll_json(self) -> str:
-        if self._poll_json is None:
-            self._poll_json = self._encode_poll_json()
-        return self._poll_json
+    def poll_body(self) -> bytes:
+        """The poll answer's JSON, encoded once however many polls share this batch."""
+        if self._poll_body is None:
+            self._poll_body = self._poll_json().encode()
+        return self._poll_body
 
-    def _encode_poll_json(self) -> str:
+    def _poll_json(self) -> str:
         events = ",".join(e.json for e in self.events)
         gap = "true" if self.gap else "false"
         more = "true" if self.more else "false"

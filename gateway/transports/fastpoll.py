@@ -96,7 +96,7 @@ class FastLongPoll:
             args = query_args(environ.get("QUERY_STRING", ""))
             if prefix == SHORT_PREFIX:  # short poll: long poll with no wait
                 with admission.admit(environ, "poll", path[len(prefix) :], args=args) as ticket:
-                    body = pollbody.read(self.hub, ticket, self.poll.max_batch).encode()
+                    body = pollbody.read(self.hub, ticket, self.poll.max_batch)
                 return 200, [*_HEADERS, ("Content-Length", str(len(body)))], body
             ticket = admission.admit(environ, "longpoll", path[len(prefix) :], args=args)
             left = ticket.seconds_left()
@@ -104,7 +104,7 @@ class FastLongPoll:
             if left is not None:
                 timeout = max(0.0, min(timeout, left))
             with ticket:
-                body = pollbody.wait(self.hub, ticket, timeout, self.poll.max_batch).encode()
+                body = pollbody.wait(self.hub, ticket, timeout, self.poll.max_batch)
         except BadRequest as exc:
             return _error(exc)
         except WaitAbandoned:

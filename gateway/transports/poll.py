@@ -63,5 +63,5 @@ def hold_time(ticket: Ticket, timeout: float) -> float:
     return timeout if left is None else max(0.0, min(timeout, left))
 
 
-def _answer(body: str) -> Response:
+def _answer(body: bytes) -> Response:
     return Response(body, mimetype="application/json", headers={"Cache-Control": "no-store"})

@@ -11,24 +11,24 @@ from gateway.hub import Batch, Hub
 __all__ = ["read", "wait", "answer"]
 
 
-def read(gateway: Hub, ticket: Ticket, limit: int) -> str:
+def read(gateway: Hub, ticket: Ticket, limit: int) -> bytes:
     """A short poll's answer."""
     batches = {c: gateway.read(c, s, limit) for c, s in ticket.starts.items()}
     return answer(ticket, batches, limit)
 
 
-def wait(gateway: Hub, ticket: Ticket, timeout: float, limit: int) -> str:
+def wait(gateway: Hub, ticket: Ticket, timeout: float, limit: int) -> bytes:
     """A long poll's answer: held until any of its channels has events, or the timeout."""
     if not ticket.multi:
         ((channel, since),) = ticket.starts.items()
-        return gateway.wait(channel, since, timeout, limit).poll_json()
+        return gateway.wait(channel, since, timeout, limit).poll_body()
     return answer(ticket, gateway.wait_many(ticket.starts, timeout, limit), limit)
 
 
-def answer(ticket: Ticket, batches: dict[str, Batch], limit: int) -> str:
+def answer(ticket: Ticket, batches: dict[str, Batch], limit: int) -> bytes:
     if not ticket.multi:
         (batch,) = batches.values()
-        return batch.poll_json()
+        return batch.poll_body()
     # Events of every channel, oldest first (ids are times), at most `limit` in all; each
     # channel's cursor stops at its last event included, so nothing cut off is skipped.
     merged = sorted(((e.key, c, e) for c, b in batches.items() for e in b.events), key=lambda t: t[0])
@@ -46,7 +46,7 @@ def answer(ticket: Ticket, batches: dict[str, Batch], limit: int) -> str:
     return (
         f'{{"events":[{items}],"cursor":{json.dumps(cursors.encode(positions))},'
         f'"gap":{"true" if gaps else "false"},"gaps":{json.dumps(gaps)},"more":{"true" if more else "false"}}}'
-    )
+    ).encode()
 
 
 def _item(channel: str, event_json: str) -> str:

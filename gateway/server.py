@@ -400,10 +400,7 @@ class _HeadDeadline:
 
     def recv(self, size: int) -> bytes:
         if self.head_started is None:
-            # Between requests: the next one is rarely there yet, so wait before reading (an
-            # attempt first would only fail). The wait is the socket's own, with its stall timeout.
-            self._wait_readable()
-            data = self._sock.recv(size)
+            data = self._next_request(size)
             if data:
                 self.head_started = time.monotonic()
             return data
@@ -439,17 +436,23 @@ class _HeadDeadline:
         if self.head_started is None:
             self.head_started = time.monotonic()
 
-    def _wait_readable(self) -> None:
-        wait, watcher = getattr(self._sock, "_wait", None), getattr(self._sock, "_read_event", None)
-        if wait is None or watcher is None or not self._idle:
-            return  # not a gevent socket, or no stall timeout: recv() waits as the socket does
-        slot = self._idle_connections.add(self._sock, self._idle)
-        self._sock.settimeout(None)  # the deadline is _CoarseDeadlines', not a timer per wait
+    def _next_request(self, size: int) -> bytes:
+        """Between requests: the next one is rarely there yet, so wait before reading (an
+        attempt first would only fail), with the stall timeout kept by _CoarseDeadlines rather
+        than a timer per wait; then read the raw socket, as it is readable."""
+        sock, raw = self._sock, getattr(self._sock, "_sock", None)
+        watcher = getattr(sock, "_read_event", None)
+        if raw is None or watcher is None or not self._idle:
+            return sock.recv(size)  # not a gevent socket, or no stall timeout: as the socket does
+        slot = self._idle_connections.add(sock, self._idle)
         try:
-            wait(watcher)
+            sock.hub.wait(watcher)
         finally:
-            self._sock.settimeout(self._idle)
-            self._idle_connections.remove(self._sock, slot)
+            self._idle_connections.remove(sock, slot)
+        try:
+            return raw.recv(size)
+        except BlockingIOError:  # woken with nothing to read after all: the socket's own wait
+            return sock.recv(size)
 
     def _expired(self) -> None:
         if not self._silent:

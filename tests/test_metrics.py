@@ -127,6 +127,42 @@ def test_published_and_delivered_move_by_exactly_what_was_sent(gw: Gateway, chan
             client.close()
 
 
+def test_polls_count_the_events_they_answer_with(gw: Gateway, channel: str) -> None:
+    """Short and long polls, on the lean keep-alive path and through Flask (an Origin), one
+    channel and several: each answer's events and bytes are counted as delivered."""
+    other = channel + "-b"
+    first = [gw.publish(channel, f"event {i}") for i in range(3)]
+    gw.publish(other, "on the other channel")
+    before = scrape(gw)
+    answers = [
+        requests.get(f"{gw.url}/poll/{channel}", params={"since": "0-0"}, timeout=10),
+        requests.get(f"{gw.url}/longpoll/{channel}", params={"since": first[0]}, timeout=10),
+        requests.get(
+            f"{gw.url}/longpoll/{channel}", params={"since": first[1]}, headers={"Origin": gw.url}, timeout=10
+        ),
+        requests.get(f"{gw.url}/poll/{channel},{other}", timeout=10),  # no cursor: no events, counted as 0
+    ]
+    for r in answers:
+        assert r.status_code == 200, r.text
+    assert [len(r.json()["events"]) for r in answers] == [3, 2, 1, 0]
+    held = {"since": answers[3].json()["cursor"], "timeout": "0.5"}
+    multi = requests.get(f"{gw.url}/longpoll/{channel},{other}", params=held, timeout=10)
+    assert multi.status_code == 200 and multi.json()["events"] == []  # held, then timed out empty
+    with requests.Session() as keep_alive:  # the lean loop's second request on one connection
+        for since in (first[0], first[1]):
+            r = keep_alive.get(f"{gw.url}/longpoll/{channel}", params={"since": since}, timeout=10)
+            assert r.status_code == 200
+    after = scrape(gw)
+
+    def moved(name: str, transport: str) -> float:
+        return value(after, name, transport=transport) - value(before, name, transport=transport)
+
+    assert moved("gateway_events_delivered_total", "poll") == 3
+    assert moved("gateway_events_delivered_total", "longpoll") == 2 + 1 + 2 + 1
+    assert moved("gateway_bytes_written_total", "poll") == len(answers[0].content) + len(answers[3].content)
+    assert moved("gateway_bytes_written_total", "longpoll") >= len(answers[1].content) + len(answers[2].content)
+
+
 def test_operator_token_guards_metrics_and_channels(start_gateway: Callable[..., Gateway], channel: str) -> None:
     gw = start_gateway({"server": {"operator_token": OPERATOR}})
     for path in ("/metrics", "/channels", f"/channels/{channel}"):

@@ -12,10 +12,37 @@ import time
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.transports.pollloop import parse_head
+from gateway.transports import pollloop
+from gateway.transports.pollloop import _HeadMemo
 from tests.helpers import TOKEN
 
 PEER = ("127.0.0.1", 5555)
+_MEMO = _HeadMemo()
+
+
+def parse_head(head: bytes, peer: tuple[str, int]):  # noqa: ANN201
+    """pollloop.parse_head, checked against the loop's memo of parsed heads, asked twice (once
+    parsing, once remembered): all three must agree."""
+    parsed = pollloop.parse_head(head, peer)
+    assert _MEMO.parse(head, peer) == parsed
+    assert _MEMO.parse(head, peer) == parsed
+    return parsed
+
+
+def test_remembered_heads_are_each_callers_own_and_bounded(monkeypatch) -> None:  # noqa: ANN001
+    memo = _HeadMemo()
+    head = b"GET /longpoll/a?since=1-0 HTTP/1.1\r\nHost: x"
+    first, _, _ = memo.parse(head, ("10.0.0.1", 1))
+    first["HTTP_HOST"] = "changed by its caller"
+    second, _, _ = memo.parse(head, ("10.0.0.2", 2))
+    assert second["HTTP_HOST"] == "x" and (second["REMOTE_ADDR"], second["REMOTE_PORT"]) == ("10.0.0.2", "2")
+    assert first["REMOTE_ADDR"] == "10.0.0.1"
+    monkeypatch.setattr(pollloop, "MEMO_HEADS", 3)
+    for i in range(10):
+        memo.parse(b"GET /longpoll/a?since=%d-0 HTTP/1.1" % i, PEER)
+        assert len(memo._known) <= 3
+    memo.parse(b"GET /longpoll/a?x=" + b"y" * pollloop.MEMO_HEAD_BYTES + b" HTTP/1.1", PEER)
+    assert all(len(h) <= pollloop.MEMO_HEAD_BYTES for h in memo._known)  # long heads are not kept
 
 
 def test_only_plain_keep_alive_long_poll_heads_are_taken():

@@ -21,14 +21,21 @@ def wait(gateway: Hub, ticket: Ticket, timeout: float, limit: int) -> bytes:
     """A long poll's answer: held until any of its channels has events, or the timeout."""
     if not ticket.multi:
         ((channel, since),) = ticket.starts.items()
-        return gateway.wait(channel, since, timeout, limit).poll_body()
+        return _counted(ticket, gateway.wait(channel, since, timeout, limit))
     return answer(ticket, gateway.wait_many(ticket.starts, timeout, limit), limit)
 
 
+def _counted(ticket: Ticket, batch: Batch) -> bytes:
+    body = batch.poll_body()
+    ticket.events_sent, ticket.bytes_sent = len(batch.events), len(body)  # for the metrics
+    return body
+
+
 def answer(ticket: Ticket, batches: dict[str, Batch], limit: int) -> bytes:
+    """The answer's body; the ticket counts the events and bytes it carries."""
     if not ticket.multi:
         (batch,) = batches.values()
-        return batch.poll_body()
+        return _counted(ticket, batch)
     # Events of every channel, oldest first (ids are times), at most `limit` in all; each
     # channel's cursor stops at its last event included, so nothing cut off is skipped.
     merged = sorted(((e.key, c, e) for c, b in batches.items() for e in b.events), key=lambda t: t[0])
@@ -43,10 +50,12 @@ def answer(ticket: Ticket, batches: dict[str, Batch], limit: int) -> bytes:
     more = len(merged) > limit or any(b.more for b in batches.values())
     gaps = [c for c, b in batches.items() if b.gap]
     items = ",".join(_item(c, e.json) for _, c, e in included)
-    return (
+    body = (
         f'{{"events":[{items}],"cursor":{json.dumps(cursors.encode(positions))},'
         f'"gap":{"true" if gaps else "false"},"gaps":{json.dumps(gaps)},"more":{"true" if more else "false"}}}'
     ).encode()
+    ticket.events_sent, ticket.bytes_sent = len(included), len(body)
+    return body
 
 
 def _item(channel: str, event_json: str) -> str:

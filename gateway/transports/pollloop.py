@@ -37,15 +37,52 @@ _TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqr
 _BAD_TARGET = re.compile(rb"[^\x21-\x7e]|[%#]")  # no %-encoding, no fragment, nothing unprintable
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control bytes but tab
 _HANDED_OVER = frozenset({"ORIGIN", "UPGRADE", "CONTENT_LENGTH", "TRANSFER_ENCODING", "EXPECT"})
+# Parsed heads are remembered: the pollers of a channel send the very same head (the same cursor,
+# the same headers) after each event. Short heads only, all forgotten when full (a head carrying
+# a token stays in memory no longer than the next 1,024 distinct heads).
+MEMO_HEADS = 1024
+MEMO_HEAD_BYTES = 1024
 
 OnAnswer = Callable[[str, int, int, float], None]  # request line, status, body length, start time
 Publish = Callable[[dict[str, Any], bytes], Answer]  # (environ, the body read whole) -> the answer
+Parsed = tuple[dict[str, Any], bool, str]  # environ, keep_alive, request line
 
 
-def parse_head(head: bytes, peer: tuple[str, int]) -> tuple[dict[str, Any], bool, str] | None:
+def parse_head(head: bytes, peer: tuple[str, int]) -> Parsed | None:
     """(environ, keep_alive, request line) for a plain `GET /longpoll/...` or `POST /publish/...`
     (with a Content-Length) HTTP/1.1 head, or None for anything this loop leaves to the general
     server. A publish's environ has CONTENT_LENGTH as an int; its body is the caller's to read."""
+    return _with_peer(_parse(head), peer)
+
+
+class _HeadMemo:
+    """parse_head() without the peer, remembered per head (see MEMO_HEADS)."""
+
+    def __init__(self) -> None:
+        self._known: dict[bytes, Parsed | None] = {}
+
+    def parse(self, head: bytes, peer: tuple[str, int]) -> Parsed | None:
+        known = self._known
+        try:
+            parsed = known[head]
+        except KeyError:
+            parsed = _parse(head)
+            if len(head) <= MEMO_HEAD_BYTES:
+                if len(known) >= MEMO_HEADS:
+                    known.clear()
+                known[head] = parsed
+        return _with_peer(parsed, peer)
+
+
+def _with_peer(parsed: Parsed | None, peer: tuple[str, int]) -> Parsed | None:
+    if parsed is None:
+        return None
+    environ = parsed[0].copy()  # the caller's own: a parsed head may be remembered
+    environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = peer[0], str(peer[1])
+    return environ, parsed[1], parsed[2]
+
+
+def _parse(head: bytes) -> Parsed | None:
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[2] != b"HTTP/1.1":
@@ -62,8 +99,6 @@ def parse_head(head: bytes, peer: tuple[str, int]) -> tuple[dict[str, Any], bool
         "PATH_INFO": path,
         "QUERY_STRING": query,
         "SERVER_PROTOCOL": "HTTP/1.1",
-        "REMOTE_ADDR": peer[0],
-        "REMOTE_PORT": str(peer[1]),
     }
     keep_alive = True
     for line in lines[1:]:
@@ -106,6 +141,7 @@ class LongPollLoop:
         self.max_head = min(max_head, MAX_HEAD)
         self.publish = publish  # None hands publishes over to the general server
         self._date = ("", 0)
+        self._heads = _HeadMemo()
 
     def serve(self, sock: Any, peer: tuple[str, int], on_answer: OnAnswer | None = None) -> bytes | None:
         """Answer long polls while that is all the connection asks. Returns the bytes read but not
@@ -131,7 +167,7 @@ class LongPollLoop:
                 end = buf.find(b"\r\n\r\n")
             if end + 4 > self.max_head:
                 return buf  # over the cap, however it arrived: the general server's 431
-            parsed = parse_head(buf[:end], peer)
+            parsed = self._heads.parse(buf[:end], peer)
             if parsed is None:
                 return buf
             environ, keep_alive, request_line = parsed

@@ -316,3 +316,18 @@ def test_a_request_pipelined_behind_a_held_poll_is_not_a_hang_up(start_gateway, 
         assert status == 200 and json.loads(body)["events"] == []  # the pipelined one, from now
     finally:
         conn.close()
+
+
+def test_a_response_is_reused_only_for_the_same_answer() -> None:
+    loop = pollloop.LongPollLoop.__new__(pollloop.LongPollLoop)
+    loop._date, loop._last = ("", 0), (None,) * 6
+    body = b'{"events":[]}'
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    first = loop._response(200, list(headers), body, True)
+    assert loop._response(200, list(headers), body, True) is first  # the shared batch's body
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\n" + body)
+    assert b"Connection: close\r\n" in loop._response(200, list(headers), body, False)
+    assert loop._response(503, list(headers), body, True).startswith(b"HTTP/1.1 503 ")
+    other = loop._response(200, [*headers, ("Retry-After", "5")], body, True)
+    assert b"Retry-After: 5\r\n" in other
+    assert b"Retry-After" not in loop._response(200, list(headers), bytes(body), True)  # an equal, other body

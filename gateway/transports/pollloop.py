@@ -142,6 +142,7 @@ class LongPollLoop:
         self.publish = publish  # None hands publishes over to the general server
         self._date = ("", 0)
         self._heads = _HeadMemo()
+        self._last: tuple[Any, ...] = (None,) * 6  # the last response (see _response)
 
     def serve(self, sock: Any, peer: tuple[str, int], on_answer: OnAnswer | None = None) -> bytes | None:
         """Answer long polls while that is all the connection asks. Returns the bytes read but not
@@ -196,13 +197,8 @@ class LongPollLoop:
             if answer is None:
                 return buf
             status, headers, body = answer
-            head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"]
-            head += [f"{k}: {v}\r\n" for k, v in headers]
-            head.append(f"Date: {self._now()}\r\n")
-            if not keep_alive:
-                head.append("Connection: close\r\n")
             try:
-                sock.sendall("".join(head).encode("latin-1") + b"\r\n" + body)
+                sock.sendall(self._response(status, headers, body, keep_alive))
             except OSError:
                 return None
             if on_answer is not None:
@@ -216,6 +212,21 @@ class LongPollLoop:
                 start_deadline = getattr(sock, "start_head_deadline", None)
                 if start_deadline is not None:
                     start_deadline()
+
+    def _response(self, status: int, headers: list[tuple[str, str]], body: bytes, keep_alive: bool) -> bytes:
+        """The answer on the wire. The polls woken by one event answer with the very same body
+        (hub's shared batch): the last response is kept and reused while nothing else differs."""
+        date, last = self._now(), self._last
+        if body is last[0] and date is last[1] and keep_alive is last[2] and status == last[3] and headers == last[4]:
+            return last[5]
+        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"]
+        head += [f"{k}: {v}\r\n" for k, v in headers]
+        head.append(f"Date: {date}\r\n")
+        if not keep_alive:
+            head.append("Connection: close\r\n")
+        data = "".join(head).encode("latin-1") + b"\r\n" + body
+        self._last = (body, date, keep_alive, status, headers, data)
+        return data
 
     def _now(self) -> str:
         second = int(time.time())

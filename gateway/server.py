@@ -239,7 +239,8 @@ class _CoarseDeadlines:
     def add(self, what: Any, timeout_s: float, early: bool = False) -> int:
         if self._timer is None:
             self._next = int(time.monotonic() / self.resolution_s)
-            self._timer = gevent.get_hub().loop.timer(self.resolution_s, self.resolution_s)
+            # ref=False: a wheel alone does not keep the loop alive (an embedder's gevent.wait() returns).
+            self._timer = gevent.get_hub().loop.timer(self.resolution_s, self.resolution_s, ref=False)
             self._timer.start(self._expire)
         slot = int((time.monotonic() + timeout_s) / self.resolution_s) + (not early)
         if slot < self._next:

@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway import cursor as cursors
 from gateway.hub import Event, Hub, gap_event
-from gateway.transports.push import DEFAULT_SLOW_BYTES, SlowConsumer, _cut, chunk, event_cost, published_in, slices
+from gateway.transports.push import SlowConsumer, SocketStream, chunk, slices
 
 __all__ = ["MultiPusher"]
 
@@ -61,31 +61,8 @@ class _View:
         self.parent.wake_channel(self.channel)
 
 
-class MultiPusher:
-    __slots__ = (
-        "base",
-        "kind",
-        "chunked",
-        "_entries",
-        "_text",
-        "dead",
-        "bytes_sent",
-        "events_sent",
-        "_sock",
-        "_raw",
-        "_hold",
-        "views",
-        "_dirty",
-        "_backlog",
-        "_wakeup",
-        "_lock",
-        "_hub",
-        "behind",
-        "slow_bytes",
-        "slow",
-        "_writing",
-        "__weakref__",
-    )
+class MultiPusher(SocketStream):
+    __slots__ = ("base", "kind", "chunked", "_entries", "_text", "_hold", "views", "_dirty", "_hub", "__weakref__")
 
     def __init__(
         self,
@@ -96,27 +73,16 @@ class MultiPusher:
         event_class: Callable[[], Any] = threading.Event,
         lock_class: Callable[[], Any] = threading.Lock,
     ) -> None:
+        super().__init__(sock, event_class, lock_class)
         self.base = base  # "sse" | "ws"
         self.kind = base + "-multi" + ("-chunked" if chunked else "")
         self.chunked = chunked
         self._entries: dict[str, str] = {c: cursors.entry(c, pos) for c, pos in positions.items()}
         self._text: str | None = None  # the joined cursor, kept while _entries do not change
-        self.dead = False
-        self.bytes_sent = 0
-        self.events_sent = 0
-        self._sock = sock
-        self._raw = getattr(sock, "_sock", None)
         self._hold = 0 if self._raw is not None else 1
         self.views: dict[str, _View] = {c: _View(self, c, pos) for c, pos in positions.items()}
         self._dirty: set[str] = set(positions)  # channels to read from history on the next round
-        self._backlog = b""
-        self._wakeup = event_class()
-        self._lock = lock_class()
         self._hub: Hub | None = None
-        self.behind = 0
-        self.slow_bytes = DEFAULT_SLOW_BYTES
-        self.slow = False
-        self._writing = False
 
     @property
     def hold(self) -> int:
@@ -172,28 +138,7 @@ class MultiPusher:
             data, after = done
             self._entries[view.channel] = parts[-1][0]
             self._text = after
-        try:
-            sent = self._raw.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.dead = True
-            self.hold += 1
-            self._wakeup.set()
-            return
-        self.bytes_sent += sent
-        if sent < len(data):
-            self._backlog = data[sent:]
-            self.hold += 1
-            self._wakeup.set()
-
-    def lag(self, nbytes: int) -> None:
-        self.behind += nbytes
-        if self.behind > self.slow_bytes and not self.slow:
-            self.slow = True
-            self._wakeup.set()
-            if self._writing:
-                _cut(self._sock)
+        self._send_now(data)
 
     def wake_channel(self, channel: str) -> None:
         self._dirty.add(channel)
@@ -202,24 +147,7 @@ class MultiPusher:
     def wake(self) -> None:
         self._wakeup.set()
 
-    @property
-    def wakeup(self) -> Any:
-        return self._wakeup
-
     # -- called from the connection's own greenlet ------------------------------------------------
-    def write(self, data: bytes) -> None:
-        self.hold += 1
-        try:
-            with self._lock:
-                self._writing = True
-                try:
-                    self._sock.sendall(data)
-                finally:
-                    self._writing = False
-            self.bytes_sent += len(data)
-        finally:
-            self.hold -= 1
-
     def add(self, channel: str, position: str) -> None:
         if channel in self.views:
             return
@@ -275,12 +203,7 @@ class MultiPusher:
     def _catch_up(self, hub: Hub, limit: int) -> None:
         self.hold += 1
         try:
-            if self._backlog:
-                data, self._backlog = self._backlog, b""
-                try:
-                    self.write(data)
-                finally:
-                    self.hold -= 1  # the backlog's hold
+            self._write_backlog()
             while self._dirty and not self.dead:
                 if self.slow:
                     raise SlowConsumer()
@@ -293,14 +216,7 @@ class MultiPusher:
                 events = [gap_event(batch, start), *batch.events] if batch.gap else batch.events
                 for group in slices(events):
                     parts = [(e.cursor_entry(channel), e.multi_part(channel, self.base)) for e in group]
-                    data = self._compose(channel, parts)
-                    self.write(data)
-                    published = published_in(group)
-                    self.events_sent += published
-                    hub.observer.caught_up(self.kind, published, len(data))
-                    self.behind = max(0, self.behind - event_cost(group))  # written: no longer owed
-                    if self.slow:
-                        raise SlowConsumer()
+                    self._write_history(hub, group, self._compose(channel, parts))
                 view.cursor = batch.cursor
                 self._set_entry(channel, cursors.entry(channel, batch.cursor))
                 if batch.more:

@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway.hub import Event, Hub, gap_event
 
-__all__ = ["Pusher", "SlowConsumer", "chunk", "sse_encoder", "ws_encode", "DEFAULT_SLOW_BYTES"]
+__all__ = ["Pusher", "SocketStream", "SlowConsumer", "chunk", "sse_encoder", "ws_encode", "DEFAULT_SLOW_BYTES"]
 
 Encode = Callable[[list[Event]], bytes]
 DEFAULT_SLOW_BYTES = 1 << 20
@@ -79,16 +79,16 @@ def ws_encode(events: list[Event]) -> bytes:
     return b"".join([e.ws for e in events])
 
 
-class Pusher:
+class SocketStream:
+    """What a stream's pushers share (Pusher here, MultiPusher for several channels): the client
+    socket the publisher writes to without blocking, the unsent backlog of such a write, the
+    slow-consumer cut, and the blocking writes of the stream's own greenlet. A subclass gives
+    `hold` (an attribute, or a property it mirrors elsewhere) and wake()."""
+
     __slots__ = (
-        "kind",
-        "cursor",
-        "hold",
-        "encode",
         "dead",
         "_sock",
         "_raw",
-        "_dirty",
         "_backlog",
         "_wakeup",
         "_lock",
@@ -99,27 +99,14 @@ class Pusher:
         "events_sent",
         "_writing",
     )
+    hold: int
+    kind: str
 
-    def __init__(
-        self,
-        sock: Any,
-        kind: str,
-        encode: Encode,
-        cursor: str,
-        event_class: Callable[[], Any] = threading.Event,
-        lock_class: Callable[[], Any] = threading.Lock,
-    ) -> None:
-        self.kind = kind
-        self.encode = encode
-        self.cursor = cursor
+    def __init__(self, sock: Any, event_class: Callable[[], Any], lock_class: Callable[[], Any]) -> None:
         self.dead = False
         self._sock = sock  # blocking API (gevent: waits by yielding)
         # Under gevent the OS socket below is non-blocking: a send there never switches greenlets.
         self._raw = getattr(sock, "_sock", None)
-        # Above 0 while the publisher must not write: a catch-up, a blocking write (ours or a
-        # protocol library's ping), an unsent backlog, or no non-blocking socket at all.
-        self.hold = 0 if self._raw is not None else 1
-        self._dirty = False  # woken while busy: read history once more before going idle
         self._backlog = b""  # the unsent tail of a pushed write
         self._wakeup = event_class()
         self._lock = lock_class()  # one blocking writer at a time (e.g. a ping and a catch-up)
@@ -130,11 +117,12 @@ class Pusher:
         self.events_sent = 0
         self._writing = False
 
-    # -- called by the hub, from the publishing side; never blocks -------------------------
-    def push(self, data: bytes, cursor: str, events: int = 1) -> None:
-        """Called only when hold is 0 and the cursor is where these bytes start."""
-        self.events_sent += events
-        self.cursor = cursor  # these bytes are committed to this stream, sent now or from the backlog
+    def wake(self) -> None:
+        raise NotImplementedError
+
+    # -- from the publishing side; never blocks ----------------------------------------------
+    def _send_now(self, data: bytes) -> None:
+        """One non-blocking send; what the socket cannot take is left for the greenlet."""
         try:
             sent = self._raw.send(data)
         except BlockingIOError:
@@ -159,11 +147,12 @@ class Pusher:
             if self._writing:  # stuck in a write to a client that stopped reading: cut it
                 _cut(self._sock)
 
-    def wake(self) -> None:
-        self._dirty = True
-        self._wakeup.set()
+    # -- from the subscriber's own greenlet ----------------------------------------------------
+    @property
+    def wakeup(self) -> threading.Event:
+        """The event this subscriber's greenlet waits on; setting it runs one more round."""
+        return self._wakeup
 
-    # -- called from the subscriber's own greenlet -----------------------------------------
     def write(self, data: bytes) -> None:
         """A blocking write that the publisher will not interleave with."""
         self.hold += 1
@@ -178,11 +167,59 @@ class Pusher:
         finally:
             self.hold -= 1
 
-    @property
-    def wakeup(self) -> threading.Event:
-        """The event this subscriber's greenlet waits on; setting it runs one more round."""
-        return self._wakeup
+    def _write_backlog(self) -> None:
+        """Out with what a pushed write left unsent (under the hold _send_now took for it)."""
+        if self._backlog:
+            data, self._backlog = self._backlog, b""
+            try:
+                self.write(data)
+            finally:
+                self.hold -= 1  # the backlog's hold
 
+    def _write_history(self, hub: Hub, group: list[Event], data: bytes) -> None:
+        """Write `data`, these events read back from history, and count them."""
+        self.write(data)
+        published = published_in(group)
+        self.events_sent += published
+        hub.observer.caught_up(self.kind, published, len(data))
+        self.behind = max(0, self.behind - event_cost(group))  # written: no longer owed
+        if self.slow:
+            raise SlowConsumer()
+
+
+class Pusher(SocketStream):
+    __slots__ = ("kind", "cursor", "hold", "encode", "_dirty")
+
+    def __init__(
+        self,
+        sock: Any,
+        kind: str,
+        encode: Encode,
+        cursor: str,
+        event_class: Callable[[], Any] = threading.Event,
+        lock_class: Callable[[], Any] = threading.Lock,
+    ) -> None:
+        super().__init__(sock, event_class, lock_class)
+        self.kind = kind
+        self.encode = encode
+        self.cursor = cursor
+        # Above 0 while the publisher must not write: a catch-up, a blocking write (ours or a
+        # protocol library's ping), an unsent backlog, or no non-blocking socket at all.
+        self.hold = 0 if self._raw is not None else 1
+        self._dirty = False  # woken while busy: read history once more before going idle
+
+    # -- called by the hub, from the publishing side; never blocks -------------------------
+    def push(self, data: bytes, cursor: str, events: int = 1) -> None:
+        """Called only when hold is 0 and the cursor is where these bytes start."""
+        self.events_sent += events
+        self.cursor = cursor  # these bytes are committed to this stream, sent now or from the backlog
+        self._send_now(data)
+
+    def wake(self) -> None:
+        self._dirty = True
+        self._wakeup.set()
+
+    # -- called from the subscriber's own greenlet -----------------------------------------
     def serve(
         self,
         hub: Hub,
@@ -223,24 +260,12 @@ class Pusher:
                 if self.slow:
                     raise SlowConsumer()
                 self._dirty = False
-                if self._backlog:
-                    data, self._backlog = self._backlog, b""
-                    try:
-                        self.write(data)
-                    finally:
-                        self.hold -= 1  # the backlog's hold
+                self._write_backlog()
                 cursor = self.cursor
                 batch = hub.read(channel, cursor, limit)
                 events = [gap_event(batch, cursor), *batch.events] if batch.gap else batch.events
                 for group in slices(events):
-                    data = self.encode(group)
-                    self.write(data)
-                    published = published_in(group)
-                    self.events_sent += published
-                    hub.observer.caught_up(self.kind, published, len(data))
-                    self.behind = max(0, self.behind - event_cost(group))  # written: no longer owed
-                    if self.slow:
-                        raise SlowConsumer()
+                    self._write_history(hub, group, self.encode(group))
                 if not events and not self._dirty:
                     self.behind = 0  # up to date
                     return

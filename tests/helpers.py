@@ -70,6 +70,15 @@ def wait_until(
     raise RuntimeError(f"{what} did not become ready:\n{log()}")
 
 
+def wait_for(check: Callable[[], object], what: str, timeout: float = 15) -> None:
+    """Poll check() until it is true; fail naming `what` when time runs out."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def port_open(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=0.5):
         return True

@@ -3,7 +3,6 @@ what they say matches what was published and who is connected."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +11,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.clients import SSEClient, WSClient
-from tests.helpers import Gateway
+from tests.helpers import Gateway, wait_for
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
 
 
@@ -29,15 +28,6 @@ def redis_up(gw: Gateway) -> float:
         if family.name == "gateway_redis_up":
             return family.samples[0].value
     raise AssertionError("no gateway_redis_up")
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_channel_matches_what_was_published(start_gateway: Callable[..., Gateway], channel: str) -> None:

@@ -19,7 +19,7 @@ from typing import TypeVar
 import pytest
 
 from tests.chaos import GAP, Publisher, ResettingRelay, Subscriber, exactly_once_or_gap, settle, subscribe
-from tests.helpers import Gateway
+from tests.helpers import Gateway, wait_for
 from tests.redis_server import RedisServer
 from tests.test_workers import Workers
 from tests.upstreams import Upstream
@@ -94,9 +94,9 @@ def test_a_worker_killed_mid_publish_loses_and_duplicates_nothing(redis: RedisSe
             # c1's next publish waits on a worker for its last body byte; c2's publisher goes on.
             victim = pubs[0].hold_next()
             os.kill(victim, signal.SIGKILL)
-            _wait_for(lambda: pubs[0].held and pubs[0].held[-1] in pubs[0].acked, "the cut publish is retried", 15)
+            wait_for(lambda: pubs[0].held and pubs[0].held[-1] in pubs[0].acked, "the cut publish is retried", 15)
             # The parent restarts the worker; publishes and clients retry meanwhile.
-            _wait_for(lambda: (p := gw.pids()) and len(p) == 2 and victim not in p, "two workers answer again", 30)
+            wait_for(lambda: (p := gw.pids()) and len(p) == 2 and victim not in p, "two workers answer again", 30)
 
         counts, pubs = _run(gw.url, gw, kill_a_worker, ("c1", "c2"), allow_gap=False, each=2)
         # The publish in flight at the kill saw its connection break unanswered, and its retry with
@@ -107,13 +107,6 @@ def test_a_worker_killed_mid_publish_loses_and_duplicates_nothing(redis: RedisSe
         assert "restarting in" in gw.log()
     finally:
         gw.stop()
-
-
-def _wait_for(check: Callable[[], object], what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
 
 
 def test_redis_stopped_ten_seconds_then_continued(redis: RedisServer, tmp_path: Path):

@@ -19,7 +19,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.clients import SSEClient, WSClient, longpoll
-from tests.helpers import Gateway, free_port
+from tests.helpers import Gateway, free_port, wait_for
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
 
 OPERATOR = "operator-secret-1234"
@@ -42,15 +42,6 @@ def scrape(gw: Gateway, **kwargs: Any) -> dict[tuple[str, tuple[tuple[str, str],
 
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -74,11 +74,26 @@ _DIGITS = re.compile(r"[0-9]+")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
 
 
+def origin_form(target: str) -> str:
+    """A request target as a path: the absolute form (`GET http://host/poll/a`), which a server
+    must accept (RFC 9112 section 3.2.2), names the same resource as its path and query."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or "/" in scheme:
+        return target
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    path = rest[cut:]
+    return path if path.startswith("/") else "/" + path
+
+
 def check_framing(method: str, version: str, headers: Any) -> None:
     """Refuse a head whose meaning two parsers could disagree on (RFC 9112 sections 5 and 6):
     the gateway, and the upstream app behind [proxy], must see the same message."""
     if not _TOKEN.fullmatch(method):
         raise Refused("400", "bad_method", "the request method is not a valid token")
+    if getattr(headers, "defects", None) or (hasattr(headers, "get_payload") and headers.get_payload()):
+        # A line that is not `name: value` (e.g. a space in the name): Python's parser would
+        # stop there and silently drop every header after it.
+        raise Refused("400", "bad_header", "a header line is not 'name: value' with a valid token as its name")
     for name, value in headers.items():
         if not _TOKEN.fullmatch(name):
             raise Refused("400", "bad_header", "a header field name is not a valid token")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import http.client
 import io
 import logging
 import os
@@ -18,10 +19,17 @@ import gevent
 from flask import Flask
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from gateway.config import ServerConfig
+from gateway.config import ServerConfig, listen_error
 from gateway.connlog import AccessLog
-from gateway.errors import ConfigError
-from gateway.heads import HeadReader, Refused, check_framing, forget_unread_headers, head_too_big, refusal
+from gateway.heads import (
+    HeadReader,
+    Refused,
+    check_framing,
+    forget_unread_headers,
+    head_too_big,
+    origin_form,
+    refusal,
+)
 from gateway.hub import WaitAbandoned
 from gateway.publish import FastPublish
 from gateway.redact import redact_text
@@ -63,6 +71,7 @@ class _Handler(WSGIHandler):
         self._head_timer: gevent.Timeout | None = None
         self._head_started: float | None = None  # monotonic time a head in progress began
         self._requests = 0
+        self._detached = False
 
     def handle(self) -> None:
         # Keep-alive long polls first (see transports/pollloop.py): it hands the connection back,
@@ -74,7 +83,10 @@ class _Handler(WSGIHandler):
             with self.server.coarse_waits.watching(self.socket):
                 rest = loop.serve(guarded, self.client_address, self._log_long_poll if logged else None)
             if rest is None:
-                return  # the connection is done; the server closes it
+                # The connection is done. The server closes the socket, but a socket closes for
+                # real only once its file objects have: the read buffer's, now.
+                self.rfile.close()
+                return
             # A head the loop started reading keeps its deadline here.
             self._requests, self._head_started = guarded.answered, guarded.head_started
             if rest:
@@ -168,9 +180,12 @@ class _Handler(WSGIHandler):
         rfile = self.rfile
         self.rfile = HeadReader(rfile, budget)
         try:
-            return super().read_request(raw_requestline)
+            ok = super().read_request(raw_requestline)
         finally:
             self.rfile = rfile
+        if ok:
+            self.path = origin_form(self.path)
+        return ok
 
     def MessageClass(self, *args: Any) -> Any:  # noqa: N802 (pywsgi's name)
         # The headers as parsed, checked before pywsgi reads Content-Length or Transfer-Encoding.
@@ -182,6 +197,9 @@ class _Handler(WSGIHandler):
     def _handle_client_error(self, ex: Exception):  # noqa: ANN202 (gevent's protocol)
         if isinstance(ex, Refused):
             return (ex.status, refusal(ex.status, ex.code, ex.detail))
+        if isinstance(ex, http.client.HTTPException):  # Python's parser: more than 100 headers
+            detail = "the request has more header lines than the gateway reads (100); send fewer"
+            return ("431", refusal("431", "too_many_headers", detail))
         return super()._handle_client_error(ex)
 
     def get_environ(self) -> dict:
@@ -193,9 +211,22 @@ class _Handler(WSGIHandler):
         env = super().get_environ()
         env["gateway.socket"] = self.socket
         env["gateway.chunked"] = lambda: self.response_use_chunked
+        env["gateway.detach"] = self._detach
         # The parsed headers are copied into environ; a stream would otherwise keep both for its life.
         self.headers = None
         return env
+
+    def _detach(self) -> Callable[[], None]:
+        """A stream takes this connection over (gateway/readwatch.py's park): pywsgi neither ends
+        its response nor closes its socket, and this greenlet goes, with its saved stack and
+        the request's objects, while the stream waits for events. Returns what the stream calls
+        once it has closed the socket."""
+        self._detached = True
+        self.close_connection = True
+        self.response_use_chunked = False  # the stream writes the body's last chunk itself
+        sock, streams = self.socket, self.server.detached_streams
+        streams.add(sock)
+        return lambda: streams.discard(sock)
 
     def format_request(self) -> str:
         # The access log line: a request line may carry ?token= (browsers' EventSource and
@@ -209,11 +240,34 @@ class _Handler(WSGIHandler):
 
     def handle_one_response(self) -> None:
         super().handle_one_response()
+        if self._detached:
+            self.socket = None  # pywsgi's handle() closes the socket it still has: not ours now
+            return
         # A WebSocket wrote its own 101 (pywsgi never saw it): once it has ended, the connection
         # is done. Otherwise pywsgi would wait on it for another HTTP request, and read the
         # client's closing frame as one.
         if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             self.close_connection = True
+
+
+class _Server(WSGIServer):
+    """pywsgi's server, except that it leaves open the connections streams took over."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.detached_streams: set[Any] = set()  # their sockets, until each stream has closed its own
+
+    def do_close(self, sock: Any, *args: Any) -> None:
+        if sock not in self.detached_streams:
+            super().do_close(sock, *args)
+
+    def drain_detached(self, deadline: float) -> None:
+        """Shutting down: streams the loop holds (no greenlet the server could wait for) say
+        goodbye on their own; wait for them until the deadline, then cut what is left."""
+        while self.detached_streams and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        for sock in list(self.detached_streams):
+            _hang_up(sock)
 
 
 def _remaining(timeout_s: float, started: float | None) -> float:
@@ -513,7 +567,7 @@ def serve(app: Flask) -> None:
     config, hub, services = st.config, st.hub, st.services
     # A worker (gateway/workers.py) serves on the socket its parent bound; a lone process binds.
     inherited = inherited_socket()
-    server = WSGIServer(
+    server = _Server(
         inherited if inherited is not None else (config.server.host, config.server.port),
         app,
         handler_class=_Handler,
@@ -543,10 +597,7 @@ def serve(app: Flask) -> None:
     try:
         server.start()
     except OSError as exc:  # e.g. the port is taken: a config problem, said in one line
-        raise ConfigError(
-            f"server.port: cannot listen on {config.server.host}:{config.server.port} ({exc.strerror}); "
-            "set PORT to a free port or stop what holds it"
-        ) from None
+        raise listen_error(config.server.host, config.server.port, exc) from None
     if inherited is None:
         log.info("gateway listening on http://%s:%d", config.server.host, server.server_port)
     else:
@@ -571,5 +622,6 @@ def serve(app: Flask) -> None:
         service.stop()
     # Give streams a moment to write their goodbye, then cut what is left.
     server.stop(timeout=config.server.shutdown_grace_s)
+    server.drain_detached(started + config.server.shutdown_grace_s)
     hub.store.close()
     log.info("stopped in %.1f s", time.monotonic() - started)

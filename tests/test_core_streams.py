@@ -74,6 +74,24 @@ def test_sse_gap_event_comes_before_the_next_real_event(gateway, channel):
     assert poll(gateway.url, channel, events[0]["id"])["gap"] is False
 
 
+def test_sse_head_gets_the_headers_and_no_stream(gateway, channel):
+    # The next request on the same connection must be answered right after HEAD's headers:
+    # no body, no chunk terminator, no stream that events would later be written into.
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(
+            f"HEAD /sse/{channel} HTTP/1.1\r\nHost: x\r\n\r\n"
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        gateway.publish(channel, "not for a HEAD")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+    assert rest.startswith(b"HTTP/1.1 200"), rest[:80]
+    assert b"not for a HEAD" not in raw
+
+
 def test_sse_padding_is_sent_first_when_configured(start_gateway, channel):
     gw = start_gateway({"sse": {"padding_bytes": 2048}})
     with SSEClient(f"{gw.url}/sse/{channel}") as sse:

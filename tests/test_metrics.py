@@ -451,8 +451,10 @@ def test_connection_gauges_follow_open_connections(start_gateway: Callable[..., 
         wait_for(lambda: open_now("sse") == 2 and open_now("ws") == 3, "2 SSE and 3 WebSocket connections")
         wait_for(lambda: open_now("longpoll") == 1, "the held long poll")
         assert value(scrape(gw), "gateway_longpolls_held") == 1
-        # A greenlet per connection at least (gateway_greenlets, counted at scrape time).
-        assert value(scrape(gw), "gateway_greenlets") >= value(base, "gateway_greenlets") + 6
+        # gateway_greenlets (counted at scrape time): the held long poll waits in a greenlet; the
+        # five idle streams hold none (readwatch.park), so they cost a few objects each.
+        greenlets = value(scrape(gw), "gateway_greenlets") - value(base, "gateway_greenlets")
+        assert 1 <= greenlets < 6, greenlets
         gw.publish(channel, "release")  # answers the long poll
         held.join(15)
         wait_for(lambda: open_now("longpoll") == 0, "the long poll to be answered")

@@ -167,6 +167,21 @@ def _post(path: str, body: bytes, extra: str = "") -> bytes:
     return head.encode() + body
 
 
+def test_a_refused_publish_with_connection_close_is_closed_at_once(start_gateway, channel):
+    # Not left to the garbage collector: a client flooding refused publishes would hold
+    # descriptors (CLOSE-WAIT) until it ran.
+    gw = start_gateway({})
+    for auth in ("", f"Authorization: Bearer {TOKEN}\r\n"):
+        conn = _Conn(gw.port)
+        try:
+            conn.send(_post(f"/publish/{channel}", b"x", "Connection: close\r\n" + auth))
+            status, headers, _ = conn.answer()
+            assert status == (202 if auth else 401) and headers.get("connection") == "close"
+            assert conn.file.read() == b""  # closed by the gateway, within the socket's timeout
+        finally:
+            conn.close()
+
+
 def test_pipelined_keep_alive_publishes_are_answered_in_order_with_the_contract_errors(start_gateway, channel):
     gw = start_gateway({})
     auth = f"Authorization: Bearer {TOKEN}\r\n"

@@ -141,6 +141,35 @@ def test_a_head_under_the_cap_is_served(gw: Gateway) -> None:
     assert "Traceback" not in gw.log()
 
 
+def test_an_absolute_form_target_names_its_path(gw: Gateway) -> None:
+    # RFC 9112 section 3.2.2: a server must accept `GET http://host/path` (proxies send it).
+    for target, status in (
+        (f"http://127.0.0.1:{gw.port}/poll/abs?since=0-0", 200),
+        (f"HTTP://127.0.0.1:{gw.port}/healthz", 200),
+        (f"http://127.0.0.1:{gw.port}/poll/bad%20name", 400),
+    ):
+        sock = _connect(gw)
+        try:
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            got, body = _read_response(sock)
+            assert got == status, (target, body)
+        finally:
+            sock.close()
+
+
+def test_more_than_a_hundred_headers_is_a_clean_400(gw: Gateway) -> None:
+    lines = "".join(f"X-H{i}: v\r\n" for i in range(120))
+    sock = _connect(gw)
+    try:
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode())
+        status, body = _read_response(sock)
+        assert status in (400, 431) and body["error"], body
+    finally:
+        sock.close()
+    time.sleep(0.2)
+    assert "Traceback" not in gw.log()
+
+
 def test_head_config_keys() -> None:
     server = from_mapping({}).server
     assert (server.head_timeout_s, server.max_head_bytes) == (10.0, 32_768)

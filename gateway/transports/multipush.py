@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway import cursor as cursors
 from gateway.hub import Event, Hub, gap_event
-from gateway.transports.push import SlowConsumer, SocketStream, chunk, slices
+from gateway.transports.push import Rounds, SlowConsumer, SocketStream, chunk, run_blocking, slices
 
 __all__ = ["MultiPusher"]
 
@@ -176,6 +176,18 @@ class MultiPusher(SocketStream):
     ) -> None:
         """As Pusher.serve, over every channel; idle_s() is asked each round (it may shrink as
         a token's expiry nears)."""
+        run_blocking(self.rounds(hub, limit, idle_s, on_idle, alive, on_wake))
+
+    def rounds(
+        self,
+        hub: Hub,
+        limit: int,
+        idle_s: Callable[[], float],
+        on_idle: Callable[[], None],
+        alive: Callable[[], bool] = lambda: True,
+        on_wake: Callable[[], None] | None = None,
+    ) -> Rounds[None]:
+        """serve() as Rounds (see push.py)."""
         self._hub = hub
         for channel, view in self.views.items():
             hub.attach(channel, view)
@@ -189,12 +201,9 @@ class MultiPusher(SocketStream):
                     on_wake()
                 if self._dirty:
                     continue
-                if not self._wakeup.wait(idle_s()) and alive():
-                    self.hold += 1
-                    try:
-                        on_idle()
-                    finally:
-                        self.hold -= 1
+                woken = yield self._wakeup, idle_s()
+                if not woken and alive():
+                    self._idle(on_idle)
         finally:
             for channel, view in list(self.views.items()):
                 hub.detach(channel, view)

@@ -12,14 +12,30 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
 
 from gateway.hub import Event, Hub, gap_event
 
-__all__ = ["Pusher", "SocketStream", "SlowConsumer", "chunk", "sse_encoder", "ws_encode", "DEFAULT_SLOW_BYTES"]
+__all__ = [
+    "Pusher",
+    "Rounds",
+    "SocketStream",
+    "SlowConsumer",
+    "chunk",
+    "run_blocking",
+    "sse_encoder",
+    "ws_encode",
+    "DEFAULT_SLOW_BYTES",
+]
 
 Encode = Callable[[list[Event]], bytes]
+T = TypeVar("T")
+# A stream's life as rounds: between two rounds it yields (the event that wakes it, how long to
+# wait for it at most, None for ever) and is sent whether it was woken (False: the wait ran out).
+# Its return value is the stream's last words. Driven by run_blocking() here, or without a
+# greenlet between rounds by gateway/readwatch.py's park().
+Rounds = Generator[tuple[Any, "float | None"], bool, T]
 DEFAULT_SLOW_BYTES = 1 << 20
 WRITE_SLICE = 64 * 1024  # a catch-up writes at most this much per write, so memory per subscriber stays small
 
@@ -176,6 +192,14 @@ class SocketStream:
             finally:
                 self.hold -= 1  # the backlog's hold
 
+    def _idle(self, on_idle: Callable[[], None]) -> None:
+        """A wait ran out: on_idle() (a heartbeat, a ping) writes, and the publisher must not."""
+        self.hold += 1
+        try:
+            on_idle()
+        finally:
+            self.hold -= 1
+
     def _write_history(self, hub: Hub, group: list[Event], data: bytes) -> None:
         """Write `data`, these events read back from history, and count them."""
         self.write(data)
@@ -234,6 +258,19 @@ class Pusher(SocketStream):
         Each round catches up from history, then runs on_wake(); on_idle() runs after idle_s
         without a wake-up (a heartbeat); idle_s may be a function, asked each round (it shrinks as
         a token's expiry nears). Socket errors propagate."""
+        run_blocking(self.rounds(hub, channel, limit, idle_s, on_idle, alive, on_wake))
+
+    def rounds(
+        self,
+        hub: Hub,
+        channel: str,
+        limit: int,
+        idle_s: float | Callable[[], float],
+        on_idle: Callable[[], None],
+        alive: Callable[[], bool] = lambda: True,
+        on_wake: Callable[[], None] | None = None,
+    ) -> Rounds[None]:
+        """serve() as Rounds, for a driver that holds no greenlet while the stream waits."""
         hub.attach(channel, self)
         try:
             while not hub.closing and not self.dead and alive():
@@ -243,13 +280,9 @@ class Pusher(SocketStream):
                     break
                 if on_wake is not None:
                     on_wake()
-                idle = idle_s() if callable(idle_s) else idle_s
-                if not self._wakeup.wait(idle) and alive():
-                    self.hold += 1
-                    try:
-                        on_idle()
-                    finally:
-                        self.hold -= 1
+                woken = yield self._wakeup, idle_s() if callable(idle_s) else idle_s
+                if not woken and alive():
+                    self._idle(on_idle)
         finally:
             hub.detach(channel, self)
 
@@ -272,6 +305,16 @@ class Pusher(SocketStream):
                 self.cursor = batch.cursor
         finally:
             self.hold -= 1
+
+
+def run_blocking(rounds: Rounds[T]) -> T:
+    """Drive a stream's rounds in the calling greenlet (or thread): it waits between them."""
+    try:
+        event, idle = next(rounds)
+        while True:
+            event, idle = rounds.send(event.wait(idle))
+    except StopIteration as stop:
+        return stop.value
 
 
 STREAM_SEND_BUFFER = 256 * 1024

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, request
@@ -11,7 +11,7 @@ from flask import Blueprint, Response, request
 from gateway.admission import Ticket
 from gateway.config import Config
 from gateway.hub import Hub, gap_event
-from gateway.readwatch import ReadWatch, watchable
+from gateway.readwatch import ReadWatch, park, parkable, watchable
 from gateway.transports.common import (
     admission,
     admit,
@@ -22,7 +22,15 @@ from gateway.transports.common import (
     positions,
 )
 from gateway.transports.multipush import MultiPusher
-from gateway.transports.push import Pusher, SlowConsumer, bound_send_buffer, chunk, sse_encoder
+from gateway.transports.push import (
+    Pusher,
+    Rounds,
+    SlowConsumer,
+    bound_send_buffer,
+    chunk,
+    run_blocking,
+    sse_encoder,
+)
 
 __all__ = ["bp"]
 
@@ -40,6 +48,9 @@ MAX_PADDING = 65536
 @bp.get("/sse/<path:channel>")
 def stream(channel: str) -> Response:
     ticket = admit("sse", channel)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if request.method == "HEAD":  # a GET's headers (once admitted), and no stream behind them
+        return Response(b"", mimetype="text/event-stream", headers=headers)
     gateway = hub()
     cfg = config()
     starts = positions(ticket, gateway)
@@ -54,7 +65,6 @@ def stream(channel: str) -> Response:
         head += b":" + b" " * padding + b"\n\n"
     head += f"retry: {cfg.sse.retry_ms}\n\n".encode()
     body = _events(gateway, ticket, starts, head, cfg, request.environ)
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return Response(body, mimetype="text/event-stream", headers=headers, direct_passthrough=True)
 
 
@@ -62,13 +72,24 @@ def _events(
     gateway: Hub, ticket: Ticket, starts: dict[str, str], head: bytes, cfg: Config, environ: dict
 ) -> Iterator[bytes]:
     """The stream's body; runs after the view has returned, outside the app context. The server
-    closes it however the stream ends, which closes the ticket."""
+    closes it however the stream ends, which closes the ticket, unless the stream took the
+    connection over (then _end() closes both)."""
     ticket.open()
+    owned = True  # False once the stream has the connection (and the ticket) to itself
     try:
         yield head  # the server sends the headers with it; from here on the socket is ours
         sock, chunked = environ.get("gateway.socket"), environ.get("gateway.chunked")
         if sock is not None and chunked is not None:
-            tail = _push(gateway, ticket, starts, cfg, sock, chunked())
+            framed = chunked()
+            pusher, rounds = _stream(gateway, ticket, starts, cfg, sock, framed)
+            detach = environ.get("gateway.detach")
+            if detach is not None and parkable(pusher.wakeup):
+                # No greenlet while the stream waits: an idle stream costs its few objects.
+                release = detach()
+                owned = False
+                park(rounds, lambda tail: _end(ticket, sock, framed, tail, release))
+                return
+            tail = run_blocking(rounds)
             if tail:
                 yield tail
             return
@@ -89,31 +110,39 @@ def _events(
             yield data
         yield EXPIRED if not alive_until_expiry(ticket) else RECONNECT_HINT
     finally:
-        ticket.close()
+        if owned:
+            ticket.close()
 
 
-def _push(gateway: Hub, ticket: Ticket, starts: dict[str, str], cfg: Config, sock: Any, framed: bool) -> bytes:
-    """Serve the stream on the fast path (push.py) until it ends; the last words (for the
-    server to send: it frames what the body yields, unlike what the pusher writes itself)."""
+def _stream(
+    gateway: Hub, ticket: Ticket, starts: dict[str, str], cfg: Config, sock: Any, framed: bool
+) -> tuple[Pusher | MultiPusher, Rounds[bytes]]:
+    """The stream on the fast path (push.py): its pusher, and its rounds, which end with the
+    last words (unframed) for the client."""
     heartbeat_s, limit, slow_bytes = cfg.sse.heartbeat_s, cfg.poll.max_batch, cfg.limits.slow_consumer_bytes
     bound_send_buffer(sock, slow_bytes)
-    heartbeat = chunk(HEARTBEAT) if framed else HEARTBEAT
-    alive = lambda: alive_until_expiry(ticket)  # noqa: E731
-    idle = lambda: idle_until_expiry(ticket, heartbeat_s)  # noqa: E731
     pusher: Pusher | MultiPusher
     if ticket.multi:
         pusher = MultiPusher(sock, "sse", starts, framed)
     else:
-        ((channel, cursor),) = starts.items()
         kind, encode = sse_encoder(framed)
-        pusher = Pusher(sock, kind, encode, cursor)
+        pusher = Pusher(sock, kind, encode, *starts.values())
     pusher.slow_bytes = slow_bytes
+    return pusher, _rounds(gateway, ticket, sock, pusher, limit, heartbeat_s, framed)
+
+
+def _rounds(
+    gateway: Hub, ticket: Ticket, sock: Any, pusher: Pusher | MultiPusher, limit: int, heartbeat_s: float, framed: bool
+) -> Rounds[bytes]:
+    heartbeat = chunk(HEARTBEAT) if framed else HEARTBEAT
+    alive = lambda: alive_until_expiry(ticket)  # noqa: E731
+    idle = lambda: idle_until_expiry(ticket, heartbeat_s)  # noqa: E731
     hangup = _watch_for_hangup(sock, pusher)
     try:
         if isinstance(pusher, MultiPusher):
-            pusher.serve(gateway, limit, idle, lambda: pusher.write(heartbeat), alive)
+            yield from pusher.rounds(gateway, limit, idle, lambda: pusher.write(heartbeat), alive)
         else:
-            pusher.serve(gateway, channel, limit, idle, lambda: pusher.write(heartbeat), alive)
+            yield from pusher.rounds(gateway, ticket.channels[0], limit, idle, lambda: pusher.write(heartbeat), alive)
     except SlowConsumer:
         ticket.end_reason = "slow_consumer"
         _try_send(sock, chunk(SLOW) if framed else SLOW)
@@ -128,12 +157,26 @@ def _push(gateway: Hub, ticket: Ticket, starts: dict[str, str], cfg: Config, soc
         ticket.bytes_sent, ticket.events_sent = pusher.bytes_sent, pusher.events_sent
     if not alive_until_expiry(ticket):
         ticket.end_reason = "token_expired"
-        tail = EXPIRED
-    else:
-        if gateway.closing:
-            ticket.end_reason = "shutdown"
-        tail = RECONNECT_HINT
-    return tail  # yielded to the server, which frames it like the head
+        return EXPIRED
+    if gateway.closing:
+        ticket.end_reason = "shutdown"
+    return RECONNECT_HINT
+
+
+def _end(ticket: Ticket, sock: Any, framed: bool, tail: bytes | None, release: Callable[[], None]) -> None:
+    """The end of a stream that had the connection to itself: its last words and the body's
+    last chunk, then the socket and the ticket closed, as the server would have."""
+    try:
+        if tail is not None:
+            sock.sendall((chunk(tail) if tail else b"") + b"0\r\n\r\n" if framed else tail)
+    except OSError:
+        pass  # the client is gone
+    finally:
+        try:
+            sock.close()
+        finally:
+            release()
+            ticket.close()
 
 
 def _watch_for_hangup(sock: Any, pusher: Pusher | MultiPusher) -> ReadWatch | None:

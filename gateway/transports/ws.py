@@ -8,7 +8,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
@@ -22,11 +22,11 @@ from gateway.errors import BadRequest, error_response
 from gateway.heads import forget_unread_headers
 from gateway.hub import Hub
 from gateway.limits import Bucket
-from gateway.readwatch import ReadWatch, watchable
+from gateway.readwatch import ReadWatch, park, parkable, watchable
 from gateway.state import state
 from gateway.transports.common import admission, admit, alive_until_expiry, config, hub, idle_until_expiry, positions
 from gateway.transports.multipush import MultiPusher
-from gateway.transports.push import Pusher, SlowConsumer, bound_send_buffer, ws_encode
+from gateway.transports.push import Pusher, Rounds, SlowConsumer, bound_send_buffer, run_blocking, ws_encode
 
 __all__ = ["bp", "init_app"]
 
@@ -111,10 +111,17 @@ class _Upgraded(Response):
         self._conn = conn
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
-        return [] if self._conn is None else _body(self._conn)
+        return [] if self._conn is None else _body(self._conn, environ)
 
 
-def _body(conn: _Connection) -> Iterator[bytes]:
+def _body(conn: _Connection, environ: dict) -> Iterator[bytes]:
+    detach = environ.get("gateway.detach")
+    if detach is not None and parkable(conn.pusher.wakeup):
+        # No greenlet while the socket is idle: a frame, an event or a ping runs a round.
+        release = detach()
+        _forget_handshake(conn.ws)
+        park(_life(conn), lambda _: _end(conn, release))
+        return
     try:
         _serve(conn)
     finally:
@@ -122,15 +129,38 @@ def _body(conn: _Connection) -> Iterator[bytes]:
     yield from ()
 
 
+def _forget_handshake(ws: Any) -> None:
+    """Drop what only the handshake needed and an idle socket would keep for its whole life:
+    the request (simple-websocket keeps the environ) and wsproto's HTTP/1.1 parser (~2 KB)."""
+    ws.environ = None
+    handshake = getattr(ws.ws, "handshake", None)
+    if getattr(ws.ws, "connection", None) is not None and hasattr(handshake, "_h11_connection"):
+        handshake._h11_connection = None  # used only until the connection is established
+        handshake._initiating_request = None
+
+
 def _serve(conn: _Connection) -> None:
+    run_blocking(_life(conn))
+
+
+def _life(conn: _Connection) -> Rounds[None]:
     try:
-        conn.run()
+        yield from conn.rounds()
     except ConnectionClosed:
         pass
     try:
         conn.ws.close()
     except Exception:  # noqa: BLE001 (closed already, or the client is gone)
         pass
+
+
+def _end(conn: _Connection, release: Callable[[], None]) -> None:
+    """The end of a connection that had its socket to itself: closed, as the server would."""
+    try:
+        conn.raw_sock.close()
+    finally:
+        release()
+        conn.ticket.close()
 
 
 class _Connection:
@@ -189,7 +219,8 @@ class _Connection:
         self.pending: tuple[str, str] = ("", "")  # the channel a single-channel socket subscribed to
         self.reader: _FrameReader | None = None
 
-    def run(self) -> None:
+    def rounds(self) -> Rounds[None]:
+        """The connection's life (see push.py's Rounds)."""
         ws, ticket = self.ws, self.ticket
         if watchable(self.raw_sock):
             # No greenlet waits on an idle socket: a watcher notices the client's frames.
@@ -205,13 +236,11 @@ class _Connection:
                 pusher = self.pusher
                 alive = lambda: ws.connected and alive_until_expiry(ticket) and not self.switch_to_multi  # noqa: E731
                 idle = lambda: idle_until_expiry(ticket, ping_s)  # noqa: E731
+                limit, ping = self.cfg.poll.max_batch, self.keepalive.ping
                 if isinstance(pusher, MultiPusher):
-                    pusher.serve(self.hub, self.cfg.poll.max_batch, idle, self.keepalive.ping, alive, self.on_wake)
+                    yield from pusher.rounds(self.hub, limit, idle, ping, alive, self.on_wake)
                 else:
-                    channel = ticket.channels[0]
-                    pusher.serve(
-                        self.hub, channel, self.cfg.poll.max_batch, idle, self.keepalive.ping, alive, self.on_wake
-                    )
+                    yield from pusher.rounds(self.hub, ticket.channels[0], limit, idle, ping, alive, self.on_wake)
                 if not self.switch_to_multi:
                     break
                 self._become_multi()
@@ -442,6 +471,8 @@ def _full(frames: list) -> bool:
 class _HeldReader:
     """simple-websocket starts its reader thread as soon as the handshake is done; this holds
     it back until the connection is set up (see _Connection)."""
+
+    __slots__ = ("target", "name")
 
     def __init__(self, target: Any) -> None:
         self.target = target

@@ -8,6 +8,7 @@ the key and the fix; app.py prints it and exits.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import tomllib
@@ -324,6 +325,8 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} cannot be read); save it as UTF-8") from None
         except OSError as exc:
             raise ConfigError(f"GATEWAY_CONFIG: cannot read {path} ({exc.strerror})") from None
     elif explicit:
@@ -336,11 +339,34 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
                     value = int(value)
                 except ValueError:
                     raise ConfigError(f"PORT: must be a whole number (got {env[var]!r})") from None
+                _range("PORT", value, 0, 65535)
             data.setdefault(section, {})
             if not isinstance(data[section], dict):
                 raise ConfigError(f"{section}: must be a table")
+            if key in data[section]:  # a broken value in the file is an error, overridden or not
+                _check_overridden(section, key, data[section][key])
             data[section][key] = value
     return from_mapping(data)
+
+
+def _check_overridden(section: str, key: str, value: Any) -> None:
+    hint = get_type_hints(get_type_hints(Config)[section])[key]
+    checked = _convert(hint, value, f"{section}.{key}")
+    if key == "port":
+        _range(f"{section}.{key}", checked, 0, 65535)
+
+
+def listen_error(host: str, port: int, exc: OSError) -> ConfigError:
+    """Why the gateway cannot listen, as the one line that names the key to change."""
+    if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+        return ConfigError(
+            f"server.port: cannot listen on {host}:{port} ({exc.strerror}); "
+            "set PORT to a free port (above 1023 unless run as root) or stop what holds it"
+        )
+    return ConfigError(
+        f"server.host: cannot listen on {host}:{port} ({exc.strerror}); "
+        'set server.host to an address of this machine, e.g. "0.0.0.0" (all) or "127.0.0.1"'
+    )
 
 
 def from_mapping(data: dict[str, Any]) -> Config:

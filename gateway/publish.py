@@ -19,6 +19,7 @@ from typing import Any
 from flask import Blueprint, Response, request
 from flask.blueprints import BlueprintSetupState
 
+from gateway.admission import query_args
 from gateway.auth import Credentials
 from gateway.bodies import read_limited, read_stream
 from gateway.errors import BadRequest
@@ -48,7 +49,7 @@ def _install_fast_path(setup: BlueprintSetupState) -> None:
 @bp.post("/publish/<path:channel>")
 def publish(channel: str) -> Response:
     """Publishes with an Origin header (their CORS rules live in Flask) come this way."""
-    body = publish_request(state(), request.environ, channel, _read_flask_body, request.mimetype)
+    body = publish_request(state(), request.environ, channel, _read_flask_body)
     return Response(body, status=202, mimetype="application/json")
 
 
@@ -56,16 +57,17 @@ def _read_flask_body(limit: int) -> bytes:
     return read_limited(limit, _too_large(limit))
 
 
-def publish_request(st: State, environ: dict[str, Any], channel: str, read_body: ReadBody, mimetype: str) -> bytes:
+def publish_request(st: State, environ: dict[str, Any], channel: str, read_body: ReadBody) -> bytes:
     """Authorize, validate and publish one request; the 202 body, or raise BadRequest."""
     adm = st.admission
     assert adm is not None
-    creds = Credentials.from_environ(environ, None)  # never ?token= for a POST: it would be logged
+    # The Bearer header, else ?token= as on every route (the access log masks it; proxies may not).
+    creds = Credentials.from_environ(environ, query_args(environ.get("QUERY_STRING", "")).get("token"))
     principal = adm.auth.publish(channel, creds)
     channel = check_channel(channel)
     adm.check_publish(environ, channel, principal)
     key = _idempotency_key(environ.get("HTTP_IDEMPOTENCY_KEY"))
-    data, event = _parse_body(read_body(st.config.server.max_body_bytes), mimetype)
+    data, event = _parse_body(read_body(st.config.server.max_body_bytes), environ.get("CONTENT_TYPE", ""))
     ev = st.hub.publish(channel, data, event, idempotency_key=key)
     return (json.dumps({"id": ev.id, "channel": channel}, separators=(",", ":")) + "\n").encode()
 
@@ -92,9 +94,8 @@ class FastPublish:
     def answer(self, environ: dict[str, Any], read_body: ReadBody) -> tuple[int, list[tuple[str, str]], bytes, str]:
         """A publish without an Origin, whole: (status, headers, body, error code or "")."""
         path = environ.get("PATH_INFO", "")
-        mimetype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
         try:
-            body = publish_request(self.state, environ, path[len(PREFIX) :], read_body, mimetype)
+            body = publish_request(self.state, environ, path[len(PREFIX) :], read_body)
             return 202, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body, ""
         except Exception as raised:  # noqa: BLE001 (our JSON error shape for anything)
             exc = raised if isinstance(raised, BadRequest) else _internal(raised)
@@ -141,11 +142,26 @@ def _idempotency_key(key: str | None) -> str | None:
     return key
 
 
-def _parse_body(raw: bytes, mimetype: str) -> tuple[str, str]:
+def content_type(header: str) -> tuple[str, str]:
+    """(media type, charset) of a Content-Type header; the charset defaults to UTF-8."""
+    mimetype, _, params = header.partition(";")
+    charset = "utf-8"
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip(' "'):
+            charset = value.strip(' "').lower()
+    return mimetype.strip().lower(), charset
+
+
+def _parse_body(raw: bytes, header: str) -> tuple[str, str]:
+    """(data, event) from a publish body: its text in the declared charset (UTF-8 unless said)."""
+    mimetype, charset = content_type(header)
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("invalid_body", "the body must be UTF-8 text") from None
+        text = raw.decode(charset)
+    except LookupError:  # unknown, or a codec that is not a text encoding (e.g. base64)
+        raise BadRequest("invalid_body", f"charset {charset[:40]!r} is not a text encoding the gateway knows") from None
+    except ValueError:  # UnicodeDecodeError, or another codec's complaint
+        raise BadRequest("invalid_body", f"the body is not valid {charset[:40]} text") from None
     if mimetype != "application/json":
         return text, "message"
     try:

@@ -43,6 +43,11 @@ _USERINFO = re.compile(r"(?<=//)[^/\s@'\"]+@")
 _QUERY_PAIR = re.compile(r"(?<=[?&;])([^=&;?\s'\"#]+)=((?:[^&;\s'\"#]|;(?![^=&;?\s'\"#]+=))*)")
 
 
+# A JWT wherever it stands (a path, a header quoted in an error): base64url header `eyJ...`,
+# payload and signature. No other text the gateway logs has that shape.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
+
+
 def is_secret_name(name: str) -> bool:
     """Whether a parameter named `name` (as written, percent-encoded or not) looks secret."""
     low = _SEPARATORS.sub("", unquote_plus(name).lower())
@@ -72,8 +77,8 @@ def redact_url(url: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Free text (an exception's message, a log line) with URL credentials masked the same way;
-    a name written percent-encoded (`%74oken=`) is judged by what it decodes to, as the gateway
-    reads it."""
-    text = _USERINFO.sub(f"{MASK}@", text)
+    """Free text (an exception's message, a log line) with URL credentials masked the same way,
+    and anything shaped like a JWT; a name written percent-encoded (`%74oken=`) is judged by
+    what it decodes to, as the gateway reads it."""
+    text = _JWT.sub(MASK, _USERINFO.sub(f"{MASK}@", text))
     return _QUERY_PAIR.sub(lambda m: f"{m.group(1)}={MASK}" if is_secret_name(m.group(1)) else m.group(0), text)

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Mapping
 
-from gateway.config import Config, ConfigError
+from gateway.config import Config, ConfigError, listen_error
 
 __all__ = ["worker_count", "is_worker", "inherited_socket", "Supervisor", "LISTEN_FD_ENV"]
 
@@ -143,10 +143,7 @@ class Supervisor:
             sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
-            raise ConfigError(
-                f"server.port: cannot listen on {host}:{port} ({exc.strerror}); "
-                "set PORT to a free port or stop what holds it"
-            ) from None
+            raise listen_error(host, port, exc) from None
         sock.set_inheritable(True)
         return sock
 

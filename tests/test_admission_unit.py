@@ -118,10 +118,16 @@ def test_leeway_forgives_a_little_clock_skew_only():
         auth.read(["c"], "poll", creds(token(channels=["c"], exp=time.time() - 60)))
 
 
-def test_a_stream_ends_at_exp_plus_the_leeway_the_check_allowed():
+def test_a_stream_ends_at_exp_though_the_check_forgives_skew():
+    exp = time.time() + 5
+    principal = authorizer(leeway_s=30).read(["c"], "sse", creds(token(channels=["c"], exp=exp)))
+    assert principal.expires_at == pytest.approx(exp)  # not 30 s later
+
+
+def test_a_token_accepted_only_thanks_to_the_leeway_keeps_the_rest_of_it():
     exp = time.time() - 10  # expired by our clock, within the 30 s leeway
     principal = authorizer(leeway_s=30).read(["c"], "sse", creds(token(channels=["c"], exp=exp)))
-    assert principal.expires_at == pytest.approx(exp + 30)
+    assert principal.expires_at == pytest.approx(exp + 30)  # else its stream would end at once
 
 
 def test_a_stray_bearer_on_public_channels_is_no_refusal():

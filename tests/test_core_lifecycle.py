@@ -30,16 +30,24 @@ def test_broken_config_stops_start_up_with_one_clear_line(tmp_path):
         "[sse]\nheartbeat_s = true\n": "sse.heartbeat_s: must be a number",
         "[[sources]]\nkind = 'ftp'\nurl = 'http://x'\nchannel = 'c'\n": "sources[0].kind",
         "[server\n": "not valid TOML",
+        # A broken value in the file is an error though $PORT (set below) overrides it.
+        "[server]\nport = 'abc'\n": "server.port: must be a whole number",
+        "[server]\nport = 70000\n": "server.port: 70000 is out of range",
+        # Listening fails on an address this machine does not have: the key to change is the host.
+        "[server]\nhost = '192.0.2.1'\n": "server.host: cannot listen on 192.0.2.1",
+        b"[server]\npublish_token = '\xff'\n": "not UTF-8 text",
     }
     for text, expected in cases.items():
         path = tmp_path / "bad.toml"
-        path.write_text(text)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
         result = run_app({"GATEWAY_CONFIG": str(path), "PORT": str(free_port())})
         assert result.returncode == 2, text
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], (text, result.stderr)
     result = run_app({"PORT": "eighty"})
     assert result.returncode == 2 and "PORT: must be a whole number" in result.stderr
+    result = run_app({"PORT": "-1"})
+    assert result.returncode == 2 and "PORT: -1 is out of range" in result.stderr
     result = run_app({"GATEWAY_CONFIG": str(tmp_path / "missing.toml")})
     assert result.returncode == 2 and "GATEWAY_CONFIG" in result.stderr
 

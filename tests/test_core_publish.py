@@ -27,6 +27,22 @@ def test_raw_body_is_the_data_of_a_message_event(gateway, channel):
     assert events == [{"id": body["id"], "event": "message", "data": "héllo\nworld"}]
 
 
+def test_a_text_body_is_read_in_its_declared_charset(gateway, channel):
+    url = f"{gateway.url}/publish/{channel}"
+    cursor = poll(gateway.url, channel)["cursor"]
+    for charset, text in (("latin-1", "café"), ('"UTF-16"', "naïve ☃"), ("windows-1252", "€5")):
+        r = requests.post(
+            url,
+            data=text.encode(charset.strip('"')),
+            headers={**AUTH, "Content-Type": f"text/plain; charset={charset}"},
+        )
+        assert r.status_code == 202, r.text
+    assert [e["data"] for e in poll(gateway.url, channel, cursor)["events"]] == ["café", "naïve ☃", "€5"]
+    for charset in ("no-such-charset", "base64", "undefined"):
+        r = requests.post(url, data=b"x", headers={**AUTH, "Content-Type": f"text/plain; charset={charset}"}, timeout=5)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_body", (charset, r.text)
+
+
 def test_json_body_sets_event_and_non_string_data_is_stored_as_json(gateway, channel):
     cursor = poll(gateway.url, channel)["cursor"]
     url = f"{gateway.url}/publish/{channel}"

@@ -90,6 +90,23 @@ def test_index_status_and_logs_never_show_upstream_credentials(start_gateway: Ca
     assert all(s["last_error"] for s in requests.get(gw.url + "/status", timeout=5).json()["sources"])
 
 
+def test_redact_text_masks_a_jwt_wherever_it_stands() -> None:
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    assert redact_text(f"GET /poll/a/{jwt} HTTP/1.1") == "GET /poll/a/*** HTTP/1.1"
+    assert redact_text(f"bad header 'Bearer {jwt}'") == "bad header 'Bearer ***'"
+    assert redact_text("GET /poll/eyJ.not-a-token HTTP/1.1") == "GET /poll/eyJ.not-a-token HTTP/1.1"
+
+
+def test_a_token_pasted_into_a_path_is_not_logged(start_gateway: Callable[..., Gateway]) -> None:
+    gw = start_gateway({"server": {"access_log": True}})
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJzZWNyZXQifQ.c2lnbmF0dXJlLXZhbHVl"
+    assert requests.get(f"{gw.url}/poll/a/{jwt}", timeout=5).status_code == 400
+    deadline = time.monotonic() + 5
+    while "GET /poll/a/" not in gw.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "GET /poll/a/*** " in gw.log() and "c2lnbmF0dXJlLXZhbHVl" not in gw.log()
+
+
 def test_access_log_never_shows_a_token_from_the_query(start_gateway: Callable[..., Gateway]) -> None:
     gw = start_gateway({"server": {"access_log": True}})
     r = requests.get(gw.url + "/poll/news", params={"token": "t0ken-VALUE", "since": "0-0"}, timeout=5)

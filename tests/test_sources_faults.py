@@ -68,6 +68,27 @@ def test_upstream_down_at_start_is_retried_then_bridged(
     assert "retrying in" in gw.log()
 
 
+def test_an_upstream_that_restarted_afresh_reuses_ids_for_news(
+    start_gateway: Callable[..., Gateway], upstream: Upstream
+) -> None:
+    # It lost its history: its ids start again at 1, for new events. An id alone would make
+    # them look like a replay; with their data they are news and must be relayed.
+    upstream.honour_last_event_id = False
+    gw = start_gateway({"sources": all_kinds(upstream)})
+    upstream.emit("one")
+    upstream.emit("two")
+    for channel in "sw":
+        wait_for(lambda c=channel: datas(gw, c) == ["one", "two"])
+    upstream.kill()
+    upstream.events.clear()
+    upstream.restart()
+    upstream.emit("fresh one")
+    upstream.emit("fresh two")
+    for channel in "sw":
+        wait_for(lambda c=channel: len(datas(gw, c)) >= 4)
+        assert datas(gw, channel) == ["one", "two", "fresh one", "fresh two"], channel
+
+
 def test_upstream_killed_mid_stream_no_duplicate_no_loss(
     start_gateway: Callable[..., Gateway], upstream: Upstream
 ) -> None:

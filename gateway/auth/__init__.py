@@ -9,6 +9,7 @@ bad credential, with WWW-Authenticate: Bearer) or 403 (a valid credential withou
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,8 +147,11 @@ class Authorizer:
         return Principal(claims.sub, claims, self._expiry(claims))
 
     def _expiry(self, claims: Claims) -> float:
-        """When a stream opened with these claims ends: exp, with the same clock-skew leeway the
-        check allowed (else a token accepted within the leeway would end its stream at once)."""
+        """When a stream opened with these claims ends: at exp, as the contract says. Only a
+        token that is already past exp by this clock (accepted within the leeway, for skew)
+        gets the rest of the leeway, else its stream would end at once and its client loop."""
+        if claims.exp > time.time():
+            return claims.exp
         return claims.exp + self._leeway
 
     def may_publish(self, principal: Principal, channel: str) -> bool:

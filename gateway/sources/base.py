@@ -279,8 +279,11 @@ class Source:
 
     def _relay(self, data: str, event: str | None = None, upstream_id: str | None = None) -> bool:
         """Publish one upstream event; False if it was a duplicate or had to be dropped."""
-        if upstream_id is not None:
-            if self._replaying and upstream_id in self.seen:
+        # An upstream event is known by its id and its data: an upstream that restarted reuses
+        # ids for new events, and those are news, not a replay.
+        key = None if upstream_id is None else _idempotency_key(self.name, upstream_id, data)
+        if key is not None:
+            if self._replaying and key in self.seen:
                 # The upstream re-sent what we relayed before the reconnect.
                 self.duplicates += 1
                 return False
@@ -297,18 +300,17 @@ class Source:
         # A store failure raises: reconnect and replay. The publish that failed may have been
         # stored all the same (a stalled Redis runs it later), so the replay repeats it with the
         # same Idempotency-Key, made of the upstream's id and the data, and stores nothing new.
-        key = None if upstream_id is None else _idempotency_key(self.name, upstream_id, data)
         try:
             self.hub.publish(self.cfg.channel, data, name, idempotency_key=key)
         except InvalidData as exc:
             # Refused for good (a lone surrogate): retrying would refuse it again and wedge the
             # source, so skip it and count it as seen, like an oversized event.
             self._drop(f"an event the gateway refuses ({exc.detail})")
-            if upstream_id is not None:
-                self.seen.add(upstream_id)
+            if key is not None:
+                self.seen.add(key)
             return False
-        if upstream_id is not None:
-            self.seen.add(upstream_id)
+        if key is not None:
+            self.seen.add(key)
         self.events_relayed += 1
         self.last_event_time = time.time()
         self._checkpoint(upstream_id)

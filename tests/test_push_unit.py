@@ -15,7 +15,7 @@ import gevent.socket
 import pytest
 
 from gateway.hub import Hub, MemoryStore
-from gateway.transports.push import Pusher, sse_encoder
+from gateway.transports.push import Pusher, run_blocking, sse_encoder
 
 DATA = re.compile(rb"^data: (.*)$", re.M)
 
@@ -56,7 +56,7 @@ def setup():
         sock = _Sock(server)
         kind, encode = sse_encoder(False)
         pusher = Pusher(sock, kind, encode, cursor or hub.last_id("c"), gevent.event.Event, gevent.lock.Semaphore)
-        started.append(gevent.spawn(pusher.serve, hub, "c", 100, 30.0, lambda: None))
+        started.append(gevent.spawn(run_blocking, pusher.rounds(hub, "c", 100, 30.0, lambda: None)))
         gevent.sleep(0)  # attached
         return pusher, sock
 
@@ -144,7 +144,7 @@ def test_multi_channel_connections_with_equal_cursors_share_one_encoding(monkeyp
             _Sock(server), "sse", {c: hub.last_id(c) for c in order}, False, gevent.event.Event, gevent.lock.Semaphore
         )
         pushers.append(pusher)
-        started.append(gevent.spawn(pusher.serve, hub, 100, lambda: 30.0, lambda: None))
+        started.append(gevent.spawn(run_blocking, pusher.rounds(hub, 100, lambda: 30.0, lambda: None)))
     try:
         gevent.sleep(0.01)  # attached and caught up (nothing to read)
         composed.clear()

@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway import cursor as cursors
 from gateway.hub import Event, Hub, gap_event
-from gateway.transports.push import Rounds, SlowConsumer, SocketStream, chunk, run_blocking, slices
+from gateway.transports.push import Rounds, SlowConsumer, SocketStream, chunk, slices
 
 __all__ = ["MultiPusher"]
 
@@ -165,19 +165,6 @@ class MultiPusher(SocketStream):
         if view is not None and self._hub is not None:
             self._hub.detach(channel, view)
 
-    def serve(
-        self,
-        hub: Hub,
-        limit: int,
-        idle_s: Callable[[], float],
-        on_idle: Callable[[], None],
-        alive: Callable[[], bool] = lambda: True,
-        on_wake: Callable[[], None] | None = None,
-    ) -> None:
-        """As Pusher.serve, over every channel; idle_s() is asked each round (it may shrink as
-        a token's expiry nears)."""
-        run_blocking(self.rounds(hub, limit, idle_s, on_idle, alive, on_wake))
-
     def rounds(
         self,
         hub: Hub,
@@ -187,7 +174,7 @@ class MultiPusher(SocketStream):
         alive: Callable[[], bool] = lambda: True,
         on_wake: Callable[[], None] | None = None,
     ) -> Rounds[None]:
-        """serve() as Rounds (see push.py)."""
+        """As Pusher.rounds, over every channel."""
         self._hub = hub
         for channel, view in self.views.items():
             hub.attach(channel, view)

@@ -243,23 +243,7 @@ class Pusher(SocketStream):
         self._dirty = True
         self._wakeup.set()
 
-    # -- called from the subscriber's own greenlet -----------------------------------------
-    def serve(
-        self,
-        hub: Hub,
-        channel: str,
-        limit: int,
-        idle_s: float | Callable[[], float],
-        on_idle: Callable[[], None],
-        alive: Callable[[], bool] = lambda: True,
-        on_wake: Callable[[], None] | None = None,
-    ) -> None:
-        """Run this subscriber until the client goes, the hub closes or alive() turns false.
-        Each round catches up from history, then runs on_wake(); on_idle() runs after idle_s
-        without a wake-up (a heartbeat); idle_s may be a function, asked each round (it shrinks as
-        a token's expiry nears). Socket errors propagate."""
-        run_blocking(self.rounds(hub, channel, limit, idle_s, on_idle, alive, on_wake))
-
+    # -- called from the subscriber's own greenlet (or a parked stream's round) --------------
     def rounds(
         self,
         hub: Hub,
@@ -270,7 +254,11 @@ class Pusher(SocketStream):
         alive: Callable[[], bool] = lambda: True,
         on_wake: Callable[[], None] | None = None,
     ) -> Rounds[None]:
-        """serve() as Rounds, for a driver that holds no greenlet while the stream waits."""
+        """This subscriber's life until the client goes, the hub closes or alive() turns false,
+        as Rounds (run_blocking() or readwatch.park() drives them). Each round catches up from
+        history, then runs on_wake(); on_idle() runs after idle_s without a wake-up (a
+        heartbeat); idle_s may be a function, asked each round (it shrinks as a token's expiry
+        nears). Socket errors propagate."""
         hub.attach(channel, self)
         try:
             while not hub.closing and not self.dead and alive():

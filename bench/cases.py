@@ -50,6 +50,9 @@ def matrix(messages: int = 200) -> list[Case]:
     # Many channels on one connection: 1,000 SSE streams each following the same 10 channels.
     cases.append(Case("multi-sse-1kx10", "sse", 1000, channels=10, messages=messages, multi=True))
     cases.append(Case("idle-10k", "mixed", 10000, messages=0, idle=True))
+    # Each kind alone: issue 13 asks for Nchan's bytes per idle connection for SSE and for WebSocket.
+    cases.append(Case("idle-sse-10k", "sse", 10000, messages=0, idle=True))
+    cases.append(Case("idle-ws-10k", "ws", 10000, messages=0, idle=True))
     # One process holding 100,000 idle streams (the bench lifts the open-files limit itself).
     cases.append(Case("idle-100k", "mixed", 100000, messages=0, idle=True))
     cases += scaling(messages)

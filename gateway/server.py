@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import gevent
@@ -216,17 +217,36 @@ class _Handler(WSGIHandler):
         self.headers = None
         return env
 
-    def _detach(self) -> Callable[[], None]:
+    def _detach(self) -> Callable[[int], None]:
         """A stream takes this connection over (gateway/readwatch.py's park): pywsgi neither ends
         its response nor closes its socket, and this greenlet goes, with its saved stack and
         the request's objects, while the stream waits for events. Returns what the stream calls
-        once it has closed the socket."""
+        once it has closed the socket, with the bytes it sent: the access line is written then,
+        with the stream's real length and duration."""
         self._detached = True
         self.close_connection = True
         self.response_use_chunked = False  # the stream writes the body's last chunk itself
         sock, streams = self.socket, self.server.detached_streams
         streams.add(sock)
-        return lambda: streams.discard(sock)
+        log = self.server.log if self.server.access_log_on else None
+        if log is None:
+            return lambda _sent: streams.discard(sock)
+        # Only what the line needs: holding the handler would hold the request.
+        client = self.client_address[0] if isinstance(self.client_address, tuple) else self.client_address
+        request_line, started, head_bytes = redact_text(self.requestline or ""), self.time_start, self.response_length
+        status = (self._orig_status or self.status or "101").split()[0]  # a WebSocket wrote its own 101
+
+        def release(sent: int) -> None:
+            streams.discard(sock)
+            when = datetime.now().replace(microsecond=0)
+            length, duration = head_bytes + sent, time.time() - started
+            log.write(f'{client or "-"} - - [{when}] "{request_line}" {status} {length or "-"} {duration:.6f}\n')
+
+        return release
+
+    def log_request(self) -> None:
+        if not self._detached:  # a stream that took the connection over logs when it closes
+            super().log_request()
 
     def format_request(self) -> str:
         # The access log line: a request line may carry ?token= (browsers' EventSource and

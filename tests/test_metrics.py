@@ -195,6 +195,28 @@ def test_json_access_log_redacts_the_token(start_gateway: Callable[..., Gateway]
     assert isinstance(metrics_line["duration_s"], float)
 
 
+def test_a_stream_is_logged_once_when_it_closes(start_gateway: Callable[..., Gateway], channel: str) -> None:
+    # Streams are handed over to the event loop while idle (readwatch.park): their access line
+    # is written when they close, with how long they lasted and what they sent, not at connect.
+    gw = start_gateway({"server": {"log_format": "json", "access_log": True}, "sse": {"heartbeat_s": 0.2}})
+
+    def access(prefix: str) -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in gw.log().splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("logger") == "gateway.access" and line["path"].startswith(prefix)]
+
+    with SSEClient(f"{gw.url}/sse/{channel}") as sse, WSClient(f"{gw.ws_url}/ws/{channel}") as ws:
+        gw.publish(channel, "one")
+        assert len(sse.events(1)) == 1 and ws.next_frame()["data"] == "one"
+        time.sleep(0.6)
+        assert access("/sse/") == [] and access("/ws/") == []  # still open
+    wait_for(lambda: access("/sse/") and access("/ws/"), "the streams' access lines")
+    time.sleep(0.3)
+    (sse_line,), (ws_line,) = access("/sse/"), access("/ws/")
+    assert sse_line["status"] == 200 and ws_line["status"] == 101
+    assert sse_line["duration_s"] >= 0.6 and ws_line["duration_s"] >= 0.6
+    assert sse_line["length"] > len("retry: ") and ws_line["length"] >= len('"data":"one"')
+
+
 def test_metrics_port_serves_on_loopback_only(start_gateway: Callable[..., Gateway], channel: str) -> None:
     port = free_port()
     gw = start_gateway({"server": {"metrics_port": port}})

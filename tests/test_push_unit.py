@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import socket
 import time
+from collections.abc import Callable
 
 import gevent
 import gevent.event
@@ -52,11 +53,11 @@ def setup():
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     started: list[gevent.Greenlet] = []
 
-    def start(cursor: str | None = None) -> tuple[Pusher, _Sock]:
+    def start(cursor: str | None = None, alive: Callable[[], bool] = lambda: True) -> tuple[Pusher, _Sock]:
         sock = _Sock(server)
         kind, encode = sse_encoder(False)
         pusher = Pusher(sock, kind, encode, cursor or hub.last_id("c"), gevent.event.Event, gevent.lock.Semaphore)
-        started.append(gevent.spawn(run_blocking, pusher.rounds(hub, "c", 100, 30.0, lambda: None)))
+        started.append(gevent.spawn(run_blocking, pusher.rounds(hub, "c", 100, 30.0, lambda: None, alive)))
         gevent.sleep(0)  # attached
         return pusher, sock
 
@@ -107,6 +108,18 @@ def test_a_client_that_stops_reading_never_blocks_the_publisher_and_loses_nothin
     hub.publish("c", "after")
     gevent.sleep(0.01)
     assert sock._sock.sends == sends + 1 and _read(client, 1) == [b"after"]
+
+
+def test_a_stream_that_ends_still_sends_what_a_push_left_unsent(setup):
+    # The stream ends (its token expired, a WebSocket became multi-channel) just after a push
+    # the socket took only part of: the rest goes out first, or the client's stream is cut short.
+    hub, client, start = setup
+    ending = False
+    start(alive=lambda: not ending)
+    hub.publish("c", "x" * 100_000)  # far beyond both socket buffers
+    ending = True
+    gevent.sleep(0.01)  # the push, then the stream's last round
+    assert _read(client, 1) == [b"x" * 100_000]
 
 
 def test_resuming_from_history_no_longer_held_starts_with_a_gap(setup):

@@ -195,6 +195,8 @@ class MultiPusher(SocketStream):
             for channel, view in list(self.views.items()):
                 hub.detach(channel, view)
             self._hub = None
+        if not self.dead:
+            self._write_backlog()  # a push's unsent rest goes before the stream's last words
 
     def _catch_up(self, hub: Hub, limit: int) -> None:
         self.hold += 1

@@ -273,6 +273,8 @@ class Pusher(SocketStream):
                     self._idle(on_idle)
         finally:
             hub.detach(channel, self)
+        if not self.dead:
+            self._write_backlog()  # a push's unsent rest goes before the stream's last words
 
     def _catch_up(self, hub: Hub, channel: str, limit: int) -> None:
         self.hold += 1

@@ -163,20 +163,24 @@ def _rounds(
     return RECONNECT_HINT
 
 
-def _end(ticket: Ticket, sock: Any, framed: bool, tail: bytes | None, release: Callable[[], None]) -> None:
-    """The end of a stream that had the connection to itself: its last words and the body's
-    last chunk, then the socket and the ticket closed, as the server would have."""
+def _end(ticket: Ticket, sock: Any, framed: bool, tail: bytes | None, release: Callable[[int], None]) -> None:
+    """The end of a stream that had the connection to itself: the ticket closed (the stream no
+    longer counts), its last words and the body's last chunk unless the client is gone or cut
+    (no tail), then the socket closed, as the server would have."""
+    sent = ticket.bytes_sent
     try:
-        if tail is not None:
-            sock.sendall((chunk(tail) if tail else b"") + b"0\r\n\r\n" if framed else tail)
+        ticket.close()
+        if tail:
+            last = chunk(tail) + b"0\r\n\r\n" if framed else tail
+            sock.sendall(last)
+            sent += len(last)
     except OSError:
         pass  # the client is gone
     finally:
         try:
             sock.close()
         finally:
-            release()
-            ticket.close()
+            release(sent)
 
 
 def _watch_for_hangup(sock: Any, pusher: Pusher | MultiPusher) -> ReadWatch | None:

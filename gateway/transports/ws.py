@@ -118,8 +118,8 @@ def _body(conn: _Connection, environ: dict) -> Iterator[bytes]:
     detach = environ.get("gateway.detach")
     if detach is not None and parkable(conn.pusher.wakeup):
         # No greenlet while the socket is idle: a frame, an event or a ping runs a round.
-        release = detach()
         _forget_handshake(conn.ws)
+        release = detach()
         park(_life(conn), lambda _: _end(conn, release))
         return
     try:
@@ -154,13 +154,15 @@ def _life(conn: _Connection) -> Rounds[None]:
         pass
 
 
-def _end(conn: _Connection, release: Callable[[], None]) -> None:
+def _end(conn: _Connection, release: Callable[[int], None]) -> None:
     """The end of a connection that had its socket to itself: closed, as the server would."""
     try:
-        conn.raw_sock.close()
-    finally:
-        release()
         conn.ticket.close()
+    finally:
+        try:
+            conn.raw_sock.close()
+        finally:
+            release(conn.ticket.bytes_sent)
 
 
 class _Connection:

@@ -226,6 +226,10 @@ class _Handler(WSGIHandler):
         self._detached = True
         self.close_connection = True
         self.response_use_chunked = False  # the stream writes the body's last chunk itself
+        # pywsgi would read a request body the app left unread (a GET with Content-Length), here,
+        # after the stream took the socket: a greenlet waiting on the client, racing a WebSocket's
+        # frame reader. The connection closes with the stream, so there is nothing to keep in step.
+        self.wsgi_input = _NO_BODY_LEFT
         sock, streams = self.socket, self.server.detached_streams
         streams.add(sock)
         log = self.server.log if self.server.access_log_on else None
@@ -268,6 +272,16 @@ class _Handler(WSGIHandler):
         # client's closing frame as one.
         if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             self.close_connection = True
+
+
+class _NoBodyLeft:
+    """A detached stream's request input, for pywsgi's clean-up: nothing to discard."""
+
+    def _discard(self) -> None:
+        return None
+
+
+_NO_BODY_LEFT = _NoBodyLeft()
 
 
 class _Server(WSGIServer):

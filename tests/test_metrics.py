@@ -18,7 +18,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.clients import SSEClient, WSClient, longpoll
+from tests.clients import SSEClient, WSClient, longpoll, raw_request
 from tests.helpers import Gateway, free_port, wait_for
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
 
@@ -497,6 +497,26 @@ def test_connection_gauges_follow_open_connections(start_gateway: Callable[..., 
     assert value(now, duration, transport="ws") == 3
     # Every connection's greenlet ends with it (the SSE ones at their next heartbeat).
     wait_for(lambda: value(scrape(gw), "gateway_greenlets") <= value(base, "gateway_greenlets"), "greenlets to end")
+
+
+def test_a_stream_whose_request_declares_a_body_holds_no_greenlet(start_gateway: Callable[..., Gateway]) -> None:
+    # A GET that declares a body it never sends: the stream takes the socket over, and nothing
+    # waits for that body (it would hold a greenlet until the stall timeout, and on a WebSocket
+    # swallow the client's first frames as "body").
+    gw = start_gateway({"websocket": {"ping_s": 60.0}, "server": {"stall_timeout_s": 120.0}})
+    base = value(scrape(gw), "gateway_greenlets")
+    sse = raw_request(gw.port, "/sse/declared-body", {"Content-Length": "100"})
+    ws = WSClient(f"{gw.ws_url}/ws/declared-body", header=["Content-Length: 5"])
+    try:
+        assert sse.status == 200
+        ws.send(json.dumps({"action": "subscribe", "channel": "declared-other"}))
+        assert ws.next_frame().get("event") != "error"  # the frame was read as a frame
+        gw.publish("declared-other", "through")
+        assert ws.next_frame()["data"] == "through"
+        assert value(scrape(gw), "gateway_greenlets") - base < 2
+    finally:
+        sse.sock.close()
+        ws.close()
 
 
 def test_refusals_and_limit_hits_are_counted(start_gateway: Callable[..., Gateway], channel: str) -> None:

@@ -352,6 +352,13 @@ class Admission:
         """Open subscriptions to `channel` per transport (for /channels/<name>)."""
         return {t: self._per_channel.get((channel, t), 0) for t in ("sse", "ws", "longpoll")}
 
+    def subscriptions(self) -> dict[str, dict[str, int]]:
+        """Every channel with open subscriptions in this process: {channel: {transport: n}}."""
+        out: dict[str, dict[str, int]] = {}
+        for (channel, transport), n in self._per_channel.items():
+            out.setdefault(channel, {})[transport] = n
+        return out
+
 
 def _remember(memo: dict[str, Any], text: str, value: Any) -> None:
     """Keep `value` for `text` in a bounded memo: short texts only, all forgotten when full."""

@@ -7,9 +7,10 @@ families when /metrics is scraped, by the Collector below: that is also when the
 sources, Redis and the process are looked at.
 
 Several worker processes (or server.metrics_dir set, env GATEWAY_METRICS_DIR): each process
-writes a snapshot of its counters there every few seconds (and the one answering a scrape writes
-a fresh one first); /metrics, served by any worker, sums the snapshots of the workers alive
-(gateway/metricsdir.py, docs/operations.md "Several workers").
+writes a snapshot of its counters there every few seconds, and at once when another asks for it;
+/metrics (and /channels' subscriber counts), served by any worker, asks the others for fresh
+snapshots and sums those of the workers alive (gateway/metricsdir.py, docs/operations.md
+"Several workers").
 """
 
 from __future__ import annotations
@@ -123,9 +124,15 @@ class Metrics(Observer):
     the admission path calls the connection_*/polled/refused/limit_hit/... methods."""
 
     def __init__(
-        self, hub: Hub, sources: Callable[[], Sequence[Any]] = tuple, snapshot_dir: str = "", port: int = 0
+        self,
+        hub: Hub,
+        sources: Callable[[], Sequence[Any]] = tuple,
+        snapshot_dir: str = "",
+        port: int = 0,
+        subscriptions: Callable[[], dict[str, dict[str, int]]] = dict,
     ) -> None:
         self.hub = hub
+        self.subscriptions = subscriptions  # channel -> {transport: n} in this process (admission's count)
         self.port = port  # > 0: served on 127.0.0.1:<port> by start(), not on the public port
         self._httpd: Any = None
         self.sources = sources  # -> state().sources, read at scrape time: each has .status()
@@ -261,6 +268,7 @@ class Metrics(Observer):
             "sum": [[name, list(labels), value] for (name, labels), value in summed],
             "max": [[name, list(labels), value] for (name, labels), value in maxed],
             "process": process_samples() if self.snapshot_dir is not None else [],
+            "channels": self.subscriptions() if self.snapshot_dir is not None else {},
         }
 
     def _source_statuses(self) -> list[dict[str, Any]]:
@@ -302,7 +310,8 @@ class Metrics(Observer):
         """A Service: with a snapshot directory, write this process's snapshot regularly; with
         a port, serve the exposition there (the library's small server, loopback only)."""
         if self.snapshot_dir is not None and self._writer is None:
-            self._writer = SnapshotWriter(self.write_snapshot, self.snapshot_dir.remove)
+            snaps = self.snapshot_dir
+            self._writer = SnapshotWriter(self.write_snapshot, snaps.remove, snaps.refresh_asked)
             self._writer.start()
         if self.port and self._httpd is None:
             try:
@@ -327,14 +336,35 @@ class Metrics(Observer):
         self.snapshot_dir.write(self.snapshot())
 
     def snapshots(self) -> list[dict[str, Any]]:
-        """This process's fresh snapshot and those of the other workers alive."""
+        """This process's snapshot and those of the other workers alive, which they write when
+        asked for them here (see SnapshotDir.read_fresh)."""
+        own = self.snapshot()
         if self.snapshot_dir is None:
-            return [self.snapshot()]
+            return [own]
         try:
-            self.write_snapshot()
-        except OSError:  # the others can still be read; ours is then the last one written
+            self.snapshot_dir.write(own)
+        except OSError:  # the others can still be read
             log.exception("writing the metrics snapshot failed")
-        return self.snapshot_dir.read()
+        return [own, *self.snapshot_dir.read_fresh()]
+
+    def subscriptions_everywhere(self) -> dict[str, dict[str, int]]:
+        """channel -> {transport: n} over every worker (with a snapshot directory): this one's
+        live, the others' from snapshots they write when asked (at most half a second old)."""
+        assert self.snapshot_dir is not None
+        total: dict[str, dict[str, int]] = {}
+        for snap in self.snapshot_dir.read_fresh():
+            _add_counts(total, snap.get("channels") or {})
+        _add_counts(total, self.subscriptions())
+        return total
+
+
+def _add_counts(total: dict[str, dict[str, int]], counts: dict[str, Any]) -> None:
+    for channel, by_transport in counts.items():
+        if isinstance(by_transport, dict):
+            into = total.setdefault(channel, {})
+            for transport, n in by_transport.items():
+                if isinstance(n, int):
+                    into[transport] = into.get(transport, 0) + n
 
 
 def live_greenlets() -> int | None:
@@ -409,7 +439,8 @@ def init_app(app: Flask) -> Metrics:
     """Count what the hub and the admission path report; /metrics is in gateway/operator.py."""
     st = state(app)
     server = st.config.server
-    metrics = Metrics(st.hub, lambda: st.sources, snapshot_dir(st.config), server.metrics_port)
+    subscriptions = lambda: st.admission.subscriptions() if st.admission is not None else {}  # noqa: E731
+    metrics = Metrics(st.hub, lambda: st.sources, snapshot_dir(st.config), server.metrics_port, subscriptions)
     st.parts[Metrics] = metrics
     st.hub.observer = metrics
     st.services.append(metrics)

@@ -1,6 +1,8 @@
 """Several worker processes, one /metrics: each worker writes a snapshot of its counters into a
-shared directory (server.metrics_dir), and whichever worker is scraped sums those of the workers
-alive. A snapshot is plain JSON written atomically, so a reader never sees half of one.
+shared directory (server.metrics_dir), every few seconds and whenever a worker asks for fresh
+ones (touching the directory's `refresh` file); whichever worker is scraped asks, then sums those
+of the workers alive. A snapshot is plain JSON written atomically, so a reader never sees half of
+one.
 
 Why not prometheus_client's multiprocess mode: it writes a memory-mapped file under a lock on
 every increment, which is the fan-out's hot path; one snapshot every few seconds costs nothing
@@ -27,6 +29,11 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY_S = 5.0
 STALE_AFTER_S = 30.0  # a snapshot this old is a worker that hangs or is gone: left out
+# A worker answering for all of them (/channels/<name>) asks the others for fresh snapshots: each
+# looks for that request this often, and writes for it at most once per REFRESH_EVERY_S, so
+# asking in a loop cannot make the workers do more than that.
+REFRESH_CHECK_S = 0.05
+REFRESH_EVERY_S = 0.25
 
 
 class SnapshotDir:
@@ -45,6 +52,38 @@ class SnapshotDir:
 
     def remove(self) -> None:
         self.own.unlink(missing_ok=True)
+
+    @property
+    def _refresh(self) -> Path:
+        return self.path / "refresh"
+
+    def ask_for_fresh(self) -> float:
+        """Ask every worker for a snapshot now; returns when asked (see read_fresh)."""
+        asked = time.time()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._refresh.touch()
+        os.utime(self._refresh, (asked, asked))
+        return asked
+
+    def refresh_asked(self) -> float:
+        """When a fresh snapshot was last asked for (0: never)."""
+        try:
+            return self._refresh.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def read_fresh(self, wait_s: float = 4 * REFRESH_EVERY_S) -> list[dict[str, Any]]:
+        """The snapshots of the other workers alive, each written after this call asked for
+        it, waiting up to wait_s for them (a worker that does not answer in time counts as last
+        written)."""
+        asked = self.ask_for_fresh()
+        deadline = time.monotonic() + wait_s
+        while True:
+            snaps = self.read()
+            others = [s for s in snaps if s.get("pid") != os.getpid()]
+            if all(s.get("time", 0) >= asked for s in others) or time.monotonic() >= deadline:
+                return others
+            time.sleep(REFRESH_CHECK_S)
 
     def read(self, now: float | None = None) -> list[dict[str, Any]]:
         """The snapshots of the workers alive (this one's included, as last written)."""
@@ -77,11 +116,15 @@ def _alive(pid: int) -> bool:
 
 
 class SnapshotWriter:
-    """Calls write() every SNAPSHOT_EVERY_S on a daemon thread (a greenlet under gevent)."""
+    """Calls write() every SNAPSHOT_EVERY_S on a daemon thread (a greenlet under gevent), and
+    sooner when a worker asks for fresh snapshots (`asked()`: when it last did)."""
 
-    def __init__(self, write: Callable[[], None], remove: Callable[[], None]) -> None:
+    def __init__(
+        self, write: Callable[[], None], remove: Callable[[], None], asked: Callable[[], float] = lambda: 0.0
+    ) -> None:
         self._write = write
         self._remove = remove
+        self._asked = asked
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metrics-snapshot", daemon=True)
 
@@ -94,11 +137,15 @@ class SnapshotWriter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            written = time.time()
             try:
                 self._write()
             except Exception:  # a full disk must not take the gateway down
                 log.exception("writing the metrics snapshot failed")
-            self._stop.wait(SNAPSHOT_EVERY_S)
+            due = time.monotonic() + SNAPSHOT_EVERY_S
+            while not self._stop.wait(REFRESH_CHECK_S) and time.monotonic() < due:
+                if self._asked() > written and time.time() - written >= REFRESH_EVERY_S:
+                    break
         self._remove()
 
 

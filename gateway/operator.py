@@ -76,9 +76,10 @@ def channels() -> Response:
     if not 1 <= limit <= LIST_MAX:
         raise BadRequest("invalid_limit", f"limit must be a whole number from 1 to {LIST_MAX}")
     names = st.hub.channels()
+    across = _across_workers(st)
     listed = []
     for name in names[:limit]:
-        subscribers = subscribers_of(st, name)
+        subscribers = subscribers_of(st, name, across)
         listed.append({"channel": name, "subscribers": subscribers, "subscribers_total": st.hub.subscribers(name)})
     return jsonify(channels=listed, count=len(names), truncated=len(names) > limit)
 
@@ -90,15 +91,26 @@ def channel(name: str) -> Response:
     return jsonify(channel_info(state(), name))
 
 
-def subscribers_of(st: State, channel: str) -> dict[str, int]:
-    """Subscribers of `channel` in this process by transport, as the admission path counts them.
-    Until that path is wired in, the hub's total is all there is (see subscribers_total)."""
-    admission = getattr(st, "admission", None)
-    counts = getattr(admission, "subscribers", None)
-    out = dict.fromkeys(STREAM_TRANSPORTS, 0)
-    if counts is not None:
-        out.update(counts(channel))
-    return out
+def subscribers_of(st: State, channel: str, across: dict[str, dict[str, int]] | None = None) -> dict[str, int]:
+    """Subscribers of `channel` by transport, as the admission path counts them: in every
+    worker of this gateway (`across`, or asked for here), or in this process when it is the
+    only one."""
+    if across is None:
+        across = _across_workers(st)
+    if across is not None:
+        counts = across.get(channel, {})
+    else:
+        counts = st.admission.subscribers(channel) if st.admission is not None else {}
+    return {t: counts.get(t, 0) for t in STREAM_TRANSPORTS}
+
+
+def _across_workers(st: State) -> dict[str, dict[str, int]] | None:
+    """With several workers, every worker's counts (Metrics.subscriptions_everywhere); None
+    when this process is all there is."""
+    metrics = st.parts.get(Metrics)
+    if metrics is None or metrics.snapshot_dir is None:
+        return None
+    return metrics.subscriptions_everywhere()
 
 
 def channel_info(st: State, channel: str, now: float | None = None) -> dict[str, Any]:

@@ -304,7 +304,7 @@ def test_workers_sharing_a_metrics_dir_are_summed(
         a.publish(channel, f"a{i}")
     for i in range(2):
         b.publish(channel, f"b{i}")
-    # Each scrape writes its own process's snapshot fresh; the other's is at most a few s old.
+    # Each scrape asks the other process for a fresh snapshot: the sum is right at once.
     wait_for(lambda: value(scrape(a), "gateway_events_published_total") - before == 5, "5 publishes on a")
     wait_for(lambda: value(scrape(b), "gateway_events_published_total") - before == 5, "5 publishes on b")
     samples = scrape(a)
@@ -313,6 +313,40 @@ def test_workers_sharing_a_metrics_dir_are_summed(
     assert value(samples, "gateway_redis_up") == 1
     b.stop()
     wait_for(lambda: workers(a) == 1, "the stopped worker to drop out")
+
+
+def test_channel_subscribers_count_every_worker_at_once(
+    start_gateway: Callable[..., Gateway],
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+    channel: str,
+) -> None:
+    """Several workers answer as one gateway: /channels/<name> on either process counts the
+    subscribers of both, as they are now (the other is asked for a fresh snapshot)."""
+    shared = {"redis": {"url": redis_server.url}, "server": {"metrics_dir": str(tmp_path / "metrics")}, **QUIET}
+    a, b = start_gateway(shared), start_gateway(shared)
+    wait_for(lambda: value(scrape(a), "gateway_workers") == 2, "both snapshots")
+
+    def subscribers(gw: Gateway) -> dict[str, int]:
+        r = requests.get(f"{gw.url}/channels/{channel}", timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()["subscribers"]
+
+    on_a = [SSEClient(f"{a.url}/sse/{channel}") for _ in range(2)]
+    on_b = [SSEClient(f"{b.url}/sse/{channel}"), WSClient(f"{b.ws_url}/ws/{channel}")]
+    try:
+        assert requests.get(f"{b.url}/healthz", timeout=10).json()["subscribers"] == 2  # both streams are in
+        assert subscribers(a) == {"sse": 3, "ws": 1, "longpoll": 0}
+        assert subscribers(b) == {"sse": 3, "ws": 1, "longpoll": 0}
+        listed = requests.get(f"{a.url}/channels", timeout=10).json()["channels"]
+        assert next(c for c in listed if c["channel"] == channel)["subscribers"]["sse"] == 3
+        for client in on_b:
+            client.close()
+        wait_for(lambda: requests.get(f"{b.url}/healthz", timeout=10).json()["subscribers"] == 0, "b's streams gone")
+        assert subscribers(a) == {"sse": 2, "ws": 0, "longpoll": 0}
+    finally:
+        for client in [*on_a, *on_b]:
+            client.close()
 
 
 # -- the module's own logic, in process (fast) ---------------------------------------------------

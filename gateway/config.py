@@ -41,7 +41,7 @@ class ServerConfig:
     trusted_proxies: list[str] = field(default_factory=list)  # addresses/CIDRs whose X-Forwarded-For names the client
     log_format: str = "text"  # "text" | "json": connection and access log lines
     workers: int = 0  # gateway processes on one port; 0 = $WEB_CONCURRENCY, else 1
-    metrics_dir: str = ""  # several workers: each writes its metrics snapshot here; env GATEWAY_METRICS_DIR
+    metrics_dir: str = ""  # workers share it (snapshots, counts); "" = a private temp dir; env GATEWAY_METRICS_DIR
     metrics_port: int = 0  # serve /metrics on 127.0.0.1:<port> instead of the public port; 0 = on the public port
     head_timeout_s: float = 10.0  # a request's line and headers must arrive within this (then 408)
     max_head_bytes: int = 32_768  # request line + headers, in total (then 431); nginx's default

@@ -7,10 +7,10 @@ families when /metrics is scraped, by the Collector below: that is also when the
 sources, Redis and the process are looked at.
 
 Several worker processes (or server.metrics_dir set, env GATEWAY_METRICS_DIR): each process
-writes a snapshot of its counters there every few seconds, and at once when another asks for it;
-/metrics (and /channels' subscriber counts), served by any worker, asks the others for fresh
-snapshots and sums those of the workers alive (gateway/metricsdir.py, docs/operations.md
-"Several workers").
+writes a snapshot of its counters there every few seconds (and the one answering a scrape writes
+a fresh one first); /metrics, served by any worker, sums the snapshots of the workers alive
+(gateway/metricsdir.py, docs/operations.md "Several workers"). Subscriber counts per channel are
+asked of every worker when needed instead (gateway/survey.py).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from prometheus_client.metrics_core import Metric
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.hub import Event, Hub, Observer
-from gateway.metricsdir import SnapshotDir, SnapshotWriter, process_families, process_samples
+from gateway.metricsdir import SnapshotDir, SnapshotWriter, private_dir, process_families, process_samples
 from gateway.state import state
+from gateway.survey import Survey
 from gateway.workers import worker_count
 
 __all__ = ["Metrics", "init_app", "TRANSPORTS", "LATENCY_BUCKETS"]
@@ -129,10 +130,8 @@ class Metrics(Observer):
         sources: Callable[[], Sequence[Any]] = tuple,
         snapshot_dir: str = "",
         port: int = 0,
-        subscriptions: Callable[[], dict[str, dict[str, int]]] = dict,
     ) -> None:
         self.hub = hub
-        self.subscriptions = subscriptions  # channel -> {transport: n} in this process (admission's count)
         self.port = port  # > 0: served on 127.0.0.1:<port> by start(), not on the public port
         self._httpd: Any = None
         self.sources = sources  # -> state().sources, read at scrape time: each has .status()
@@ -268,7 +267,6 @@ class Metrics(Observer):
             "sum": [[name, list(labels), value] for (name, labels), value in summed],
             "max": [[name, list(labels), value] for (name, labels), value in maxed],
             "process": process_samples() if self.snapshot_dir is not None else [],
-            "channels": self.subscriptions() if self.snapshot_dir is not None else {},
         }
 
     def _source_statuses(self) -> list[dict[str, Any]]:
@@ -310,8 +308,8 @@ class Metrics(Observer):
         """A Service: with a snapshot directory, write this process's snapshot regularly; with
         a port, serve the exposition there (the library's small server, loopback only)."""
         if self.snapshot_dir is not None and self._writer is None:
-            snaps = self.snapshot_dir
-            self._writer = SnapshotWriter(self.write_snapshot, snaps.remove, snaps.refresh_asked)
+            private_dir(self.snapshot_dir.path)  # a directory others may write is a start-up error
+            self._writer = SnapshotWriter(self.write_snapshot, self.snapshot_dir.remove)
             self._writer.start()
         if self.port and self._httpd is None:
             try:
@@ -336,35 +334,14 @@ class Metrics(Observer):
         self.snapshot_dir.write(self.snapshot())
 
     def snapshots(self) -> list[dict[str, Any]]:
-        """This process's snapshot and those of the other workers alive, which they write when
-        asked for them here (see SnapshotDir.read_fresh)."""
-        own = self.snapshot()
+        """This process's fresh snapshot and those of the other workers alive."""
         if self.snapshot_dir is None:
-            return [own]
+            return [self.snapshot()]
         try:
-            self.snapshot_dir.write(own)
-        except OSError:  # the others can still be read
+            self.write_snapshot()
+        except OSError:  # the others can still be read; ours is then the last one written
             log.exception("writing the metrics snapshot failed")
-        return [own, *self.snapshot_dir.read_fresh()]
-
-    def subscriptions_everywhere(self) -> dict[str, dict[str, int]]:
-        """channel -> {transport: n} over every worker (with a snapshot directory): this one's
-        live, the others' from snapshots they write when asked (at most half a second old)."""
-        assert self.snapshot_dir is not None
-        total: dict[str, dict[str, int]] = {}
-        for snap in self.snapshot_dir.read_fresh():
-            _add_counts(total, snap.get("channels") or {})
-        _add_counts(total, self.subscriptions())
-        return total
-
-
-def _add_counts(total: dict[str, dict[str, int]], counts: dict[str, Any]) -> None:
-    for channel, by_transport in counts.items():
-        if isinstance(by_transport, dict):
-            into = total.setdefault(channel, {})
-            for transport, n in by_transport.items():
-                if isinstance(n, int):
-                    into[transport] = into.get(transport, 0) + n
+        return self.snapshot_dir.read()
 
 
 def live_greenlets() -> int | None:
@@ -439,9 +416,13 @@ def init_app(app: Flask) -> Metrics:
     """Count what the hub and the admission path report; /metrics is in gateway/operator.py."""
     st = state(app)
     server = st.config.server
-    subscriptions = lambda: st.admission.subscriptions() if st.admission is not None else {}  # noqa: E731
-    metrics = Metrics(st.hub, lambda: st.sources, snapshot_dir(st.config), server.metrics_port, subscriptions)
+    shared = snapshot_dir(st.config)
+    metrics = Metrics(st.hub, lambda: st.sources, shared, server.metrics_port)
     st.parts[Metrics] = metrics
     st.hub.observer = metrics
     st.services.append(metrics)
+    if shared:  # several workers: /channels asks every one for its subscriber counts
+        survey = Survey(shared, lambda: st.admission.subscriptions() if st.admission is not None else {})
+        st.parts[Survey] = survey
+        st.services.append(survey)
     return metrics

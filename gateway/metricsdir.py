@@ -1,8 +1,8 @@
 """Several worker processes, one /metrics: each worker writes a snapshot of its counters into a
-shared directory (server.metrics_dir), every few seconds and whenever a worker asks for fresh
-ones (touching the directory's `refresh` file); whichever worker is scraped asks, then sums those
-of the workers alive. A snapshot is plain JSON written atomically, so a reader never sees half of
-one.
+shared directory (server.metrics_dir), and whichever worker is scraped sums those of the workers
+alive. A snapshot is plain JSON written atomically, so a reader never sees half of one. The
+directory is this user's and no one else may write it (private_dir): the workers trust what they
+read there (their subscriber counts, gateway/survey.py, live there too).
 
 Why not prometheus_client's multiprocess mode: it writes a memory-mapped file under a lock on
 every increment, which is the fan-out's hot path; one snapshot every few seconds costs nothing
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,17 +24,24 @@ from typing import Any
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.metrics_core import Metric
 
-__all__ = ["SnapshotDir", "SnapshotWriter", "process_samples", "process_families"]
+from gateway.errors import ConfigError
+
+__all__ = [
+    "SnapshotDir",
+    "SnapshotWriter",
+    "alive",
+    "private_dir",
+    "process_families",
+    "process_samples",
+    "read_private",
+    "write_private",
+]
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY_S = 5.0
 STALE_AFTER_S = 30.0  # a snapshot this old is a worker that hangs or is gone: left out
-# A worker answering for all of them (/channels/<name>) asks the others for fresh snapshots: each
-# looks for that request this often, and writes for it at most once per REFRESH_EVERY_S, so
-# asking in a loop cannot make the workers do more than that.
-REFRESH_CHECK_S = 0.05
-REFRESH_EVERY_S = 0.25
+MAX_FILE_BYTES = 16 * 1024 * 1024  # a file larger than this is no worker's
 
 
 class SnapshotDir:
@@ -45,45 +53,10 @@ class SnapshotDir:
         return self.path / f"{os.getpid()}.json"
 
     def write(self, snapshot: dict[str, Any]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.own.with_suffix(".tmp")
-        tmp.write_text(json.dumps(snapshot), encoding="utf-8")
-        os.replace(tmp, self.own)
+        write_private(self.path, self.own.name, json.dumps(snapshot))  # made by private_dir at start
 
     def remove(self) -> None:
         self.own.unlink(missing_ok=True)
-
-    @property
-    def _refresh(self) -> Path:
-        return self.path / "refresh"
-
-    def ask_for_fresh(self) -> float:
-        """Ask every worker for a snapshot now; returns when asked (see read_fresh)."""
-        asked = time.time()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._refresh.touch()
-        os.utime(self._refresh, (asked, asked))
-        return asked
-
-    def refresh_asked(self) -> float:
-        """When a fresh snapshot was last asked for (0: never)."""
-        try:
-            return self._refresh.stat().st_mtime
-        except OSError:
-            return 0.0
-
-    def read_fresh(self, wait_s: float = 4 * REFRESH_EVERY_S) -> list[dict[str, Any]]:
-        """The snapshots of the other workers alive, each written after this call asked for
-        it, waiting up to wait_s for them (a worker that does not answer in time counts as last
-        written)."""
-        asked = self.ask_for_fresh()
-        deadline = time.monotonic() + wait_s
-        while True:
-            snaps = self.read()
-            others = [s for s in snaps if s.get("pid") != os.getpid()]
-            if all(s.get("time", 0) >= asked for s in others) or time.monotonic() >= deadline:
-                return others
-            time.sleep(REFRESH_CHECK_S)
 
     def read(self, now: float | None = None) -> list[dict[str, Any]]:
         """The snapshots of the workers alive (this one's included, as last written)."""
@@ -91,11 +64,11 @@ class SnapshotDir:
         out = []
         for path in sorted(self.path.glob("*.json")):
             try:
-                snap = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):  # removed meanwhile, or not ours
+                snap = json.loads(read_private(path) or "null")
+            except ValueError:  # not ours
                 continue
             pid = snap.get("pid") if isinstance(snap, dict) else None
-            if not isinstance(pid, int) or not _alive(pid):
+            if not isinstance(pid, int) or not alive(pid):
                 path.unlink(missing_ok=True)  # a worker that exited: its counters go with it
                 continue
             if now - float(snap.get("time", 0)) <= STALE_AFTER_S:
@@ -103,7 +76,7 @@ class SnapshotDir:
         return out
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -115,16 +88,50 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class SnapshotWriter:
-    """Calls write() every SNAPSHOT_EVERY_S on a daemon thread (a greenlet under gevent), and
-    sooner when a worker asks for fresh snapshots (`asked()`: when it last did)."""
+def private_dir(path: Path, key: str = "server.metrics_dir") -> Path:
+    """Create `path` (mode 0700) or check that it is a real directory of this user that no one
+    else may write; a ConfigError naming `key` otherwise (whoever may write there could forge
+    what the workers read, or plant links for them to write through)."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(path)
+    except OSError as exc:
+        detail = f"cannot create {str(path)!r} ({exc.strerror})"
+        raise ConfigError(f"{key}: {detail}; set {key} to a writable path") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise ConfigError(
+            f"{key}: {str(path)!r} must be a directory of this user that others cannot write "
+            f"(owner uid {info.st_uid}, {stat.filemode(info.st_mode)}); remove it or set {key}"
+        )
+    return path
 
-    def __init__(
-        self, write: Callable[[], None], remove: Callable[[], None], asked: Callable[[], float] = lambda: 0.0
-    ) -> None:
+
+def write_private(directory: Path, name: str, text: str) -> None:
+    """Write `text` to directory/name atomically, readable by this user only, never through a link."""
+    tmp = directory / f".{name}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, directory / name)
+
+
+def read_private(path: Path) -> str | None:
+    """The text of a file written by write_private (None: gone, a link, or too large)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    return None if len(data) > MAX_FILE_BYTES else data.decode("utf-8", "replace")
+
+
+class SnapshotWriter:
+    """Calls write() every SNAPSHOT_EVERY_S on a daemon thread (a greenlet under gevent)."""
+
+    def __init__(self, write: Callable[[], None], remove: Callable[[], None]) -> None:
         self._write = write
         self._remove = remove
-        self._asked = asked
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metrics-snapshot", daemon=True)
 
@@ -137,15 +144,11 @@ class SnapshotWriter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            written = time.time()
             try:
                 self._write()
             except Exception:  # a full disk must not take the gateway down
                 log.exception("writing the metrics snapshot failed")
-            due = time.monotonic() + SNAPSHOT_EVERY_S
-            while not self._stop.wait(REFRESH_CHECK_S) and time.monotonic() < due:
-                if self._asked() > written and time.time() - written >= REFRESH_EVERY_S:
-                    break
+            self._stop.wait(SNAPSHOT_EVERY_S)
         self._remove()
 
 

@@ -18,6 +18,7 @@ from gateway.hub import Event
 from gateway.metrics import Metrics
 from gateway.names import check_channel
 from gateway.state import State, state
+from gateway.survey import Survey
 
 __all__ = ["bp", "init_app", "require_operator", "channel_info", "subscribers_of"]
 
@@ -105,12 +106,10 @@ def subscribers_of(st: State, channel: str, across: dict[str, dict[str, int]] | 
 
 
 def _across_workers(st: State) -> dict[str, dict[str, int]] | None:
-    """With several workers, every worker's counts (Metrics.subscriptions_everywhere); None
-    when this process is all there is."""
-    metrics = st.parts.get(Metrics)
-    if metrics is None or metrics.snapshot_dir is None:
-        return None
-    return metrics.subscriptions_everywhere()
+    """With several workers, every worker's counts (gateway/survey.py); None when this process
+    is all there is."""
+    survey = st.parts.get(Survey)
+    return survey.everywhere() if survey is not None else None
 
 
 def channel_info(st: State, channel: str, now: float | None = None) -> dict[str, Any]:

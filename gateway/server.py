@@ -238,7 +238,9 @@ class _Handler(WSGIHandler):
         # Only what the line needs: holding the handler would hold the request.
         client = self.client_address[0] if isinstance(self.client_address, tuple) else self.client_address
         request_line, started, head_bytes = redact_text(self.requestline or ""), self.time_start, self.response_length
-        status = (self._orig_status or self.status or "101").split()[0]  # a WebSocket wrote its own 101
+        # No status for this response: a WebSocket, which wrote its own 101 (_orig_status may be
+        # a previous request's on a kept-alive connection; pywsgi resets only status).
+        status = str(self._orig_status).split()[0] if self.status else "101"
 
         def release(sent: int) -> None:
             streams.discard(sock)

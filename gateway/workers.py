@@ -19,14 +19,18 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from gateway.config import Config, ConfigError, listen_error
+from gateway.metricsdir import private_dir
 
 __all__ = ["worker_count", "is_worker", "inherited_socket", "Supervisor", "LISTEN_FD_ENV"]
 
@@ -34,6 +38,7 @@ log = logging.getLogger("gateway.workers")
 
 LISTEN_FD_ENV = "GATEWAY_LISTEN_FD"
 WORKER_ENV = "GATEWAY_WORKER"  # the worker's number, for its log lines
+SHARED_DIR_ENV = "GATEWAY_METRICS_DIR"  # server.metrics_dir (gateway/config.py reads it)
 LISTEN_BACKLOG = 1024
 RESTART_PAUSE_S = 0.5  # after a worker's first unexpected death
 RESTART_PAUSE_MAX_S = 30.0
@@ -109,26 +114,38 @@ class Supervisor:
         self._argv = argv or [sys.executable, *sys.orig_argv[1:]]
         self._stopping = False
         self._workers: list[_Worker] = []
+        self._shared_dir = ""  # made here when the config names none; removed at the end
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; the exit status for the parent process."""
+        if self._config.server.metrics_dir:
+            private_dir(Path(self._config.server.metrics_dir))  # one line here, not one per worker
         sock = self._bind()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         host, port = self._config.server.host, sock.getsockname()[1]
         log.info("gateway: %d workers on http://%s:%d (parent pid %d)", self._count, host, port, os.getpid())
+        if not self._config.server.metrics_dir:
+            # The workers' shared directory (metrics snapshots, subscriber counts): a fresh one
+            # only this user may enter, rather than a guessable name in the temp dir that another
+            # local user could create first.
+            self._shared_dir = tempfile.mkdtemp(prefix=f"gateway-{port}-")
         self._workers = [_Worker(i + 1, sock) for i in range(self._count)]
-        for worker in self._workers:
-            self._start(worker)
         status = 0
-        while not self._stopping:
-            status = self._reap_and_restart()
-            if status:
-                self._stopping = True
-                break
-            time.sleep(0.2)
-        self._drain()
-        sock.close()
+        try:
+            for worker in self._workers:
+                self._start(worker)
+            while not self._stopping:
+                status = self._reap_and_restart()
+                if status:
+                    self._stopping = True
+                    break
+                time.sleep(0.2)
+            self._drain()
+        finally:
+            sock.close()
+            if self._shared_dir:
+                shutil.rmtree(self._shared_dir, ignore_errors=True)
         return status
 
     # -- binding ---------------------------------------------------------------------------
@@ -152,6 +169,8 @@ class Supervisor:
         env = dict(os.environ)
         env[LISTEN_FD_ENV] = str(worker.sock.fileno())
         env[WORKER_ENV] = str(worker.number)
+        if self._shared_dir:
+            env[SHARED_DIR_ENV] = self._shared_dir
         worker.proc = subprocess.Popen(self._argv, env=env, pass_fds=(worker.sock.fileno(),))
         worker.started = time.monotonic()
         log.info("worker %d started (pid %d)", worker.number, worker.proc.pid)

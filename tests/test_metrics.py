@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.clients import SSEClient, WSClient, longpoll, raw_request
+from tests.clients import SSEClient, WSClient, longpoll
 from tests.helpers import Gateway, free_port, wait_for
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
 
@@ -533,24 +534,41 @@ def test_connection_gauges_follow_open_connections(start_gateway: Callable[..., 
     wait_for(lambda: value(scrape(gw), "gateway_greenlets") <= value(base, "gateway_greenlets"), "greenlets to end")
 
 
-def test_a_stream_whose_request_declares_a_body_holds_no_greenlet(start_gateway: Callable[..., Gateway]) -> None:
-    # A GET that declares a body it never sends: the stream takes the socket over, and nothing
-    # waits for that body (it would hold a greenlet until the stall timeout, and on a WebSocket
-    # swallow the client's first frames as "body").
-    gw = start_gateway({"websocket": {"ping_s": 60.0}, "server": {"stall_timeout_s": 120.0}})
-    base = value(scrape(gw), "gateway_greenlets")
-    sse = raw_request(gw.port, "/sse/declared-body", {"Content-Length": "100"})
-    ws = WSClient(f"{gw.ws_url}/ws/declared-body", header=["Content-Length: 5"])
+def test_a_websocket_after_a_poll_on_one_connection_is_logged_as_101(start_gateway: Callable[..., Gateway]) -> None:
+    gw = start_gateway({"server": {"log_format": "json", "access_log": True}})
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
     try:
-        assert sse.status == 200
+        sock.sendall(b"GET /poll/kept HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b'"cursor"' not in answer:
+            answer += sock.recv(65536)
+        handshake = (
+            "GET /ws/kept HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        sock.sendall(handshake.encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101")
+    finally:
+        sock.close()
+
+    def ws_lines() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in gw.log().splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("logger") == "gateway.access" and line["path"] == "/ws/kept"]
+
+    wait_for(ws_lines, "the WebSocket's access line")
+    assert [line["status"] for line in ws_lines()] == [101]
+
+
+def test_a_websocket_whose_handshake_declares_a_body_reads_its_frames(start_gateway: Callable[..., Gateway]) -> None:
+    # A handshake that declares a body it never sends: the stream takes the socket over, and
+    # nothing waits for that body, which would hold a greenlet until the stall timeout and take
+    # the client's first frames for "body".
+    gw = start_gateway({"websocket": {"ping_s": 60.0}, "server": {"stall_timeout_s": 120.0}})
+    with WSClient(f"{gw.ws_url}/ws/declared-body", header=["Content-Length: 5"]) as ws:
         ws.send(json.dumps({"action": "subscribe", "channel": "declared-other"}))
         assert ws.next_frame().get("event") != "error"  # the frame was read as a frame
         gw.publish("declared-other", "through")
         assert ws.next_frame()["data"] == "through"
-        assert value(scrape(gw), "gateway_greenlets") - base < 2
-    finally:
-        sse.sock.close()
-        ws.close()
 
 
 def test_refusals_and_limit_hits_are_counted(start_gateway: Callable[..., Gateway], channel: str) -> None:
@@ -718,3 +736,68 @@ def test_snapshot_dir_drops_dead_and_stale_workers(tmp_path: Path) -> None:
     assert (tmp_path / "1.json").exists()  # alive but silent: left out, kept
     snaps.remove()
     assert snaps.read() == []
+
+
+def test_the_shared_directory_must_be_ours_and_closed_to_others(tmp_path: Path) -> None:
+    import os
+
+    from gateway.errors import ConfigError
+    from gateway.metricsdir import SnapshotDir, private_dir, read_private, write_private
+
+    made = private_dir(tmp_path / "new" / "dir")
+    assert made.is_dir() and made.stat().st_mode & 0o777 == 0o700
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    link = tmp_path / "link"
+    link.symlink_to(made)
+    for bad in (open_to_all, link):
+        with pytest.raises(ConfigError, match=r"^server.metrics_dir: .* others cannot write"):
+            private_dir(bad)
+    # A file planted as a link is neither written through nor read.
+    target = tmp_path / "victim"
+    target.write_text("keep")
+    (made / f"{os.getpid()}.json").symlink_to(target)
+    (made / f".{os.getpid()}.json.{os.getpid()}.tmp").symlink_to(tmp_path / "victim2")
+    with pytest.raises(OSError):  # the temporary file's name is a link: not written through
+        SnapshotDir(made).write({"pid": os.getpid(), "time": time.time()})
+    (made / f".{os.getpid()}.json.{os.getpid()}.tmp").unlink()
+    SnapshotDir(made).write({"pid": os.getpid(), "time": time.time()})
+    assert target.read_text() == "keep" and not (tmp_path / "victim2").exists()
+    assert (made / f"{os.getpid()}.json").stat().st_mode & 0o777 == 0o600  # replaced by our own file
+    (made / "planted").symlink_to(target)
+    assert read_private(made / "planted") is None
+    write_private(made, "x", "y")
+    assert read_private(made / "x") == "y"
+
+
+def test_a_survey_gets_a_fresh_answer_from_another_process(tmp_path: Path) -> None:
+    """The other worker is a real process running Survey: asked twice, it answers each token,
+    with its counts as they are at that moment."""
+    from gateway.survey import Survey
+
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from gateway.survey import Survey\n"
+            "flag = Path(sys.argv[1]) / 'flag'\n"
+            "s = Survey(sys.argv[1], lambda: {'c': {'sse': 2 if flag.exists() else 1}})\n"
+            "s.start(); time.sleep(60)",
+            str(tmp_path),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        wait_for(lambda: (tmp_path / f"{other.pid}.counts").exists(), "the other worker's counts file")
+        mine = Survey(tmp_path, lambda: {"c": {"ws": 1}, "d": {"sse": 1}})
+        assert mine.everywhere() == {"c": {"sse": 1, "ws": 1}, "d": {"sse": 1}}
+        (tmp_path / "flag").touch()
+        assert mine.everywhere() == {"c": {"sse": 2, "ws": 1}, "d": {"sse": 1}}  # not the last answer
+        other.kill()
+        other.wait(10)
+        assert mine.everywhere() == {"c": {"ws": 1}, "d": {"sse": 1}}  # a worker gone counts no more
+        assert not (tmp_path / f"{other.pid}.counts").exists()
+    finally:
+        other.kill()
+        other.wait(10)

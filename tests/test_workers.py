@@ -145,6 +145,9 @@ def test_subscribers_spread_across_workers_get_every_event_once_in_order(workers
         "both workers hold subscribers",
     )
     assert sum(spread.values()) - sum(before.values()) == len(subs)
+    for _ in range(6):  # whichever worker answers, it counts the streams of both, as they are now
+        r = requests.get(f"{workers.url}/channels/{channel}", timeout=10)
+        assert r.json()["subscribers"] == {"sse": 5, "ws": 5, "longpoll": 0}, r.text
     cursor = workers.cursor(channel)
     pollers: list[list[dict[str, Any]]] = [[] for _ in range(3)]
 
@@ -191,6 +194,9 @@ def test_sigterm_drains_every_worker_within_the_grace_period(
     gw = Workers(CONFIG, tmp_path, {"REDIS_URL": redis_server.url})
     try:
         pids = list(gw.pids())
+        # The workers' shared directory: made by the parent for them alone, removed at the end.
+        (shared,) = {_environ(pid).get("GATEWAY_METRICS_DIR") for pid in pids}
+        assert shared and os.stat(shared).st_mode & 0o777 == 0o700
         sse = SSEClient(f"{gw.url}/sse/{channel}")
         ws = websocket.create_connection(f"{gw.ws_url}/ws/{channel}", timeout=10)
         started = time.monotonic()
@@ -207,9 +213,15 @@ def test_sigterm_drains_every_worker_within_the_grace_period(
             while True:
                 ws.recv()  # the 1012 close, then nothing
         assert "killing it" not in gw.log() and "all workers stopped" in gw.log()
+        assert not os.path.exists(shared)
         sse.close()
     finally:
         gw.stop()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.decode().partition("=")[::2] for item in raw.split(b"\0") if b"=" in item)
 
 
 # -- start-up errors: one line, exit status 2 ----------------------------------------------------
@@ -233,6 +245,20 @@ def test_several_workers_without_redis_is_a_one_line_start_up_error(tmp_path: Pa
     run = _run_app(tmp_path, {}, {"PORT": "0", "WEB_CONCURRENCY": "3"})
     assert run.returncode == 2 and run.stderr.strip().startswith("config error: WEB_CONCURRENCY: 3 workers need")
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_a_shared_directory_others_may_write_is_a_one_line_start_up_error(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path: Path,
+):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    config = {"server": {"workers": 2, "metrics_dir": str(shared)}}
+    run = _run_app(tmp_path, config, {"PORT": "0", "REDIS_URL": redis_server.url})
+    assert run.returncode == 2, run.stderr
+    (line,) = run.stderr.strip().splitlines()  # from the parent, before any worker starts
+    assert line.startswith("config error: server.metrics_dir: ") and "others cannot write" in line, line
 
 
 def test_a_taken_port_is_one_line_with_workers_too(redis_server: RedisServer, tmp_path: Path):  # noqa: F811

@@ -389,6 +389,7 @@ class _Connection:
         starts = {self.ticket.channels[0]: old.cursor, channel: position}
         self.pusher = MultiPusher(self.raw_sock, "ws", starts)
         self.pusher.slow_bytes = self.cfg.limits.slow_consumer_bytes
+        self.pusher.bytes_sent, self.pusher.events_sent = old.bytes_sent, old.events_sent  # one connection's totals
         self.ws.event = self.pusher.wakeup
         self.io.pusher = self.pusher
         self.ticket.multi = True

@@ -19,12 +19,10 @@ import bisect
 import gc
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from flask import Flask
@@ -32,13 +30,11 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from prometheus_client.exposition import choose_encoder, start_http_server
 from prometheus_client.metrics_core import Metric
 
-from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.hub import Event, Hub, Observer
 from gateway.metricsdir import SnapshotDir, SnapshotWriter, private_dir, process_families, process_samples
 from gateway.state import state
 from gateway.survey import Survey
-from gateway.workers import worker_count
 
 __all__ = ["Metrics", "init_app", "TRANSPORTS", "LATENCY_BUCKETS"]
 
@@ -397,26 +393,11 @@ def _family_of(sample: str) -> str:
     raise KeyError(sample)
 
 
-def snapshot_dir(config: Config, env: Mapping[str, str] = os.environ) -> str:
-    """server.metrics_dir; with several workers and none set, a directory of this host's temp
-    dir named by the port, which every worker of one gateway shares and no other gateway does."""
-    server = config.server
-    if server.metrics_dir:
-        return server.metrics_dir
-    try:
-        workers = worker_count(config, env)
-    except ConfigError:  # start-up reports it; here it only means "not several workers"
-        workers = 1
-    if workers > 1:
-        return str(Path(tempfile.gettempdir()) / f"gateway-metrics-{server.port}")
-    return ""
-
-
 def init_app(app: Flask) -> Metrics:
     """Count what the hub and the admission path report; /metrics is in gateway/operator.py."""
     st = state(app)
     server = st.config.server
-    shared = snapshot_dir(st.config)
+    shared = server.metrics_dir  # several workers: the parent made one for them (gateway/workers.py)
     metrics = Metrics(st.hub, lambda: st.sources, shared, server.metrics_port)
     st.parts[Metrics] = metrics
     st.hub.observer = metrics

@@ -30,6 +30,7 @@ __all__ = [
     "SnapshotDir",
     "SnapshotWriter",
     "alive",
+    "forget_worker",
     "private_dir",
     "process_families",
     "process_samples",
@@ -68,10 +69,11 @@ class SnapshotDir:
             except ValueError:  # not ours
                 continue
             pid = snap.get("pid") if isinstance(snap, dict) else None
-            if not isinstance(pid, int) or not alive(pid):
+            if not isinstance(pid, int) or not 0 < pid < 2**31 or not alive(pid):
                 path.unlink(missing_ok=True)  # a worker that exited: its counters go with it
                 continue
-            if now - float(snap.get("time", 0)) <= STALE_AFTER_S:
+            written = snap.get("time")
+            if isinstance(written, (int, float)) and now - written <= STALE_AFTER_S:
                 out.append(snap)
         return out
 
@@ -103,7 +105,18 @@ def private_dir(path: Path, key: str = "server.metrics_dir") -> Path:
             f"{key}: {str(path)!r} must be a directory of this user that others cannot write "
             f"(owner uid {info.st_uid}, {stat.filemode(info.st_mode)}); remove it or set {key}"
         )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: cannot write in {str(path)!r}; make it writable or set {key}")
     return path
+
+
+def forget_worker(directory: Path, pid: int) -> None:
+    """A worker's files, removed once it has exited (by its parent, which saw it go): nothing
+    of it is read or waited for again, even if another process comes to have its pid."""
+    for path in (directory / f"{pid}.json", directory / f"{pid}.counts", directory / f"ask.{pid}"):
+        path.unlink(missing_ok=True)
+    for path in directory.glob(f".*.{pid}.tmp"):  # a write it was killed in the middle of
+        path.unlink(missing_ok=True)
 
 
 def write_private(directory: Path, name: str, text: str) -> None:
@@ -116,13 +129,19 @@ def write_private(directory: Path, name: str, text: str) -> None:
 
 
 def read_private(path: Path) -> str | None:
-    """The text of a file written by write_private (None: gone, a link, or too large)."""
+    """The text of a file written by write_private (None: gone, a link, not a plain file, or
+    too large)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block us
     except OSError:
         return None
     with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_FILE_BYTES + 1)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            data = f.read(MAX_FILE_BYTES + 1)
+        except OSError:
+            return None
     return None if len(data) > MAX_FILE_BYTES else data.decode("utf-8", "replace")
 
 

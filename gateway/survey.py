@@ -38,6 +38,14 @@ WAIT_S = 2.0
 Counts = dict[str, dict[str, int]]  # channel -> {transport: open subscriptions}
 
 
+class _Round:
+    """One survey in flight; requests that arrive meanwhile wait for it and share its totals."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.totals: Counts = {}
+
+
 class Survey:
     """One worker's side of the survey: answers the others' asks (a Service: start/stop) and
     asks them (everywhere())."""
@@ -48,16 +56,20 @@ class Survey:
         self.pid = str(os.getpid())
         self._answered: dict[str, str] = {}
         self._answered_at = -ANSWER_EVERY_S
+        self._seen: dict[str, tuple[tuple[int, int, int], str]] = {}  # ask file -> (stat key, token)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._asking = threading.Lock()
-        self._last: tuple[float, Counts] = (-1.0, {})  # (when that survey began, its totals)
+        self._guard = threading.Lock()
+        self._round: _Round | None = None
         self._warned = False
 
     # -- a Service ---------------------------------------------------------------------------
     def start(self) -> None:
         private_dir(self.path)
-        self._answer({})  # the others know this worker from its counts file
+        try:
+            self._answer({})  # the others know this worker from its counts file
+        except OSError as exc:
+            self._warn(f"writing this worker's subscriber counts failed: {exc}")
         self._thread = threading.Thread(target=self._run, name="survey", daemon=True)
         self._thread.start()
 
@@ -74,77 +86,110 @@ class Survey:
                 new = any(self._answered.get(pid) != token for pid, token in asks.items())
                 if new and time.monotonic() - self._answered_at >= ANSWER_EVERY_S:
                     self._answer(asks)
-            except OSError as exc:
-                self._warn(f"answering a survey of the workers failed: {exc}")
+            except Exception as exc:  # noqa: BLE001 (this thread must outlive a bad moment)
+                self._warn(f"answering a survey of the workers failed: {exc!r}")
 
     def _asks(self) -> dict[str, str]:
-        asks = {}
+        """The other workers' current tokens; a file is read again only once it has changed."""
+        asks, seen = {}, {}
         for path in self.path.glob("ask.*"):
             pid = path.name[len("ask.") :]
-            token = read_private(path) if pid != self.pid and pid.isdigit() else None
+            if pid == self.pid or not _is_pid(pid):
+                continue
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            key = (info.st_ino, info.st_mtime_ns, info.st_size)
+            known = self._seen.get(pid)
+            token = known[1] if known is not None and known[0] == key else (read_private(path) or "")[:64]
+            seen[pid] = (key, token)
             if token:
-                asks[pid] = token[:64]
+                asks[pid] = token
+        self._seen = seen
         return asks
 
     def _answer(self, asks: dict[str, str]) -> None:
         self._answered, self._answered_at = asks, time.monotonic()
-        answer = {"pid": int(self.pid), "answered": asks, "channels": self.counts()}
-        write_private(self.path, f"{self.pid}.counts", json.dumps(answer))
+        # Two lines: who was answered (all an asker waiting for its token reads), then the counts.
+        head = json.dumps({"pid": int(self.pid), "answered": asks})
+        write_private(self.path, f"{self.pid}.counts", head + "\n" + json.dumps(self.counts()))
 
     # -- asking ------------------------------------------------------------------------------
     def everywhere(self) -> Counts:
         """channel -> {transport: n} summed over every live worker: this one's live, the others'
         as they answered this survey (or, for a worker that did not answer within WAIT_S, as
-        it last did)."""
-        arrived = time.monotonic()
-        with self._asking:
-            began, totals = self._last
-            if began >= arrived:  # a survey that began after this request arrived: share it
-                return totals
-            began = time.monotonic()
-            totals = {}
-            for answer in [*self._ask(), {"channels": self.counts()}]:
-                _add(totals, answer.get("channels"))
-            self._last = (began, totals)
+        it last did). A request that arrives during a survey shares it."""
+        with self._guard:
+            current, mine = self._round, self._round is None
+            if mine:
+                current = self._round = _Round()
+        assert current is not None
+        if not mine:
+            current.done.wait(WAIT_S + 1.0)
+            return current.totals
+        try:
+            totals: Counts = {}
+            for channels in [*self._ask(), self.counts()]:
+                _add(totals, channels)
+            current.totals = totals
             return totals
+        finally:
+            with self._guard:
+                self._round = None
+            current.done.set()
 
-    def _ask(self) -> list[dict[str, Any]]:
+    def _ask(self) -> list[Any]:
+        """Each other live worker's counts, as it answered this survey's token (or last did)."""
         token = secrets.token_hex(8)
         try:
             write_private(self.path, f"ask.{self.pid}", token)
         except OSError as exc:
             self._warn(f"asking the workers for their counts failed: {exc}; using their last answers")
-            return self._answers()
+            token = ""
         deadline = time.monotonic() + WAIT_S
         while True:
             answers = self._answers()
-            if all(a.get("answered", {}).get(self.pid) == token for a in answers) or time.monotonic() >= deadline:
-                return answers
+            waiting = token and any(answered.get(self.pid) != token for answered, _ in answers.values())
+            if not waiting or time.monotonic() >= deadline:
+                return [_channels(text) for _, text in answers.values()]
             time.sleep(CHECK_S)  # a greenlet's sleep: app.py patches time for gevent
 
-    def _answers(self) -> list[dict[str, Any]]:
-        """The last answer of every other live worker (files of workers gone are removed)."""
-        out = []
+    def _answers(self) -> dict[str, tuple[dict[str, Any], str]]:
+        """pid -> (the tokens it answered, the text of its counts) of every other live worker."""
+        out = {}
         for path in self.path.glob("*.counts"):
             pid = path.name[: -len(".counts")]
-            if pid == self.pid or not pid.isdigit():
+            if pid == self.pid or not _is_pid(pid):
                 continue
             if not alive(int(pid)):
                 path.unlink(missing_ok=True)
                 (self.path / f"ask.{pid}").unlink(missing_ok=True)
                 continue
+            head, _, counts = (read_private(path) or "").partition("\n")
             try:
-                answer = json.loads(read_private(path) or "null")
-            except ValueError:
+                answered = json.loads(head).get("answered")
+            except (ValueError, AttributeError):
                 continue
-            if isinstance(answer, dict) and isinstance(answer.get("answered"), dict):
-                out.append(answer)
+            if isinstance(answered, dict):
+                out[pid] = (answered, counts)
         return out
 
     def _warn(self, message: str) -> None:
         if not self._warned:  # once: a directory gone bad would otherwise log 20 lines a second
             self._warned = True
             log.warning("%s", message)
+
+
+def _is_pid(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 10
+
+
+def _channels(text: str) -> Any:
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return {}
 
 
 def _add(totals: Counts, channels: Any) -> None:

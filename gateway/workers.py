@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from gateway.config import Config, ConfigError, listen_error
-from gateway.metricsdir import private_dir
+from gateway.metricsdir import forget_worker, private_dir
 
 __all__ = ["worker_count", "is_worker", "inherited_socket", "Supervisor", "LISTEN_FD_ENV"]
 
@@ -186,6 +186,9 @@ class Supervisor:
             code = worker.proc.poll()
             if code is None:
                 continue
+            shared = self._shared_dir or self._config.server.metrics_dir
+            if shared:
+                forget_worker(Path(shared), worker.proc.pid)
             lived = now - worker.started
             if code == CONFIG_ERROR_EXIT and worker.deaths == 0 and lived < STABLE_AFTER_S:
                 log.error("worker %d stopped on a config error (above); stopping", worker.number)

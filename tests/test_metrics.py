@@ -252,20 +252,6 @@ def test_metrics_port_config_errors() -> None:
         from_mapping({"server": {"metrics_port": 70000}})
 
 
-def test_several_workers_get_a_snapshot_dir_by_default() -> None:
-    from gateway.config import from_mapping
-    from gateway.metrics import snapshot_dir
-
-    redis = {"url": "redis://127.0.0.1:1/0"}
-    assert snapshot_dir(from_mapping({}), env={}) == ""  # one process: no files at all
-    assert snapshot_dir(from_mapping({"server": {"workers": 1}}), env={"WEB_CONCURRENCY": "4"}) == ""
-    several = snapshot_dir(from_mapping({"server": {"port": 5123}, "redis": redis}), env={"WEB_CONCURRENCY": "4"})
-    assert several.endswith("gateway-metrics-5123")
-    assert snapshot_dir(from_mapping({"server": {"port": 5123, "workers": 3}, "redis": redis}), env={}) == several
-    chosen = from_mapping({"server": {"workers": 3, "metrics_dir": "/srv/m"}, "redis": redis})
-    assert snapshot_dir(chosen, env={}) == "/srv/m"
-
-
 def test_server_workers_are_covered_by_one_scrape(
     start_gateway: Callable[..., Gateway],
     redis_server: RedisServer,  # noqa: F811
@@ -771,18 +757,24 @@ def test_the_shared_directory_must_be_ours_and_closed_to_others(tmp_path: Path) 
     assert read_private(made / "x") == "y"
 
 
-def test_a_survey_gets_a_fresh_answer_from_another_process(tmp_path: Path) -> None:
-    """The other worker is a real process running Survey: asked twice, it answers each token,
-    with its counts as they are at that moment."""
+def test_a_survey_gets_a_fresh_answer_from_another_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other worker is a real process running Survey: each survey gets its counts as they
+    are at that moment (not as it first wrote them), concurrent surveys share one ask, and a
+    worker gone counts no more."""
+    import threading
+
+    from gateway import survey
     from gateway.survey import Survey
 
+    monkeypatch.setattr(survey, "WAIT_S", 20.0)  # a loaded machine may be slow to answer; never wrong
+    flag = tmp_path / "flag"
     other = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; from gateway.survey import Survey\n"
             "flag = Path(sys.argv[1]) / 'flag'\n"
-            "s = Survey(sys.argv[1], lambda: {'c': {'sse': 2 if flag.exists() else 1}})\n"
+            "s = Survey(sys.argv[1], lambda: {'c': {'sse': int(flag.read_text() or 0) if flag.exists() else 1}})\n"
             "s.start(); time.sleep(60)",
             str(tmp_path),
         ],
@@ -791,9 +783,17 @@ def test_a_survey_gets_a_fresh_answer_from_another_process(tmp_path: Path) -> No
     try:
         wait_for(lambda: (tmp_path / f"{other.pid}.counts").exists(), "the other worker's counts file")
         mine = Survey(tmp_path, lambda: {"c": {"ws": 1}, "d": {"sse": 1}})
-        assert mine.everywhere() == {"c": {"sse": 1, "ws": 1}, "d": {"sse": 1}}
-        (tmp_path / "flag").touch()
-        assert mine.everywhere() == {"c": {"sse": 2, "ws": 1}, "d": {"sse": 1}}  # not the last answer
+        for n in (2, 3):  # changed after the other wrote its first answer: each survey sees it
+            flag.write_text(str(n))
+            assert mine.everywhere() == {"c": {"sse": n, "ws": 1}, "d": {"sse": 1}}
+        flag.write_text("4")
+        results: list[dict] = []
+        threads = [threading.Thread(target=lambda: results.append(mine.everywhere())) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == [{"c": {"sse": 4, "ws": 1}, "d": {"sse": 1}}] * 3
         other.kill()
         other.wait(10)
         assert mine.everywhere() == {"c": {"ws": 1}, "d": {"sse": 1}}  # a worker gone counts no more

@@ -175,6 +175,8 @@ def test_a_killed_worker_is_restarted_and_its_clients_resume_without_loss(worker
     subs = _start_subscribers(workers, channel, 2 * EVENTS)
     ids = [workers.publish(channel, f"a{i}") for i in range(EVENTS)]
     victim = next(iter(workers.pids()))
+    shared = Path(_environ(victim)["GATEWAY_METRICS_DIR"])
+    assert (shared / f"{victim}.counts").exists()
     os.kill(victim, signal.SIGKILL)
     # Publishes go on meanwhile; the ones that reach the dead worker's socket wait for its successor.
     ids += [workers.publish(channel, f"b{i}") for i in range(EVENTS)]
@@ -184,6 +186,16 @@ def test_a_killed_worker_is_restarted_and_its_clients_resume_without_loss(worker
     assert victim not in pids
     assert f"(pid {victim}) was killed by SIGKILL" in workers.log()
     assert "restarting in" in workers.log()
+    # The parent removed the dead worker's files: no survey waits for it, whoever gets its pid.
+    assert not [p.name for p in shared.iterdir() if str(victim) in p.name]
+    # Every subscriber has read its events and gone: both workers (the new one too) count none.
+    _wait(
+        lambda: (
+            requests.get(f"{workers.url}/channels/{channel}", timeout=10).json()["subscribers"]
+            == {"sse": 0, "ws": 0, "longpoll": 0}
+        ),
+        "no subscribers left in any worker",
+    )
 
 
 def test_sigterm_drains_every_worker_within_the_grace_period(

@@ -629,6 +629,7 @@ def serve(app: Flask) -> None:
     gevent.config.track_greenlet_tree = False
     # Flush pushed events once the publishing greenlet yields: a burst shares one write.
     hub.defer = gevent.get_hub().loop.run_callback
+    hub.push_notified = True  # one thread: the Redis listener's greenlet may push as publishers do
     hub.wait_on = server.coarse_waits.wait_on
     try:
         server.start()

@@ -133,3 +133,68 @@ def test_event_encodings_are_computed_once():
     e = hub.publish("c", "a\r\nb", "x")
     assert e.sse == f"id: {e.id}\nevent: x\ndata: a\ndata: b\n\n".encode()
     assert e.sse is e.sse and e.json is e.json
+
+
+class _FakePusher:
+    kind = "sse"
+
+    def __init__(self, cursor: str, hold: int = 0) -> None:
+        self.cursor, self.hold = cursor, hold
+        self.pushed: list[tuple[bytes, str, int]] = []
+        self.woken = 0
+        self.encodes = 0
+
+    def encode(self, events):  # noqa: ANN001, ANN201
+        self.encodes += 1
+        return b"".join(e.data.encode() + b";" for e in events)
+
+    def push(self, data: bytes, cursor: str, events: int) -> None:
+        self.pushed.append((data, cursor, events))
+        self.cursor = cursor
+
+    def lag(self, nbytes: int) -> None:
+        pass
+
+    def wake(self) -> None:
+        self.woken += 1
+
+
+def test_another_nodes_events_are_read_once_and_pushed_to_the_streams_up_to_date():
+    store = MemoryStore(50, 60.0, Clock())
+    here, there = Hub(store), Hub(store)  # two nodes on one shared store
+    here.push_notified = True
+    start = there.publish("c", "0").id
+    idle = [_FakePusher(start) for _ in range(3)]
+    busy, behind = _FakePusher(start, hold=1), _FakePusher("0-0")
+    for p in [*idle, busy, behind]:
+        here.attach("c", p)
+    reads: list[str | None] = []
+    store_read = store.read
+
+    def counted(channel: str, since: str | None, limit: int):  # noqa: ANN202
+        reads.append(since)
+        return store_read(channel, since, limit)
+
+    store.read = counted  # type: ignore[method-assign]
+    there.publish("c", "1")
+    two = there.publish("c", "2")
+    here.notified("c")  # what the shared store's listener calls
+    assert reads == [start]  # one read for all of them
+    for p in idle:
+        assert p.pushed == [(b"1;2;", two.id, 2)] and p.woken == 0
+    assert sum(p.encodes for p in idle) == 1  # encoded once for every stream of that format
+    assert busy.pushed == [] and busy.woken == 1  # it reads by cursor itself
+    assert behind.pushed == [] and behind.woken == 1
+    here.notified("c")  # nothing new: nobody is sent anything twice
+    assert all(len(p.pushed) == 1 for p in idle)
+
+
+def test_without_push_notified_another_nodes_events_only_wake_the_streams():
+    store = MemoryStore(50, 60.0, Clock())
+    here, there = Hub(store), Hub(store)
+    start = there.publish("c", "0").id
+    p = _FakePusher(start)
+    here.attach("c", p)
+    there.publish("c", "1")
+    here.notified("c")
+    assert p.pushed == [] and p.woken == 1

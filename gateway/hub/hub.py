@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, KeysView
 from contextlib import contextmanager
 from typing import Protocol
 
+from gateway.errors import GatewayError
 from gateway.eventdata import check_data
 from gateway.hub.events import Batch, Event
 from gateway.names import check_channel, check_event_name
@@ -29,6 +30,7 @@ __all__ = ["Hub", "Store", "Pusher", "Observer", "WaitAbandoned"]
 
 SWEEP_EVERY_S = 30.0
 SHARED_READ_S = 1.0  # how long the polls woken by one event may share its read
+NOTIFIED_BATCH = 100  # other nodes' events pushed at once; more than this and streams read them
 
 
 class WaitAbandoned(Exception):
@@ -117,6 +119,9 @@ class Hub:
         # keeps a timer per wait out of it (gateway/server.py's _CoarseDeadlines).
         self.wait_on: Callable[[threading.Event, float], None] = _wait_on
         self.observer = Observer()
+        # Push other nodes' events (notified()) from the listener's own greenlet: the server
+        # turns it on under gevent, where that greenlet and the publishers never run at once.
+        self.push_notified = False
 
     # -- writing -------------------------------------------------------------------------
     def publish(self, channel: str, data: str, event: str = "message", *, idempotency_key: str | None = None) -> Event:
@@ -168,10 +173,39 @@ class Hub:
             if not pushers:
                 del self._pushers[channel]
 
+    def notified(self, channel: str) -> None:
+        """Another node published here (a shared store's listener calls this). The long polls
+        are woken; with push_notified, the new events are read once and pushed to the streams
+        up to date as this node's own publishes are (encoded once per wire format, written
+        without waking each stream), and only the others are woken to read by cursor."""
+        pushers = self._pushers.get(channel)
+        if not self.push_notified or not pushers or self.closing:
+            self.notify(channel)
+            return
+        self._wake_waiters(channel)
+        idle = Counter(p.cursor for p in pushers if not p.hold)
+        batch = None
+        if idle:
+            try:
+                batch = self.store.read(channel, idle.most_common(1)[0][0], NOTIFIED_BATCH)
+            except GatewayError:  # the store is in trouble: each stream meets it on its own read
+                batch = None
+        if batch is None or batch.gap or batch.more or not batch.events:
+            for pusher in list(self._pushers.get(channel, ())):
+                pusher.wake()
+            return
+        self._push(channel, batch.events)
+
     def _flush(self, channel: str) -> None:
         events = self._pending.pop(channel, None)
+        if events:
+            self._push(channel, events)
+
+    def _push(self, channel: str, events: list[Event]) -> None:
+        """Hand these new events of `channel` to its pushers: bytes to each one whose cursor is
+        where they begin, a wake-up (and the debt, for the slow-consumer cut) to the others."""
         pushers = self._pushers.get(channel)
-        if not events or not pushers:
+        if not pushers:
             return
         first, last = events[0].prev, events[-1].id
         # Only a run of consecutive events can be appended to a cursor (a backend that appends

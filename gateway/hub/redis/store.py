@@ -266,7 +266,7 @@ class RedisStore:
     def _wake(self, channel: str) -> None:
         self._bump(channel)
         if self._hub is not None:
-            self._hub.notify(channel)
+            self._hub.notified(channel)
 
     # Every key of a channel carries the channel as its hash tag ({...}): in a cluster they all
     # live on one shard, so a script may touch them together.

@@ -631,6 +631,11 @@ def serve(app: Flask) -> None:
     hub.defer = gevent.get_hub().loop.run_callback
     hub.push_notified = True  # one thread: the Redis listener's greenlet may push as publishers do
     hub.wait_on = server.coarse_waits.wait_on
+    # Signals are ours before the port opens: a SIGTERM (or ^C) that comes while the services
+    # start is a drain like any other, not the default abrupt exit (or a KeyboardInterrupt).
+    stopping = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, stopping.set)
+    gevent.signal_handler(signal.SIGINT, stopping.set)
     try:
         server.start()
     except OSError as exc:  # e.g. the port is taken: a config problem, said in one line
@@ -642,13 +647,6 @@ def serve(app: Flask) -> None:
     for service in services:
         service.start()
 
-    stopping = gevent.event.Event()
-
-    def on_signal() -> None:
-        stopping.set()
-
-    gevent.signal_handler(signal.SIGTERM, on_signal)
-    gevent.signal_handler(signal.SIGINT, on_signal)
     stopping.wait()
 
     log.info("shutting down: closing streams")

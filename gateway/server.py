@@ -629,7 +629,7 @@ def serve(app: Flask) -> None:
     gevent.config.track_greenlet_tree = False
     # Flush pushed events once the publishing greenlet yields: a burst shares one write.
     hub.defer = gevent.get_hub().loop.run_callback
-    hub.push_notified = True  # one thread: the Redis listener's greenlet may push as publishers do
+    hub.spawn = gevent.spawn  # other nodes' events pushed in a greenlet of their own (Hub.notified)
     hub.wait_on = server.coarse_waits.wait_on
     # Signals are ours before the port opens: a SIGTERM (or ^C) that comes while the services
     # start is a drain like any other, not the default abrupt exit (or a KeyboardInterrupt).

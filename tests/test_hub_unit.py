@@ -162,7 +162,8 @@ class _FakePusher:
 def test_another_nodes_events_are_read_once_and_pushed_to_the_streams_up_to_date():
     store = MemoryStore(50, 60.0, Clock())
     here, there = Hub(store), Hub(store)  # two nodes on one shared store
-    here.push_notified = True
+    later: list = []
+    here.spawn = later.append  # run apart from the listener: here, when the test says
     start = there.publish("c", "0").id
     idle = [_FakePusher(start) for _ in range(3)]
     busy, behind = _FakePusher(start, hold=1), _FakePusher("0-0")
@@ -177,19 +178,51 @@ def test_another_nodes_events_are_read_once_and_pushed_to_the_streams_up_to_date
 
     store.read = counted  # type: ignore[method-assign]
     there.publish("c", "1")
+    here.notified("c")  # what the shared store's listener calls, once per publish
     two = there.publish("c", "2")
-    here.notified("c")  # what the shared store's listener calls
-    assert reads == [start]  # one read for all of them
+    here.notified("c")
+    assert len(later) == 1 and reads == []  # the listener only marked the channel
+    later.pop()()
+    assert reads == [start]  # one read for both notifications and every stream
     for p in idle:
         assert p.pushed == [(b"1;2;", two.id, 2)] and p.woken == 0
     assert sum(p.encodes for p in idle) == 1  # encoded once for every stream of that format
     assert busy.pushed == [] and busy.woken == 1  # it reads by cursor itself
     assert behind.pushed == [] and behind.woken == 1
-    here.notified("c")  # nothing new: nobody is sent anything twice
-    assert all(len(p.pushed) == 1 for p in idle)
+    here.notified("c")  # a repeat, nothing new: the streams up to date are left alone
+    later.pop()()
+    assert all(len(p.pushed) == 1 and p.woken == 0 for p in idle)
+    assert busy.woken == 2 and behind.woken == 2
 
 
-def test_without_push_notified_another_nodes_events_only_wake_the_streams():
+def test_a_store_in_trouble_or_a_gap_only_wakes_the_streams():
+    store = MemoryStore(2, 60.0, Clock())
+    here, there = Hub(store), Hub(store)
+    here.spawn = lambda fn: fn()
+    start = there.publish("c", "0").id
+    p = _FakePusher(start)
+    here.attach("c", p)
+    for i in range(3):  # beyond the history of two: a gap from `start`
+        there.publish("c", str(i))
+    here.notified("c")
+    assert p.pushed == [] and p.woken == 1
+
+    def broken(channel: str, since: str | None, limit: int):  # noqa: ANN202
+        raise BadRequest("backend_unavailable", "redis is down", 503)
+
+    store.read = broken  # type: ignore[method-assign]
+    here.notified("c")
+    assert p.woken == 2
+
+    def buggy(channel: str, since: str | None, limit: int):  # noqa: ANN202
+        raise KeyError("e")
+
+    store.read = buggy  # type: ignore[method-assign]
+    here.notified("c")  # logged, and the streams catch up for themselves
+    assert p.woken == 3
+
+
+def test_without_spawn_another_nodes_events_only_wake_the_streams():
     store = MemoryStore(50, 60.0, Clock())
     here, there = Hub(store), Hub(store)
     start = there.publish("c", "0").id

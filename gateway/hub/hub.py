@@ -14,6 +14,7 @@ flushed as one batch (one write per subscriber). A pusher that cannot take the b
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -27,6 +28,8 @@ from gateway.hub.events import Batch, Event
 from gateway.names import check_channel, check_event_name
 
 __all__ = ["Hub", "Store", "Pusher", "Observer", "WaitAbandoned"]
+
+log = logging.getLogger("gateway.hub")
 
 SWEEP_EVERY_S = 30.0
 SHARED_READ_S = 1.0  # how long the polls woken by one event may share its read
@@ -119,9 +122,12 @@ class Hub:
         # keeps a timer per wait out of it (gateway/server.py's _CoarseDeadlines).
         self.wait_on: Callable[[threading.Event, float], None] = _wait_on
         self.observer = Observer()
-        # Push other nodes' events (notified()) from the listener's own greenlet: the server
-        # turns it on under gevent, where that greenlet and the publishers never run at once.
-        self.push_notified = False
+        # How other nodes' events are pushed apart from the listener (notified()): the server
+        # passes gevent's spawn, where that greenlet and the publishers never run at once; None
+        # (threads) only wakes the streams.
+        self.spawn: Callable[[Callable[[], None]], object] | None = None
+        self._notified: dict[str, None] = {}  # channels marked by the listener, in order
+        self._pushing_notified = False
 
     # -- writing -------------------------------------------------------------------------
     def publish(self, channel: str, data: str, event: str = "message", *, idempotency_key: str | None = None) -> Event:
@@ -145,10 +151,10 @@ class Hub:
         return ev
 
     def notify(self, channel: str) -> None:
-        """Wake every reader of this channel (also called for events from other nodes)."""
+        """Wake every reader of this channel: they read by cursor (see notified() for other
+        nodes' events)."""
         self._wake_waiters(channel)
-        for pusher in list(self._pushers.get(channel, ())):
-            pusher.wake()
+        self._wake_pushers(channel)
 
     def _wake_waiters(self, channel: str) -> None:
         self._wakes += 1
@@ -175,26 +181,62 @@ class Hub:
 
     def notified(self, channel: str) -> None:
         """Another node published here (a shared store's listener calls this). The long polls
-        are woken; with push_notified, the new events are read once and pushed to the streams
-        up to date as this node's own publishes are (encoded once per wire format, written
-        without waking each stream), and only the others are woken to read by cursor."""
-        pushers = self._pushers.get(channel)
-        if not self.push_notified or not pushers or self.closing:
+        are woken at once. With `spawn` set, the new events are then read once and pushed to
+        the streams up to date as this node's own publishes are (encoded once per wire format,
+        written without waking each stream), and only the others are woken to read by cursor.
+        That happens apart from the listener (which only marks the channel), one channel at a
+        time, so a burst of notifications for a channel costs one read and a slow read delays
+        no other notification."""
+        if self.spawn is None or channel not in self._pushers or self.closing:
             self.notify(channel)
             return
         self._wake_waiters(channel)
-        idle = Counter(p.cursor for p in pushers if not p.hold)
-        batch = None
-        if idle:
-            try:
-                batch = self.store.read(channel, idle.most_common(1)[0][0], NOTIFIED_BATCH)
-            except GatewayError:  # the store is in trouble: each stream meets it on its own read
-                batch = None
-        if batch is None or batch.gap or batch.more or not batch.events:
-            for pusher in list(self._pushers.get(channel, ())):
-                pusher.wake()
+        self._notified[channel] = None
+        if not self._pushing_notified:
+            self._pushing_notified = True
+            self.spawn(self._push_notified)
+
+    def _push_notified(self) -> None:
+        try:
+            while self._notified and not self.closing:
+                channel = next(iter(self._notified))
+                del self._notified[channel]
+                try:
+                    self._push_from_store(channel)
+                except Exception:  # a bad entry, a bug: that channel's streams read for themselves
+                    log.exception("pushing other nodes' events of %r failed; its streams catch up", channel)
+                    self._wake_pushers(channel)
+        finally:
+            self._pushing_notified = False
+        for channel in list(self._notified):  # marked while closing: just woken
+            del self._notified[channel]
+            self._wake_pushers(channel)
+
+    def _push_from_store(self, channel: str) -> None:
+        pushers = self._pushers.get(channel)
+        if not pushers:
             return
-        self._push(channel, batch.events)
+        idle = Counter(p.cursor for p in pushers if not p.hold)
+        if not idle:
+            self._wake_pushers(channel)
+            return
+        since = idle.most_common(1)[0][0]
+        try:
+            batch = self.store.read(channel, since, NOTIFIED_BATCH)
+        except GatewayError:  # the store is in trouble: each stream meets it on its own read
+            self._wake_pushers(channel)
+            return
+        if batch.gap or batch.more:
+            self._wake_pushers(channel)
+        elif batch.events:
+            self._push(channel, batch.events)
+        else:  # nothing new for those at `since` (a repeat notification): wake only the others
+            self._wake_pushers(channel, unless_at=since)
+
+    def _wake_pushers(self, channel: str, unless_at: str | None = None) -> None:
+        for pusher in list(self._pushers.get(channel, ())):
+            if unless_at is None or pusher.hold or pusher.cursor != unless_at:
+                pusher.wake()
 
     def _flush(self, channel: str) -> None:
         events = self._pending.pop(channel, None)

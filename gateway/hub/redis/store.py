@@ -245,9 +245,12 @@ class RedisStore:
     def _on_connect(self, first: bool) -> None:
         if not first:
             log.info("redis listener reconnected; waking readers of %d channel(s)", len(self._local))
-        # Whatever was published while we were not listening: every local reader re-reads.
+        # Whatever was published while we were not listening: every local reader re-reads (a
+        # wake-up only: one read per channel here would hold the new subscription up).
         for channel in list(self._local):
-            self._wake(channel)
+            self._bump(channel)
+            if self._hub is not None:
+                self._hub.notify(channel)
 
     def _keep_alive(self, probe: str) -> None:
         """Echo a probe through our own subscription (proof it still works), and push out the

@@ -10,6 +10,8 @@ already-encoded bytes of new events right after they are published, and writes t
 socket without blocking and without a greenlet switch. Events published close together are
 flushed as one batch (one write per subscriber). A pusher that cannot take the bytes at once
 (busy, behind, or its socket is full) is only woken, and catches up from history by cursor.
+Events published on other nodes of a shared store take the same path (notified()): read once
+from the store, then pushed.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ def create_app(overrides: dict[str, Any] | None = None, *, config: Config | None
         config = config_mod.load() if overrides is None else config_mod.from_mapping(overrides)
     app = Flask("gateway", root_path=str(ROOT), template_folder="templates", static_folder="static")
     app.json.sort_keys = False
+    # `/sse` is `/sse/` (no channel: 400 invalid_channel), not Werkzeug's HTML 308 redirect,
+    # which clients of an API do not follow (a POST would even be re-sent).
+    app.url_map.strict_slashes = False
     hub = make_hub(config)
     st = install(app, State(config=config, hub=hub, trusted=TrustedProxies(config.server.trusted_proxies)))
     st.admission = Admission(config, hub, st.trusted)

@@ -171,9 +171,15 @@ def test_bad_input_gets_json_errors(gateway, channel):
         ("/sse/bad%20name", 400, "invalid_channel"),
         (f"/sse/{channel}?since=nope", 400, "invalid_since"),
         ("/no-such-route", 404, "not_found"),
+        # No channel at all, with or without the slash: the error itself, not a 308 to follow.
+        ("/poll", 400, "invalid_channel"),
+        ("/longpoll", 400, "invalid_channel"),
+        ("/sse", 400, "invalid_channel"),
+        ("/ws", 400, "invalid_channel"),
+        ("/sse/", 400, "invalid_channel"),
     ]
     for path, status, code in cases:
-        r = requests.get(gateway.url + path, timeout=5)
+        r = requests.get(gateway.url + path, timeout=5, allow_redirects=False)
         assert r.status_code == status, path
         assert r.headers["Content-Type"].startswith("application/json"), path
         body = r.json()

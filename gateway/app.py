@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.routing import WebsocketMismatch
+from werkzeug.routing import RequestRedirect, WebsocketMismatch
 
 from gateway import config as config_mod
 from gateway import connlog, cors, diagnose, metrics, operator, proxy, publish, reporting, site, sources, status
@@ -35,9 +35,6 @@ def create_app(overrides: dict[str, Any] | None = None, *, config: Config | None
         config = config_mod.load() if overrides is None else config_mod.from_mapping(overrides)
     app = Flask("gateway", root_path=str(ROOT), template_folder="templates", static_folder="static")
     app.json.sort_keys = False
-    # `/sse` is `/sse/` (no channel: 400 invalid_channel), not Werkzeug's HTML 308 redirect,
-    # which clients of an API do not follow (a POST would even be re-sent).
-    app.url_map.strict_slashes = False
     hub = make_hub(config)
     st = install(app, State(config=config, hub=hub, trusted=TrustedProxies(config.server.trusted_proxies)))
     st.admission = Admission(config, hub, st.trusted)
@@ -63,6 +60,16 @@ def create_app(overrides: dict[str, Any] | None = None, *, config: Config | None
 
 
 def _register_error_handlers(app: Flask) -> None:
+    @app.before_request
+    def no_slash_redirect() -> Response | None:
+        # Werkzeug answers `/sse` with an HTML 308 to `/sse/`, which an API client does not
+        # follow (and which would have it send a POST again): a JSON 404 instead. Registered
+        # last, so that with a proxy configured the app behind it still gets these paths.
+        if isinstance(request.routing_exception, RequestRedirect):
+            detail = f"{request.path} is no route of the gateway; name a channel: {request.path}/<channel>"
+            return error_response(404, "not_found", detail)
+        return None
+
     @app.errorhandler(BadRequest)
     def bad_request(exc: BadRequest) -> Response:
         return error_response(exc.status, exc.code, exc.detail, exc.headers)

@@ -171,11 +171,11 @@ def test_bad_input_gets_json_errors(gateway, channel):
         ("/sse/bad%20name", 400, "invalid_channel"),
         (f"/sse/{channel}?since=nope", 400, "invalid_since"),
         ("/no-such-route", 404, "not_found"),
-        # No channel at all, with or without the slash: the error itself, not a 308 to follow.
-        ("/poll", 400, "invalid_channel"),
-        ("/longpoll", 400, "invalid_channel"),
-        ("/sse", 400, "invalid_channel"),
-        ("/ws", 400, "invalid_channel"),
+        # No channel at all: JSON, not an HTML 308 to the same path with a slash.
+        ("/poll", 404, "not_found"),
+        ("/longpoll", 404, "not_found"),
+        ("/sse", 404, "not_found"),
+        ("/ws", 404, "not_found"),
         ("/sse/", 400, "invalid_channel"),
     ]
     for path, status, code in cases:

@@ -69,7 +69,7 @@ class SnapshotDir:
             except ValueError:  # not ours
                 continue
             pid = snap.get("pid") if isinstance(snap, dict) else None
-            if not isinstance(pid, int) or not 0 < pid < 2**31 or not alive(pid):
+            if not isinstance(pid, int) or not alive(pid):
                 path.unlink(missing_ok=True)  # a worker that exited: its counters go with it
                 continue
             written = snap.get("time")
@@ -79,8 +79,11 @@ class SnapshotDir:
 
 
 def alive(pid: int) -> bool:
+    """Whether a process of this pid runs (any number read from a file: no valid pid is false)."""
     if pid == os.getpid():
         return True
+    if not 0 < pid < 2**31:  # os.kill would refuse it (or signal a process group)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -18,6 +18,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 from flask.blueprints import BlueprintSetupState
+from werkzeug.http import parse_options_header
 
 from gateway.admission import query_args
 from gateway.auth import Credentials
@@ -143,14 +144,10 @@ def _idempotency_key(key: str | None) -> str | None:
 
 
 def content_type(header: str) -> tuple[str, str]:
-    """(media type, charset) of a Content-Type header; the charset defaults to UTF-8."""
-    mimetype, _, params = header.partition(";")
-    charset = "utf-8"
-    for param in params.split(";"):
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "charset" and value.strip(' "'):
-            charset = value.strip(' "').lower()
-    return mimetype.strip().lower(), charset
+    """(media type, charset) of a Content-Type header (Werkzeug's parser: quoting, case); the
+    charset defaults to UTF-8."""
+    mimetype, options = parse_options_header(header)
+    return mimetype.lower(), (options.get("charset") or "utf-8").lower()
 
 
 def _parse_body(raw: bytes, header: str) -> tuple[str, str]:

@@ -235,9 +235,10 @@ class _Handler(WSGIHandler):
         log = self.server.log if self.server.access_log_on else None
         if log is None:
             return lambda _sent: streams.discard(sock)
-        # Only what the line needs: holding the handler would hold the request.
+        # Only what the line needs: holding the handler would hold the request. (The log,
+        # AccessLog, masks tokens in the request line as it writes it.)
         client = self.client_address[0] if isinstance(self.client_address, tuple) else self.client_address
-        request_line, started, head_bytes = redact_text(self.requestline or ""), self.time_start, self.response_length
+        request_line, started, head_bytes = self.requestline or "", self.time_start, self.response_length
         # No status for this response: a WebSocket, which wrote its own 101 (_orig_status may be
         # a previous request's on a kept-alive connection; pywsgi resets only status).
         status = str(self._orig_status).split()[0] if self.status else "101"

@@ -182,7 +182,7 @@ class Survey:
 
 
 def _is_pid(text: str) -> bool:
-    return text.isascii() and text.isdigit() and len(text) <= 10
+    return text.isascii() and text.isdigit()
 
 
 def _channels(text: str) -> Any:

@@ -114,22 +114,24 @@ class Supervisor:
         self._argv = argv or [sys.executable, *sys.orig_argv[1:]]
         self._stopping = False
         self._workers: list[_Worker] = []
-        self._shared_dir = ""  # made here when the config names none; removed at the end
+        self._shared_dir: Path | None = None  # the workers' (metrics snapshots, subscriber counts)
+        self._made_shared_dir = False  # made here (the config names none): removed at the end
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; the exit status for the parent process."""
-        if self._config.server.metrics_dir:
-            private_dir(Path(self._config.server.metrics_dir))  # one line here, not one per worker
+        configured = self._config.server.metrics_dir
+        if configured:
+            self._shared_dir = private_dir(Path(configured))  # one line here, not one per worker
         sock = self._bind()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         host, port = self._config.server.host, sock.getsockname()[1]
         log.info("gateway: %d workers on http://%s:%d (parent pid %d)", self._count, host, port, os.getpid())
-        if not self._config.server.metrics_dir:
-            # The workers' shared directory (metrics snapshots, subscriber counts): a fresh one
-            # only this user may enter, rather than a guessable name in the temp dir that another
-            # local user could create first.
-            self._shared_dir = tempfile.mkdtemp(prefix=f"gateway-{port}-")
+        if self._shared_dir is None:
+            # A fresh one only this user may enter, rather than a guessable name in the temp dir
+            # that another local user could create first.
+            self._shared_dir = Path(tempfile.mkdtemp(prefix=f"gateway-{port}-"))
+            self._made_shared_dir = True
         self._workers = [_Worker(i + 1, sock) for i in range(self._count)]
         status = 0
         try:
@@ -144,7 +146,7 @@ class Supervisor:
             self._drain()
         finally:
             sock.close()
-            if self._shared_dir:
+            if self._made_shared_dir and self._shared_dir is not None:
                 shutil.rmtree(self._shared_dir, ignore_errors=True)
         return status
 
@@ -169,8 +171,8 @@ class Supervisor:
         env = dict(os.environ)
         env[LISTEN_FD_ENV] = str(worker.sock.fileno())
         env[WORKER_ENV] = str(worker.number)
-        if self._shared_dir:
-            env[SHARED_DIR_ENV] = self._shared_dir
+        if self._shared_dir is not None:
+            env[SHARED_DIR_ENV] = str(self._shared_dir)
         worker.proc = subprocess.Popen(self._argv, env=env, pass_fds=(worker.sock.fileno(),))
         worker.started = time.monotonic()
         log.info("worker %d started (pid %d)", worker.number, worker.proc.pid)
@@ -186,9 +188,8 @@ class Supervisor:
             code = worker.proc.poll()
             if code is None:
                 continue
-            shared = self._shared_dir or self._config.server.metrics_dir
-            if shared:
-                forget_worker(Path(shared), worker.proc.pid)
+            if self._shared_dir is not None:
+                forget_worker(self._shared_dir, worker.proc.pid)
             lived = now - worker.started
             if code == CONFIG_ERROR_EXIT and worker.deaths == 0 and lived < STABLE_AFTER_S:
                 log.error("worker %d stopped on a config error (above); stopping", worker.number)

@@ -717,6 +717,7 @@ def test_snapshot_dir_drops_dead_and_stale_workers(tmp_path: Path) -> None:
     (tmp_path / f"{dead.pid}.json").write_text(json.dumps({"pid": dead.pid, "time": time.time()}))
     (tmp_path / "1.json").write_text(json.dumps({"pid": 1, "time": time.time() - STALE_AFTER_S - 1}))
     (tmp_path / "junk.json").write_text("{not json")
+    (tmp_path / "huge.json").write_text(json.dumps({"pid": 2**40, "time": time.time()}))  # no pid: no OverflowError
     assert [s["pid"] for s in snaps.read()] == [os.getpid()]
     assert not (tmp_path / f"{dead.pid}.json").exists()  # removed
     assert (tmp_path / "1.json").exists()  # alive but silent: left out, kept
@@ -780,6 +781,7 @@ def test_a_survey_gets_a_fresh_answer_from_another_process(tmp_path: Path, monke
         ],
         cwd=Path(__file__).resolve().parents[1],
     )
+    (tmp_path / f"{2**40}.counts").write_text('{"answered": {}}\n{"c": {"sse": 9}}')  # no pid: left out
     try:
         wait_for(lambda: (tmp_path / f"{other.pid}.counts").exists(), "the other worker's counts file")
         mine = Survey(tmp_path, lambda: {"c": {"ws": 1}, "d": {"sse": 1}})

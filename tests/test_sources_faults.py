@@ -68,17 +68,24 @@ def test_upstream_down_at_start_is_retried_then_bridged(
     assert "retrying in" in gw.log()
 
 
+def _replaying_upstream_relayed_two(start: Callable[..., Gateway], upstream: Upstream, channels: str) -> Gateway:
+    """A gateway relaying `upstream` (which replays everything on a reconnect, ignoring
+    Last-Event-ID) once "one" and "two" have reached each of `channels`."""
+    upstream.honour_last_event_id = False
+    gw = start({"sources": all_kinds(upstream)})
+    upstream.emit("one")
+    upstream.emit("two")
+    for channel in channels:
+        wait_for(lambda c=channel: datas(gw, c) == ["one", "two"])
+    return gw
+
+
 def test_an_upstream_that_restarted_afresh_reuses_ids_for_news(
     start_gateway: Callable[..., Gateway], upstream: Upstream
 ) -> None:
     # It lost its history: its ids start again at 1, for new events. An id alone would make
     # them look like a replay; with their data they are news and must be relayed.
-    upstream.honour_last_event_id = False
-    gw = start_gateway({"sources": all_kinds(upstream)})
-    upstream.emit("one")
-    upstream.emit("two")
-    for channel in "sw":
-        wait_for(lambda c=channel: datas(gw, c) == ["one", "two"])
+    gw = _replaying_upstream_relayed_two(start_gateway, upstream, "sw")
     upstream.kill()
     upstream.events.clear()
     upstream.restart()
@@ -92,12 +99,7 @@ def test_an_upstream_that_restarted_afresh_reuses_ids_for_news(
 def test_upstream_killed_mid_stream_no_duplicate_no_loss(
     start_gateway: Callable[..., Gateway], upstream: Upstream
 ) -> None:
-    upstream.honour_last_event_id = False  # replays everything on reconnect: the gateway must de-dup
-    gw = start_gateway({"sources": all_kinds(upstream)})
-    upstream.emit("one")
-    upstream.emit("two")
-    for channel in "spw":
-        wait_for(lambda c=channel: datas(gw, c) == ["one", "two"])
+    gw = _replaying_upstream_relayed_two(start_gateway, upstream, "spw")  # the gateway must de-dup
     upstream.kill()
     upstream.emit("three")  # while it is down; it replays this after restarting
     wait_for(lambda: all(s["state"] == "error" for s in status(gw).values()))

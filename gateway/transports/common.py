@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from flask import request
 
@@ -13,7 +15,17 @@ from gateway.ids import parse
 from gateway.names import check_channel
 from gateway.state import state
 
-__all__ = ["hub", "config", "admission", "admit", "channel_arg", "since_arg", "positions", "idle_until_expiry"]
+__all__ = [
+    "hub",
+    "config",
+    "admission",
+    "admit",
+    "channel_arg",
+    "since_arg",
+    "positions",
+    "idle_until_expiry",
+    "end_detached",
+]
 
 
 def hub() -> Hub:
@@ -64,3 +76,22 @@ def since_arg(*, header: bool = False) -> str | None:
     if since is not None:
         parse(since)
     return since
+
+
+def end_detached(ticket: Ticket, sock: Any, last: bytes, release: Callable[[int], None]) -> None:
+    """The end of a stream that had its connection to itself (the server's `gateway.detach`):
+    the ticket closed first (it no longer counts), its `last` bytes if the client still reads,
+    the socket closed, as the server would have, and release() told the bytes it sent."""
+    sent = ticket.bytes_sent
+    try:
+        ticket.close()
+        if last:
+            sock.sendall(last)
+            sent += len(last)
+    except OSError:
+        pass  # the client is gone
+    finally:
+        try:
+            sock.close()
+        finally:
+            release(sent)

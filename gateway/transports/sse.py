@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, request
@@ -17,6 +17,7 @@ from gateway.transports.common import (
     admit,
     alive_until_expiry,
     config,
+    end_detached,
     hub,
     idle_until_expiry,
     positions,
@@ -87,7 +88,7 @@ def _events(
                 # No greenlet while the stream waits: an idle stream costs its few objects.
                 release = detach()
                 owned = False
-                park(rounds, lambda tail: _end(ticket, sock, framed, tail, release))
+                park(rounds, lambda tail: end_detached(ticket, sock, _last_chunks(tail, framed), release))
                 return
             tail = run_blocking(rounds)
             if tail:
@@ -163,24 +164,12 @@ def _rounds(
     return RECONNECT_HINT
 
 
-def _end(ticket: Ticket, sock: Any, framed: bool, tail: bytes | None, release: Callable[[int], None]) -> None:
-    """The end of a stream that had the connection to itself: the ticket closed (the stream no
-    longer counts), its last words and the body's last chunk unless the client is gone or cut
-    (no tail), then the socket closed, as the server would have."""
-    sent = ticket.bytes_sent
-    try:
-        ticket.close()
-        if tail:
-            last = chunk(tail) + b"0\r\n\r\n" if framed else tail
-            sock.sendall(last)
-            sent += len(last)
-    except OSError:
-        pass  # the client is gone
-    finally:
-        try:
-            sock.close()
-        finally:
-            release(sent)
+def _last_chunks(tail: bytes | None, framed: bool) -> bytes:
+    """A detached stream's last words and, chunked, the body's last chunk; nothing when the
+    client is gone or was cut (no tail)."""
+    if not tail:
+        return b""
+    return chunk(tail) + b"0\r\n\r\n" if framed else tail
 
 
 def _watch_for_hangup(sock: Any, pusher: Pusher | MultiPusher) -> ReadWatch | None:

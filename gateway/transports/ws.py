@@ -8,7 +8,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
@@ -24,7 +24,16 @@ from gateway.hub import Hub
 from gateway.limits import Bucket
 from gateway.readwatch import ReadWatch, park, parkable, watchable
 from gateway.state import state
-from gateway.transports.common import admission, admit, alive_until_expiry, config, hub, idle_until_expiry, positions
+from gateway.transports.common import (
+    admission,
+    admit,
+    alive_until_expiry,
+    config,
+    end_detached,
+    hub,
+    idle_until_expiry,
+    positions,
+)
 from gateway.transports.multipush import MultiPusher
 from gateway.transports.push import Pusher, Rounds, SlowConsumer, bound_send_buffer, run_blocking, ws_encode
 
@@ -120,7 +129,7 @@ def _body(conn: _Connection, environ: dict) -> Iterator[bytes]:
         # No greenlet while the socket is idle: a frame, an event or a ping runs a round.
         _forget_handshake(conn.ws)
         release = detach()
-        park(_life(conn), lambda _: _end(conn, release))
+        park(_life(conn), lambda _: end_detached(conn.ticket, conn.raw_sock, b"", release))
         return
     try:
         _serve(conn)
@@ -152,17 +161,6 @@ def _life(conn: _Connection) -> Rounds[None]:
         conn.ws.close()
     except Exception:  # noqa: BLE001 (closed already, or the client is gone)
         pass
-
-
-def _end(conn: _Connection, release: Callable[[int], None]) -> None:
-    """The end of a connection that had its socket to itself: closed, as the server would."""
-    try:
-        conn.ticket.close()
-    finally:
-        try:
-            conn.raw_sock.close()
-        finally:
-            release(conn.ticket.bytes_sent)
 
 
 class _Connection:

@@ -114,8 +114,9 @@ class Supervisor:
         self._argv = argv or [sys.executable, *sys.orig_argv[1:]]
         self._stopping = False
         self._workers: list[_Worker] = []
-        self._shared_dir: Path | None = None  # the workers' (metrics snapshots, subscriber counts)
-        self._made_shared_dir = False  # made here (the config names none): removed at the end
+        # The workers' (metrics snapshots, subscriber counts): the configured one, else made
+        # here and removed at the end.
+        self._shared_dir: Path | None = None
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; the exit status for the parent process."""
@@ -131,7 +132,6 @@ class Supervisor:
             # A fresh one only this user may enter, rather than a guessable name in the temp dir
             # that another local user could create first.
             self._shared_dir = Path(tempfile.mkdtemp(prefix=f"gateway-{port}-"))
-            self._made_shared_dir = True
         self._workers = [_Worker(i + 1, sock) for i in range(self._count)]
         status = 0
         try:
@@ -146,7 +146,7 @@ class Supervisor:
             self._drain()
         finally:
             sock.close()
-            if self._made_shared_dir and self._shared_dir is not None:
+            if self._shared_dir is not None and not configured:  # ours: made above
                 shutil.rmtree(self._shared_dir, ignore_errors=True)
         return status
 

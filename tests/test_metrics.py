@@ -708,7 +708,7 @@ def test_upstream_source_state_and_reconnects(start_gateway: Callable[..., Gatew
 def test_snapshot_dir_drops_dead_and_stale_workers(tmp_path: Path) -> None:
     import os
 
-    from gateway.metricsdir import STALE_AFTER_S, SnapshotDir
+    from gateway.metricsdir import STALE_AFTER_S, SnapshotDir, alive
 
     snaps = SnapshotDir(tmp_path)
     snaps.write({"pid": os.getpid(), "time": time.time(), "sum": [], "max": []})
@@ -719,6 +719,7 @@ def test_snapshot_dir_drops_dead_and_stale_workers(tmp_path: Path) -> None:
     (tmp_path / "junk.json").write_text("{not json")
     (tmp_path / "huge.json").write_text(json.dumps({"pid": 2**40, "time": time.time()}))  # no pid: no OverflowError
     assert [s["pid"] for s in snaps.read()] == [os.getpid()]
+    assert not any(alive(pid) for pid in (0, -1, 2**32, 2**40))  # os.kill would raise or signal a group
     assert not (tmp_path / f"{dead.pid}.json").exists()  # removed
     assert (tmp_path / "1.json").exists()  # alive but silent: left out, kept
     snaps.remove()
@@ -781,7 +782,7 @@ def test_a_survey_gets_a_fresh_answer_from_another_process(tmp_path: Path, monke
         ],
         cwd=Path(__file__).resolve().parents[1],
     )
-    (tmp_path / f"{2**40}.counts").write_text('{"answered": {}}\n{"c": {"sse": 9}}')  # no pid: left out
+    (tmp_path / f"{2**32}.counts").write_text('{"answered": {}}\n{"c": {"sse": 9}}')  # no pid: left out
     try:
         wait_for(lambda: (tmp_path / f"{other.pid}.counts").exists(), "the other worker's counts file")
         mine = Survey(tmp_path, lambda: {"c": {"ws": 1}, "d": {"sse": 1}})

@@ -50,6 +50,9 @@ _KIND_TRANSPORT = {
     "sse-multi-chunked": "sse",
     "ws-multi": "ws",
 }
+# Pushed answers of held long polls (transports/heldpoll.py): timed here, but counted when their
+# ticket closes, as every poll answer is.
+_COUNTED_AT_CLOSE = frozenset({"longpoll-held"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DURATION_BUCKETS = (1.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 6 * 3600.0, 24 * 3600.0)
 SAMPLE_EVERY = 16  # time one fast-path flush in this many
@@ -159,9 +162,8 @@ class Metrics(Observer):
         self.published_total += 1
 
     def delivered(self, kind: str, subscribers: int, events: list[Event], nbytes: int) -> None:
-        transport = _KIND_TRANSPORT.get(kind, kind)
-        self.delivered_events[transport] = self.delivered_events.get(transport, 0) + subscribers * len(events)
-        self.bytes_written[transport] = self.bytes_written.get(transport, 0) + nbytes
+        if kind not in _COUNTED_AT_CLOSE:
+            self._count_delivered(_KIND_TRANSPORT.get(kind, kind), subscribers * len(events), nbytes)
         self._flushes += 1
         if self._flushes % SAMPLE_EVERY == 1:  # the first flush, then one in SAMPLE_EVERY
             # The oldest event of the batch: what its readers waited longest for.
@@ -170,7 +172,9 @@ class Metrics(Observer):
     def caught_up(self, kind: str, events: int, nbytes: int) -> None:
         """A stream wrote `events` events read back from history (resume, gap, or a busy
         moment): counted as delivered, but not timed, since their age is not the gateway's."""
-        transport = _KIND_TRANSPORT.get(kind, kind)
+        self._count_delivered(_KIND_TRANSPORT.get(kind, kind), events, nbytes)
+
+    def _count_delivered(self, transport: str, events: int, nbytes: int) -> None:
         self.delivered_events[transport] = self.delivered_events.get(transport, 0) + events
         self.bytes_written[transport] = self.bytes_written.get(transport, 0) + nbytes
 
@@ -191,8 +195,7 @@ class Metrics(Observer):
 
     def polled(self, transport: str, events: int, nbytes: int) -> None:
         """A poll or long-poll answer carried `events` events in `nbytes` bytes."""
-        self.delivered_events[transport] = self.delivered_events.get(transport, 0) + events
-        self.bytes_written[transport] = self.bytes_written.get(transport, 0) + nbytes
+        self._count_delivered(transport, events, nbytes)
 
     def refused(self, status: int, reason: str) -> None:
         self.refusals[(str(status), reason)] += 1

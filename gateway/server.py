@@ -38,6 +38,7 @@ from gateway.reporting import PublishRefusals
 from gateway.sockio import Prefixed
 from gateway.state import State, state
 from gateway.transports.fastpoll import FastLongPoll
+from gateway.transports.heldpoll import READABLE, TIMED_OUT, WOKEN, Finisher
 from gateway.transports.pollloop import LongPollLoop
 from gateway.workers import WORKER_ENV, inherited_socket
 
@@ -474,6 +475,62 @@ class _HangupWatch:
         self._watcher.close()
 
 
+class _PollWait:
+    """How a held long poll's greenlet waits (transports/heldpoll.py's PollWait): for its socket
+    to be readable, a wake() or its timeout, whichever comes first. The timeout is kept by
+    _CoarseDeadlines (woken up to a slot early: the poll then waits out the rest precisely).
+    A wait lasts at most the stall timeout: once the publisher has answered, the connection is
+    idle, and it must be closed a stall timeout after that answer, not after the poll's."""
+
+    __slots__ = ("_watcher", "_glet", "_deadlines", "_timer", "_longest")
+
+    def __init__(self, raw: socket.socket, deadlines: _CoarseDeadlines, stall_timeout_s: float) -> None:
+        self._watcher = gevent.get_hub().loop.io(raw.fileno(), 1)  # 1: readable
+        self._glet: Any = None
+        self._deadlines = deadlines
+        self._timer: Any = None
+        self._longest = stall_timeout_s
+
+    def wait(self, timeout: float, readable: bool) -> int:
+        timeout = min(timeout, self._longest)
+        self._glet = gevent.getcurrent()
+        if readable:
+            self._watcher.start(self.resume, READABLE)
+        slot = -1
+        if timeout < self._deadlines.resolution_s:
+            self._timer = gevent.get_hub().loop.timer(max(timeout, 0.0))
+            self._timer.start(self.resume, TIMED_OUT)
+        else:
+            slot = self._deadlines.add(self, timeout, early=True)
+        try:
+            return gevent.get_hub().switch()
+        finally:
+            self._glet = None
+            self._watcher.stop()
+            if slot >= 0:
+                self._deadlines.remove(self, slot)
+            elif self._timer is not None:
+                self._timer.close()
+                self._timer = None
+
+    def wake(self) -> None:
+        if self._glet is not None:  # a late wake-up meets the next wait, which re-reads: harmless
+            gevent.get_hub().loop.run_callback(self.resume, WOKEN)
+
+    def resume(self, reason: int) -> None:
+        """From the event loop: the waiting greenlet goes on, told why."""
+        glet, self._glet = self._glet, None
+        if glet is not None:
+            glet.switch(reason)
+
+    def close(self) -> None:
+        self._watcher.close()
+
+
+def _held_timed_out(wait: _PollWait) -> None:
+    wait.resume(TIMED_OUT)
+
+
 class _HeadDeadline:
     """The client socket as the long-poll loop (transports/pollloop.py) reads it: recv() holds
     a request head to server.head_timeout_s, from the connection's start for its first head and
@@ -489,6 +546,9 @@ class _HeadDeadline:
         self.head_started: float | None = time.monotonic()
         self._silent = True  # no byte from the client yet
         self.answered = 0
+        self.raw = getattr(sock, "_sock", None)  # the OS socket, non-blocking under gevent
+        self._readable = False  # the next request is known to be readable (see pushed())
+        self._idle_since: float | None = None  # when a pushed answer went out (see pushed())
 
     def recv(self, size: int) -> bytes:
         if self.head_started is None:
@@ -512,7 +572,7 @@ class _HeadDeadline:
     def sendall(self, data: bytes) -> None:
         # An answer nearly always fits the socket's buffer: one non-blocking send, and gevent's
         # sendall (which asks the kernel for the buffer size each time) only for what is left.
-        raw = getattr(self._sock, "_sock", None)
+        raw = self.raw
         try:
             sent = raw.send(data) if raw is not None else 0
         except BlockingIOError:
@@ -521,6 +581,14 @@ class _HeadDeadline:
             self._sock.sendall(data[sent:])
         self.head_started, self._silent = None, False
         self.answered += 1
+
+    def pushed(self, readable: bool, at: float) -> None:
+        """An answer the publisher wrote (transports/heldpoll.py) at monotonic time `at`, as
+        sendall() would have; `readable`: the next request is known to be in already."""
+        self.head_started, self._silent = None, False
+        self.answered += 1
+        self._readable = readable
+        self._idle_since = at
 
     def start_head_deadline(self) -> None:
         """Bytes of the next request are already in hand (pipelined, read before the last
@@ -532,11 +600,21 @@ class _HeadDeadline:
         """Between requests: the next one is rarely there yet, so wait before reading (an
         attempt first would only fail), with the stall timeout kept by _CoarseDeadlines rather
         than a timer per wait; then read the raw socket, as it is readable."""
-        sock, raw = self._sock, getattr(self._sock, "_sock", None)
+        sock, raw = self._sock, self.raw
+        if self._readable and raw is not None:
+            self._readable = False
+            try:
+                return raw.recv(size)
+            except BlockingIOError:
+                pass
         watcher = getattr(sock, "_read_event", None)
         if raw is None or watcher is None or not self._idle:
             return sock.recv(size)  # not a gevent socket, or no stall timeout: as the socket does
-        slot = self._idle_connections.add(sock, self._idle)
+        idle, since = self._idle, self._idle_since
+        if since is not None:  # the stall timeout runs from the pushed answer, not from now
+            self._idle_since = None
+            idle = max(0.0, idle - (time.monotonic() - since))
+        slot = self._idle_connections.add(sock, idle)
         try:
             sock.hub.wait(watcher)
         finally:
@@ -619,8 +697,11 @@ def serve(app: Flask) -> None:
     server.idle_between_polls = _CoarseDeadlines(min(1.0, config.server.stall_timeout_s / 10), _hang_up)
     server.coarse_waits = _CoarseWaits()
     fast = st.parts.get(FastLongPoll)
+    held_deadlines = _CoarseDeadlines(0.1, _held_timed_out)
+    stall = config.server.stall_timeout_s
+    held = (lambda sock: _PollWait(sock.raw, held_deadlines, stall)), Finisher(gevent.spawn_raw)
     server.longpoll_loop = (
-        LongPollLoop(fast, config.server.head_timeout_s, _lean_publish(st), config.server.max_head_bytes)
+        LongPollLoop(fast, config.server.head_timeout_s, _lean_publish(st), config.server.max_head_bytes, held)
         if fast is not None
         else None
     )

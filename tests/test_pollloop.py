@@ -252,6 +252,23 @@ def test_an_idle_keep_alive_poller_is_closed_at_the_stall_timeout(start_gateway,
         idle.close()
 
 
+def test_the_stall_timeout_runs_from_a_pushed_answer(start_gateway, channel):
+    """A poller answered by a publish that then asks nothing more is closed a stall timeout
+    after that answer, not after the rest of its poll's timeout as well."""
+    gw = start_gateway({"server": {"stall_timeout_s": 1.0}})
+    conn = _Conn(gw.port)
+    try:
+        conn.send(_get(f"/longpoll/{channel}?timeout=20"))
+        _until_held(gw, 1, 5)
+        gw.publish(channel, "one")
+        assert conn.answer()[0] == 200
+        answered = time.monotonic()
+        assert conn.file.read() == b""  # closed by the gateway
+        assert time.monotonic() - answered < 4  # about 1-3 s: never the poll's 20
+    finally:
+        conn.close()
+
+
 def test_one_long_poll_timing_out_leaves_the_others_held(start_gateway, channel):
     """A long poll's timeout wakes that poll only (up to 0.1 s late); the others on its channel
     stay held until an event comes."""
@@ -273,6 +290,14 @@ def test_one_long_poll_timing_out_leaves_the_others_held(start_gateway, channel)
         long.close()
 
 
+def _until_held(gw, n: int, within_s: float) -> None:  # noqa: ANN001
+    """Wait until exactly n long polls are held (the gauge), failing after within_s."""
+    deadline = time.monotonic() + within_s
+    while _held_longpolls(gw) != n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _held_longpolls(gw) == n
+
+
 def _held_longpolls(gw) -> float:  # noqa: ANN001
     metrics = requests.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).text
     return next(
@@ -291,18 +316,12 @@ def test_a_held_long_poll_ends_when_its_client_hangs_up(start_gateway, channel):
     try:
         for conn in conns:
             conn.send(_get(f"/longpoll/{channel}?timeout=20"))
-        deadline = time.monotonic() + 5
-        while _held_longpolls(gw) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _held_longpolls(gw) == 4
+        _until_held(gw, 4, 5)
         conns[0].close()  # a clean close (FIN)
         conns[1].sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         conns[1].close()  # a reset (RST)
         conns[3].sock.shutdown(socket.SHUT_WR)  # a half-close counts as gone, as for SSE (and nginx)
-        deadline = time.monotonic() + 3
-        while _held_longpolls(gw) > 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _held_longpolls(gw) == 1  # well before the 20 s timeout
+        _until_held(gw, 1, 3)  # well before the 20 s timeout
         assert f'"GET /longpoll/{channel}?timeout=20 HTTP/1.1" 499' in gw.log()  # as nginx logs it
         # The one still there is still held, and answered by the next event.
         event_id = gw.publish(channel, "still here")
@@ -318,9 +337,7 @@ def test_a_request_pipelined_behind_a_held_poll_is_not_a_hang_up(start_gateway, 
     conn = _Conn(gw.port)
     try:
         conn.send(_get(f"/longpoll/{channel}?timeout=20"))
-        deadline = time.monotonic() + 5
-        while _held_longpolls(gw) < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _until_held(gw, 1, 5)
         conn.send(_get(f"/longpoll/{channel}?timeout=0"))  # pipelined while the first is held
         time.sleep(0.5)
         assert _held_longpolls(gw) == 1
@@ -329,6 +346,85 @@ def test_a_request_pipelined_behind_a_held_poll_is_not_a_hang_up(start_gateway, 
         assert status == 200 and [e["id"] for e in json.loads(body)["events"]] == [event_id]
         status, _, body = conn.answer()
         assert status == 200 and json.loads(body)["events"] == []  # the pipelined one, from now
+    finally:
+        conn.close()
+
+
+def _metric(gw, name: str, **labels: str) -> float:  # noqa: ANN001
+    metrics = requests.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_held_long_polls_are_answered_by_the_publish_counted_once_and_kept_alive(start_gateway, channel):
+    """Keep-alive long polls held on a channel are answered by the publish itself (one body for
+    all, timed as a fast-path flush); each is counted once and its ticket closed at once, before
+    its client asks again; the connection then goes on to its next poll."""
+    gw = start_gateway({"server": {"access_log": True}})
+    conns = [_Conn(gw.port) for _ in range(3)]
+    path = f"/longpoll/{channel}?timeout=20"
+    try:
+        for conn in conns:
+            conn.send(_get(path))
+        _until_held(gw, 3, 5)
+        delivered = _metric(gw, "gateway_events_delivered_total", transport="longpoll")
+        timed = _metric(gw, "gateway_delivery_latency_seconds_count")
+        first = gw.publish(channel, "one")
+        answers = [conn.answer() for conn in conns]
+        assert len({body for _, _, body in answers}) == 1  # one body, encoded once
+        assert all(status == 200 for status, _, _ in answers)
+        assert json.loads(answers[0][2]) == {
+            "events": [{"id": first, "event": "message", "data": "one"}],
+            "cursor": first,
+            "gap": False,
+            "more": False,
+        }
+        # Closed by the publish's side, not at the client's next request (none was sent yet).
+        _until_held(gw, 0, 3)
+        assert _metric(gw, "gateway_events_delivered_total", transport="longpoll") == delivered + 3
+        assert _metric(gw, "gateway_delivery_latency_seconds_count") > timed  # a pushed flush, timed
+        assert gw.log().count(f'"GET {path} HTTP/1.1" 200') == 3
+        # The same connections poll on from the pushed answer's cursor.
+        for conn in conns:
+            conn.send(_get(f"/longpoll/{channel}?since={first}&timeout=20"))
+        _until_held(gw, 3, 5)
+        second = gw.publish(channel, "two")
+        for conn in conns:
+            status, _, body = conn.answer()
+            assert status == 200 and [e["id"] for e in json.loads(body)["events"]] == [second]
+        assert _metric(gw, "gateway_events_delivered_total", transport="longpoll") == delivered + 6
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_a_big_pushed_answer_to_a_slow_reader_arrives_whole(start_gateway, channel):
+    """A held poll's big answer, pushed to a client that reads slowly, arrives whole, and the
+    connection polls on (a socket that takes only part of it: tests/test_heldpoll_unit.py)."""
+    gw = start_gateway()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", gw.port))
+    conn = _Conn.__new__(_Conn)
+    conn.sock, conn.file = sock, sock.makefile("rb")
+    try:
+        conn.send(_get(f"/longpoll/{channel}?timeout=20"))
+        _until_held(gw, 1, 5)
+        data = "x" * 900_000
+        first = gw.publish(channel, data)
+        time.sleep(0.3)  # the client reads nothing for a while: the rest waits on the gateway's side
+        status, _, body = conn.answer()
+        assert status == 200 and json.loads(body)["events"] == [{"id": first, "event": "message", "data": data}]
+        conn.send(_get(f"/longpoll/{channel}?since={first}&timeout=20"))
+        _until_held(gw, 1, 5)
+        second = gw.publish(channel, "small")
+        status, _, body = conn.answer()
+        assert status == 200 and [e["id"] for e in json.loads(body)["events"]] == [second]
     finally:
         conn.close()
 

@@ -180,6 +180,8 @@ class Hub:
             pushers.pop(pusher, None)
             if not pushers:
                 del self._pushers[channel]
+                if channel not in self._waiting:  # no long poll left to share a read
+                    self._shared.pop(channel, None)
 
     def notified(self, channel: str) -> None:
         """Another node published here (a shared store's listener calls this). The long polls
@@ -299,7 +301,7 @@ class Hub:
                 signal = self._signals.get(channel)
                 if signal is None:
                     signal = self._signals[channel] = self._event_class()
-                batch = self._read_shared(channel, since, limit)
+                batch = self.read_shared(channel, since, limit)
                 remaining = deadline - time.monotonic()
                 if batch.events or batch.gap or self.closing or remaining <= 0:
                     return batch
@@ -312,9 +314,10 @@ class Hub:
                 self._signals.pop(channel, None)
                 self._shared.pop(channel, None)
 
-    def _read_shared(self, channel: str, since: str | None, limit: int) -> Batch:
+    def read_shared(self, channel: str, since: str | None, limit: int) -> Batch:
         """A long poll's read, shared with the others woken by the same event: they nearly all
-        ask from the same cursor, and each would otherwise read and encode the same batch."""
+        ask from the same cursor, and each would otherwise read and encode the same batch.
+        Shared while a long poll waits on the channel (here, or held as a pusher)."""
         shared = self._shared.get(channel)
         now = time.monotonic()
         if shared is not None and shared[0] == since and shared[1] == limit and now < shared[3]:
@@ -323,7 +326,8 @@ class Hub:
         batch = self.store.read(channel, since, limit)
         # Kept only if no event came in during the read (a shared store's read yields), and
         # briefly: the polls woken together read it at once; history may age out after that.
-        if (batch.events or batch.gap) and wakes == self._wakes and channel in self._waiting:
+        held = channel in self._waiting or channel in self._pushers
+        if (batch.events or batch.gap) and wakes == self._wakes and held:
             self._shared[channel] = (since, limit, batch, now + SHARED_READ_S)
         return batch
 

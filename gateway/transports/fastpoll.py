@@ -16,13 +16,13 @@ from typing import Any
 
 from flask import json
 
-from gateway.admission import query_args
+from gateway.admission import Ticket, query_args
 from gateway.errors import BadRequest
 from gateway.hub import WaitAbandoned
 from gateway.state import State
 from gateway.transports import pollbody
 
-__all__ = ["FastLongPoll", "REASONS", "Answer"]
+__all__ = ["FastLongPoll", "REASONS", "Answer", "PUSHED", "ok"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,14 @@ REASONS = {
 
 
 Answer = tuple[int, list[tuple[str, str]], bytes]  # status, headers, body
+PUSHED: Answer = (200, [], b"")  # a held poll's answer, already written by the publisher
+# A held long poll (transports/heldpoll.py): (ticket, timeout) -> the body, or None once pushed.
+Held = Callable[[Ticket, float], "bytes | None"]
+
+
+def ok(body: bytes) -> Answer:
+    """A poll's answer."""
+    return 200, [*_HEADERS, ("Content-Length", str(len(body)))], body
 
 
 class FastLongPoll:
@@ -83,8 +91,10 @@ class FastLongPoll:
         # e.g. the probe channels: their request hooks live in Flask
         return admission.fast_path_ok(path[len(prefix) :])
 
-    def answer(self, environ: dict[str, Any]) -> Answer | None:
-        """The long poll's whole answer, or None when Flask should answer this request."""
+    def answer(self, environ: dict[str, Any], held: Held | None = None) -> Answer | None:
+        """The long poll's whole answer, or None when Flask should answer this request. With
+        `held`, a long poll on one channel is held by it, and may be answered by the publisher
+        (then PUSHED)."""
         path = environ.get("PATH_INFO", "")
         if not self.takes(environ.get("REQUEST_METHOD", ""), path, "HTTP_ORIGIN" in environ):
             return None
@@ -97,14 +107,19 @@ class FastLongPoll:
             if prefix == SHORT_PREFIX:  # short poll: long poll with no wait
                 with admission.admit(environ, "poll", path[len(prefix) :], args=args) as ticket:
                     body = pollbody.read(self.hub, ticket, self.poll.max_batch)
-                return 200, [*_HEADERS, ("Content-Length", str(len(body)))], body
+                return ok(body)
             ticket = admission.admit(environ, "longpoll", path[len(prefix) :], args=args)
             left = ticket.seconds_left()
             timeout = self.timeout(args.get("timeout"), self.poll)
             if left is not None:
                 timeout = max(0.0, min(timeout, left))
             with ticket:
-                body = pollbody.wait(self.hub, ticket, timeout, self.poll.max_batch)
+                if held is not None and not ticket.multi:
+                    body = held(ticket, timeout)
+                    if body is None:
+                        return PUSHED
+                else:
+                    body = pollbody.wait(self.hub, ticket, timeout, self.poll.max_batch)
         except BadRequest as exc:
             return _error(exc)
         except WaitAbandoned:
@@ -113,7 +128,7 @@ class FastLongPoll:
             log.exception("unhandled error")
             detail = "the gateway failed to handle this request; see its log"
             return _error(BadRequest("internal_error", detail, 500))
-        return 200, [*_HEADERS, ("Content-Length", str(len(body)))], body
+        return ok(body)
 
 
 def _error(exc: BadRequest) -> Answer:

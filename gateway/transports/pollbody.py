@@ -8,7 +8,7 @@ from gateway import cursor as cursors
 from gateway.admission import Ticket
 from gateway.hub import Batch, Hub
 
-__all__ = ["read", "wait", "answer"]
+__all__ = ["read", "wait", "answer", "counted"]
 
 
 def read(gateway: Hub, ticket: Ticket, limit: int) -> bytes:
@@ -21,11 +21,12 @@ def wait(gateway: Hub, ticket: Ticket, timeout: float, limit: int) -> bytes:
     """A long poll's answer: held until any of its channels has events, or the timeout."""
     if not ticket.multi:
         ((channel, since),) = ticket.starts.items()
-        return _counted(ticket, gateway.wait(channel, since, timeout, limit))
+        return counted(ticket, gateway.wait(channel, since, timeout, limit))
     return answer(ticket, gateway.wait_many(ticket.starts, timeout, limit), limit)
 
 
-def _counted(ticket: Ticket, batch: Batch) -> bytes:
+def counted(ticket: Ticket, batch: Batch) -> bytes:
+    """One channel's answer body; the ticket counts its events and bytes."""
     body = batch.poll_body()
     ticket.events_sent, ticket.bytes_sent = len(batch.events), len(body)  # for the metrics
     return body
@@ -35,7 +36,7 @@ def answer(ticket: Ticket, batches: dict[str, Batch], limit: int) -> bytes:
     """The answer's body; the ticket counts the events and bytes it carries."""
     if not ticket.multi:
         (batch,) = batches.values()
-        return _counted(ticket, batch)
+        return counted(ticket, batch)
     # Events of every channel, oldest first (ids are times), at most `limit` in all; each
     # channel's cursor stops at its last event included, so nothing cut off is skipped.
     merged = sorted(((e.key, c, e) for c, b in batches.items() for e in b.events), key=lambda t: t[0])

@@ -23,7 +23,8 @@ from email.utils import formatdate
 from typing import Any
 
 from gateway.hub import WaitAbandoned
-from gateway.transports.fastpoll import REASONS, Answer, FastLongPoll
+from gateway.transports.fastpoll import PUSHED, REASONS, Answer, FastLongPoll, ok
+from gateway.transports.heldpoll import Finisher, HeldPoll, PollWait
 
 __all__ = ["LongPollLoop", "parse_head"]
 
@@ -44,6 +45,8 @@ MEMO_HEADS = 1024
 MEMO_HEAD_BYTES = 1024
 
 OnAnswer = Callable[[str, int, int, float], None]  # request line, status, body length, start time
+# How a connection's held polls wait (server.py gives gevent's; None: the hub's blocking wait).
+PollWaits = Callable[[Any], "PollWait | None"]
 Publish = Callable[[dict[str, Any], bytes], Answer]  # (environ, the body read whole) -> the answer
 Parsed = tuple[dict[str, Any], bool, str]  # environ, keep_alive, request line
 
@@ -133,7 +136,12 @@ def _small_length(text: str) -> bool:
 
 class LongPollLoop:
     def __init__(
-        self, fast: FastLongPoll, head_timeout_s: float, publish: Publish | None = None, max_head: int = MAX_HEAD
+        self,
+        fast: FastLongPoll,
+        head_timeout_s: float,
+        publish: Publish | None = None,
+        max_head: int = MAX_HEAD,
+        held: tuple[PollWaits, Finisher] | None = None,
     ) -> None:
         self.fast = fast
         self.head_timeout_s = head_timeout_s
@@ -143,10 +151,34 @@ class LongPollLoop:
         self._date = ("", 0)
         self._heads = _HeadMemo()
         self._last: tuple[Any, ...] = (None,) * 6  # the last response (see _response)
+        # Long polls held as pushers (transports/heldpoll.py), where the server can wait for them.
+        self._held = held
+
+    def _held_poll(self, sock: Any, on_answer: OnAnswer | None) -> HeldPoll | None:
+        raw = getattr(sock, "raw", None)
+        wait = self._held[0](sock) if self._held is not None and raw is not None else None
+        if wait is None or self._held is None:
+            return None
+        fast = self.fast
+        return HeldPoll(fast.hub, wait, raw, self._ok_response, fast.poll.max_batch, self._held[1], on_answer)
+
+    def _ok_response(self, body: bytes) -> bytes:
+        status, headers, body = ok(body)
+        return self._response(status, headers, body, True)
 
     def serve(self, sock: Any, peer: tuple[str, int], on_answer: OnAnswer | None = None) -> bytes | None:
         """Answer long polls while that is all the connection asks. Returns the bytes read but not
         answered (for the general server), or None when the connection is done."""
+        held = self._held_poll(sock, on_answer)
+        try:
+            return self._serve(sock, peer, on_answer, held)
+        finally:
+            if held is not None:
+                held.close()
+
+    def _serve(
+        self, sock: Any, peer: tuple[str, int], on_answer: OnAnswer | None, held: HeldPoll | None
+    ) -> bytes | None:
         buf = b""
         while True:
             end = buf.find(b"\r\n\r\n")
@@ -188,14 +220,31 @@ class LongPollLoop:
                     buf += chunk
                 answer = self.publish(environ, buf[end + 4 : consumed])
             else:
+                # Held by the publisher's push when nothing else is in hand: a pipelined request
+                # would wait behind it unseen, so then the hub's own wait holds it.
+                holder = held if keep_alive and len(buf) == consumed else None
+                if holder is not None:
+                    holder.request = (request_line, started)
                 try:
-                    answer = self.fast.answer(environ)
+                    answer = self.fast.answer(environ, holder)
                 except WaitAbandoned:  # the client hung up while its poll was held
                     if on_answer is not None:
                         on_answer(request_line, CLIENT_CLOSED, 0, started)  # as nginx logs it
                     return None
             if answer is None:
                 return buf
+            if answer is PUSHED:  # written, counted and logged already
+                assert held is not None
+                rest = held.take_backlog()
+                try:
+                    if rest:
+                        sock.sendall(rest)  # what the socket could not take at once
+                    else:
+                        sock.pushed(held.readable, held.answered_at)
+                except OSError:
+                    return None
+                buf = b""
+                continue
             status, headers, body = answer
             try:
                 sock.sendall(self._response(status, headers, body, keep_alive))

@@ -45,6 +45,23 @@ def test_remembered_heads_are_each_callers_own_and_bounded(monkeypatch) -> None:
     assert all(len(h) <= pollloop.MEMO_HEAD_BYTES for h in memo._known)  # long heads are not kept
 
 
+def test_remembered_header_blocks_serve_other_request_lines_alike() -> None:
+    """Heads that differ only in their request line (a publisher's channels, pollers' cursors)
+    share one parse of their header lines, and each still parses as it would alone; a publish
+    and a poll with the same header lines do not share it (Content-Length means two things)."""
+    memo = _HeadMemo()
+    block = b"\r\nHost: x\r\nContent-Length: 5\r\nAuthorization: Bearer t"
+    heads = [b"POST /publish/c%d HTTP/1.1" % i + block for i in range(5)]
+    heads += [b"GET /longpoll/c%d?since=%d-0 HTTP/1.1" % (i, i) + block for i in range(3)]
+    heads += [b"GET /longpoll/c HTTP/1.1\r\nHost: y", b"POST /publish/c HTTP/1.1\r\nHost: y"]
+    for head in heads:
+        assert memo.parse(head, PEER) == pollloop.parse_head(head, PEER)
+    assert len(memo._fields) == 4  # the block for publishes, for polls, and Host: y for each
+    environ, _, line = memo.parse(heads[3], PEER)
+    assert environ["PATH_INFO"] == "/publish/c3" and environ["CONTENT_LENGTH"] == 5 and line.endswith("c3 HTTP/1.1")
+    assert memo.parse(heads[6], PEER) is None  # a GET with a Content-Length goes to the general server
+
+
 def test_only_plain_keep_alive_long_poll_heads_are_taken():
     environ, keep_alive, line = parse_head(b"GET /longpoll/a,b?since=1-0&timeout=5 HTTP/1.1\r\nHost: x\r\nX-A: 1", PEER)
     assert environ["PATH_INFO"] == "/longpoll/a,b" and environ["QUERY_STRING"] == "since=1-0&timeout=5"

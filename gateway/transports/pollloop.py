@@ -59,22 +59,38 @@ def parse_head(head: bytes, peer: tuple[str, int]) -> Parsed | None:
 
 
 class _HeadMemo:
-    """parse_head() without the peer, remembered per head (see MEMO_HEADS)."""
+    """parse_head() without the peer, remembered per head (see MEMO_HEADS), and per header
+    block: a publisher's requests differ in their request line (the channel), a poller's in its
+    cursor, while the headers after it stay the same."""
 
     def __init__(self) -> None:
         self._known: dict[bytes, Parsed | None] = {}
+        self._fields: dict[tuple[bytes, bool], Fields | None] = {}
 
     def parse(self, head: bytes, peer: tuple[str, int]) -> Parsed | None:
         known = self._known
         try:
             parsed = known[head]
         except KeyError:
-            parsed = _parse(head)
-            if len(head) <= MEMO_HEAD_BYTES:
-                if len(known) >= MEMO_HEADS:
-                    known.clear()
-                known[head] = parsed
+            parsed = _parse(head, self._parse_fields)
+            _remember(known, head, parsed)
         return _with_peer(parsed, peer)
+
+    def _parse_fields(self, block: bytes, publish: bool) -> Fields | None:
+        key = (block, publish)
+        try:
+            return self._fields[key]
+        except KeyError:
+            fields = _parse_fields(block, publish)
+            _remember(self._fields, key, fields, len(block))
+            return fields
+
+
+def _remember(memo: dict[Any, Any], key: Any, value: Any, size: int | None = None) -> None:
+    if (len(key) if size is None else size) <= MEMO_HEAD_BYTES:
+        if len(memo) >= MEMO_HEADS:
+            memo.clear()
+        memo[key] = value
 
 
 def _with_peer(parsed: Parsed | None, peer: tuple[str, int]) -> Parsed | None:
@@ -85,9 +101,13 @@ def _with_peer(parsed: Parsed | None, peer: tuple[str, int]) -> Parsed | None:
     return environ, parsed[1], parsed[2]
 
 
-def _parse(head: bytes) -> Parsed | None:
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
+Fields = tuple[dict[str, Any], bool]  # the headers' environ keys, keep_alive
+
+
+def _parse(head: bytes, parse_fields: Callable[[bytes, bool], Fields | None] | None = None) -> Parsed | None:
+    end = head.find(b"\r\n")
+    line, block = (head, b"") if end < 0 else (head[:end], head[end + 2 :])
+    parts = line.split(b" ")
     if len(parts) != 3 or parts[2] != b"HTTP/1.1":
         return None
     publish = parts[0] == b"POST" and parts[1].startswith(_PUBLISH)
@@ -96,6 +116,9 @@ def _parse(head: bytes) -> Parsed | None:
     target = parts[1]
     if _BAD_TARGET.search(target):
         return None
+    fields = (parse_fields or _parse_fields)(block, publish)
+    if fields is None:
+        return None
     path, _, query = target.decode("ascii").partition("?")
     environ: dict[str, Any] = {
         "REQUEST_METHOD": "POST" if publish else "GET",
@@ -103,8 +126,15 @@ def _parse(head: bytes) -> Parsed | None:
         "QUERY_STRING": query,
         "SERVER_PROTOCOL": "HTTP/1.1",
     }
+    environ.update(fields[0])
+    return environ, fields[1], line.decode("ascii")
+
+
+def _parse_fields(block: bytes, publish: bool) -> Fields | None:
+    """The header lines of a head (after its request line), or None to hand the request over."""
+    environ: dict[str, Any] = {}
     keep_alive = True
-    for line in lines[1:]:
+    for line in block.split(b"\r\n") if block else ():
         name, sep, value = line.partition(b":")
         if not sep or not name or name.translate(None, _TOKEN) or b"_" in name:
             # obs-fold, a malformed line, or an underscore (the general server drops such
@@ -127,7 +157,7 @@ def _parse(head: bytes) -> Parsed | None:
         environ[header] = environ[header] + "," + text if header in environ else text
     if publish and "CONTENT_LENGTH" not in environ:
         return None
-    return environ, keep_alive, lines[0].decode("ascii")
+    return environ, keep_alive
 
 
 def _small_length(text: str) -> bool:

@@ -482,10 +482,11 @@ class _PollWait:
     A wait lasts at most the stall timeout: once the publisher has answered, the connection is
     idle, and it must be closed a stall timeout after that answer, not after the poll's."""
 
-    __slots__ = ("_watcher", "_glet", "_deadlines", "_timer", "_longest")
+    __slots__ = ("_raw", "_watcher", "_glet", "_deadlines", "_timer", "_longest")
 
     def __init__(self, raw: socket.socket, deadlines: _CoarseDeadlines, stall_timeout_s: float) -> None:
-        self._watcher = gevent.get_hub().loop.io(raw.fileno(), 1)  # 1: readable
+        self._raw = raw
+        self._watcher: Any = None  # made at the first wait: most connections never hold a poll
         self._glet: Any = None
         self._deadlines = deadlines
         self._timer: Any = None
@@ -493,6 +494,8 @@ class _PollWait:
 
     def wait(self, timeout: float, readable: bool) -> int:
         timeout = min(timeout, self._longest)
+        if self._watcher is None:
+            self._watcher = gevent.get_hub().loop.io(self._raw.fileno(), 1)  # 1: readable
         self._glet = gevent.getcurrent()
         if readable:
             self._watcher.start(self.resume, READABLE)
@@ -524,7 +527,8 @@ class _PollWait:
             glet.switch(reason)
 
     def close(self) -> None:
-        self._watcher.close()
+        if self._watcher is not None:
+            self._watcher.close()
 
 
 def _held_timed_out(wait: _PollWait) -> None:

@@ -128,6 +128,34 @@ def test_long_polls_woken_together_share_one_read_and_a_later_event_is_not_hidde
     assert all([e.data for e in p.value.events] == ["1", "2"] for p in later)
 
 
+def test_polls_between_two_requests_share_a_read_with_none_held_and_the_sweep_drops_it(monkeypatch):
+    """On a busy channel every poller may be between two requests at once (none held): the
+    ones that come back still share one read until the next event; stale reads are swept."""
+    import gateway.hub.hub as hub_module
+
+    clock = [100.0]
+    monkeypatch.setattr(hub_module.time, "monotonic", lambda: clock[0])
+    hub = Hub(MemoryStore(50, 600.0, Clock()))
+    first = hub.publish("c", "0")
+    hub.publish("c", "1")
+    reads: list[str | None] = []
+    store_read = hub.store.read
+
+    def counted(channel: str, since: str | None, limit: int):  # noqa: ANN202
+        reads.append(since)
+        return store_read(channel, since, limit)
+
+    hub.store.read = counted  # type: ignore[method-assign]
+    batches = [hub.read_shared("c", first.id, 10) for _ in range(3)]
+    assert len({id(b) for b in batches}) == 1 and reads == [first.id]
+    hub.publish("c", "2")  # a new event: read again, and see it
+    assert [e.data for e in hub.read_shared("c", first.id, 10).events] == ["1", "2"]
+    assert len(reads) == 2
+    clock[0] += hub_module.SHARED_READ_S + hub_module.SWEEP_EVERY_S + 1
+    hub.publish("d", "x")  # a publish runs the sweep, which drops the stale read of "c"
+    assert "c" not in hub._shared
+
+
 def test_event_encodings_are_computed_once():
     hub, _ = make()
     e = hub.publish("c", "a\r\nb", "x")

@@ -35,6 +35,7 @@ log = logging.getLogger("gateway.hub")
 
 SWEEP_EVERY_S = 30.0
 SHARED_READ_S = 1.0  # how long the polls woken by one event may share its read
+SHARED_READS_KEPT = 10_000  # channels with a shared read at once (all dropped when full)
 NOTIFIED_BATCH = 100  # other nodes' events pushed at once; more than this and streams read them
 
 
@@ -180,8 +181,6 @@ class Hub:
             pushers.pop(pusher, None)
             if not pushers:
                 del self._pushers[channel]
-                if channel not in self._waiting:  # no long poll left to share a read
-                    self._shared.pop(channel, None)
 
     def notified(self, channel: str) -> None:
         """Another node published here (a shared store's listener calls this). The long polls
@@ -312,12 +311,12 @@ class Hub:
             if not self._waiting[channel]:  # nobody waits here any more: drop the signal
                 del self._waiting[channel]
                 self._signals.pop(channel, None)
-                self._shared.pop(channel, None)
 
     def read_shared(self, channel: str, since: str | None, limit: int) -> Batch:
         """A long poll's read, shared with the others woken by the same event: they nearly all
-        ask from the same cursor, and each would otherwise read and encode the same batch.
-        Shared while a long poll waits on the channel (here, or held as a pusher)."""
+        ask from the same cursor, and each would otherwise read and encode the same batch. Kept
+        until the channel's next event or SHARED_READ_S, also while no poll is held there (the
+        polls of a busy channel are often all between two requests); the sweep drops the stale."""
         shared = self._shared.get(channel)
         now = time.monotonic()
         if shared is not None and shared[0] == since and shared[1] == limit and now < shared[3]:
@@ -326,8 +325,9 @@ class Hub:
         batch = self.store.read(channel, since, limit)
         # Kept only if no event came in during the read (a shared store's read yields), and
         # briefly: the polls woken together read it at once; history may age out after that.
-        held = channel in self._waiting or channel in self._pushers
-        if (batch.events or batch.gap) and wakes == self._wakes and held:
+        if (batch.events or batch.gap) and wakes == self._wakes:
+            if len(self._shared) >= SHARED_READS_KEPT:
+                self._shared.clear()
             self._shared[channel] = (since, limit, batch, now + SHARED_READ_S)
         return batch
 
@@ -421,3 +421,4 @@ class Hub:
             for channel in [c for c in self._signals if c not in self._subscribers]:
                 self.notify(channel)
             self.store.sweep(lambda name: name in self._subscribers)
+            self._shared = {c: read for c, read in self._shared.items() if read[3] > now}

@@ -496,16 +496,16 @@ class _PollWait:
         timeout = min(timeout, self._longest)
         if self._watcher is None:
             self._watcher = gevent.get_hub().loop.io(self._raw.fileno(), 1)  # 1: readable
-        self._glet = gevent.getcurrent()
-        if readable:
-            self._watcher.start(self.resume, READABLE)
         slot = -1
-        if timeout < self._deadlines.resolution_s:
-            self._timer = gevent.get_hub().loop.timer(max(timeout, 0.0))
-            self._timer.start(self.resume, TIMED_OUT)
-        else:
-            slot = self._deadlines.add(self, timeout, early=True)
         try:
+            if readable:
+                self._watcher.start(self.resume, READABLE)
+            if timeout < self._deadlines.resolution_s:
+                self._timer = gevent.get_hub().loop.timer(max(timeout, 0.0))
+                self._timer.start(self.resume, TIMED_OUT)
+            else:
+                slot = self._deadlines.add(self, timeout, early=True)
+            self._glet = gevent.getcurrent()  # last: resume() only ever finds a greenlet in this wait
             return gevent.get_hub().switch()
         finally:
             self._glet = None
@@ -585,6 +585,7 @@ class _HeadDeadline:
             self._sock.sendall(data[sent:])
         self.head_started, self._silent = None, False
         self.answered += 1
+        self._idle_since = None
 
     def pushed(self, readable: bool, at: float) -> None:
         """An answer the publisher wrote (transports/heldpoll.py) at monotonic time `at`, as
@@ -605,6 +606,8 @@ class _HeadDeadline:
         attempt first would only fail), with the stall timeout kept by _CoarseDeadlines rather
         than a timer per wait; then read the raw socket, as it is readable."""
         sock, raw = self._sock, self.raw
+        idle, since = self._idle, self._idle_since
+        self._idle_since = None  # for this wait only: later requests are timed from their own answer
         if self._readable and raw is not None:
             self._readable = False
             try:
@@ -614,9 +617,7 @@ class _HeadDeadline:
         watcher = getattr(sock, "_read_event", None)
         if raw is None or watcher is None or not self._idle:
             return sock.recv(size)  # not a gevent socket, or no stall timeout: as the socket does
-        idle, since = self._idle, self._idle_since
         if since is not None:  # the stall timeout runs from the pushed answer, not from now
-            self._idle_since = None
             idle = max(0.0, idle - (time.monotonic() - since))
         slot = self._idle_connections.add(sock, idle)
         try:

@@ -36,6 +36,7 @@ log = logging.getLogger("gateway.hub")
 SWEEP_EVERY_S = 30.0
 SHARED_READ_S = 1.0  # how long the polls woken by one event may share its read
 SHARED_READS_KEPT = 10_000  # channels with a shared read at once (all dropped when full)
+SHARED_READ_BYTES = 16 << 20  # and the event data they hold, at most
 NOTIFIED_BATCH = 100  # other nodes' events pushed at once; more than this and streams read them
 
 
@@ -110,7 +111,9 @@ class Hub:
         self._extra: dict[str, set[threading.Event]] = {}  # multi-channel long polls' own events
         # The last batch a woken long poll read per channel, for the others woken with it: they
         # nearly all ask from the same cursor. Forgotten at the channel's next event.
-        self._shared: dict[str, tuple[str | None, int, Batch, float]] = {}
+        self._shared: dict[str, tuple[str | None, int, Batch, float, int]] = {}  # (..., expiry, bytes)
+        self._shared_bytes = 0
+        self._next_shared_sweep = 0.0
         self._wakes = 0
         self._subscribers: Counter[str] = Counter()
         self._listeners: list[Listener] = []
@@ -161,7 +164,7 @@ class Hub:
 
     def _wake_waiters(self, channel: str) -> None:
         self._wakes += 1
-        self._shared.pop(channel, None)
+        self._drop_shared(channel)
         signal = self._signals.pop(channel, None)
         if signal is not None:
             signal.set()
@@ -319,17 +322,39 @@ class Hub:
         polls of a busy channel are often all between two requests); the sweep drops the stale."""
         shared = self._shared.get(channel)
         now = time.monotonic()
-        if shared is not None and shared[0] == since and shared[1] == limit and now < shared[3]:
-            return shared[2]
+        if shared is not None:
+            if now < shared[3]:
+                if shared[0] == since and shared[1] == limit:
+                    return shared[2]
+            else:
+                self._drop_shared(channel)
+        if now >= self._next_shared_sweep:
+            self._sweep_shared(now)
         wakes = self._wakes
         batch = self.store.read(channel, since, limit)
         # Kept only if no event came in during the read (a shared store's read yields), and
         # briefly: the polls woken together read it at once; history may age out after that.
         if (batch.events or batch.gap) and wakes == self._wakes:
-            if len(self._shared) >= SHARED_READS_KEPT:
+            size = sum(len(e.data) for e in batch.events) + 64
+            if len(self._shared) >= SHARED_READS_KEPT or self._shared_bytes + size > SHARED_READ_BYTES:
                 self._shared.clear()
-            self._shared[channel] = (since, limit, batch, now + SHARED_READ_S)
+                self._shared_bytes = 0
+            self._drop_shared(channel)
+            self._shared[channel] = (since, limit, batch, now + SHARED_READ_S, size)
+            self._shared_bytes += size
         return batch
+
+    def _drop_shared(self, channel: str) -> None:
+        read = self._shared.pop(channel, None)
+        if read is not None:
+            self._shared_bytes -= read[4]
+
+    def _sweep_shared(self, now: float) -> None:
+        """Stale shared reads go (at most every SHARED_READ_S): they must not keep events that
+        history has let go, nor memory on a quiet gateway."""
+        self._next_shared_sweep = now + SHARED_READ_S
+        for channel in [c for c, read in self._shared.items() if read[3] <= now]:
+            self._drop_shared(channel)
 
     def wait_many(self, starts: dict[str, str | None], timeout: float, limit: int) -> dict[str, Batch]:
         """wait() over several channels: returns as soon as any has events (or a gap), with a
@@ -421,4 +446,4 @@ class Hub:
             for channel in [c for c in self._signals if c not in self._subscribers]:
                 self.notify(channel)
             self.store.sweep(lambda name: name in self._subscribers)
-            self._shared = {c: read for c, read in self._shared.items() if read[3] > now}
+            self._sweep_shared(now)

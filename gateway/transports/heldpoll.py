@@ -5,10 +5,11 @@ attached to the hub as a Pusher while it is held. A publish hands it the answer 
 encoded once for every poll it answers, and so are the response bytes) and writes it with one
 non-blocking send, from the same loop that writes to streams. The poll's greenlet sleeps
 through that: it waits on its socket, and wakes when the client's next request arrives. Whatever
-cannot be pushed (events it missed while busy, the timeout, the hub closing, an answer the socket
-could not take at once) wakes it to answer from history by cursor, as any long poll does, so
-nothing is lost or repeated. The tickets of the polls one publish answered are closed, and their
-access lines written, right after the publisher's loop, by one greenlet for all of them.
+cannot be pushed (events it missed while busy, the timeout, the hub closing) wakes it to answer
+from history by cursor, as any long poll does, so nothing is lost or repeated; an answer the
+socket could not take at once wakes it to write the rest. The tickets of the polls one publish
+answered are closed, and their access lines written, right after the publisher's loop, by one
+greenlet for all of them.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class HeldPoll:
         self._answered = self._finished = self._pipelined = False
         self.readable = False
         self.hold = 1
+        self.cursor = ""  # not the last poll's: while reading, no publish may take it for ours
         deadline = time.monotonic() + timeout
         hub.attach(channel, self)  # before the read: a publish during it (a shared store yields) wakes us
         try:
@@ -156,9 +158,12 @@ class HeldPoll:
                 self.cursor, self.hold = batch.cursor, 0
                 reason = self._wait.wait(remaining, not self._pipelined)
                 self.hold = 1
-                if self._answered:
-                    self.finish()
+                if self._answered:  # on the wire: whatever happens now, nothing more is answered
                     self.readable = reason == READABLE
+                    try:
+                        self.finish()
+                    except Exception:
+                        log.exception("closing an answered long poll")
                     return None
                 if reason == READABLE and self._hung_up():
                     raise WaitAbandoned()
@@ -194,6 +199,7 @@ class HeldPoll:
 
     def push(self, data: bytes, cursor: str, events: int = 1) -> None:
         self.hold = 1
+        self.cursor = cursor
         self._answered = True
         self.answered_at = time.monotonic()
         self._count, self._body_len = min(events, self._limit), len(data)
@@ -225,9 +231,11 @@ class HeldPoll:
         if self._finished or not self._answered or ticket is None:
             return
         self._finished = True
-        ticket.events_sent, ticket.bytes_sent = self._count, self._body_len
+        # All read first: ticket.close() may yield (a lazy source's listener), and meanwhile this
+        # connection's next poll may reset every field here.
+        channel, (request_line, started), length = self._channel, self.request, self._body_len
+        ticket.events_sent, ticket.bytes_sent = self._count, length
+        self._hub.detach(channel, self)
         ticket.close()
-        self._hub.detach(self._channel, self)
         if self._on_answer is not None:
-            request_line, started = self.request
-            self._on_answer(request_line, 200, self._body_len, started)
+            self._on_answer(request_line, 200, length, started)

@@ -30,9 +30,12 @@ class _Ticket:
     bytes_sent: int = 0
     closes: int = 0
     multi: bool = False
+    yields: bool = False  # as a lazy source's listener may (a thread started under gevent)
 
     def close(self) -> None:
         self.closes += 1
+        if self.yields:
+            gevent.sleep(0.05)
 
 
 @dataclass
@@ -132,3 +135,23 @@ def test_events_it_could_not_be_handed_are_read_from_history(setup):
     latest = setup.hub.publish("c", "two")
     body = json.loads(poll.get(timeout=2))
     assert [e["id"] for e in body["events"]] == [missed.id, latest.id]
+
+
+def test_a_finisher_that_yields_closes_the_answered_poll_not_the_next(setup):
+    """ticket.close() may yield in the Finisher while the connection already holds its next
+    poll: that poll stays attached (and is pushed), and the access line is the first request's."""
+    setup.held.request = ("GET /longpoll/c?first", 0.0)
+    first = gevent.spawn(setup.held, _Ticket({"c": None}, yields=True), 10.0)
+    gevent.sleep(0.05)
+    setup.hub.publish("c", "one")
+    gevent.sleep(0)  # the flush runs and the Finisher starts, then yields in ticket.close()
+    setup.client.recv(65536)
+    setup.client.sendall(b"GET next")
+    assert first.get(timeout=1) is None
+    setup.held.request = ("GET /longpoll/c?second", 0.0)
+    second = gevent.spawn(setup.held, _Ticket({"c": setup.hub.last_id("c")}), 3.0)
+    gevent.sleep(0.2)  # the Finisher has finished
+    assert setup.hub._pushers.get("c")  # the second poll is still held as a pusher
+    assert [line for line, *_ in setup.answered] == ["GET /longpoll/c?first"]
+    setup.hub.publish("c", "two")
+    assert second.get(timeout=1) is None  # pushed, not left to its timeout

@@ -99,12 +99,8 @@ def test_wait_wakes_on_publish_and_on_close():
     assert not t.is_alive() and results[1].events == []
 
 
-def test_long_polls_woken_together_share_one_read_and_a_later_event_is_not_hidden():
-    import gevent
-    import gevent.event
-
-    hub = Hub(MemoryStore(50, 60.0, Clock()), event_class=gevent.event.Event)
-    first = hub.publish("c", "0")
+def _counting_reads(hub: Hub) -> list[str | None]:
+    """The cursors of every read of hub's store from now on."""
     reads: list[str | None] = []
     store_read = hub.store.read
 
@@ -113,6 +109,16 @@ def test_long_polls_woken_together_share_one_read_and_a_later_event_is_not_hidde
         return store_read(channel, since, limit)
 
     hub.store.read = counted  # type: ignore[method-assign]
+    return reads
+
+
+def test_long_polls_woken_together_share_one_read_and_a_later_event_is_not_hidden():
+    import gevent
+    import gevent.event
+
+    hub = Hub(MemoryStore(50, 60.0, Clock()), event_class=gevent.event.Event)
+    first = hub.publish("c", "0")
+    reads = _counting_reads(hub)
     polls = [gevent.spawn(hub.wait, "c", first.id, 5, 10) for _ in range(5)]
     gevent.sleep(0)  # all five are held now
     reads.clear()
@@ -138,14 +144,7 @@ def test_polls_between_two_requests_share_a_read_with_none_held_and_the_sweep_dr
     hub = Hub(MemoryStore(50, 600.0, Clock()))
     first = hub.publish("c", "0")
     hub.publish("c", "1")
-    reads: list[str | None] = []
-    store_read = hub.store.read
-
-    def counted(channel: str, since: str | None, limit: int):  # noqa: ANN202
-        reads.append(since)
-        return store_read(channel, since, limit)
-
-    hub.store.read = counted  # type: ignore[method-assign]
+    reads = _counting_reads(hub)
     batches = [hub.read_shared("c", first.id, 10) for _ in range(3)]
     assert len({id(b) for b in batches}) == 1 and reads == [first.id]
     hub.publish("c", "2")  # a new event: read again, and see it

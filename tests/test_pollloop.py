@@ -286,6 +286,27 @@ def test_the_stall_timeout_runs_from_a_pushed_answer(start_gateway, channel):
         conn.close()
 
 
+def test_a_later_idle_wait_is_not_shortened_by_an_earlier_pushed_answer(start_gateway, channel):
+    """The stall timeout runs from a pushed answer for the idle wait right after it only: once
+    the next request came (at once, here) and was answered, idle time counts from then."""
+    gw = start_gateway({"server": {"stall_timeout_s": 2.0}})
+    conn = _Conn(gw.port)
+    try:
+        conn.send(_get(f"/longpoll/{channel}?timeout=8"))
+        _until_held(gw, 1, 5)
+        gw.publish(channel, "one")
+        status, _, body = conn.answer()
+        cursor = json.loads(body)["cursor"]
+        conn.send(_get(f"/longpoll/{channel}?since={cursor}&timeout=3"))  # at once, then held 3 s
+        status, _, body = conn.answer()
+        assert status == 200 and json.loads(body)["events"] == []
+        time.sleep(1.0)  # half the stall timeout since that answer: still open
+        conn.send(_get(f"/longpoll/{channel}?since={cursor}&timeout=0"))
+        assert conn.answer()[0] == 200
+    finally:
+        conn.close()
+
+
 def test_one_long_poll_timing_out_leaves_the_others_held(start_gateway, channel):
     """A long poll's timeout wakes that poll only (up to 0.1 s late); the others on its channel
     stay held until an event comes."""

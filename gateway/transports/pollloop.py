@@ -39,8 +39,9 @@ _BAD_TARGET = re.compile(rb"[^\x21-\x7e]|[%#]")  # no %-encoding, no fragment, n
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control bytes but tab
 _HANDED_OVER = frozenset({"ORIGIN", "UPGRADE", "CONTENT_LENGTH", "TRANSFER_ENCODING", "EXPECT"})
 # Parsed heads are remembered: the pollers of a channel send the very same head (the same cursor,
-# the same headers) after each event. Short heads only, all forgotten when full (a head carrying
-# a token stays in memory no longer than the next 1,024 distinct heads).
+# the same headers) after each event; and header blocks apart. Short ones only, all forgotten when
+# full. A token in a header stays in memory while its client keeps polling, and until 1,024 other
+# heads (or header blocks) have come since; the process holds the same secret in its config.
 MEMO_HEADS = 1024
 MEMO_HEAD_BYTES = 1024
 
@@ -186,11 +187,14 @@ class LongPollLoop:
 
     def _held_poll(self, sock: Any, on_answer: OnAnswer | None) -> HeldPoll | None:
         raw = getattr(sock, "raw", None)
-        wait = self._held[0](sock) if self._held is not None and raw is not None else None
-        if wait is None or self._held is None:
+        if self._held is None or raw is None:
+            return None
+        waits, finisher = self._held
+        wait = waits(sock)
+        if wait is None:
             return None
         fast = self.fast
-        return HeldPoll(fast.hub, wait, raw, self._ok_response, fast.poll.max_batch, self._held[1], on_answer)
+        return HeldPoll(fast.hub, wait, raw, self._ok_response, fast.poll.max_batch, finisher, on_answer)
 
     def _ok_response(self, body: bytes) -> bytes:
         status, headers, body = ok(body)

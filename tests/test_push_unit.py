@@ -180,3 +180,61 @@ def test_multi_channel_connections_with_equal_cursors_share_one_encoding(monkeyp
         for server, client in pairs:
             server.close()
             client.close()
+
+
+def test_a_connection_that_shared_pushed_bytes_keeps_every_channel_position_for_what_follows():
+    """A push that reuses another connection's bytes only moves the joined cursor; the
+    connection's own next composition, on another channel, and a channel added or removed
+    afterwards, still start from every channel's true position."""
+    from gateway import cursor as cursors
+    from gateway.transports.multipush import MultiPusher
+
+    hub = Hub(MemoryStore(10_000, 3600), event_class=gevent.event.Event)
+    hub.defer = lambda fn, channel: gevent.get_hub().loop.run_callback(fn, channel)
+    for channel in ("a", "b", "c"):
+        hub.publish(channel, "before")
+    pairs = [gevent.socket.socketpair() for _ in range(2)]
+    pushers = [
+        MultiPusher(
+            _Sock(server),
+            "sse",
+            {c: hub.last_id(c) for c in ("a", "b")},
+            False,
+            gevent.event.Event,
+            gevent.lock.Semaphore,
+        )
+        for server, _ in pairs
+    ]
+    started = [gevent.spawn(run_blocking, p.rounds(hub, 100, lambda: 30.0, lambda: None)) for p in pushers]
+    _, client = pairs[1]
+
+    def ids(n: int) -> list[str]:
+        buf = b""
+        with gevent.Timeout(5, False):
+            while buf.count(b"\n\n") < n:
+                buf += client.recv(65536)
+        return [i.decode() for i in re.findall(rb"^id: (.*)$", buf, re.M)]
+
+    try:
+        gevent.sleep(0.01)
+        hub.publish("a", "shared")  # the first connection composes, the second reuses its bytes
+        gevent.sleep(0.01)
+        assert pushers[0].cursor() is pushers[1].cursor()
+        assert len(ids(1)) == 1
+        for channel, view in pushers[0].views.items():  # the first goes: the second composes its own bytes
+            hub.detach(channel, view)
+        hub.publish("b", "own")
+        gevent.sleep(0.01)
+        want = {"a": hub.last_id("a"), "b": hub.last_id("b")}
+        (own,) = ids(1)
+        assert cursors.decode(own, ["a", "b"]) == want
+        pushers[1].add("c", hub.last_id("c"))
+        want["c"] = hub.last_id("c")
+        assert cursors.decode(pushers[1].cursor(), ["a", "b", "c"]) == want
+        pushers[1].remove("b")
+        assert cursors.decode(pushers[1].cursor(), ["a", "c"]) == {"a": want["a"], "c": want["c"]}
+    finally:
+        gevent.killall(started, timeout=5)
+        for server, client in pairs:
+            server.close()
+            client.close()

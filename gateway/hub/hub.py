@@ -262,22 +262,27 @@ class Hub:
             first = None
         encoded: dict[str, bytes] = {}
         counts: dict[str, int] = {}
-        kind, data = None, b""
+        kind, data, run = None, b"", 0  # run: pushes of `kind` not yet added to counts
         n_events = len(events)
         cost = -1
-        # The hot loop: one non-blocking send per subscriber, nothing else that costs.
+        # The hot loop: one non-blocking send per subscriber, nothing else that costs. Kinds are
+        # told apart by identity (each is one interned string), so a run of one kind costs no lookup.
         for pusher in list(pushers):
             if pusher.cursor == first and not pusher.hold:
                 if pusher.kind is not kind:
-                    kind = pusher.kind
+                    if run:
+                        counts[kind] = counts.get(kind, 0) + run
+                    kind, run = pusher.kind, 0
                     data = encoded.get(kind) or encoded.setdefault(kind, pusher.encode(events))
                 pusher.push(data, last, n_events)
-                counts[kind] = counts.get(kind, 0) + 1
+                run += 1
             elif pusher.cursor != last:  # behind, busy, or out of order: it reads from history
                 if cost < 0:
                     cost = sum(len(e.data) for e in events) + 64 * len(events)
                 pusher.lag(cost)  # a subscriber too far behind is cut (slow consumer)
                 pusher.wake()
+        if run:
+            counts[kind] = counts.get(kind, 0) + run
         for kind, n in counts.items():
             data = encoded[kind]
             size = len(data) if isinstance(data, bytes) else sum(len(p) for _, p in data)

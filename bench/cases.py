@@ -49,6 +49,7 @@ def matrix(messages: int = 200) -> list[Case]:
     cases.append(Case("channels-sse-2000x3", "sse", 6000, channels=2000, rate=200, messages=max(messages * 10, 2000)))
     # Many channels on one connection: 1,000 SSE streams each following the same 10 channels.
     cases.append(Case("multi-sse-1kx10", "sse", 1000, channels=10, messages=messages, multi=True))
+    cases.append(Case("multi-ws-1kx10", "ws", 1000, channels=10, messages=messages, multi=True))
     cases.append(Case("idle-10k", "mixed", 10000, messages=0, idle=True))
     # Each kind alone: issue 13 asks for Nchan's bytes per idle connection for SSE and for WebSocket.
     cases.append(Case("idle-sse-10k", "sse", 10000, messages=0, idle=True))

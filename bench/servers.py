@@ -310,6 +310,7 @@ http {{
     }}
     location ~ ^/ws/(.+)$ {{
       nchan_subscriber websocket; nchan_channel_id $1; nchan_subscriber_first_message newest;
+      nchan_channel_id_split_delimiter ",";
     }}
     location ~ ^/lp/(.+)$ {{
       nchan_subscriber longpoll; nchan_channel_id $1; nchan_subscriber_first_message newest;

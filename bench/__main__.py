@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.cases import Case, long_runs, matrix, quick
 from bench.run import run_case
-from bench.servers import ROOT, GatewayServer, NchanServer, Server, nchan_module, raise_fd_limit
+from bench.servers import ROOT, FloorServer, GatewayServer, NchanServer, Server, nchan_module, raise_fd_limit
 
 COLUMNS = [
     ("case", "case", 20),
@@ -132,6 +132,8 @@ def _one(name: str, case: Case, tmp: Path, module: str | None, args: argparse.Na
             server = GatewayServer(
                 workdir, args.gateway_toml, args.gateway_root, case.workers, case.redis, keepalives=case.long_run
             )
+        elif name == "floor":
+            server = FloorServer(workdir)
         else:
             server = NchanServer(workdir, module or "")
         result = run_case(server, case, args.workers, args.pad, args.profile)
@@ -182,15 +184,16 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(" ".join(f"{_fmt(r.get(key)):>{width}}" for _, key, width in COLUMNS))
     ratio_lines = []
     for case, servers in by_case.items():
-        gw, nc = servers.get("gateway"), servers.get("nchan")
-        if not gw or not nc or any(k in gw or k in nc for k in ("error", "skipped")):
-            continue
-        parts = []
-        for key, label in RATIOS:
-            a, b = gw.get(key), nc.get(key)
-            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
-                parts.append(f"{label} {a / b:.2f}x")
-        ratio_lines.append(f"{case:>20}  gateway/nchan: " + ", ".join(parts))
+        for mine in ("gateway", "floor"):  # the floor (bench/floor.py): the runtime's own cost
+            gw, nc = servers.get(mine), servers.get("nchan")
+            if not gw or not nc or any(k in gw or k in nc for k in ("error", "skipped")):
+                continue
+            parts = []
+            for key, label in RATIOS:
+                a, b = gw.get(key), nc.get(key)
+                if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+                    parts.append(f"{label} {a / b:.2f}x")
+            ratio_lines.append(f"{case:>20}  {mine}/nchan: " + ", ".join(parts))
     if ratio_lines:
         lines += ["", "ratios (below 1.0 = gateway lower; for deliv/s higher is better):"] + ratio_lines
     return "\n".join(lines)
@@ -214,7 +217,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="a short subset (1k subscribers, fewer messages)")
     p.add_argument("--cases", default="", help="comma-separated names or globs (see --list), e.g. 'sse-*,flood*'")
-    p.add_argument("--servers", default="gateway,nchan", help="which servers to run (default: gateway,nchan)")
+    p.add_argument(
+        "--servers",
+        default="gateway,nchan",
+        help="gateway, nchan, floor (bench/floor.py: long poll only); default: gateway,nchan",
+    )
     p.add_argument("--messages", type=int, default=0, help="messages per 20 msg/s case (default 200 = 10 s)")
     p.add_argument("--subscribers", type=int, default=0, help="override every selected case's subscriber count")
     p.add_argument("--workers", type=int, default=2, help="load generator processes (default 2)")

@@ -28,6 +28,7 @@ _HEADER_END = b"\r\n\r\n"
 _CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
 _CURSOR = re.compile(rb'"cursor":"([^"]+)"')
 _LAST_MODIFIED = re.compile(rb"(?i)\r\nlast-modified: *([^\r]+)")
+GATEWAY_PROTOCOL = ("gateway", "floor")  # servers that answer long polls with a cursor
 _ETAG = re.compile(rb"(?i)\r\netag: *([^\r]+)")
 WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
@@ -256,7 +257,7 @@ class _LongPoll(_Sub):
         self._mark_ready()
 
     def _request(self) -> None:
-        if self.server == "gateway":
+        if self.server in GATEWAY_PROTOCOL:
             path = self.path.replace("since=0-0", f"since={self.cursor}")
         else:
             path = self.path
@@ -279,7 +280,7 @@ class _LongPoll(_Sub):
             status = head[9:12]
             if status == b"200":
                 self.w.record(self, body, now)
-                if self.server == "gateway":
+                if self.server in GATEWAY_PROTOCOL:
                     c = _CURSOR.search(body)
                     if c:
                         self.cursor = c[1].decode()

@@ -19,7 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["Server", "GatewayServer", "NchanServer", "nchan_module", "cpu_seconds", "memory_kb", "raise_fd_limit"]
+__all__ = [
+    "Server",
+    "GatewayServer",
+    "NchanServer",
+    "FloorServer",
+    "nchan_module",
+    "cpu_seconds",
+    "memory_kb",
+    "raise_fd_limit",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token"
@@ -275,6 +284,36 @@ class GatewayServer(Server):
     def publish_request(self, channel: str, body: bytes) -> bytes:
         return (
             f"POST /publish/{channel} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
+    def log(self) -> str:
+        return self._log_path.read_text(errors="replace")[-3000:]
+
+
+class FloorServer(Server):
+    """bench/floor.py: the least a CPython + gevent long-poll server costs (long poll only)."""
+
+    name = "floor"
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self._log_path = workdir / "floor.log"
+        with open(self._log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.floor", str(self.port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+        self._wait_port()
+
+    def paths(self, transport: str, channel: str) -> str:
+        raise ValueError("the floor server answers long polls only (an lp-* case)")
+
+    def longpoll_path(self, channel: str, cursor: str | None) -> str:
+        return f"/longpoll/{channel}?since={cursor or '0-0'}&timeout=25"
+
+    def publish_request(self, channel: str, body: bytes) -> bytes:
+        return (
+            f"POST /publish/{channel} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode() + body
 

@@ -132,8 +132,8 @@ def _one(name: str, case: Case, tmp: Path, module: str | None, args: argparse.Na
             server = GatewayServer(
                 workdir, args.gateway_toml, args.gateway_root, case.workers, case.redis, keepalives=case.long_run
             )
-        elif name == "floor":
-            server = FloorServer(workdir)
+        elif name in ("floor", "floor-greenlets"):
+            server = FloorServer(workdir, greenlets=name == "floor-greenlets")
         else:
             server = NchanServer(workdir, module or "")
         result = run_case(server, case, args.workers, args.pad, args.profile)
@@ -184,7 +184,7 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(" ".join(f"{_fmt(r.get(key)):>{width}}" for _, key, width in COLUMNS))
     ratio_lines = []
     for case, servers in by_case.items():
-        for mine in ("gateway", "floor"):  # the floor (bench/floor.py): the runtime's own cost
+        for mine in ("gateway", "floor", "floor-greenlets"):  # the floor (bench/floor.py): the runtime's own cost
             gw, nc = servers.get(mine), servers.get("nchan")
             if not gw or not nc or any(k in gw or k in nc for k in ("error", "skipped")):
                 continue
@@ -220,7 +220,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--servers",
         default="gateway,nchan",
-        help="gateway, nchan, floor (bench/floor.py: long poll only); default: gateway,nchan",
+        help="gateway, nchan, floor, floor-greenlets (bench/floor.py: long poll only); default: gateway,nchan",
     )
     p.add_argument("--messages", type=int, default=0, help="messages per 20 msg/s case (default 200 = 10 s)")
     p.add_argument("--subscribers", type=int, default=0, help="override every selected case's subscriber count")

@@ -7,15 +7,22 @@ channel list in memory, a parse that only finds the path. It speaks just enough 
 gateway's long-poll and publish protocol for the bench's load generator. Whatever the gateway
 costs above this figure is its own code; whatever this costs above Nchan is the runtime's.
 
-    python -m bench.floor PORT
+With --greenlets, the same requests are served the way the gateway serves them: a greenlet per
+connection reading a gevent socket, a held poll's greenlet switched back in once the publisher
+has written its answer. The difference between the two is the price of that shape.
+
+    python -m bench.floor PORT [--greenlets]
 """
 
 from __future__ import annotations
 
 import socket
 import sys
+from typing import Any
 
 import gevent
+import gevent.event
+import gevent.server
 import gevent.signal
 
 _RESPONSE = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: no-store\r\nContent-Length: %d\r\n\r\n"
@@ -47,36 +54,26 @@ class Channel:
         self.events.append(b'{"id":"%d","data":"%s"}' % (n, data.replace(b"\\", b"\\\\").replace(b'"', b'\\"')))
         held, self.held = self.held, []
         for conn in held:
-            conn.send(self.answer(conn.since))
+            conn.answered(self.answer(conn.since))
 
 
 CHANNELS: dict[bytes, Channel] = {}
 
 
-class Connection:
-    __slots__ = ("sock", "watcher", "buf", "since")
+class Requests:
+    """The requests of one connection, as they come in: answered, or held on their channel."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    __slots__ = ("buf", "since")
+
+    def __init__(self) -> None:
         self.buf = b""
         self.since = 0
-        self.watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
-        self.watcher.start(self.readable)
 
-    def readable(self) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.watcher.stop()
-            self.watcher.close()
-            self.sock.close()
-            return
+    def feed(self, data: bytes) -> bool:
+        """Take bytes read; answer what they complete. True: a poll is now held."""
         buf = self.buf + data if self.buf else data
-        while True:
+        held = False
+        while not held:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 break
@@ -105,7 +102,42 @@ class Connection:
             else:
                 self.since = since
                 channel.held.append(self)
+                held = True
         self.buf = buf
+        return held
+
+    def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def answered(self, data: bytes) -> None:
+        """The publisher's answer to this connection's held poll."""
+        self.send(data)
+
+
+class Connection(Requests):
+    """A connection as an I/O watcher: its callback reads and answers, in the event loop."""
+
+    __slots__ = ("sock", "watcher")
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+        self.watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
+        self.watcher.start(self.readable)
+
+    def readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.watcher.stop()
+            self.watcher.close()
+            self.sock.close()
+            return
+        self.feed(data)
 
     def send(self, data: bytes) -> None:
         try:
@@ -114,11 +146,51 @@ class Connection:
             pass
 
 
+class GreenletConnection(Requests):
+    """A connection as a greenlet, as the gateway holds one (see the module doc)."""
+
+    __slots__ = ("sock", "greenlet")
+
+    def __init__(self, sock: Any) -> None:
+        super().__init__()
+        self.sock = sock
+        self.greenlet = gevent.getcurrent()
+
+    def serve(self) -> None:
+        hub = gevent.get_hub()
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                return
+            if self.feed(data):
+                hub.switch()  # until the publisher has answered (answered())
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock._sock.send(data)  # one non-blocking send, as the gateway's
+        except OSError:
+            pass
+
+    def answered(self, data: bytes) -> None:
+        self.send(data)
+        gevent.get_hub().loop.run_callback(self.greenlet.switch)
+
+
 def _channel(name: bytes) -> Channel:
     channel = CHANNELS.get(name)
     if channel is None:
         channel = CHANNELS[name] = Channel()
     return channel
+
+
+def serve_greenlets(port: int) -> None:
+    def handle(sock: Any, _address: Any) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        GreenletConnection(sock).serve()
+
+    server = gevent.server.StreamServer(("127.0.0.1", port), handle, backlog=1024)
+    server.start()
+    _wait_for_signal()
 
 
 def serve(port: int) -> None:
@@ -140,6 +212,10 @@ def serve(port: int) -> None:
 
     watcher = gevent.get_hub().loop.io(listener.fileno(), 1)
     watcher.start(accept)
+    _wait_for_signal()
+
+
+def _wait_for_signal() -> None:
     done = gevent.event.Event()
     gevent.signal.signal(2, done.set)
     gevent.signal.signal(15, done.set)
@@ -147,6 +223,4 @@ def serve(port: int) -> None:
 
 
 if __name__ == "__main__":
-    import gevent.event
-
-    serve(int(sys.argv[1]))
+    (serve_greenlets if "--greenlets" in sys.argv[2:] else serve)(int(sys.argv[1]))

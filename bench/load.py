@@ -28,7 +28,7 @@ _HEADER_END = b"\r\n\r\n"
 _CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
 _CURSOR = re.compile(rb'"cursor":"([^"]+)"')
 _LAST_MODIFIED = re.compile(rb"(?i)\r\nlast-modified: *([^\r]+)")
-GATEWAY_PROTOCOL = ("gateway", "floor")  # servers that answer long polls with a cursor
+GATEWAY_PROTOCOL = ("gateway", "floor", "floor-greenlets")  # servers that answer long polls with a cursor
 _ETAG = re.compile(rb"(?i)\r\netag: *([^\r]+)")
 WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 

@@ -294,15 +294,13 @@ class GatewayServer(Server):
 class FloorServer(Server):
     """bench/floor.py: the least a CPython + gevent long-poll server costs (long poll only)."""
 
-    name = "floor"
-
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, greenlets: bool = False) -> None:
+        self.name = "floor-greenlets" if greenlets else "floor"
         self.port = free_port()
         self._log_path = workdir / "floor.log"
+        command = [sys.executable, "-m", "bench.floor", str(self.port), *(["--greenlets"] if greenlets else [])]
         with open(self._log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.floor", str(self.port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
+            self.proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         self._wait_port()
 
     def paths(self, transport: str, channel: str) -> str:

@@ -84,3 +84,22 @@ def test_churn_and_soak_are_opt_in():
     default = listed()
     assert default and not any(c.startswith(("churn", "soak")) for c in default)
     assert listed("--cases", "churn-100k,soak-10m") == ["churn-100k", "soak-10m"]
+
+
+def test_the_long_poll_floors_deliver_every_event_in_order(tmp_path):
+    """bench/floor.py, both shapes: a measuring stick is only one if it does the same work."""
+    out_file = tmp_path / "results.jsonl"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--cases", "lp-1k", "--servers", "floor,floor-greenlets"]
+        + ["--subscribers", "6", "--messages", "8", "--workers", "1", "--out", str(out_file)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["server"] for r in results] == ["floor", "floor-greenlets"]
+    for r in results:
+        assert "error" not in r, r
+        assert r["connected"] == 6 and r["delivered"] == 48 and r["lost"] == 0 and r["disorder"] == 0, r

@@ -184,16 +184,16 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(" ".join(f"{_fmt(r.get(key)):>{width}}" for _, key, width in COLUMNS))
     ratio_lines = []
     for case, servers in by_case.items():
-        for mine in ("gateway", "floor", "floor-greenlets"):  # the floor (bench/floor.py): the runtime's own cost
-            gw, nc = servers.get(mine), servers.get("nchan")
-            if not gw or not nc or any(k in gw or k in nc for k in ("error", "skipped")):
+        nchan = servers.get("nchan")
+        for name, ours in servers.items():  # the gateway, and the floors (bench/floor.py) if run
+            if name == "nchan" or not nchan or any(k in ours or k in nchan for k in ("error", "skipped")):
                 continue
             parts = []
             for key, label in RATIOS:
-                a, b = gw.get(key), nc.get(key)
+                a, b = ours.get(key), nchan.get(key)
                 if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
                     parts.append(f"{label} {a / b:.2f}x")
-            ratio_lines.append(f"{case:>20}  {mine}/nchan: " + ", ".join(parts))
+            ratio_lines.append(f"{case:>20}  {name}/nchan: " + ", ".join(parts))
     if ratio_lines:
         lines += ["", "ratios (below 1.0 = gateway lower; for deliv/s higher is better):"] + ratio_lines
     return "\n".join(lines)

@@ -28,7 +28,6 @@ _HEADER_END = b"\r\n\r\n"
 _CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
 _CURSOR = re.compile(rb'"cursor":"([^"]+)"')
 _LAST_MODIFIED = re.compile(rb"(?i)\r\nlast-modified: *([^\r]+)")
-GATEWAY_PROTOCOL = ("gateway", "floor", "floor-greenlets")  # servers that answer long polls with a cursor
 _ETAG = re.compile(rb"(?i)\r\netag: *([^\r]+)")
 WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
@@ -109,7 +108,7 @@ class Worker:
         for i, (channel, path) in enumerate(spec["subs"]):
             expected = spec["expected"].get(channel, 0)
             if kind == "lp":
-                sub: _Sub = _LongPoll(self, channel, path, expected, spec["server"])
+                sub: _Sub = _LongPoll(self, channel, path, expected, spec["cursor_polls"])
             else:
                 sub = _Stream(self, channel, stream_request(kind, path), expected)
             if spread:
@@ -244,10 +243,10 @@ class _LongPoll(_Sub):
     """One request at a time over a keep-alive connection; the next one resumes from the last
     answer (gateway: ?since=<cursor>; Nchan: If-Modified-Since / If-None-Match)."""
 
-    def __init__(self, worker: Worker, channel: str, path: str, expected: int, server: str) -> None:
+    def __init__(self, worker: Worker, channel: str, path: str, expected: int, cursor_polls: bool) -> None:
         super().__init__(worker, channel, expected)
         self.path = path
-        self.server = server
+        self.cursor_polls = cursor_polls
         self.cursor = "0-0"
         self.extra = b""
 
@@ -257,7 +256,7 @@ class _LongPoll(_Sub):
         self._mark_ready()
 
     def _request(self) -> None:
-        if self.server in GATEWAY_PROTOCOL:
+        if self.cursor_polls:
             path = self.path.replace("since=0-0", f"since={self.cursor}")
         else:
             path = self.path
@@ -280,7 +279,7 @@ class _LongPoll(_Sub):
             status = head[9:12]
             if status == b"200":
                 self.w.record(self, body, now)
-                if self.server in GATEWAY_PROTOCOL:
+                if self.cursor_polls:
                     c = _CURSOR.search(body)
                     if c:
                         self.cursor = c[1].decode()

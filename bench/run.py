@@ -39,7 +39,14 @@ def _assign(server: Server, case: Case, workers: int) -> tuple[list[dict[str, An
         channels = [",".join(channels)]
         expected = {channels[0]: per_channel * case.channels}
     specs = [
-        {"port": server.port, "server": server.name, "transport": case.transport, "expected": expected, "subs": []}
+        {
+            "port": server.port,
+            "server": server.name,
+            "cursor_polls": server.cursor_polls,
+            "transport": case.transport,
+            "expected": expected,
+            "subs": [],
+        }
         for _ in range(workers)
     ]
     for k, spec in enumerate(specs):
@@ -61,7 +68,15 @@ def _split_mixed(server: Server, case: Case, channels: list[str], workers: int) 
     for k in range(workers):
         transport = "sse" if k % 2 == 0 else "ws"
         specs.append(
-            {"port": server.port, "server": server.name, "transport": transport, "expected": {}, "subs": [], "index": k}
+            {
+                "port": server.port,
+                "server": server.name,
+                "cursor_polls": server.cursor_polls,
+                "transport": transport,
+                "expected": {},
+                "subs": [],
+                "index": k,
+            }
         )
     for i in range(case.subscribers):
         k = i % workers

@@ -21,6 +21,7 @@ from pathlib import Path
 
 __all__ = [
     "Server",
+    "GatewayProtocol",
     "GatewayServer",
     "NchanServer",
     "FloorServer",
@@ -141,6 +142,7 @@ class Server:
     name = "server"
     proc: subprocess.Popen
     port: int
+    cursor_polls = False  # long polls resume from the answer's cursor (else Nchan's If-Modified-Since)
 
     def paths(self, transport: str, channel: str) -> str:
         raise NotImplementedError
@@ -195,7 +197,26 @@ class Server:
                 self.proc.wait(timeout=5)
 
 
-class GatewayServer(Server):
+class GatewayProtocol(Server):
+    """A server that speaks the gateway's long poll and publish (ours, and bench/floor.py)."""
+
+    cursor_polls = True
+    _log_path: Path
+
+    def longpoll_path(self, channel: str, cursor: str | None) -> str:
+        return f"/longpoll/{channel}?since={cursor or '0-0'}&timeout=25"
+
+    def publish_request(self, channel: str, body: bytes) -> bytes:
+        return (
+            f"POST /publish/{channel} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
+    def log(self) -> str:
+        return self._log_path.read_text(errors="replace")[-3000:]
+
+
+class GatewayServer(GatewayProtocol):
     """Our gateway as users run it: `python app.py` with a TOML config."""
 
     name = "gateway"
@@ -278,20 +299,8 @@ class GatewayServer(Server):
     def paths(self, transport: str, channel: str) -> str:
         return {"sse": f"/sse/{channel}", "ws": f"/ws/{channel}"}[transport]
 
-    def longpoll_path(self, channel: str, cursor: str | None) -> str:
-        return f"/longpoll/{channel}?since={cursor or '0-0'}&timeout=25"
 
-    def publish_request(self, channel: str, body: bytes) -> bytes:
-        return (
-            f"POST /publish/{channel} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
-            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
-
-    def log(self) -> str:
-        return self._log_path.read_text(errors="replace")[-3000:]
-
-
-class FloorServer(Server):
+class FloorServer(GatewayProtocol):
     """bench/floor.py: the least a CPython + gevent long-poll server costs (long poll only)."""
 
     def __init__(self, workdir: Path, greenlets: bool = False) -> None:
@@ -305,18 +314,6 @@ class FloorServer(Server):
 
     def paths(self, transport: str, channel: str) -> str:
         raise ValueError("the floor server answers long polls only (an lp-* case)")
-
-    def longpoll_path(self, channel: str, cursor: str | None) -> str:
-        return f"/longpoll/{channel}?since={cursor or '0-0'}&timeout=25"
-
-    def publish_request(self, channel: str, body: bytes) -> bytes:
-        return (
-            f"POST /publish/{channel} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
-
-    def log(self) -> str:
-        return self._log_path.read_text(errors="replace")[-3000:]
 
 
 NGINX_CONF = """\

@@ -10,6 +10,21 @@ import sys
 from tests.helpers import ROOT
 
 
+def _bench(tmp_path, *args: str, timeout: float = 120) -> list[dict]:
+    """`python -m bench ARGS` with 6 subscribers, 8 messages and one load worker: its result lines."""
+    out_file = tmp_path / "results.jsonl"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--subscribers", "6", "--messages", "8", "--workers", "1"]
+        + ["--out", str(out_file)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(line) for line in out_file.read_text().splitlines()]
+
+
 def test_bench_help_runs():
     out = subprocess.run(
         [sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
@@ -18,33 +33,7 @@ def test_bench_help_runs():
 
 
 def test_a_tiny_case_delivers_every_event_in_order(tmp_path):
-    out_file = tmp_path / "results.jsonl"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--cases",
-            "sse-1k,ws-1k,lp-1k",
-            "--servers",
-            "gateway",
-            "--subscribers",
-            "6",
-            "--messages",
-            "8",
-            "--workers",
-            "1",
-            "--out",
-            str(out_file),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    results = [json.loads(line) for line in out_file.read_text().splitlines()]
+    results = _bench(tmp_path, "--quick", "--cases", "sse-1k,ws-1k,lp-1k", "--servers", "gateway")
     assert [r["case"] for r in results] == ["sse-1k", "ws-1k", "lp-1k"]
     for r in results:
         assert "error" not in r, r
@@ -55,15 +44,8 @@ def test_a_tiny_case_delivers_every_event_in_order(tmp_path):
 
 def test_redis_and_two_worker_cases_deliver_every_event_in_order(tmp_path):
     """The scaling cases: the gateway on its own redis-server, with 1 and with 2 workers."""
-    out_file = tmp_path / "results.jsonl"
     cases = "redis-lp-1k,workers2-sse-1k,workers2-ws-1k"
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "--cases", cases, "--servers", "gateway", "--subscribers", "6",
-         "--messages", "8", "--workers", "1", "--out", str(out_file)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    results = [json.loads(line) for line in out_file.read_text().splitlines()]
+    results = _bench(tmp_path, "--cases", cases, "--servers", "gateway", timeout=240)
     assert sorted(r["case"] for r in results) == sorted(cases.split(","))
     for r in results:
         assert "error" not in r, r
@@ -88,17 +70,7 @@ def test_churn_and_soak_are_opt_in():
 
 def test_the_long_poll_floors_deliver_every_event_in_order(tmp_path):
     """bench/floor.py, both shapes: a measuring stick is only one if it does the same work."""
-    out_file = tmp_path / "results.jsonl"
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "--cases", "lp-1k", "--servers", "floor,floor-greenlets"]
-        + ["--subscribers", "6", "--messages", "8", "--workers", "1", "--out", str(out_file)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    results = [json.loads(line) for line in out_file.read_text().splitlines()]
+    results = _bench(tmp_path, "--cases", "lp-1k", "--servers", "floor,floor-greenlets")
     assert [r["server"] for r in results] == ["floor", "floor-greenlets"]
     for r in results:
         assert "error" not in r, r

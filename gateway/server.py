@@ -31,14 +31,14 @@ from gateway.heads import (
     origin_form,
     refusal,
 )
-from gateway.hub import WaitAbandoned
+from gateway.hub import MemoryStore, WaitAbandoned
 from gateway.publish import FastPublish
 from gateway.redact import redact_text
 from gateway.reporting import PublishRefusals
 from gateway.sockio import Prefixed
 from gateway.state import State, state
 from gateway.transports.fastpoll import FastLongPoll
-from gateway.transports.heldpoll import READABLE, TIMED_OUT, WOKEN, Finisher
+from gateway.transports.heldpoll import READABLE, TIMED_OUT, Runner
 from gateway.transports.pollloop import LongPollLoop
 from gateway.workers import WORKER_ENV, inherited_socket
 
@@ -475,64 +475,92 @@ class _HangupWatch:
         self._watcher.close()
 
 
-class _PollWait:
-    """How a held long poll's greenlet waits (transports/heldpoll.py's PollWait): for its socket
-    to be readable, a wake() or its timeout, whichever comes first. The timeout is kept by
-    _CoarseDeadlines (woken up to a slot early: the poll then waits out the rest precisely).
-    A wait lasts at most the stall timeout: once the publisher has answered, the connection is
-    idle, and it must be closed a stall timeout after that answer, not after the poll's."""
+class _PollWatch:
+    """The event loop's side of a held long poll (transports/heldpoll.py's PollWatch): its
+    socket's read watcher, its deadline (kept by _CoarseDeadlines, or a timer when shorter than
+    a slot), and the park of the connection's greenlet."""
 
-    __slots__ = ("_raw", "_watcher", "_glet", "_deadlines", "_timer", "_longest")
+    __slots__ = ("_raw", "_watcher", "_glet", "_deadlines", "_slot", "_timer", "_kept", "report")
 
-    def __init__(self, raw: socket.socket, deadlines: _CoarseDeadlines, stall_timeout_s: float) -> None:
+    def __init__(self, raw: socket.socket, deadlines: _CoarseDeadlines) -> None:
         self._raw = raw
-        self._watcher: Any = None  # made at the first wait: most connections never hold a poll
+        self._watcher: Any = None  # made at the first arm: most connections never hold a poll
         self._glet: Any = None
         self._deadlines = deadlines
+        self._slot = -1
         self._timer: Any = None
-        self._longest = stall_timeout_s
+        self._kept: Any = _NOTHING  # an unpark() that came before the park
+        self.report: Callable[[int], None] = _ignore
 
-    def wait(self, timeout: float, readable: bool) -> int:
-        timeout = min(timeout, self._longest)
-        if self._watcher is None:
-            self._watcher = gevent.get_hub().loop.io(self._raw.fileno(), 1)  # 1: readable
-        slot = -1
+    def arm(self, readable: bool, timeout: float | None) -> None:
+        self.disarm()
+        if readable:
+            if self._watcher is None:
+                self._watcher = gevent.get_hub().loop.io(self._raw.fileno(), 1)  # 1: readable
+            self._watcher.start(self._readable)
+        if timeout is None:
+            return
+        if timeout < self._deadlines.resolution_s:
+            self._timer = gevent.get_hub().loop.timer(max(timeout, 0.0))
+            self._timer.start(self.timed_out)
+        else:
+            self._slot = self._deadlines.add(self, timeout, early=True)
+
+    def disarm(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._slot >= 0:
+            self._deadlines.remove(self, self._slot)
+            self._slot = -1
+        elif self._timer is not None:
+            self._timer.close()
+            self._timer = None
+
+    def _readable(self) -> None:
+        self.disarm()
+        self.report(READABLE)
+
+    def timed_out(self) -> None:
+        """From the event loop (the deadlines' expiry, or the timer)."""
+        self._slot = -1  # expired: no longer in the deadlines
+        self.disarm()
+        self.report(TIMED_OUT)
+
+    def soon(self, reason: int) -> None:
+        gevent.get_hub().loop.run_callback(self.report, reason)
+
+    def park(self) -> Any:
+        kept, self._kept = self._kept, _NOTHING
+        if kept is not _NOTHING:
+            return kept
+        self._glet = gevent.getcurrent()
         try:
-            if readable:
-                self._watcher.start(self.resume, READABLE)
-            if timeout < self._deadlines.resolution_s:
-                self._timer = gevent.get_hub().loop.timer(max(timeout, 0.0))
-                self._timer.start(self.resume, TIMED_OUT)
-            else:
-                slot = self._deadlines.add(self, timeout, early=True)
-            self._glet = gevent.getcurrent()  # last: resume() only ever finds a greenlet in this wait
             return gevent.get_hub().switch()
         finally:
             self._glet = None
-            self._watcher.stop()
-            if slot >= 0:
-                self._deadlines.remove(self, slot)
-            elif self._timer is not None:
-                self._timer.close()
-                self._timer = None
 
-    def wake(self) -> None:
-        if self._glet is not None:  # a late wake-up meets the next wait, which re-reads: harmless
-            gevent.get_hub().loop.run_callback(self.resume, WOKEN)
+    def unpark(self, value: Any) -> None:
+        gevent.get_hub().loop.run_callback(self._resume, value)
 
-    def resume(self, reason: int) -> None:
-        """From the event loop: the waiting greenlet goes on, told why."""
-        glet, self._glet = self._glet, None
-        if glet is not None:
-            glet.switch(reason)
+    def _resume(self, value: Any) -> None:
+        glet = self._glet
+        if glet is None:
+            self._kept = value
+        else:
+            self._glet = None
+            glet.switch(value)
 
     def close(self) -> None:
+        self.disarm()
         if self._watcher is not None:
             self._watcher.close()
 
 
-def _held_timed_out(wait: _PollWait) -> None:
-    wait.resume(TIMED_OUT)
+_NOTHING = object()
+
+
+def _ignore(reason: int) -> None:
+    pass
 
 
 class _HeadDeadline:
@@ -702,11 +730,20 @@ def serve(app: Flask) -> None:
     server.idle_between_polls = _CoarseDeadlines(min(1.0, config.server.stall_timeout_s / 10), _hang_up)
     server.coarse_waits = _CoarseWaits()
     fast = st.parts.get(FastLongPoll)
-    held_deadlines = _CoarseDeadlines(0.1, _held_timed_out)
-    stall = config.server.stall_timeout_s
-    held = (lambda sock: _PollWait(sock.raw, held_deadlines, stall)), Finisher(gevent.spawn_raw)
+    held_deadlines = _CoarseDeadlines(0.1, _PollWatch.timed_out)
+    held = (lambda sock: _PollWatch(sock.raw, held_deadlines)), Runner(gevent.spawn_raw)
     server.longpoll_loop = (
-        LongPollLoop(fast, config.server.head_timeout_s, _lean_publish(st), config.server.max_head_bytes, held)
+        LongPollLoop(
+            fast,
+            config.server.head_timeout_s,
+            _lean_publish(st),
+            config.server.max_head_bytes,
+            held,
+            # The held polls' Runner answers next requests itself only where nothing it does
+            # waits: the in-process store's reads, no app asked about access.
+            inline=isinstance(hub.store, MemoryStore) and not config.auth.upstream_url,
+            stall_s=config.server.stall_timeout_s or None,
+        )
         if fast is not None
         else None
     )

@@ -22,7 +22,7 @@ from gateway.hub import WaitAbandoned
 from gateway.state import State
 from gateway.transports import pollbody
 
-__all__ = ["FastLongPoll", "REASONS", "Answer", "PUSHED", "ok"]
+__all__ = ["FastLongPoll", "REASONS", "Answer", "TAKEN", "ok"]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ REASONS = {
 
 
 Answer = tuple[int, list[tuple[str, str]], bytes]  # status, headers, body
-PUSHED: Answer = (200, [], b"")  # a held poll's answer, already written by the publisher
-# A held long poll (transports/heldpoll.py): (ticket, timeout) -> the body, or None once pushed.
+TAKEN: Answer = (200, [], b"")  # a held poll took the request: it answers it, and closes its ticket
+# A held long poll (transports/heldpoll.py): (ticket, timeout) -> the body now, or None: taken.
 Held = Callable[[Ticket, float], "bytes | None"]
 
 
@@ -93,8 +93,7 @@ class FastLongPoll:
 
     def answer(self, environ: dict[str, Any], held: Held | None = None) -> Answer | None:
         """The long poll's whole answer, or None when Flask should answer this request. With
-        `held`, a long poll on one channel is held by it, and may be answered by the publisher
-        (then PUSHED)."""
+        `held`, a long poll on one channel may be taken by it (then TAKEN)."""
         path = environ.get("PATH_INFO", "")
         if not self.takes(environ.get("REQUEST_METHOD", ""), path, "HTTP_ORIGIN" in environ):
             return None
@@ -113,13 +112,19 @@ class FastLongPoll:
             timeout = self.timeout(args.get("timeout"), self.poll)
             if left is not None:
                 timeout = max(0.0, min(timeout, left))
-            with ticket:
+            taken = False
+            ticket.open()
+            try:
                 if held is not None and not ticket.multi:
                     body = held(ticket, timeout)
-                    if body is None:
-                        return PUSHED
+                    taken = body is None
+                    if taken:
+                        return TAKEN
                 else:
                     body = pollbody.wait(self.hub, ticket, timeout, self.poll.max_batch)
+            finally:
+                if not taken:
+                    ticket.close()
         except BadRequest as exc:
             return _error(exc)
         except WaitAbandoned:

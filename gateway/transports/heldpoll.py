@@ -1,15 +1,24 @@
-"""A held long poll that the publisher answers, so that its greenlet wakes once per event.
+"""A keep-alive connection's long polls, held as hub pushers and answered without its greenlet.
 
 A keep-alive long poll (the lean loop, pollloop.py) on one channel with nothing new for it is
-attached to the hub as a Pusher while it is held. A publish hands it the answer (the body is
-encoded once for every poll it answers, and so are the response bytes) and writes it with one
-non-blocking send, from the same loop that writes to streams. The poll's greenlet sleeps
-through that: it waits on its socket, and wakes when the client's next request arrives. Whatever
-cannot be pushed (events it missed while busy, the timeout, the hub closing) wakes it to answer
-from history by cursor, as any long poll does, so nothing is lost or repeated; an answer the
-socket could not take at once wakes it to write the rest. The tickets of the polls one publish
-answered are closed, and their access lines written, right after the publisher's loop, by one
-greenlet for all of them.
+attached to the hub as a Pusher. A publish hands it the answer (the body is encoded once for every
+poll it answers, and so are the response bytes) and writes it with one non-blocking send, from
+the loop that writes to streams. From then on the connection is a small state machine driven by
+what the event loop reports (its socket readable, a wake-up, a deadline):
+
+    HOLDING --push--> PUSHED --its ticket closed--> BETWEEN --next request--> HOLDING ...
+
+With an in-process store and no app to ask about access ("inline"), everything, the next
+request's admission and hold included, runs in one Runner greenlet shared by every connection
+that has something to do: a thousand pollers woken by one event cost one greenlet switch, not a
+thousand pairs. The connection's own greenlet stays parked; it takes the connection back at the
+first thing the machine does not answer itself (another kind of request, a pipelined one, an
+answer the socket could not take at once), with the bytes read so far. Otherwise (a shared store
+whose reads yield, an app that is asked), the greenlet runs the same machine on each report, and
+only the closing of pushed polls' tickets is the Runner's.
+
+Nothing is lost or repeated: whatever cannot be pushed (events a poll missed while busy, its
+timeout, the hub closing) wakes it to read from history by cursor, as any long poll does.
 """
 
 from __future__ import annotations
@@ -17,85 +26,116 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from gateway.admission import Ticket
-from gateway.hub import Batch, Event, Hub, WaitAbandoned
+from gateway.hub import Batch, Event, Hub
 from gateway.transports import pollbody
 
-__all__ = ["HeldPoll", "Finisher", "PollWait", "KIND", "READABLE", "WOKEN", "TIMED_OUT"]
+__all__ = ["HeldPoll", "Runner", "PollWatch", "KIND", "READABLE", "WOKEN", "TIMED_OUT", "STAY"]
 
 log = logging.getLogger(__name__)
 
 KIND = "longpoll-held"  # the hub's wire format for these pushers (counted when their ticket closes)
-# What a held poll's wait ends with:
+# What the event loop reports to a held poll:
 READABLE = 1  # the socket has bytes or an EOF: the next request, pipelined bytes, or a hang-up
 WOKEN = 2  # wake() was called: read from history
-TIMED_OUT = 3
+TIMED_OUT = 3  # the poll's timeout, or the stall timeout between requests (perhaps a little early)
+FINISH = 4  # a push went out: close its ticket (the Runner's, so the publisher's loop never yields)
+# States:
+IDLE, HOLDING, PUSHED, BETWEEN, CLOSED = range(5)
 
+CLIENT_CLOSED = 499  # the access log's status for a poll whose client left first (nginx's)
+STAY = object()  # a report's outcome: the machine goes on; the connection's greenlet stays parked
+# Any other outcome ends the park: None (the connection is done) or bytes (the greenlet goes on
+# from them: read but not answered; first it writes take_backlog()).
+Outcome = Any
 OnAnswer = Callable[[str, int, int, float], None]  # request line, status, body length, start time
+# The next request of an inline connection, answered or handed back (pollloop.py).
+ServeNext = Callable[["HeldPoll", bytes], Outcome]
 
 
-class PollWait(Protocol):
-    """How a held poll's greenlet waits (gevent's side of it is in server.py)."""
+class PollWatch(Protocol):
+    """The event loop's side of a held poll (gevent's is in server.py). Reports go to `report`,
+    each from the event loop, never from the caller."""
 
-    def wait(self, timeout: float, readable: bool) -> int:
-        """Until the socket is readable (if `readable`), wake() or the timeout: which one. It
-        may end sooner with TIMED_OUT (the poll then reads again, and waits out the rest)."""
+    report: Callable[[int], None]
+
+    def arm(self, readable: bool, timeout: float | None) -> None:
+        """Report READABLE once the socket is readable (if `readable`), TIMED_OUT in `timeout` s
+        (perhaps a little early; None: never), whichever comes first, once; re-arming or
+        disarm() cancels what was armed."""
         ...
 
-    def wake(self) -> None:
-        """End the current wait with WOKEN (from any greenlet; never blocks)."""
+    def disarm(self) -> None: ...
+
+    def soon(self, reason: int) -> None:
+        """Report `reason` from the event loop (callable from any greenlet; never blocks)."""
+        ...
+
+    def park(self) -> Any:
+        """The connection's greenlet waits for unpark(value), and returns that value."""
+        ...
+
+    def unpark(self, value: Any) -> None:
+        """Resume the parked greenlet with `value` (from the loop; kept if it has not parked yet)."""
         ...
 
     def close(self) -> None: ...
 
 
-class Finisher:
-    """Closes the tickets of the polls a publish answered, in one greenlet that runs after the
-    publisher's loop: the sends go out first, back to back, and the bookkeeping (which may
-    start or stop a lazy upstream source) never runs in the event loop itself."""
+class Runner:
+    """Runs the held polls' reports one after another in one greenlet: a poll's work never runs
+    twice at once, and a greenlet switch is paid per batch of ready connections, not per each."""
 
     def __init__(self, spawn: Callable[[Callable[[], None]], object]) -> None:
         self._spawn = spawn
-        self._due: list[HeldPoll] = []
+        self._due: deque[tuple[HeldPoll, int]] = deque()
+        self._running = False
 
-    def add(self, poll: HeldPoll) -> None:
-        if not self._due:
+    def add(self, poll: HeldPoll, reason: int) -> None:
+        self._due.append((poll, reason))
+        if not self._running:
+            self._running = True
             self._spawn(self._run)
-        self._due.append(poll)
 
     def _run(self) -> None:
-        due, self._due = self._due, []
-        for poll in due:
-            try:
-                poll.finish()
-            except Exception:  # one poll's failure must not leave the others' tickets open
-                log.exception("closing an answered long poll")
+        due = self._due
+        try:
+            while due:  # what is added meanwhile (a report while this one yields) is run here too
+                poll, reason = due.popleft()
+                poll.run_report(reason)
+        finally:
+            self._running = False
 
 
 class HeldPoll:
-    """One keep-alive connection's long polls, each held as a hub Pusher (see the module doc)."""
+    """One keep-alive connection's held long polls (see the module doc)."""
 
     __slots__ = (
         "kind",
         "cursor",
         "hold",
         "request",
+        "peer",
         "readable",
         "answered_at",
         "_hub",
-        "_wait",
+        "_watch",
         "_raw",
         "_respond",
         "_limit",
-        "_finisher",
+        "_runner",
         "_on_answer",
+        "_serve_next",
+        "_stall_s",
+        "_state",
         "_ticket",
         "_channel",
-        "_answered",
-        "_finished",
+        "_since",
+        "_deadline",
         "_woken",
         "_pipelined",
         "_backlog",
@@ -106,90 +146,93 @@ class HeldPoll:
     def __init__(
         self,
         hub: Hub,
-        wait: PollWait,
+        watch: PollWatch,
         raw: Any,
         respond: Callable[[bytes], bytes],
         limit: int,
-        finisher: Finisher,
+        runner: Runner,
         on_answer: OnAnswer | None,
+        stall_s: float | None,
+        serve_next: ServeNext | None = None,
     ) -> None:
         self.kind = KIND
         self.cursor = ""
-        self.hold = 1  # the publisher may push only while the poll waits (0)
+        self.hold = 1  # the publisher may push only while the poll is held (0)
         self.request = ("", 0.0)  # the request line and start time, for the access line
-        self.readable = False  # the last wait ended with the next request readable
-        self.answered_at = 0.0  # monotonic time of the last pushed answer
+        self.peer: tuple[str, int] = ("", 0)
+        self.readable = False  # handed back with the next request known to be readable
+        self.answered_at = 0.0  # monotonic time of the last answer
         self._hub = hub
-        self._wait = wait
+        self._watch = watch
+        watch.report = self._report
         self._raw = raw  # the OS socket, non-blocking under gevent
         self._respond = respond  # body -> the whole response, as the lean loop writes it
         self._limit = limit
-        self._finisher = finisher
+        self._runner = runner
         self._on_answer = on_answer
+        self._serve_next = serve_next  # None: the greenlet reads the next request itself
+        self._stall_s = stall_s  # an idle connection's life between requests (None: unlimited)
+        self._state = IDLE
         self._ticket: Ticket | None = None
         self._channel = ""
-        self._answered = self._finished = self._woken = self._pipelined = False
+        self._since: str | None = None
+        self._deadline = 0.0
+        self._woken = self._pipelined = False
         self._backlog = b""
         self._count = self._body_len = 0
 
+    # -- from the connection's greenlet (or, inline, the Runner): a poll admitted -------------
     def __call__(self, ticket: Ticket, timeout: float) -> bytes | None:
-        """The poll's answer body, or None once the publisher has written it (then
-        take_backlog() is what the socket could not take at once)."""
-        hub = self._hub
+        """The poll's answer body now, or None: the poll is taken (held; its ticket is ours to
+        close, and the connection's greenlet is to call run())."""
         ((channel, since),) = ticket.starts.items()
-        self._ticket, self._channel = ticket, channel
-        self._answered = self._finished = self._pipelined = False
-        self.readable = False
-        self.hold = 1
+        self._ticket, self._channel, self._since = ticket, channel, since
+        self._pipelined = self.readable = False
         self.cursor = ""  # not the last poll's: while reading, no publish may take it for ours
-        deadline = time.monotonic() + timeout
-        hub.attach(channel, self)  # before the read: a publish during it (a shared store yields) wakes us
+        self._deadline = time.monotonic() + timeout
+        self._hub.attach(channel, self)  # before the read: a publish during it (a shared store yields) wakes us
         try:
-            while True:
-                self._woken = False
-                batch = hub.read_shared(channel, since, self._limit)
-                remaining = deadline - time.monotonic()
-                if batch.events or batch.gap or hub.closing or remaining <= 0:
-                    return pollbody.counted(ticket, batch)
-                if since is None:
-                    since = batch.cursor  # from now: from the channel's last event at the first read
-                if self._woken:
-                    continue
-                self.cursor, self.hold = batch.cursor, 0
-                reason = self._wait.wait(remaining, not self._pipelined)
-                self.hold = 1
-                if self._answered:  # on the wire: whatever happens now, nothing more is answered
-                    self.readable = reason == READABLE
-                    try:
-                        self.finish()
-                    except Exception:
-                        log.exception("closing an answered long poll")
-                    return None
-                if reason == READABLE and self._hung_up():
-                    raise WaitAbandoned()
-        finally:
-            hub.detach(channel, self)
+            body = self._read()
+        except BaseException:
+            self._release()
+            raise
+        if body is not None:
+            self._release()
+            self._ticket = None  # the caller closes it
+            return body
+        self._state = HOLDING
+        self._watch.arm(True, self._deadline - time.monotonic())
+        return None
+
+    def run(self) -> bytes | None:
+        """The connection's greenlet, while the machine has its connection: parked until it is
+        handed back. Returns the bytes to go on from (take_backlog() first), or None: done."""
+        while True:
+            value = self._watch.park()
+            if type(value) is not int:
+                return value  # an outcome
+            try:
+                outcome = self._step(value)
+            except Exception:
+                log.exception("a held long poll failed")
+                outcome = self._fail()
+            if outcome is not STAY:
+                return outcome
 
     def take_backlog(self) -> bytes:
         data, self._backlog = self._backlog, b""
         return data
 
     def close(self) -> None:
-        self._wait.close()
-
-    def _hung_up(self) -> bool:
-        """Readable while held: an EOF is a hang-up; bytes are a request pipelined behind this
-        poll, left for after its answer (and no more watching for a hang-up until then)."""
-        try:
-            data = self._raw.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-        if not data:
-            return True
-        self._pipelined = True
-        return False
+        """The connection ends (its greenlet is done, or was killed): nothing more is held."""
+        if self._state != CLOSED:
+            self._state = CLOSED
+            self._watch.disarm()
+            ticket = self._ticket
+            self._release()
+            if ticket is not None:
+                ticket.close()
+        self._watch.close()
 
     # -- the hub's Pusher protocol, from the publishing side; never blocks ---------------------
     def encode(self, events: list[Event]) -> bytes:
@@ -200,42 +243,182 @@ class HeldPoll:
     def push(self, data: bytes, cursor: str, events: int = 1) -> None:
         self.hold = 1
         self.cursor = cursor
-        self._answered = True
-        self.answered_at = time.monotonic()
+        self._state = PUSHED
+        self._watch.disarm()
+        self._hub.detach(self._channel, self)
         self._count, self._body_len = min(events, self._limit), len(data)
-        response = self._respond(data)
-        try:
-            sent = self._raw.send(response)
-        except BlockingIOError:
-            sent = 0
-        except OSError:  # the client is gone: its socket's EOF ends the wait
-            sent = len(response)
-        if sent < len(response):
-            self._backlog = response[sent:]
-            self._wait.wake()  # the greenlet writes the rest
-        elif self._pipelined:
-            self._wait.wake()  # the next request is already here
-        self._finisher.add(self)
+        self._send(self._respond(data))
+        self._runner.add(self, FINISH)
 
     def lag(self, nbytes: int) -> None:
         """A poll has no backlog to cut: it reads what it missed on its next request."""
 
     def wake(self) -> None:
-        if not self._answered:
-            self._woken = True
-            self._wait.wake()
+        if self._state == HOLDING and not self.hold:
+            self._watch.soon(WOKEN)
+        else:
+            self._woken = True  # reading: it reads again
 
-    def finish(self) -> None:
-        """An answered poll's ticket closed and its access line written (once)."""
-        ticket = self._ticket
-        if self._finished or not self._answered or ticket is None:
-            return
-        self._finished = True
-        # All read first: ticket.close() may yield (a lazy source's listener), and meanwhile this
-        # connection's next poll may reset every field here.
-        channel, (request_line, started), length = self._channel, self.request, self._body_len
-        ticket.events_sent, ticket.bytes_sent = self._count, length
-        self._hub.detach(channel, self)
-        ticket.close()
+    # -- reports ------------------------------------------------------------------------------
+    def _report(self, reason: int) -> None:
+        """From the event loop: inline, the Runner acts; otherwise the greenlet does."""
+        if self._serve_next is not None:
+            self._runner.add(self, reason)
+        else:
+            self._watch.unpark(reason)
+
+    def run_report(self, reason: int) -> None:
+        """The Runner's part: act, and hand the connection back to its greenlet if it is done."""
+        try:
+            outcome = self._step(reason)
+        except Exception:
+            log.exception("a held long poll failed")
+            outcome = self._fail()
+        if outcome is not STAY:
+            self._watch.unpark(outcome)
+
+    def _step(self, reason: int) -> Outcome:
+        state = self._state
+        if state == HOLDING:
+            if reason == READABLE:
+                return self._readable_while_held()
+            if reason in (WOKEN, TIMED_OUT):
+                self.hold = 1
+                body = self._read()
+                if body is None:
+                    self._watch.arm(not self._pipelined, self._deadline - time.monotonic())
+                    return STAY
+                self._release()
+                return self.answered(self._respond(body), 200, len(body), close_ticket=True)
+        elif state == PUSHED:
+            if reason == FINISH:
+                self._finish()
+                return self._after_answer()
+        elif state == BETWEEN:
+            if reason == READABLE:
+                return self._next_request()
+            if reason == TIMED_OUT:
+                if self.answered_at + (self._stall_s or 0.0) > time.monotonic():
+                    self._wait_between()  # woken a little early
+                    return STAY
+                self._state = CLOSED
+                return None  # idle through the stall timeout: the connection closes
+        return STAY  # a late report for a step already taken: nothing to do
+
+    def _read(self) -> bytes | None:
+        """The answer body if there is one to give now, else None (held from batch.cursor)."""
+        hub, channel = self._hub, self._channel
+        while True:
+            self._woken = False
+            batch = hub.read_shared(channel, self._since, self._limit)
+            if batch.events or batch.gap or hub.closing or self._deadline <= time.monotonic():
+                assert self._ticket is not None
+                return pollbody.counted(self._ticket, batch)
+            if self._since is None:
+                self._since = batch.cursor  # from now: from the channel's last event at the first read
+            if self._woken:
+                continue
+            self.cursor, self.hold = batch.cursor, 0
+            return None
+
+    def _readable_while_held(self) -> Outcome:
+        """Readable while held: an EOF is a hang-up; bytes are a request pipelined behind this
+        poll, left for after its answer (and no more watching for a hang-up until then)."""
+        try:
+            gone = not self._raw.recv(1, socket.MSG_PEEK)
+            self._pipelined = not gone
+        except BlockingIOError:  # nothing after all
+            gone = False
+        except OSError:
+            gone = True
+        if not gone:
+            self._watch.arm(not self._pipelined, self._deadline - time.monotonic())
+            return STAY
+        ticket, (request_line, started) = self._ticket, self.request
+        self._state = CLOSED
+        self._release()
+        if ticket is not None:
+            ticket.close()
+        if self._on_answer is not None:
+            self._on_answer(request_line, CLIENT_CLOSED, 0, started)  # as nginx logs it
+        return None
+
+    def _finish(self) -> None:
+        """A pushed poll's ticket closed and its access line written."""
+        ticket, (request_line, started), length = self._ticket, self.request, self._body_len
+        self._ticket = None
+        if ticket is not None:
+            ticket.events_sent, ticket.bytes_sent = self._count, length
+            ticket.close()  # may yield (a lazy source's listener): nothing else acts on us meanwhile
         if self._on_answer is not None:
             self._on_answer(request_line, 200, length, started)
+
+    def answered(self, response: bytes, status: int, length: int, close_ticket: bool = False) -> Outcome:
+        """An answer not pushed (read from history, or a request the lean loop answered inline)
+        goes out: sent, logged, and the connection waits for its next request."""
+        ticket = self._ticket if close_ticket else None
+        self._ticket = None
+        self._send(response)
+        if ticket is not None:
+            ticket.close()
+        if self._on_answer is not None:
+            request_line, started = self.request
+            self._on_answer(request_line, status, length, started)
+        return self._after_answer()
+
+    def _after_answer(self) -> Outcome:
+        if self._backlog:
+            self._state = IDLE
+            return b""  # the greenlet writes the rest
+        if self._pipelined:
+            self.readable = True
+            return self._next_request()
+        self._wait_between()
+        return STAY
+
+    def _wait_between(self) -> None:
+        """For the next request, up to the stall timeout from the last answer."""
+        self._state = BETWEEN
+        stall = self._stall_s
+        self._watch.arm(True, None if not stall else self.answered_at + stall - time.monotonic())
+
+    def _next_request(self) -> Outcome:
+        """Between requests, the socket readable: inline, the next request is read and answered
+        here (serve_next); otherwise the greenlet reads it."""
+        self._watch.disarm()
+        self._state = IDLE
+        if self._serve_next is None:
+            self.readable = True
+            return b""
+        try:
+            data = self._raw.recv(4096)
+        except BlockingIOError:
+            self._wait_between()
+            return STAY
+        except OSError:
+            data = b""
+        if not data:
+            self._state = CLOSED
+            return None
+        self.readable = False
+        return self._serve_next(self, data)
+
+    def _send(self, response: bytes) -> None:
+        self.answered_at = time.monotonic()
+        try:
+            sent = self._raw.send(response)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the client is gone: its socket's EOF is seen next
+            sent = len(response)
+        if sent < len(response):
+            self._backlog = response[sent:]
+
+    def _release(self) -> None:
+        self.hold = 1
+        self._hub.detach(self._channel, self)
+
+    def _fail(self) -> Outcome:
+        """A bug met while acting for this connection: it is closed, its ticket with it."""
+        self.close()
+        return None

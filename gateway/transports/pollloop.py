@@ -23,15 +23,14 @@ from email.utils import formatdate
 from typing import Any
 
 from gateway.hub import WaitAbandoned
-from gateway.transports.fastpoll import PUSHED, REASONS, Answer, FastLongPoll, ok
-from gateway.transports.heldpoll import Finisher, HeldPoll, PollWait
+from gateway.transports.fastpoll import REASONS, TAKEN, Answer, FastLongPoll, ok
+from gateway.transports.heldpoll import CLIENT_CLOSED, STAY, HeldPoll, PollWatch, Runner
 
 __all__ = ["LongPollLoop", "parse_head"]
 
 _POLLS = (b"/longpoll/", b"/poll/")  # short polls too: a long poll with no wait
 _PUBLISH = b"/publish/"
 MAX_HEAD = 8192  # bigger heads go to the general server, which has the limits and the errors
-CLIENT_CLOSED = 499  # the access log's status for a poll whose client left first (nginx's)
 MAX_BODY = 65536  # bigger publish bodies too (server.max_body_bytes is checked by the app)
 _TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # Byte checks as one C-level scan each (a Python loop per byte cost more than the answer).
@@ -46,8 +45,8 @@ MEMO_HEADS = 1024
 MEMO_HEAD_BYTES = 1024
 
 OnAnswer = Callable[[str, int, int, float], None]  # request line, status, body length, start time
-# How a connection's held polls wait (server.py gives gevent's; None: the hub's blocking wait).
-PollWaits = Callable[[Any], "PollWait | None"]
+# How a connection's held polls are watched (server.py gives gevent's; None: the hub's blocking wait).
+PollWatches = Callable[[Any], "PollWatch | None"]
 Publish = Callable[[dict[str, Any], bytes], Answer]  # (environ, the body read whole) -> the answer
 Parsed = tuple[dict[str, Any], bool, str]  # environ, keep_alive, request line
 
@@ -172,7 +171,9 @@ class LongPollLoop:
         head_timeout_s: float,
         publish: Publish | None = None,
         max_head: int = MAX_HEAD,
-        held: tuple[PollWaits, Finisher] | None = None,
+        held: tuple[PollWatches, Runner] | None = None,
+        inline: bool = False,
+        stall_s: float | None = None,
     ) -> None:
         self.fast = fast
         self.head_timeout_s = head_timeout_s
@@ -182,19 +183,35 @@ class LongPollLoop:
         self._date = ("", 0)
         self._heads = _HeadMemo()
         self._last: tuple[Any, ...] = (None,) * 6  # the last response (see _response)
-        # Long polls held as pushers (transports/heldpoll.py), where the server can wait for them.
+        # Long polls held as pushers (transports/heldpoll.py), where the server can watch them;
+        # inline: their next requests answered by the held poll's Runner (nothing there may yield
+        # for long: an in-process store, no app asked about access).
         self._held = held
+        self._inline = inline
+        self._stall_s = stall_s
 
-    def _held_poll(self, sock: Any, on_answer: OnAnswer | None) -> HeldPoll | None:
+    def _held_poll(self, sock: Any, peer: tuple[str, int], on_answer: OnAnswer | None) -> HeldPoll | None:
         raw = getattr(sock, "raw", None)
         if self._held is None or raw is None:
             return None
-        waits, finisher = self._held
-        wait = waits(sock)
-        if wait is None:
+        watches, runner = self._held
+        watch = watches(sock)
+        if watch is None:
             return None
         fast = self.fast
-        return HeldPoll(fast.hub, wait, raw, self._ok_response, fast.poll.max_batch, finisher, on_answer)
+        held = HeldPoll(
+            fast.hub,
+            watch,
+            raw,
+            self._ok_response,
+            fast.poll.max_batch,
+            runner,
+            on_answer,
+            self._stall_s,
+            self._serve_next if self._inline else None,
+        )
+        held.peer = peer
+        return held
 
     def _ok_response(self, body: bytes) -> bytes:
         status, headers, body = ok(body)
@@ -203,7 +220,7 @@ class LongPollLoop:
     def serve(self, sock: Any, peer: tuple[str, int], on_answer: OnAnswer | None = None) -> bytes | None:
         """Answer long polls while that is all the connection asks. Returns the bytes read but not
         answered (for the general server), or None when the connection is done."""
-        held = self._held_poll(sock, on_answer)
+        held = self._held_poll(sock, peer, on_answer)
         try:
             return self._serve(sock, peer, on_answer, held)
         finally:
@@ -267,8 +284,11 @@ class LongPollLoop:
                     return None
             if answer is None:
                 return buf
-            if answer is PUSHED:  # written, counted and logged already
+            if answer is TAKEN:  # the held poll answers it, and perhaps the requests after it
                 assert held is not None
+                carry = held.run()
+                if carry is None:
+                    return None
                 rest = held.take_backlog()
                 try:
                     if rest:
@@ -277,7 +297,9 @@ class LongPollLoop:
                         sock.pushed(held.readable, held.answered_at)
                 except OSError:
                     return None
-                buf = b""
+                buf = carry
+                if buf:
+                    sock.start_head_deadline()  # its first bytes are in: the head deadline runs
                 continue
             status, headers, body = answer
             try:
@@ -295,6 +317,29 @@ class LongPollLoop:
                 start_deadline = getattr(sock, "start_head_deadline", None)
                 if start_deadline is not None:
                     start_deadline()
+
+    def _serve_next(self, held: HeldPoll, data: bytes) -> Any:
+        """An inline connection's next request, read by its held poll (in the Runner): answered
+        here when it is a plain keep-alive long or short poll on one channel that came alone;
+        anything else (a publish, a list of channels, whose poll would wait here; pipelined
+        requests, an unfinished head) goes back to the connection's greenlet with these bytes."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end + 4 != len(data) or len(data) > self.max_head:
+            return data
+        parsed = self._heads.parse(data[:end], held.peer)
+        if parsed is None:
+            return data
+        environ, keep_alive, request_line = parsed
+        if not keep_alive or environ["REQUEST_METHOD"] != "GET" or "," in environ["PATH_INFO"]:
+            return data
+        held.request = (request_line, time.time())
+        answer = self.fast.answer(environ, held)
+        if answer is None:
+            return data  # for Flask
+        if answer is TAKEN:
+            return STAY
+        status, headers, body = answer
+        return held.answered(self._response(status, headers, body, True), status, len(body))
 
     def _response(self, status: int, headers: list[tuple[str, str]], body: bytes, keep_alive: bool) -> bytes:
         """The answer on the wire. The polls woken by one event answer with the very same body

@@ -334,7 +334,7 @@ class _CoarseDeadlines:
             # ref=False: a wheel alone does not keep the loop alive (an embedder's gevent.wait() returns).
             self._timer = gevent.get_hub().loop.timer(self.resolution_s, self.resolution_s, ref=False)
             self._timer.start(self._expire)
-        slot = int((time.monotonic() + timeout_s) / self.resolution_s) + (not early)
+        slot = self.slot_of(timeout_s) + (not early)
         if slot < self._next:
             slot = self._next
         waiting = self._slots.get(slot)
@@ -342,6 +342,10 @@ class _CoarseDeadlines:
             waiting = self._slots[slot] = {}
         waiting[what] = None
         return slot
+
+    def slot_of(self, timeout_s: float) -> int:
+        """The slot a deadline `timeout_s` from now falls in (added with early=True, it is woken there)."""
+        return int((time.monotonic() + timeout_s) / self.resolution_s)
 
     def remove(self, what: Any, slot: int) -> None:
         waiting = self._slots.get(slot)
@@ -477,8 +481,12 @@ class _HangupWatch:
 
 class _PollWatch:
     """The event loop's side of a held long poll (transports/heldpoll.py's PollWatch): its
-    socket's read watcher, its deadline (kept by _CoarseDeadlines, or a timer when shorter than
-    a slot), and the park of the connection's greenlet."""
+    socket's read watcher, its deadline, and the park of the connection's greenlet.
+
+    A keep-alive poller arms a deadline twice per event (its poll's timeout, then the stall
+    timeout between requests), so the deadline is kept by _CoarseDeadlines in one registration
+    that is moved only when it must fire sooner: it may fire long before a later deadline (the
+    poll then re-arms for the rest). Shorter than a slot, a timer of its own keeps it precisely."""
 
     __slots__ = ("_raw", "_watcher", "_glet", "_deadlines", "_slot", "_timer", "_kept", "report")
 
@@ -487,42 +495,57 @@ class _PollWatch:
         self._watcher: Any = None  # made at the first arm: most connections never hold a poll
         self._glet: Any = None
         self._deadlines = deadlines
-        self._slot = -1
+        self._slot = -1  # where it is registered in the deadlines (-1: not)
         self._timer: Any = None
         self._kept: Any = _NOTHING  # an unpark() that came before the park
         self.report: Callable[[int], None] = _ignore
 
     def arm(self, readable: bool, timeout: float | None) -> None:
-        self.disarm()
+        watcher = self._watcher
         if readable:
-            if self._watcher is None:
-                self._watcher = gevent.get_hub().loop.io(self._raw.fileno(), 1)  # 1: readable
-            self._watcher.start(self._readable)
+            if watcher is None:
+                watcher = self._watcher = gevent.get_hub().loop.io(self._raw.fileno(), 1)  # 1: readable
+            watcher.start(self._readable)
+        elif watcher is not None:
+            watcher.stop()
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
         if timeout is None:
             return
-        if timeout < self._deadlines.resolution_s:
+        deadlines = self._deadlines
+        if timeout < deadlines.resolution_s:
             self._timer = gevent.get_hub().loop.timer(max(timeout, 0.0))
-            self._timer.start(self.timed_out)
-        else:
-            self._slot = self._deadlines.add(self, timeout, early=True)
+            self._timer.start(self._timer_fired)
+        elif self._slot < 0 or self._slot > deadlines.slot_of(timeout):
+            if self._slot >= 0:
+                deadlines.remove(self, self._slot)
+            self._slot = deadlines.add(self, timeout, early=True)
 
     def disarm(self) -> None:
+        """Nothing is reported until the next arm(), but for the deadline kept registered (the
+        poll takes a TIMED_OUT for a step already done as nothing to do)."""
         if self._watcher is not None:
             self._watcher.stop()
-        if self._slot >= 0:
-            self._deadlines.remove(self, self._slot)
-            self._slot = -1
-        elif self._timer is not None:
+        if self._timer is not None:
             self._timer.close()
             self._timer = None
 
     def _readable(self) -> None:
-        self.disarm()
+        self._watcher.stop()
         self.report(READABLE)
 
-    def timed_out(self) -> None:
-        """From the event loop (the deadlines' expiry, or the timer)."""
-        self._slot = -1  # expired: no longer in the deadlines
+    def slot_expired(self) -> None:
+        """From the event loop: the deadlines' expiry."""
+        self._slot = -1  # no longer in the deadlines
+        self._timed_out()
+
+    def _timer_fired(self) -> None:
+        self._timer.close()
+        self._timer = None
+        self._timed_out()
+
+    def _timed_out(self) -> None:
         self.disarm()
         self.report(TIMED_OUT)
 
@@ -552,6 +575,9 @@ class _PollWatch:
 
     def close(self) -> None:
         self.disarm()
+        if self._slot >= 0:
+            self._deadlines.remove(self, self._slot)
+            self._slot = -1
         if self._watcher is not None:
             self._watcher.close()
 
@@ -730,7 +756,7 @@ def serve(app: Flask) -> None:
     server.idle_between_polls = _CoarseDeadlines(min(1.0, config.server.stall_timeout_s / 10), _hang_up)
     server.coarse_waits = _CoarseWaits()
     fast = st.parts.get(FastLongPoll)
-    held_deadlines = _CoarseDeadlines(0.1, _PollWatch.timed_out)
+    held_deadlines = _CoarseDeadlines(0.1, _PollWatch.slot_expired)
     held = (lambda sock: _PollWatch(sock.raw, held_deadlines)), Runner(gevent.spawn_raw)
     server.longpoll_loop = (
         LongPollLoop(

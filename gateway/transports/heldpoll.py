@@ -34,7 +34,7 @@ from gateway.admission import Ticket
 from gateway.hub import Batch, Event, Hub
 from gateway.transports import pollbody
 
-__all__ = ["HeldPoll", "Runner", "PollWatch", "KIND", "READABLE", "WOKEN", "TIMED_OUT", "STAY"]
+__all__ = ["HeldPoll", "Runner", "PollWatch", "KIND", "READABLE", "WOKEN", "TIMED_OUT", "FINISH", "STAY", "CLIENT_CLOSED"]
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +298,9 @@ class HeldPoll:
             if reason == READABLE:
                 return self._next_request()
             if reason == TIMED_OUT:
-                if self.answered_at + (self._stall_s or 0.0) > time.monotonic():
-                    self._wait_between()  # woken a little early
+                stall = self._stall_s
+                if not stall or self.answered_at + stall > time.monotonic():
+                    self._wait_between()  # early, or the last poll's deadline (kept registered)
                     return STAY
                 self._state = CLOSED
                 return None  # idle through the stall timeout: the connection closes

@@ -34,7 +34,18 @@ from gateway.admission import Ticket
 from gateway.hub import Batch, Event, Hub
 from gateway.transports import pollbody
 
-__all__ = ["HeldPoll", "Runner", "PollWatch", "KIND", "READABLE", "WOKEN", "TIMED_OUT", "FINISH", "STAY", "CLIENT_CLOSED"]
+__all__ = [
+    "HeldPoll",
+    "Runner",
+    "PollWatch",
+    "KIND",
+    "READABLE",
+    "WOKEN",
+    "TIMED_OUT",
+    "FINISH",
+    "STAY",
+    "CLIENT_CLOSED",
+]
 
 log = logging.getLogger(__name__)
 

@@ -222,11 +222,7 @@ class HeldPoll:
             value = self._watch.park()
             if type(value) is not int:
                 return value  # an outcome
-            try:
-                outcome = self._step(value)
-            except Exception:
-                log.exception("a held long poll failed")
-                outcome = self._fail()
+            outcome = self._act(value)
             if outcome is not STAY:
                 return outcome
 
@@ -280,13 +276,17 @@ class HeldPoll:
 
     def run_report(self, reason: int) -> None:
         """The Runner's part: act, and hand the connection back to its greenlet if it is done."""
-        try:
-            outcome = self._step(reason)
-        except Exception:
-            log.exception("a held long poll failed")
-            outcome = self._fail()
+        outcome = self._act(reason)
         if outcome is not STAY:
             self._watch.unpark(outcome)
+
+    def _act(self, reason: int) -> Outcome:
+        try:
+            return self._step(reason)
+        except Exception:  # a bug met while acting for this connection: it closes, its ticket with it
+            log.exception("a held long poll failed")
+            self.close()
+            return None
 
     def _step(self, reason: int) -> Outcome:
         state = self._state
@@ -429,8 +429,3 @@ class HeldPoll:
     def _release(self) -> None:
         self.hold = 1
         self._hub.detach(self._channel, self)
-
-    def _fail(self) -> Outcome:
-        """A bug met while acting for this connection: it is closed, its ticket with it."""
-        self.close()
-        return None

@@ -488,7 +488,7 @@ class _PollWatch:
     that is moved only when it must fire sooner: it may fire long before a later deadline (the
     poll then re-arms for the rest). Shorter than a slot, a timer of its own keeps it precisely."""
 
-    __slots__ = ("_raw", "_watcher", "_glet", "_deadlines", "_slot", "_timer", "_kept", "report")
+    __slots__ = ("_raw", "_watcher", "_glet", "_deadlines", "_slot", "_timer", "_kept", "_closed", "report")
 
     def __init__(self, raw: socket.socket, deadlines: _CoarseDeadlines) -> None:
         self._raw = raw
@@ -498,9 +498,12 @@ class _PollWatch:
         self._slot = -1  # where it is registered in the deadlines (-1: not)
         self._timer: Any = None
         self._kept: Any = _NOTHING  # an unpark() that came before the park
+        self._closed = False
         self.report: Callable[[int], None] = _ignore
 
     def arm(self, readable: bool, timeout: float | None) -> None:
+        if self._closed:  # a step that yielded while its connection closed: its fd may be reused
+            return
         watcher = self._watcher
         if readable:
             if watcher is None:
@@ -574,12 +577,14 @@ class _PollWatch:
             glet.switch(value)
 
     def close(self) -> None:
+        self._closed = True
         self.disarm()
         if self._slot >= 0:
             self._deadlines.remove(self, self._slot)
             self._slot = -1
         if self._watcher is not None:
             self._watcher.close()
+            self._watcher = None
 
 
 _NOTHING = object()
@@ -766,7 +771,9 @@ def serve(app: Flask) -> None:
             config.server.max_head_bytes,
             held,
             # The held polls' Runner answers next requests itself only where nothing it does
-            # waits: the in-process store's reads, no app asked about access.
+            # waits: the in-process store's reads, no app asked about access. (A lazy upstream
+            # source's listener, run when a channel's last subscriber leaves, may yield for a
+            # thread's start: a turn's pause for the connections queued behind it, no more.)
             inline=isinstance(hub.store, MemoryStore) and not config.auth.upstream_url,
             stall_s=config.server.stall_timeout_s or None,
         )

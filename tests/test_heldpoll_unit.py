@@ -35,11 +35,14 @@ class _Ticket:
     closes: int = 0
     multi: bool = False
     yields: bool = False  # as a lazy source's listener may (a thread started under gevent)
+    fails: bool = False  # a bug in what closing it runs
 
     def close(self) -> None:
         self.closes += 1
         if self.yields:
             gevent.sleep(0.05)
+        if self.fails:
+            raise RuntimeError("a bug in a ticket's close")
 
 
 @dataclass
@@ -73,7 +76,11 @@ class _Setup:
         return data
 
 
-def _make(serve_next: Callable[[HeldPoll, bytes], Any] | None = None, stall_s: float | None = None):
+def _make(
+    serve_next: Callable[[HeldPoll, bytes], Any] | None = None,
+    stall_s: float | None = None,
+    runner: Runner | None = None,
+):
     hub = Hub(MemoryStore(10_000, 3600), event_class=gevent.event.Event)
     hub.defer = lambda fn, channel: gevent.get_hub().loop.run_callback(fn, channel)
     server, client = gevent.socket.socketpair()
@@ -85,7 +92,7 @@ def _make(serve_next: Callable[[HeldPoll, bytes], Any] | None = None, stall_s: f
         server._sock,
         lambda body: HEAD + body,
         100,
-        Runner(gevent.spawn_raw),
+        runner or Runner(gevent.spawn_raw),
         lambda *a: answered.append(a),
         stall_s,
         serve_next,
@@ -292,3 +299,50 @@ def test_a_report_for_a_step_already_taken_is_nothing_to_do(setup):
     assert len(setup.answered) == 1
     setup.client.sendall(b"GET /next")
     assert poll.get(timeout=2) == ("handed back", b"")
+
+
+def test_a_connection_closed_while_its_pushed_ticket_closes_is_logged_once_and_not_rearmed(setup):
+    """The connection's greenlet is killed (the shutdown grace's end) while the Runner yields in
+    the pushed poll's ticket close: the answer that went out is logged once, the ticket closed
+    once, and nothing is armed on the closed socket."""
+    ticket = _Ticket({"c": None}, yields=True)
+    poll = setup.poll(ticket)
+    gevent.sleep(0.05)
+    setup.hub.publish("c", "one")
+    setup.receive()
+    setup.held.close()  # while the Runner is in ticket.close()
+    assert poll.get(timeout=2) == ("handed back", None)
+    assert ticket.closes == 1 and ticket.events_sent == 1
+    assert [status for _, status, *_ in setup.answered] == [200]
+    assert setup.held._watch._watcher is None and setup.held._watch._slot < 0
+
+
+def test_a_bug_while_acting_closes_that_connection_and_the_runner_goes_on(setup):
+    other = _make(runner=setup.held._runner)  # one Runner for both, as in the server
+    try:
+        broken = setup.poll(_Ticket({"c": None}, fails=True))
+        fine = other.poll(_Ticket({"c": None}))
+        gevent.sleep(0.05)
+        setup.hub.publish("c", "one")
+        other.hub.publish("c", "one")
+        assert broken.get(timeout=2) == ("handed back", None)  # closed, not left parked
+        other.receive()
+        other.client.sendall(b"GET /next")
+        assert fine.get(timeout=2) == ("handed back", b"")  # the shared Runner still runs
+    finally:
+        other.held.close()
+        other.server.close()
+        other.client.close()
+
+
+def test_inline_a_request_pipelined_behind_a_held_poll_is_answered_after_it(inline):
+    poll = inline.poll(_Ticket({"c": None}))
+    gevent.sleep(0.05)
+    inline.client.sendall(b"GET /again HTTP/1.1\r\n\r\n")
+    gevent.sleep(0.05)
+    event = inline.hub.publish("c", "one")
+    data = inline.receive(b'{"again":true}')
+    first = data[: -len(HEAD + b'{"again":true}')]
+    assert json.loads(first[len(HEAD) :])["cursor"] == event.id  # in order: the poll, then the next
+    gevent.sleep(0.05)
+    assert inline.served == [b"GET /again HTTP/1.1\r\n\r\n"] and not poll.ready()

@@ -117,9 +117,15 @@ class Runner:
         try:
             while due:  # what is added meanwhile (a report while this one yields) is run here too
                 poll, reason = due.popleft()
-                poll.run_report(reason)
+                try:
+                    poll.run_report(reason)
+                except Exception:  # run_report already closes a poll that fails: this is a last guard
+                    log.exception("a held long poll's report failed")
         finally:
             self._running = False
+            if due:  # killed mid-run (GreenletExit): what is due still runs
+                self._running = True
+                self._spawn(self._run)
 
 
 class HeldPoll:
@@ -233,12 +239,16 @@ class HeldPoll:
     def close(self) -> None:
         """The connection ends (its greenlet is done, or was killed): nothing more is held."""
         if self._state != CLOSED:
+            pushed = self._state == PUSHED
             self._state = CLOSED
             self._watch.disarm()
-            ticket = self._ticket
             self._release()
-            if ticket is not None:
+            if pushed:
+                self._finish()  # its answer went out: counted and logged as the Runner would have
+            elif self._ticket is not None:
+                ticket, self._ticket = self._ticket, None
                 ticket.close()
+        self._watch.report = _ignore_report  # no cycle left between the watch and this poll
         self._watch.close()
 
     # -- the hub's Pusher protocol, from the publishing side; never blocks ---------------------
@@ -285,7 +295,10 @@ class HeldPoll:
             return self._step(reason)
         except Exception:  # a bug met while acting for this connection: it closes, its ticket with it
             log.exception("a held long poll failed")
-            self.close()
+            try:
+                self.close()
+            except Exception:
+                log.exception("closing a failed held long poll failed")
             return None
 
     def _step(self, reason: int) -> Outcome:
@@ -304,6 +317,8 @@ class HeldPoll:
         elif state == PUSHED:
             if reason == FINISH:
                 self._finish()
+                if self._state == CLOSED:  # closed while its ticket's close yielded
+                    return None
                 return self._after_answer()
         elif state == BETWEEN:
             if reason == READABLE:
@@ -359,6 +374,8 @@ class HeldPoll:
         """A pushed poll's ticket closed and its access line written."""
         ticket, (request_line, started), length = self._ticket, self.request, self._body_len
         self._ticket = None
+        if self._state == PUSHED:
+            self._state = IDLE  # finishing: a close() while the ticket's close yields finds nothing to do
         if ticket is not None:
             ticket.events_sent, ticket.bytes_sent = self._count, length
             ticket.close()  # may yield (a lazy source's listener): nothing else acts on us meanwhile
@@ -376,15 +393,17 @@ class HeldPoll:
         if self._on_answer is not None:
             request_line, started = self.request
             self._on_answer(request_line, status, length, started)
+        if self._state == CLOSED:  # closed while its ticket's close yielded
+            return None
         return self._after_answer()
 
     def _after_answer(self) -> Outcome:
         if self._backlog:
             self._state = IDLE
             return b""  # the greenlet writes the rest
-        if self._pipelined:
-            self.readable = True
-            return self._next_request()
+        # A pipelined request is readable at once: the watcher reports it from the event loop (no
+        # recursion here, however many requests a client pipelines).
+        self._pipelined = False
         self._wait_between()
         return STAY
 
@@ -429,3 +448,7 @@ class HeldPoll:
     def _release(self) -> None:
         self.hold = 1
         self._hub.detach(self._channel, self)
+
+
+def _ignore_report(reason: int) -> None:
+    pass

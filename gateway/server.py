@@ -511,15 +511,13 @@ class _PollWatch:
             watcher.start(self._readable)
         elif watcher is not None:
             watcher.stop()
-        if self._timer is not None:
-            self._timer.close()
-            self._timer = None
+        self._stop_timer()
         if timeout is None:
             return
         deadlines = self._deadlines
         if timeout < deadlines.resolution_s:
             self._timer = gevent.get_hub().loop.timer(max(timeout, 0.0))
-            self._timer.start(self._timer_fired)
+            self._timer.start(self._timed_out)
         elif self._slot < 0 or self._slot > deadlines.slot_of(timeout):
             if self._slot >= 0:
                 deadlines.remove(self, self._slot)
@@ -530,6 +528,9 @@ class _PollWatch:
         poll takes a TIMED_OUT for a step already done as nothing to do)."""
         if self._watcher is not None:
             self._watcher.stop()
+        self._stop_timer()
+
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.close()
             self._timer = None
@@ -543,12 +544,8 @@ class _PollWatch:
         self._slot = -1  # no longer in the deadlines
         self._timed_out()
 
-    def _timer_fired(self) -> None:
-        self._timer.close()
-        self._timer = None
-        self._timed_out()
-
     def _timed_out(self) -> None:
+        """From the event loop: the deadlines' expiry, or the short timer's."""
         self.disarm()
         self.report(TIMED_OUT)
 
@@ -578,6 +575,7 @@ class _PollWatch:
 
     def close(self) -> None:
         self._closed = True
+        self.report = _ignore  # no cycle left between this watch and its poll
         self.disarm()
         if self._slot >= 0:
             self._deadlines.remove(self, self._slot)

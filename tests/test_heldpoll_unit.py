@@ -7,6 +7,7 @@ answered inline, the stall timeout between requests."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import socket
 from collections.abc import Callable
@@ -66,6 +67,11 @@ class _Setup:
 
         return gevent.spawn(connection)
 
+    def close(self) -> None:
+        self.held.close()
+        self.server.close()
+        self.client.close()
+
     def receive(self, until: bytes = b"}", timeout: float = 3.0) -> bytes:
         data = b""
         with gevent.Timeout(timeout):
@@ -105,9 +111,7 @@ def _make(
 def setup():
     made = _make()
     yield made
-    made.held.close()
-    made.server.close()
-    made.client.close()
+    made.close()
 
 
 @pytest.fixture
@@ -125,9 +129,7 @@ def inline():
     made = _make(serve_next)
     made.served = served
     yield made
-    made.held.close()
-    made.server.close()
-    made.client.close()
+    made.close()
 
 
 def test_the_publish_answers_and_the_greenlet_wakes_only_for_the_next_request(setup):
@@ -281,9 +283,7 @@ def test_a_connection_idle_through_the_stall_timeout_is_closed():
         assert poll.get(timeout=3) == ("handed back", None)
         assert 0.28 < gevent.get_hub().loop.now() - answered_at < 1.0
     finally:
-        made.held.close()
-        made.server.close()
-        made.client.close()
+        made.close()
 
 
 def test_a_report_for_a_step_already_taken_is_nothing_to_do(setup):
@@ -330,9 +330,7 @@ def test_a_bug_while_acting_closes_that_connection_and_the_runner_goes_on(setup)
         other.client.sendall(b"GET /next")
         assert fine.get(timeout=2) == ("handed back", b"")  # the shared Runner still runs
     finally:
-        other.held.close()
-        other.server.close()
-        other.client.close()
+        other.close()
 
 
 def test_inline_a_request_pipelined_behind_a_held_poll_is_answered_after_it(inline):
@@ -346,3 +344,28 @@ def test_inline_a_request_pipelined_behind_a_held_poll_is_answered_after_it(inli
     assert json.loads(first[len(HEAD) :])["cursor"] == event.id  # in order: the poll, then the next
     gevent.sleep(0.05)
     assert inline.served == [b"GET /again HTTP/1.1\r\n\r\n"] and not poll.ready()
+
+
+def test_inline_requests_that_keep_coming_are_answered_one_turn_each_not_by_recursion():
+    """A client whose next request is always in by the time its answer is written (here it is
+    sent from within the answer) is served from the Runner's loop, one turn per request: the
+    stack does not grow with the number of requests, and other connections get their turns."""
+    depths: list[int] = []
+
+    def serve_next(held: HeldPoll, data: bytes) -> Any:
+        depths.append(len(inspect.stack(0)))
+        if len(depths) < 6:
+            made.client.sendall(b"GET /again HTTP/1.1\r\n\r\n")  # the next one, before this answer
+        return held.answered(HEAD + b'{"again":true}', 200, 14)
+
+    made = _make(serve_next)
+    try:
+        made.poll(_Ticket({"c": None}))
+        gevent.sleep(0.05)
+        made.client.sendall(b"GET /again HTTP/1.1\r\n\r\n")  # pipelined behind the held poll
+        gevent.sleep(0.05)
+        made.hub.publish("c", "one")
+        made.receive((HEAD + b'{"again":true}') * 6, timeout=3)
+        assert len(depths) == 6 and len(set(depths)) == 1, depths
+    finally:
+        made.close()

@@ -94,7 +94,9 @@ class PollWatch(Protocol):
         """Resume the parked greenlet with `value` (from the loop; kept if it has not parked yet)."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Nothing more is watched or reported, and `report` is dropped (no cycle is left)."""
+        ...
 
 
 class Runner:
@@ -117,10 +119,7 @@ class Runner:
         try:
             while due:  # what is added meanwhile (a report while this one yields) is run here too
                 poll, reason = due.popleft()
-                try:
-                    poll.run_report(reason)
-                except Exception:  # run_report already closes a poll that fails: this is a last guard
-                    log.exception("a held long poll's report failed")
+                poll.run_report(reason)  # never raises: a poll that fails is closed there
         finally:
             self._running = False
             if due:  # killed mid-run (GreenletExit): what is due still runs
@@ -243,12 +242,13 @@ class HeldPoll:
             self._state = CLOSED
             self._watch.disarm()
             self._release()
-            if pushed:
-                self._finish()  # its answer went out: counted and logged as the Runner would have
-            elif self._ticket is not None:
-                ticket, self._ticket = self._ticket, None
-                ticket.close()
-        self._watch.report = _ignore_report  # no cycle left between the watch and this poll
+            ticket = self._ticket  # None while the Runner finishes it (its close may yield)
+            if ticket is not None:
+                if pushed:
+                    self._finish()  # its answer went out: counted and logged as the Runner would have
+                else:
+                    self._ticket = None
+                    ticket.close()
         self._watch.close()
 
     # -- the hub's Pusher protocol, from the publishing side; never blocks ---------------------
@@ -317,8 +317,6 @@ class HeldPoll:
         elif state == PUSHED:
             if reason == FINISH:
                 self._finish()
-                if self._state == CLOSED:  # closed while its ticket's close yielded
-                    return None
                 return self._after_answer()
         elif state == BETWEEN:
             if reason == READABLE:
@@ -374,8 +372,6 @@ class HeldPoll:
         """A pushed poll's ticket closed and its access line written."""
         ticket, (request_line, started), length = self._ticket, self.request, self._body_len
         self._ticket = None
-        if self._state == PUSHED:
-            self._state = IDLE  # finishing: a close() while the ticket's close yields finds nothing to do
         if ticket is not None:
             ticket.events_sent, ticket.bytes_sent = self._count, length
             ticket.close()  # may yield (a lazy source's listener): nothing else acts on us meanwhile
@@ -393,11 +389,11 @@ class HeldPoll:
         if self._on_answer is not None:
             request_line, started = self.request
             self._on_answer(request_line, status, length, started)
-        if self._state == CLOSED:  # closed while its ticket's close yielded
-            return None
         return self._after_answer()
 
     def _after_answer(self) -> Outcome:
+        if self._state == CLOSED:  # closed while the answer's ticket close yielded
+            return None
         if self._backlog:
             self._state = IDLE
             return b""  # the greenlet writes the rest
@@ -448,7 +444,3 @@ class HeldPoll:
     def _release(self) -> None:
         self.hold = 1
         self._hub.detach(self._channel, self)
-
-
-def _ignore_report(reason: int) -> None:
-    pass

@@ -253,9 +253,10 @@ class HeldPoll:
 
     # -- the hub's Pusher protocol, from the publishing side; never blocks ---------------------
     def encode(self, events: list[Event]) -> bytes:
-        """The answer's body for these new events (shared by every poll they answer)."""
+        """The whole answer (head and body) to these new events, made once for every poll they
+        answer: the held polls of one server share their limit and their response's shape."""
         shown = events[: self._limit]
-        return Batch(shown, cursor=shown[-1].id, more=len(events) > len(shown)).poll_body()
+        return self._respond(Batch(shown, cursor=shown[-1].id, more=len(events) > len(shown)).poll_body())
 
     def push(self, data: bytes, cursor: str, events: int = 1) -> None:
         self.hold = 1
@@ -263,8 +264,9 @@ class HeldPoll:
         self._state = PUSHED
         self._watch.disarm()
         self._hub.detach(self._channel, self)
-        self._count, self._body_len = min(events, self._limit), len(data)
-        self._send(self._respond(data))
+        self._count = min(events, self._limit)
+        self._body_len = len(data) - data.find(b"\r\n\r\n") - 4  # the access line's length: the body's
+        self._send(data)
         self._runner.add(self, FINISH)
 
     def lag(self, nbytes: int) -> None:

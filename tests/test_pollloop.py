@@ -9,6 +9,7 @@ import socket
 import struct
 import time
 
+import jwt
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -480,3 +481,57 @@ def test_a_response_is_reused_only_for_the_same_answer() -> None:
     other = loop._response(200, [*headers, ("Retry-After", "5")], body, True)
     assert b"Retry-After: 5\r\n" in other
     assert b"Retry-After" not in loop._response(200, list(headers), bytes(body), True)  # an equal, other body
+
+
+def test_the_requests_after_a_pushed_answer_keep_every_contract_rule(start_gateway, channel):
+    """After a pushed answer the connection's next requests are read and answered by the held
+    polls' Runner (inline: the in-process store, no app asked): the same admission as anywhere,
+    so a bad token is a 401, a bad channel a 400, the per-client limit a 429 with Retry-After, a
+    short poll is answered, and what the lean loop does not take (an Origin header, several
+    channels) is answered by the general server on the same connection."""
+    secret = "inline-secret-0123456789abcdef012345"
+    gw = start_gateway(
+        {"auth": {"secret": secret}, "limits": {"max_connections_per_client": 1}, "server": {"access_log": True}}
+    )
+    token = jwt.encode({"channels": [f"{channel}*"], "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+    bearer = f"Authorization: Bearer {token}\r\n"
+    conn, other = _Conn(gw.port), _Conn(gw.port)
+    try:
+        conn.send(_get(f"/longpoll/{channel}?timeout=20", bearer))
+        _until_held(gw, 1, 5)
+        first = gw.publish(channel, "one")
+        status, _, body = conn.answer()
+        assert status == 200 and json.loads(body)["cursor"] == first  # pushed
+        conn.send(_get(f"/longpoll/{channel}?since={first}&timeout=0", "Authorization: Bearer nope\r\n"))
+        status, headers, body = conn.answer()
+        assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+        assert json.loads(body)["error"] == "unauthorized"
+        conn.send(_get("/longpoll/bad!name?timeout=0", bearer))
+        status, _, body = conn.answer()
+        assert status == 400 and json.loads(body)["error"] == "invalid_channel"
+        conn.send(_get(f"/poll/{channel}", bearer))
+        status, _, body = conn.answer()
+        assert status == 200 and json.loads(body)["cursor"] == first  # from now: the channel's last id
+        other.send(_get(f"/longpoll/{channel}?since={first}&timeout=20", bearer))
+        _until_held(gw, 1, 5)
+        conn.send(_get(f"/longpoll/{channel}?since={first}&timeout=20", bearer))
+        status, headers, body = conn.answer()
+        assert status == 429 and headers["retry-after"].isdigit()
+        assert json.loads(body)["error"] == "too_many_connections_from_client"
+        second = gw.publish(channel, "two")  # answers `other`, freeing the client's slot
+        assert json.loads(other.answer()[2])["cursor"] == second
+        conn.send(_get(f"/longpoll/{channel}?since={first}&timeout=20", bearer))
+        status, _, body = conn.answer()
+        assert status == 200 and [e["id"] for e in json.loads(body)["events"]] == [second]
+        conn.send(_get(f"/longpoll/{channel},{channel}.b?timeout=0", bearer))
+        status, _, body = conn.answer()
+        assert status == 200 and json.loads(body)["events"] == []  # from now, on both channels
+        conn.send(
+            _get(f"/longpoll/{channel}?since={second}&timeout=0", bearer + "Origin: http://elsewhere.example\r\n")
+        )
+        status, _, body = conn.answer()
+        assert status == 403 and json.loads(body)["error"] == "origin_not_allowed"
+    finally:
+        conn.close()
+        other.close()
+    assert f'"GET /longpoll/{channel}?since={first}&timeout=0 HTTP/1.1" 401' in gw.log()

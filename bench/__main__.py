@@ -36,12 +36,14 @@ COLUMNS = [
     ("max", "max_ms", 8),
     ("deliv/s", "deliveries_per_s", 8),
     ("cpu µs/d", "cpu_us_per_delivery", 8),
+    ("usr µs/d", "user_us_per_delivery", 8),
     ("PSS MB", "peak_pss_mb", 7),
     ("KB/conn", "kb_per_conn_pss", 8),
     ("cli cpu", "client_cpu_max", 7),
 ]
 RATIOS = [
     ("cpu_us_per_delivery", "cpu/deliv"),
+    ("user_us_per_delivery", "user cpu/deliv"),
     ("p99_ms", "p99"),
     ("p50_ms", "p50"),
     ("deliveries_per_s", "deliv/s"),

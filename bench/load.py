@@ -41,6 +41,7 @@ class Worker:
         self.ready = 0
         self.finished = 0
         self.delivered = 0
+        self.answers = 0  # long poll: answers that carried events (delivered / answers: the batching)
         self.disorder = 0  # an event at or before one already seen (duplicate or out of order)
         self.skipped = 0  # seq jumps: an event arrived after one it should follow was missing
         self.dropped = 0  # connections closed by the server mid-run
@@ -143,6 +144,7 @@ class Worker:
                 "result",
                 {
                     "delivered": self.delivered,
+                    "answers": self.answers,
                     "lost": lost,
                     "disorder": self.disorder,
                     "skipped": self.skipped,
@@ -278,7 +280,10 @@ class _LongPoll(_Sub):
             buf = buf[end + 4 + length :]
             status = head[9:12]
             if status == b"200":
+                before = self.w.delivered
                 self.w.record(self, body, now)
+                if self.w.delivered > before:
+                    self.w.answers += 1
                 if self.cursor_polls:
                     c = _CURSOR.search(body)
                     if c:

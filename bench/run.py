@@ -196,7 +196,7 @@ async def _publish_and_wait(
     channels = [f"bench{i}" for i in range(case.channels)]
     for conn in conns:
         conn.send(("go",))
-    cpu0 = server.cpu_seconds()
+    user0, system0 = server.cpu_times()
     t0 = time.time_ns()
     start = time.monotonic()
     per_channel = case.messages // case.channels
@@ -221,7 +221,9 @@ async def _publish_and_wait(
                     done += 1
                     pending.remove(conn)
         await asyncio.sleep(0.01)
-    result["server_cpu_s"] = round(server.cpu_seconds() - cpu0, 3)
+    user, system = server.cpu_times()
+    result["server_cpu_s"] = round(user - user0 + system - system0, 3)
+    result["server_user_s"] = round(user - user0, 3)
     result["publish_s"] = round(publish_s, 2)
     result["publish_failed"] = publisher.failed
     result["publish_unanswered"] = publisher.sent - publisher.answered
@@ -243,6 +245,9 @@ def _figures(
     if case.idle:
         return out
     delivered = sum(r["delivered"] for r in reports)
+    answers = sum(r.get("answers", 0) for r in reports)
+    if answers:  # long poll: events per answer above 1 means answers carried a backlog
+        out["events_per_answer"] = round(delivered / answers, 2)
     want = case.messages // case.channels * case.subscribers * (case.channels if case.multi else 1)
     p50, p95, p99, pmax = percentiles(merge([r["hist"] for r in reports]))
     last = max((r["last_ns"] for r in reports if r["last_ns"]), default=0)
@@ -260,6 +265,7 @@ def _figures(
             "max_ms": pmax,
             "deliveries_per_s": round(delivered / span) if span > 0 else 0,
             "cpu_us_per_delivery": round(result["server_cpu_s"] / delivered * 1e6, 2) if delivered else None,
+            "user_us_per_delivery": round(result["server_user_s"] / delivered * 1e6, 2) if delivered else None,
         }
     )
     return out

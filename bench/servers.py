@@ -26,7 +26,7 @@ __all__ = [
     "NchanServer",
     "FloorServer",
     "nchan_module",
-    "cpu_seconds",
+    "cpu_times",
     "memory_kb",
     "raise_fd_limit",
 ]
@@ -62,11 +62,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc/<pid>/stat."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def memory_kb(pid: int) -> tuple[int, int]:
@@ -161,8 +162,14 @@ class Server:
         """Every process whose CPU and memory count as this server's (gateway workers, Redis)."""
         return [self.proc.pid]
 
-    def cpu_seconds(self) -> float:
-        return sum(_or_zero(cpu_seconds, pid, 0.0) for pid in self.pids())
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of every process of this server's: the user part is the
+        server's own code, the system part mostly the kernel's sends and receives."""
+        user = system = 0.0
+        for pid in self.pids():
+            u, s = _or_zero(cpu_times, pid, (0.0, 0.0))
+            user, system = user + u, system + s
+        return user, system
 
     def memory_kb(self) -> tuple[int, int]:
         rss = pss = 0

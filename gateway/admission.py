@@ -26,6 +26,7 @@ from gateway.config import Config
 from gateway.errors import BadRequest
 from gateway.hub import Hub
 from gateway.limits import TokenBuckets, over_limit
+from gateway.memo import BoundedMemo
 from gateway.names import check_channel
 
 __all__ = ["Admission", "Ticket", "ChannelPolicy", "Observer", "parse_channels", "TRANSPORTS"]
@@ -145,8 +146,9 @@ class Admission:
         self.observer = Observer()
         self.policies: list[ChannelPolicy] = []
         self._policy_patterns: list[tuple[re.Pattern[str], ChannelPolicy]] = []
-        self._fast_ok: dict[str, bool] = {}
-        self._parsed: dict[str, tuple[str, ...]] = {}  # channel list text -> its valid channels
+        self._fast_ok: BoundedMemo[str, bool] = BoundedMemo(MEMO_TEXTS, MEMO_TEXT_CHARS)
+        # channel list text -> its valid channels
+        self._parsed: BoundedMemo[str, tuple[str, ...]] = BoundedMemo(MEMO_TEXTS, MEMO_TEXT_CHARS)
         limits = config.limits
         self._limits = limits
         self._open = 0  # held connections in this process
@@ -183,7 +185,7 @@ class Admission:
         known = self._fast_ok.get(channels_text)
         if known is None:
             known = all((p := self.policy(c)) is None or p.fast_path for c in channels_text.split(","))
-            _remember(self._fast_ok, channels_text, known)
+            self._fast_ok.remember(channels_text, known)
         return known
 
     # -- the path -----------------------------------------------------------------------------
@@ -226,7 +228,7 @@ class Admission:
         known = self._parsed.get(text)
         if known is None:
             known = tuple(parse_channels(text, self._limits.max_channels_per_connection))
-            _remember(self._parsed, text, known)
+            self._parsed.remember(text, known)
         return list(known)
 
     def admit_tunnel(self, environ: Mapping[str, Any]) -> Ticket:
@@ -358,14 +360,6 @@ class Admission:
         for (channel, transport), n in self._per_channel.items():
             out.setdefault(channel, {})[transport] = n
         return out
-
-
-def _remember(memo: dict[str, Any], text: str, value: Any) -> None:
-    """Keep `value` for `text` in a bounded memo: short texts only, all forgotten when full."""
-    if len(text) <= MEMO_TEXT_CHARS:
-        if len(memo) >= MEMO_TEXTS:
-            memo.clear()
-        memo[text] = value
 
 
 def query_args(query: str) -> dict[str, str]:

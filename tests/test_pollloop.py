@@ -30,7 +30,7 @@ def parse_head(head: bytes, peer: tuple[str, int]):  # noqa: ANN201
     return parsed
 
 
-def test_remembered_heads_are_each_callers_own_and_bounded(monkeypatch) -> None:  # noqa: ANN001
+def test_remembered_heads_are_each_callers_own_and_bounded() -> None:
     memo = _HeadMemo()
     head = b"GET /longpoll/a?since=1-0 HTTP/1.1\r\nHost: x"
     first, _, _ = memo.parse(head, ("10.0.0.1", 1))
@@ -38,7 +38,7 @@ def test_remembered_heads_are_each_callers_own_and_bounded(monkeypatch) -> None:
     second, _, _ = memo.parse(head, ("10.0.0.2", 2))
     assert second["HTTP_HOST"] == "x" and (second["REMOTE_ADDR"], second["REMOTE_PORT"]) == ("10.0.0.2", "2")
     assert first["REMOTE_ADDR"] == "10.0.0.1"
-    monkeypatch.setattr(pollloop, "MEMO_HEADS", 3)
+    memo._known.entries = 3
     for i in range(10):
         memo.parse(b"GET /longpoll/a?since=%d-0 HTTP/1.1" % i, PEER)
         assert len(memo._known) <= 3

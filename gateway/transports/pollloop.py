@@ -23,6 +23,7 @@ from email.utils import formatdate
 from typing import Any
 
 from gateway.hub import WaitAbandoned
+from gateway.memo import BoundedMemo
 from gateway.transports.fastpoll import REASONS, TAKEN, Answer, FastLongPoll, ok
 from gateway.transports.heldpoll import CLIENT_CLOSED, STAY, HeldPoll, PollWatch, Runner
 
@@ -64,8 +65,8 @@ class _HeadMemo:
     cursor, while the headers after it stay the same."""
 
     def __init__(self) -> None:
-        self._known: dict[bytes, Parsed | None] = {}
-        self._fields: dict[tuple[bytes, bool], Fields | None] = {}
+        self._known: BoundedMemo[bytes, Parsed | None] = BoundedMemo(MEMO_HEADS, MEMO_HEAD_BYTES)
+        self._fields: BoundedMemo[tuple[bytes, bool], Fields | None] = BoundedMemo(MEMO_HEADS, MEMO_HEAD_BYTES)
 
     def parse(self, head: bytes, peer: tuple[str, int]) -> Parsed | None:
         known = self._known
@@ -73,7 +74,7 @@ class _HeadMemo:
             parsed = known[head]
         except KeyError:
             parsed = _parse(head, self._parse_fields)
-            _remember(known, head, parsed)
+            known.remember(head, parsed)
         return _with_peer(parsed, peer)
 
     def _parse_fields(self, block: bytes, publish: bool) -> Fields | None:
@@ -82,15 +83,8 @@ class _HeadMemo:
             return self._fields[key]
         except KeyError:
             fields = _parse_fields(block, publish)
-            _remember(self._fields, key, fields, len(block))
+            self._fields.remember(key, fields, len(block))
             return fields
-
-
-def _remember(memo: dict[Any, Any], key: Any, value: Any, size: int | None = None) -> None:
-    if (len(key) if size is None else size) <= MEMO_HEAD_BYTES:
-        if len(memo) >= MEMO_HEADS:
-            memo.clear()
-        memo[key] = value
 
 
 def _with_peer(parsed: Parsed | None, peer: tuple[str, int]) -> Parsed | None:

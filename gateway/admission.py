@@ -350,6 +350,10 @@ class Admission:
     def connections(self) -> int:
         return self._open
 
+    def held_polls(self) -> int:
+        """Long polls held now (their tickets open): a shutdown waits for their answers."""
+        return sum(n for (_, transport), n in self._per_channel.items() if transport == "longpoll")
+
     def subscribers(self, channel: str) -> dict[str, int]:
         """Open subscriptions to `channel` per transport (for /channels/<name>)."""
         return {t: self._per_channel.get((channel, t), 0) for t in ("sse", "ws", "longpoll")}

@@ -811,7 +811,13 @@ def serve(app: Flask) -> None:
     for service in services:
         service.stop()
     # Give streams a moment to write their goodbye, then cut what is left.
+    deadline = started + config.server.shutdown_grace_s
     server.stop(timeout=config.server.shutdown_grace_s)
-    server.drain_detached(started + config.server.shutdown_grace_s)
+    # Held long polls answer the hub's close a loop turn or two later, from the Runner or a
+    # parked greenlet that the server (no pool) does not wait for: wait for their answers.
+    admission = st.admission
+    while admission is not None and admission.held_polls() and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    server.drain_detached(deadline)
     hub.store.close()
     log.info("stopped in %.1f s", time.monotonic() - started)

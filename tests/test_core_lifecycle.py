@@ -111,6 +111,37 @@ def test_sigterm_tells_every_stream_to_come_back_and_exits_quickly(start_gateway
     assert time.monotonic() - started < 10
 
 
+def test_sigterm_answers_long_polls_held_with_no_stream_open(start_gateway, channel):
+    """Polls the lean loop holds (one by its parked greenlet, one by the Runner after a pushed
+    answer) are answered before the process exits, though no stream's goodbye keeps it busy."""
+    gw = start_gateway({})
+    cursor = poll(gw.url, channel)["cursor"]
+    first = requests.Session()  # one keep-alive connection: its second poll is held inline
+    answers: dict[str, dict] = {}
+
+    def hold(name: str, session: requests.Session, since: str) -> None:
+        r = session.get(f"{gw.url}/longpoll/{channel}", params={"since": since, "timeout": 20}, timeout=25)
+        answers[name] = r.json() if r.status_code == 200 else {"status": r.status_code}
+
+    pushed = threading.Thread(target=hold, args=("pushed", first, cursor))
+    pushed.start()
+    time.sleep(0.3)
+    event_id = gw.publish(channel, "one")
+    pushed.join(10)
+    assert [e["data"] for e in answers["pushed"]["events"]] == ["one"]
+    inline = threading.Thread(target=hold, args=("inline", first, event_id))
+    parked = threading.Thread(target=hold, args=("parked", requests.Session(), event_id))
+    inline.start()
+    parked.start()
+    time.sleep(0.5)
+    gw.proc.terminate()
+    inline.join(10)
+    parked.join(10)
+    empty = {"events": [], "cursor": event_id, "gap": False, "more": False}
+    assert answers.get("inline") == empty and answers.get("parked") == empty, answers
+    assert gw.proc.wait(15) == 0
+
+
 def test_a_port_in_use_is_one_clear_line(start_gateway):
     busy = start_gateway({})
     result = run_app({"PORT": str(busy.port), "GATEWAY_CONFIG": str(ROOT / "config.toml")})

@@ -6,9 +6,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Refused", "HeadReader", "check_framing", "forget_unread_headers", "head_too_big", "refusal"]
+__all__ = [
+    "Refused",
+    "HeadReader",
+    "asks_to_close",
+    "check_framing",
+    "forget_unread_headers",
+    "head_too_big",
+    "refusal",
+]
 
 
 # The request headers a stream may still read once it has begun (access log, CORS, resume,
@@ -162,3 +171,8 @@ def refusal(status: str, code: str = "", detail: str = "") -> bytes:
     reason = _REASONS.get(status, "Bad Request")
     head = f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
     return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def asks_to_close(connection_headers: Iterable[str]) -> bool:
+    """Does any Connection header list the `close` option (RFC 9110 section 7.6.1)?"""
+    return any(token.strip(" \t").lower() == "close" for value in connection_headers for token in value.split(","))

@@ -25,6 +25,7 @@ from gateway.connlog import AccessLog
 from gateway.heads import (
     HeadReader,
     Refused,
+    asks_to_close,
     check_framing,
     forget_unread_headers,
     head_too_big,
@@ -187,6 +188,9 @@ class _Handler(WSGIHandler):
             self.rfile = rfile
         if ok:
             self.path = origin_form(self.path)
+            # pywsgi compares the first Connection header whole; "keep-alive, close" closes too.
+            if not self.close_connection and asks_to_close(self.headers.get_all("Connection") or ()):
+                self.close_connection = True
         return ok
 
     def MessageClass(self, *args: Any) -> Any:  # noqa: N802 (pywsgi's name)

@@ -19,6 +19,7 @@ import gevent.event
 import gevent.socket
 import pytest
 
+from gateway.errors import BadRequest
 from gateway.hub import Hub, MemoryStore
 from gateway.server import _CoarseDeadlines, _PollWatch
 from gateway.transports.heldpoll import FINISH, STAY, TIMED_OUT, HeldPoll, Runner
@@ -97,6 +98,7 @@ def _make(
         _PollWatch(server._sock, _CoarseDeadlines(0.1, _PollWatch.slot_expired)),
         server._sock,
         lambda body: HEAD + body,
+        lambda exc: (b"HTTP/1.1 %d Refused\r\n\r\n" % exc.status + exc.code.encode(), exc.status, len(exc.code)),
         100,
         runner or Runner(gevent.spawn_raw),
         lambda *a: answered.append(a),
@@ -369,3 +371,19 @@ def test_inline_requests_that_keep_coming_are_answered_one_turn_each_not_by_recu
         assert len(depths) == 6 and len(set(depths)) == 1, depths
     finally:
         made.close()
+
+
+def test_a_store_failing_while_a_poll_is_held_answers_503_as_the_hub_wait_would(setup):
+    ticket = _Ticket({"c": None})
+    connection = setup.poll(ticket, timeout=10)
+    gevent.sleep(0.05)  # held
+
+    def store_down(*_: Any, **__: Any) -> Any:
+        raise BadRequest("backend_unavailable", "redis is down", 503, {"Retry-After": "1"})
+
+    setup.hub.read_shared = store_down
+    setup.hub.notify("c")  # a wake-up: the machine reads again, and the read fails
+    assert setup.receive(until=b"backend_unavailable") == b"HTTP/1.1 503 Refused\r\n\r\nbackend_unavailable"
+    assert ticket.closes == 1
+    assert [a[1] for a in setup.answered] == [503]
+    assert not connection.ready()  # the connection waits for its next request

@@ -109,6 +109,25 @@ def test_a_publish_head_with_a_declared_length_is_taken():
     assert environ["HTTP_IDEMPOTENCY_KEY"] == "k" and "HTTP_CONTENT_TYPE" not in environ
 
 
+def test_repeated_headers_are_joined_as_the_general_server_joins_them():
+    head = b"GET /poll/a HTTP/1.1\r\nCookie: sid=good\r\nX-A: 1\r\nCookie: theme=dark\r\nX-A: 2"
+    environ, _, _ = parse_head(head, PEER)
+    assert environ["HTTP_COOKIE"] == "sid=good; theme=dark"  # as pywsgi: what auth.upstream_url is sent
+    assert environ["HTTP_X_A"] == "1,2"
+
+
+def test_more_header_lines_than_the_general_server_reads_are_handed_to_it():
+    lines = b"".join(b"\r\nX-H%d: v" % i for i in range(pollloop.MAX_HEADERS))
+    assert parse_head(b"GET /poll/a HTTP/1.1" + lines, PEER) is not None
+    assert parse_head(b"GET /poll/a HTTP/1.1" + lines + b"\r\nX-One-More: v", PEER) is None
+
+
+def test_connection_close_listed_among_other_options_is_honoured():
+    for value in (b"keep-alive, close", b"Keep-Alive,Close", b"close"):
+        assert parse_head(b"GET /poll/a HTTP/1.1\r\nConnection: " + value, PEER)[1] is False
+    assert parse_head(b"GET /poll/a HTTP/1.1\r\nConnection: closed-captions", PEER)[1] is True
+
+
 class _Conn:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -535,3 +554,37 @@ def test_the_requests_after_a_pushed_answer_keep_every_contract_rule(start_gatew
         conn.close()
         other.close()
     assert f'"GET /longpoll/{channel}?since={first}&timeout=0 HTTP/1.1" 401' in gw.log()
+
+
+def test_heads_the_lean_loop_does_not_take_are_answered_by_the_general_server(start_gateway, channel):
+    """A head ended by bare LFs (RFC 9112 lets a server accept them, and pywsgi does), more
+    header lines than the general server reads, and "Connection: keep-alive, close": each gets
+    the general server's answer at once, on a fresh connection and after a lean answer alike."""
+    gw = start_gateway({"server": {"head_timeout_s": 5}})
+    many = "".join(f"X-H{i}: v\r\n" for i in range(101))
+    for lean_first in (False, True):
+        conn = _Conn(gw.port)
+        conn.sock.settimeout(3)  # well inside the head timeout: a wait for more bytes fails here
+        try:
+            if lean_first:
+                conn.send(_get(f"/poll/{channel}"))
+                assert conn.answer()[0] == 200
+            conn.send(b"GET /healthz HTTP/1.1\nHost: 127.0.0.1\n\n")
+            status, _, body = conn.answer()
+            assert status == 200 and json.loads(body)["status"] == "ok"
+            conn.send(f"GET /poll/{channel} HTTP/1.1\r\nHost: 127.0.0.1\n\n".encode())
+            assert conn.answer()[0] == 200
+            conn.send(_get(f"/poll/{channel}", many))
+            status, _, body = conn.answer()
+            assert status == 431 and json.loads(body)["error"] == "too_many_headers"
+        finally:
+            conn.close()
+    for path in ("/healthz", f"/poll/{channel}"):  # the general server's, and the lean loop's
+        conn = _Conn(gw.port)
+        conn.sock.settimeout(3)
+        try:
+            conn.send(_get(path, "Connection: keep-alive, close\r\n"))
+            assert conn.answer()[0] == 200
+            assert conn.file.read(1) == b"", path  # closed after the answer
+        finally:
+            conn.close()

@@ -22,7 +22,7 @@ from gateway.hub import WaitAbandoned
 from gateway.state import State
 from gateway.transports import pollbody
 
-__all__ = ["FastLongPoll", "REASONS", "Answer", "TAKEN", "ok"]
+__all__ = ["FastLongPoll", "REASONS", "Answer", "TAKEN", "ok", "error_answer"]
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +126,18 @@ class FastLongPoll:
                 if not taken:
                     ticket.close()
         except BadRequest as exc:
-            return _error(exc)
+            return error_answer(exc)
         except WaitAbandoned:
             raise  # the client hung up while its poll was held: nothing to answer
         except Exception:
             log.exception("unhandled error")
             detail = "the gateway failed to handle this request; see its log"
-            return _error(BadRequest("internal_error", detail, 500))
+            return error_answer(BadRequest("internal_error", detail, 500))
         return ok(body)
 
 
-def _error(exc: BadRequest) -> Answer:
+def error_answer(exc: BadRequest) -> Answer:
+    """A refusal: the contract's JSON error shape, with the error's own headers (Retry-After)."""
     body = json.dumps({"error": exc.code, "detail": exc.detail}).encode()
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
     headers += list((exc.headers or {}).items())

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from gateway.admission import Ticket
+from gateway.errors import BadRequest
 from gateway.hub import Batch, Event, Hub
 from gateway.transports import pollbody
 
@@ -66,6 +67,8 @@ Outcome = Any
 OnAnswer = Callable[[str, int, int, float], None]  # request line, status, body length, start time
 # The next request of an inline connection, answered or handed back (pollloop.py).
 ServeNext = Callable[["HeldPoll", bytes], Outcome]
+# An error (the store failed while reading for a held poll) -> (the whole response, status, body length).
+Refuse = Callable[[BadRequest], tuple[bytes, int, int]]
 
 
 class PollWatch(Protocol):
@@ -142,6 +145,7 @@ class HeldPoll:
         "_watch",
         "_raw",
         "_respond",
+        "_refuse",
         "_limit",
         "_runner",
         "_on_answer",
@@ -165,6 +169,7 @@ class HeldPoll:
         watch: PollWatch,
         raw: Any,
         respond: Callable[[bytes], bytes],
+        refuse: Refuse,
         limit: int,
         runner: Runner,
         on_answer: OnAnswer | None,
@@ -183,6 +188,7 @@ class HeldPoll:
         watch.report = self._report
         self._raw = raw  # the OS socket, non-blocking under gevent
         self._respond = respond  # body -> the whole response, as the lean loop writes it
+        self._refuse = refuse
         self._limit = limit
         self._runner = runner
         self._on_answer = on_answer
@@ -310,7 +316,11 @@ class HeldPoll:
                 return self._readable_while_held()
             if reason in (WOKEN, TIMED_OUT):
                 self.hold = 1
-                body = self._read()
+                try:
+                    body = self._read()
+                except BadRequest as exc:  # the store failed (503): answered as the hub's wait would be
+                    self._release()
+                    return self.answered(*self._refuse(exc), close_ticket=True)
                 if body is None:
                     self._watch.arm(not self._pipelined, self._deadline - time.monotonic())
                     return STAY

@@ -22,9 +22,11 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
+from gateway.errors import BadRequest
+from gateway.heads import asks_to_close
 from gateway.hub import WaitAbandoned
 from gateway.memo import BoundedMemo
-from gateway.transports.fastpoll import REASONS, TAKEN, Answer, FastLongPoll, ok
+from gateway.transports.fastpoll import REASONS, TAKEN, Answer, FastLongPoll, error_answer, ok
 from gateway.transports.heldpoll import CLIENT_CLOSED, STAY, HeldPoll, PollWatch, Runner
 
 __all__ = ["LongPollLoop", "parse_head"]
@@ -33,6 +35,7 @@ _POLLS = (b"/longpoll/", b"/poll/")  # short polls too: a long poll with no wait
 _PUBLISH = b"/publish/"
 MAX_HEAD = 8192  # bigger heads go to the general server, which has the limits and the errors
 MAX_BODY = 65536  # bigger publish bodies too (server.max_body_bytes is checked by the app)
+MAX_HEADERS = 100  # more header lines too (Python's http.client, under pywsgi, refuses them: 431)
 _TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # Byte checks as one C-level scan each (a Python loop per byte cost more than the answer).
 _BAD_TARGET = re.compile(rb"[^\x21-\x7e]|[%#]")  # no %-encoding, no fragment, nothing unprintable
@@ -128,7 +131,10 @@ def _parse_fields(block: bytes, publish: bool) -> Fields | None:
     """The header lines of a head (after its request line), or None to hand the request over."""
     environ: dict[str, Any] = {}
     keep_alive = True
-    for line in block.split(b"\r\n") if block else ():
+    lines = block.split(b"\r\n") if block else ()
+    if len(lines) > MAX_HEADERS:
+        return None  # the general server's 431
+    for line in lines:
         name, sep, value = line.partition(b":")
         if not sep or not name or name.translate(None, _TOKEN) or b"_" in name:
             # obs-fold, a malformed line, or an underscore (the general server drops such
@@ -145,10 +151,12 @@ def _parse_fields(block: bytes, publish: bool) -> Fields | None:
             continue
         if key in _HANDED_OVER:
             return None
-        if key == "CONNECTION" and "close" in text.lower():
+        if key == "CONNECTION" and asks_to_close((text,)):
             keep_alive = False
         header = "HTTP_" + key
-        environ[header] = environ[header] + "," + text if header in environ else text
+        if header in environ:  # a repeated header: joined as the general server joins it
+            text = environ[header] + ("; " if "COOKIE" in header else ",") + text
+        environ[header] = text
     if publish and "CONTENT_LENGTH" not in environ:
         return None
     return environ, keep_alive
@@ -198,6 +206,7 @@ class LongPollLoop:
             watch,
             raw,
             self._ok_response,
+            self._refusal,
             fast.poll.max_batch,
             runner,
             on_answer,
@@ -210,6 +219,10 @@ class LongPollLoop:
     def _ok_response(self, body: bytes) -> bytes:
         status, headers, body = ok(body)
         return self._response(status, headers, body, True)
+
+    def _refusal(self, exc: BadRequest) -> tuple[bytes, int, int]:
+        status, headers, body = error_answer(exc)
+        return self._response(status, headers, body, True), status, len(body)
 
     def serve(self, sock: Any, peer: tuple[str, int], on_answer: OnAnswer | None = None) -> bytes | None:
         """Answer long polls while that is all the connection asks. Returns the bytes read but not
@@ -229,8 +242,8 @@ class LongPollLoop:
             end = buf.find(b"\r\n\r\n")
             deadline = None
             while end < 0:
-                if len(buf) > self.max_head:
-                    return buf
+                if len(buf) > self.max_head or b"\n\n" in buf:
+                    return buf  # too big, or a head ended by bare LFs: the general server's
                 if buf and deadline is None:
                     deadline = time.monotonic() + self.head_timeout_s
                 if deadline is not None and time.monotonic() > deadline:

@@ -108,6 +108,10 @@ def check_framing(method: str, version: str, headers: Any) -> None:
             raise Refused("400", "bad_header", "a header field name is not a valid token")
         if _BAD_VALUE.search(value):
             raise Refused("400", "bad_header", f"the {name} header holds a line break (obs-fold) or NUL")
+    if version == "HTTP/1.1" and len(headers.get_all("Host") or ()) != 1:
+        # RFC 9112 section 3.2: exactly one. Two could name one site to the gateway and another
+        # to the app behind [proxy] (or to a cache between).
+        raise Refused("400", "bad_host", "the request needs exactly one Host header (RFC 9112, section 3.2)")
     lengths = headers.get_all("Content-Length") or []
     codings = headers.get_all("Transfer-Encoding") or []
     values = {v.strip() for length in lengths for v in length.split(",")}

@@ -40,7 +40,7 @@ def test_remembered_heads_are_each_callers_own_and_bounded() -> None:
     assert first["REMOTE_ADDR"] == "10.0.0.1"
     memo._known.entries = 3
     for i in range(10):
-        memo.parse(b"GET /longpoll/a?since=%d-0 HTTP/1.1" % i, PEER)
+        memo.parse(b"GET /longpoll/a?since=%d-0 HTTP/1.1\r\nHost: x" % i, PEER)
         assert len(memo._known) <= 3
     memo.parse(b"GET /longpoll/a?x=" + b"y" * pollloop.MEMO_HEAD_BYTES + b" HTTP/1.1", PEER)
     assert all(len(h) <= pollloop.MEMO_HEAD_BYTES for h in memo._known)  # long heads are not kept
@@ -68,8 +68,11 @@ def test_only_plain_keep_alive_long_poll_heads_are_taken():
     assert environ["PATH_INFO"] == "/longpoll/a,b" and environ["QUERY_STRING"] == "since=1-0&timeout=5"
     assert environ["HTTP_X_A"] == "1" and environ["REMOTE_ADDR"] == "127.0.0.1" and keep_alive
     assert line.startswith("GET /longpoll/")
-    assert parse_head(b"GET /longpoll/a HTTP/1.1\r\nConnection: close", PEER)[1] is False
-    assert parse_head(b"GET /longpoll/a HTTP/1.1\r\nX-Tab: a\tb\xe9", PEER)[0]["HTTP_X_TAB"] == "a\tb\xe9"
+    assert parse_head(b"GET /longpoll/a HTTP/1.1\r\nHost: x\r\nConnection: close", PEER)[1] is False
+    assert parse_head(b"GET /longpoll/a HTTP/1.1\r\nHost: x\r\nX-Tab: a\tb\xe9", PEER)[0]["HTTP_X_TAB"] == "a\tb\xe9"
+    # No Host, or two: the general server's 400 (RFC 9112 section 3.2).
+    assert parse_head(b"GET /longpoll/a HTTP/1.1", PEER) is None
+    assert parse_head(b"GET /longpoll/a HTTP/1.1\r\nHost: x\r\nHost: y", PEER) is None
     for head in (
         b"GET /sse/a HTTP/1.1",
         b"POST /longpoll/a HTTP/1.1",
@@ -98,11 +101,11 @@ def test_only_plain_keep_alive_long_poll_heads_are_taken():
         b"POST /publish/a HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked",
         b"POST /sse/a HTTP/1.1\r\nContent-Length: 3",
     ):
-        assert parse_head(head, PEER) is None, head
+        assert parse_head(head + b"\r\nHost: x", PEER) is None, head  # each refused for its own reason
 
 
 def test_a_publish_head_with_a_declared_length_is_taken():
-    head = b"POST /publish/a HTTP/1.1\r\nContent-Length: 12\r\nContent-Type: application/json\r\nIdempotency-Key: k"
+    head = b"POST /publish/a HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nContent-Type: application/json\r\nIdempotency-Key: k"
     environ, keep_alive, _ = parse_head(head, PEER)
     assert environ["REQUEST_METHOD"] == "POST" and environ["PATH_INFO"] == "/publish/a" and keep_alive
     assert environ["CONTENT_LENGTH"] == 12 and environ["CONTENT_TYPE"] == "application/json"
@@ -110,22 +113,22 @@ def test_a_publish_head_with_a_declared_length_is_taken():
 
 
 def test_repeated_headers_are_joined_as_the_general_server_joins_them():
-    head = b"GET /poll/a HTTP/1.1\r\nCookie: sid=good\r\nX-A: 1\r\nCookie: theme=dark\r\nX-A: 2"
+    head = b"GET /poll/a HTTP/1.1\r\nHost: x\r\nCookie: sid=good\r\nX-A: 1\r\nCookie: theme=dark\r\nX-A: 2"
     environ, _, _ = parse_head(head, PEER)
     assert environ["HTTP_COOKIE"] == "sid=good; theme=dark"  # as pywsgi: what auth.upstream_url is sent
     assert environ["HTTP_X_A"] == "1,2"
 
 
 def test_more_header_lines_than_the_general_server_reads_are_handed_to_it():
-    lines = b"".join(b"\r\nX-H%d: v" % i for i in range(pollloop.MAX_HEADERS))
+    lines = b"\r\nHost: x" + b"".join(b"\r\nX-H%d: v" % i for i in range(pollloop.MAX_HEADERS - 1))
     assert parse_head(b"GET /poll/a HTTP/1.1" + lines, PEER) is not None
     assert parse_head(b"GET /poll/a HTTP/1.1" + lines + b"\r\nX-One-More: v", PEER) is None
 
 
 def test_connection_close_listed_among_other_options_is_honoured():
     for value in (b"keep-alive, close", b"Keep-Alive,Close", b"close"):
-        assert parse_head(b"GET /poll/a HTTP/1.1\r\nConnection: " + value, PEER)[1] is False
-    assert parse_head(b"GET /poll/a HTTP/1.1\r\nConnection: closed-captions", PEER)[1] is True
+        assert parse_head(b"GET /poll/a HTTP/1.1\r\nHost: x\r\nConnection: " + value, PEER)[1] is False
+    assert parse_head(b"GET /poll/a HTTP/1.1\r\nHost: x\r\nConnection: closed-captions", PEER)[1] is True
 
 
 class _Conn:

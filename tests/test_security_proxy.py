@@ -225,6 +225,11 @@ def test_an_upstream_that_never_answers_the_upgrade_is_504(tmp_path) -> None:  #
         # Python's parser stops at a line that is no header and drops the rest: here the framing.
         (b"POST /echo/f9 HTTP/1.1\r\nHost: x\r\nBad Name: x\r\nContent-Length: 5\r\n\r\nhello", 400),
         (b"GET /echo/f10 HTTP/1.1\r\nHost: x\r\nno colon here\r\nConnection: close\r\n\r\n", 400),
+        # Exactly one Host (RFC 9112 section 3.2): two could name one site here, another upstream.
+        (b"GET /echo/f11 HTTP/1.1\r\nHost: x\r\nHost: evil.example\r\n\r\n", 400),
+        (b"GET /echo/f12 HTTP/1.1\r\nX-A: 1\r\n\r\n", 400),
+        (b"GET /poll/f13 HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),  # the lean loop hands it over
+        (b"GET /longpoll/f14?timeout=0 HTTP/1.1\r\n\r\n", 400),
     ],
 )
 def test_ambiguous_framing_is_refused_and_closed(gw: Gateway, app_upstream: Upstream, head: bytes, status: int) -> None:

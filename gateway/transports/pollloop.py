@@ -149,7 +149,7 @@ def _parse_fields(block: bytes, publish: bool) -> Fields | None:
                 return None  # repeated, malformed or large: the general server's errors
             environ[key] = int(text) if key == "CONTENT_LENGTH" else text
             continue
-        if key in _HANDED_OVER:
+        if key in _HANDED_OVER or (key == "HOST" and "HTTP_HOST" in environ):
             return None
         if key == "CONNECTION" and asks_to_close((text,)):
             keep_alive = False
@@ -157,8 +157,8 @@ def _parse_fields(block: bytes, publish: bool) -> Fields | None:
         if header in environ:  # a repeated header: joined as the general server joins it
             text = environ[header] + ("; " if "COOKIE" in header else ",") + text
         environ[header] = text
-    if publish and "CONTENT_LENGTH" not in environ:
-        return None
+    if "HTTP_HOST" not in environ or (publish and "CONTENT_LENGTH" not in environ):
+        return None  # no Host (or two, above): the general server's 400
     return environ, keep_alive
 
 

@@ -185,7 +185,7 @@ class Admission:
         known = self._fast_ok.get(channels_text)
         if known is None:
             known = all((p := self.policy(c)) is None or p.fast_path for c in channels_text.split(","))
-            self._fast_ok.remember(channels_text, known)
+            self._fast_ok.remember(channels_text, known, len(channels_text))
         return known
 
     # -- the path -----------------------------------------------------------------------------
@@ -228,7 +228,7 @@ class Admission:
         known = self._parsed.get(text)
         if known is None:
             known = tuple(parse_channels(text, self._limits.max_channels_per_connection))
-            self._parsed.remember(text, known)
+            self._parsed.remember(text, known, len(text))
         return list(known)
 
     def admit_tunnel(self, environ: Mapping[str, Any]) -> Ticket:
@@ -351,7 +351,8 @@ class Admission:
         return self._open
 
     def held_polls(self) -> int:
-        """Long polls held now (their tickets open): a shutdown waits for their answers."""
+        """The channels of the long polls held now (0: none is held): a shutdown waits for
+        their answers."""
         return sum(n for (_, transport), n in self._per_channel.items() if transport == "longpoll")
 
     def subscribers(self, channel: str) -> dict[str, int]:

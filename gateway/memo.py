@@ -4,23 +4,24 @@ comes, and the hot path pays one dict lookup."""
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from collections.abc import Hashable
+from typing import TypeVar
 
 __all__ = ["BoundedMemo"]
 
-K = TypeVar("K")
+K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-class BoundedMemo(dict[K, V], Generic[K, V]):
+class BoundedMemo(dict[K, V]):
     def __init__(self, entries: int, key_size: int) -> None:
         super().__init__()
         self.entries = entries  # then all are forgotten
         self.key_size = key_size  # longer keys are not kept
 
-    def remember(self, key: K, value: V, size: int | None = None) -> None:
-        """Keep `value` for `key` if the key (or `size`, its measure) is short enough."""
-        if (len(key) if size is None else size) <= self.key_size:  # type: ignore[arg-type]
+    def remember(self, key: K, value: V, size: int) -> None:
+        """Keep `value` for `key` if its size (its text's length, say) is at most key_size."""
+        if size <= self.key_size:
             if len(self) >= self.entries:
                 self.clear()
             self[key] = value

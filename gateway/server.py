@@ -203,8 +203,8 @@ class _Handler(WSGIHandler):
     def _handle_client_error(self, ex: Exception):  # noqa: ANN202 (gevent's protocol)
         if isinstance(ex, Refused):
             return (ex.status, refusal(ex.status, ex.code, ex.detail))
-        if isinstance(ex, http.client.HTTPException):  # Python's parser: more than 100 headers
-            detail = "the request has more header lines than the gateway reads (100); send fewer"
+        if isinstance(ex, http.client.HTTPException):  # Python's parser: 100 header lines or more
+            detail = "the request has more header lines than the gateway reads (99); send fewer"
             return ("431", refusal("431", "too_many_headers", detail))
         return super()._handle_client_error(ex)
 

@@ -134,12 +134,14 @@ def test_sigterm_answers_long_polls_held_with_no_stream_open(start_gateway, chan
     inline.start()
     parked.start()
     time.sleep(0.5)
+    started = time.monotonic()
     gw.proc.terminate()
     inline.join(10)
     parked.join(10)
     empty = {"events": [], "cursor": event_id, "gap": False, "more": False}
     assert answers.get("inline") == empty and answers.get("parked") == empty, answers
     assert gw.proc.wait(15) == 0
+    assert time.monotonic() - started < 3  # answered at once: the wait ends with the last poll, not the grace
 
 
 def test_a_port_in_use_is_one_clear_line(start_gateway):

@@ -386,4 +386,5 @@ def test_a_store_failing_while_a_poll_is_held_answers_503_as_the_hub_wait_would(
     assert setup.receive(until=b"backend_unavailable") == b"HTTP/1.1 503 Refused\r\n\r\nbackend_unavailable"
     assert ticket.closes == 1
     assert [a[1] for a in setup.answered] == [503]
+    assert setup.held not in setup.hub._pushers.get("c", {})  # no longer held: no publish can push to it
     assert not connection.ready()  # the connection waits for its next request

@@ -105,7 +105,8 @@ def test_only_plain_keep_alive_long_poll_heads_are_taken():
 
 
 def test_a_publish_head_with_a_declared_length_is_taken():
-    head = b"POST /publish/a HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nContent-Type: application/json\r\nIdempotency-Key: k"
+    head = b"POST /publish/a HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n"
+    head += b"Content-Type: application/json\r\nIdempotency-Key: k"
     environ, keep_alive, _ = parse_head(head, PEER)
     assert environ["REQUEST_METHOD"] == "POST" and environ["PATH_INFO"] == "/publish/a" and keep_alive
     assert environ["CONTENT_LENGTH"] == 12 and environ["CONTENT_TYPE"] == "application/json"
@@ -120,7 +121,8 @@ def test_repeated_headers_are_joined_as_the_general_server_joins_them():
 
 
 def test_more_header_lines_than_the_general_server_reads_are_handed_to_it():
-    lines = b"\r\nHost: x" + b"".join(b"\r\nX-H%d: v" % i for i in range(pollloop.MAX_HEADERS - 1))
+    # Python's parser (under pywsgi) counts the blank line that ends the head: 99 lines at most.
+    lines = b"\r\nHost: x" + b"".join(b"\r\nX-H%d: v" % i for i in range(pollloop.MAX_HEADER_LINES - 2))
     assert parse_head(b"GET /poll/a HTTP/1.1" + lines, PEER) is not None
     assert parse_head(b"GET /poll/a HTTP/1.1" + lines + b"\r\nX-One-More: v", PEER) is None
 
@@ -564,7 +566,7 @@ def test_heads_the_lean_loop_does_not_take_are_answered_by_the_general_server(st
     header lines than the general server reads, and "Connection: keep-alive, close": each gets
     the general server's answer at once, on a fresh connection and after a lean answer alike."""
     gw = start_gateway({"server": {"head_timeout_s": 5}})
-    many = "".join(f"X-H{i}: v\r\n" for i in range(101))
+    many = "".join(f"X-H{i}: v\r\n" for i in range(99))  # with Host: 100, one too many
     for lean_first in (False, True):
         conn = _Conn(gw.port)
         conn.sock.settimeout(3)  # well inside the head timeout: a wait for more bytes fails here
@@ -576,6 +578,10 @@ def test_heads_the_lean_loop_does_not_take_are_answered_by_the_general_server(st
             status, _, body = conn.answer()
             assert status == 200 and json.loads(body)["status"] == "ok"
             conn.send(f"GET /poll/{channel} HTTP/1.1\r\nHost: 127.0.0.1\n\n".encode())
+            assert conn.answer()[0] == 200
+            conn.send(f"GET /poll/{channel} HTTP/1.1\r\nHost: 127.0.0.1\n\r\n".encode())  # LF, then CRLF
+            assert conn.answer()[0] == 200
+            conn.send(_get(f"/poll/{channel}", many.split("\r\n", 1)[1]))  # 99 lines: read, and answered
             assert conn.answer()[0] == 200
             conn.send(_get(f"/poll/{channel}", many))
             status, _, body = conn.answer()

@@ -35,7 +35,9 @@ _POLLS = (b"/longpoll/", b"/poll/")  # short polls too: a long poll with no wait
 _PUBLISH = b"/publish/"
 MAX_HEAD = 8192  # bigger heads go to the general server, which has the limits and the errors
 MAX_BODY = 65536  # bigger publish bodies too (server.max_body_bytes is checked by the app)
-MAX_HEADERS = 100  # more header lines too (Python's http.client, under pywsgi, refuses them: 431)
+# As many header lines too: Python's http.client (under pywsgi) counts the head's closing blank
+# line among its 100, so it reads 99 at most and refuses more with the general server's 431.
+MAX_HEADER_LINES = 100
 _TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # Byte checks as one C-level scan each (a Python loop per byte cost more than the answer).
 _BAD_TARGET = re.compile(rb"[^\x21-\x7e]|[%#]")  # no %-encoding, no fragment, nothing unprintable
@@ -77,7 +79,7 @@ class _HeadMemo:
             parsed = known[head]
         except KeyError:
             parsed = _parse(head, self._parse_fields)
-            known.remember(head, parsed)
+            known.remember(head, parsed, len(head))
         return _with_peer(parsed, peer)
 
     def _parse_fields(self, block: bytes, publish: bool) -> Fields | None:
@@ -132,7 +134,7 @@ def _parse_fields(block: bytes, publish: bool) -> Fields | None:
     environ: dict[str, Any] = {}
     keep_alive = True
     lines = block.split(b"\r\n") if block else ()
-    if len(lines) > MAX_HEADERS:
+    if len(lines) >= MAX_HEADER_LINES:
         return None  # the general server's 431
     for line in lines:
         name, sep, value = line.partition(b":")
@@ -160,6 +162,13 @@ def _parse_fields(block: bytes, publish: bool) -> Fields | None:
     if "HTTP_HOST" not in environ or (publish and "CONTENT_LENGTH" not in environ):
         return None  # no Host (or two, above): the general server's 400
     return environ, keep_alive
+
+
+def _ended_by_bare_lf(buf: bytes) -> bool:
+    """Has a head with no CRLFCRLF in it ended anyway, its last line ended by a bare LF (RFC 9112
+    section 2.2 lets a server accept that; pywsgi does)? With no CRLFCRLF in `buf`, both can
+    only come after a bare LF."""
+    return b"\n\n" in buf or b"\n\r\n" in buf
 
 
 def _small_length(text: str) -> bool:
@@ -242,8 +251,8 @@ class LongPollLoop:
             end = buf.find(b"\r\n\r\n")
             deadline = None
             while end < 0:
-                if len(buf) > self.max_head or b"\n\n" in buf:
-                    return buf  # too big, or a head ended by bare LFs: the general server's
+                if len(buf) > self.max_head or _ended_by_bare_lf(buf):
+                    return buf  # the general server's (its 431, or a head it accepts)
                 if buf and deadline is None:
                     deadline = time.monotonic() + self.head_timeout_s
                 if deadline is not None and time.monotonic() > deadline:

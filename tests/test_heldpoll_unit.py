@@ -190,7 +190,19 @@ def test_a_request_pipelined_behind_a_held_poll_is_read_after_its_answer(setup):
     assert not poll.ready() and setup.hub._pushers["c"]  # bytes, not a hang-up: still held
     event = setup.hub.publish("c", "one")
     assert json.loads(setup.receive()[len(HEAD) :])["cursor"] == event.id
-    assert poll.get(timeout=2) == ("handed back", b"") and setup.held.readable
+    assert poll.get(timeout=2) == ("handed back", b"GET /pipelined HTTP/1.1\r\n\r\n")  # read while held
+
+
+def test_a_client_that_pipelines_then_half_closes_is_answered_all_it_asked(setup):
+    poll = setup.poll(_Ticket({"c": None}))
+    gevent.sleep(0.05)
+    setup.client.sendall(b"GET /pipelined HTTP/1.1\r\n\r\n")
+    setup.client.shutdown(socket.SHUT_WR)  # it sent all it will (as `nc -N` does)
+    gevent.sleep(0.1)
+    assert not poll.ready() and setup.hub._pushers["c"]  # still held: the EOF is not a hang-up here
+    event = setup.hub.publish("c", "one")
+    assert json.loads(setup.receive()[len(HEAD) :])["cursor"] == event.id
+    assert poll.get(timeout=2) == ("handed back", b"GET /pipelined HTTP/1.1\r\n\r\n")
 
 
 def test_a_timeout_answers_with_no_events_from_the_cursor(setup):

@@ -24,7 +24,6 @@ timeout, the hub closing) wakes it to read from history by cursor, as any long p
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -60,6 +59,9 @@ FINISH = 4  # a push went out: close its ticket (the Runner's, so the publisher'
 IDLE, HOLDING, PUSHED, BETWEEN, CLOSED = range(5)
 
 CLIENT_CLOSED = 499  # the access log's status for a poll whose client left first (nginx's)
+# Bytes pipelined behind a held poll are read and kept for after its answer, up to this much;
+# past it the hang-up watch stops until the answer (the lean loop hands bigger heads over anyway).
+CARRY_MAX = 8192
 STAY = object()  # a report's outcome: the machine goes on; the connection's greenlet stays parked
 # Any other outcome ends the park: None (the connection is done) or bytes (the greenlet goes on
 # from them: read but not answered; first it writes take_backlog()).
@@ -157,7 +159,8 @@ class HeldPoll:
         "_since",
         "_deadline",
         "_woken",
-        "_pipelined",
+        "_carry",
+        "_sent_all",
         "_backlog",
         "_count",
         "_body_len",
@@ -199,7 +202,9 @@ class HeldPoll:
         self._channel = ""
         self._since: str | None = None
         self._deadline = 0.0
-        self._woken = self._pipelined = False
+        self._woken = False
+        self._carry = b""  # what the client pipelined behind the held poll (see CARRY_MAX)
+        self._sent_all = False  # it half-closed after pipelining: no hang-up watch, answer it all
         self._backlog = b""
         self._count = self._body_len = 0
 
@@ -209,7 +214,7 @@ class HeldPoll:
         close, and the connection's greenlet is to call run())."""
         ((channel, since),) = ticket.starts.items()
         self._ticket, self._channel, self._since = ticket, channel, since
-        self._pipelined = self.readable = False
+        self.readable = self._sent_all = False
         self.cursor = ""  # not the last poll's: while reading, no publish may take it for ours
         self._deadline = time.monotonic() + timeout
         self._hub.attach(channel, self)  # before the read: a publish during it (a shared store yields) wakes us
@@ -322,7 +327,7 @@ class HeldPoll:
                     self._release()
                     return self.answered(*self._refuse(exc), close_ticket=True)
                 if body is None:
-                    self._watch.arm(not self._pipelined, self._deadline - time.monotonic())
+                    self._watch.arm(self._watching(), self._deadline - time.monotonic())
                     return STAY
                 self._release()
                 return self.answered(self._respond(body), 200, len(body), close_ticket=True)
@@ -359,17 +364,21 @@ class HeldPoll:
             return None
 
     def _readable_while_held(self) -> Outcome:
-        """Readable while held: an EOF is a hang-up; bytes are a request pipelined behind this
-        poll, left for after its answer (and no more watching for a hang-up until then)."""
+        """Readable while held: a reset, or an EOF, is a hang-up; bytes are a request pipelined
+        behind this poll, read and kept for after its answer while the watch goes on (a reset
+        still frees the poll at once). An EOF after such bytes is a client that sent all it
+        will: it is answered, as are the requests it pipelined."""
         try:
-            gone = not self._raw.recv(1, socket.MSG_PEEK)
-            self._pipelined = not gone
+            data = self._raw.recv(CARRY_MAX + 1 - len(self._carry))
+            gone = not data and not self._carry
+            self._sent_all = not data
         except BlockingIOError:  # nothing after all
-            gone = False
+            data, gone = b"", False
         except OSError:
-            gone = True
+            data, gone = b"", True
         if not gone:
-            self._watch.arm(not self._pipelined, self._deadline - time.monotonic())
+            self._carry += data
+            self._watch.arm(self._watching(), self._deadline - time.monotonic())
             return STAY
         ticket, (request_line, started) = self._ticket, self.request
         self._state = CLOSED
@@ -406,14 +415,21 @@ class HeldPoll:
     def _after_answer(self) -> Outcome:
         if self._state == CLOSED:  # closed while the answer's ticket close yielded
             return None
+        carry, self._carry = self._carry, b""
         if self._backlog:
             self._state = IDLE
-            return b""  # the greenlet writes the rest
-        # A pipelined request is readable at once: the watcher reports it from the event loop (no
-        # recursion here, however many requests a client pipelines).
-        self._pipelined = False
+            return carry  # the greenlet writes the rest, then goes on from what was pipelined
+        if carry:  # read while the poll was held: served now (it is read once: no recursion)
+            self._state = IDLE
+            return self._serve_next(self, carry) if self._serve_next is not None else carry
+        # A request pipelined after this answer is readable at once: the watcher reports it from
+        # the event loop (no recursion here, however many requests a client pipelines).
         self._wait_between()
         return STAY
+
+    def _watching(self) -> bool:
+        """Is a held poll's socket watched (for a hang-up, or more pipelined bytes)?"""
+        return not self._sent_all and len(self._carry) <= CARRY_MAX
 
     def _wait_between(self) -> None:
         """For the next request, up to the stall timeout from the last answer."""

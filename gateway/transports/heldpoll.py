@@ -366,11 +366,16 @@ class HeldPoll:
     def _readable_while_held(self) -> Outcome:
         """Readable while held: a reset, or an EOF, is a hang-up; bytes are a request pipelined
         behind this poll, read and kept for after its answer while the watch goes on (a reset
-        still frees the poll at once). An EOF after such bytes is a client that sent all it
-        will: it is answered, as are the requests it pipelined."""
+        still frees the poll at once). An EOF after a whole pipelined head may be a client that
+        sent all it will (a half-close, which cannot be told from a close): the poll stays, to
+        be answered, and so is what it pipelined if that can be answered at once."""
+        if not self._watching():  # a late report: nothing more is read (see CARRY_MAX)
+            self._watch.arm(False, self._deadline - time.monotonic())
+            return STAY
         try:
             data = self._raw.recv(CARRY_MAX + 1 - len(self._carry))
-            gone = not data and not self._carry
+            # Half a head can never be answered: an EOF after it is a hang-up like any other.
+            gone = not data and not _holds_a_head(self._carry)
             self._sent_all = not data
         except BlockingIOError:  # nothing after all
             data, gone = b"", False
@@ -472,3 +477,8 @@ class HeldPoll:
     def _release(self) -> None:
         self.hold = 1
         self._hub.detach(self._channel, self)
+
+
+def _holds_a_head(data: bytes) -> bool:
+    """Does `data` hold a whole request head (CRLF- or bare-LF-ended)?"""
+    return b"\n\r\n" in data or b"\n\n" in data

@@ -16,6 +16,7 @@ __all__ = [
     "check_framing",
     "forget_unread_headers",
     "head_too_big",
+    "holds_a_head",
     "refusal",
 ]
 
@@ -180,3 +181,9 @@ def refusal(status: str, code: str = "", detail: str = "") -> bytes:
 def asks_to_close(connection_headers: Iterable[str]) -> bool:
     """Does any Connection header list the `close` option (RFC 9110 section 7.6.1)?"""
     return any(token.strip(" \t").lower() == "close" for value in connection_headers for token in value.split(","))
+
+
+def holds_a_head(data: bytes) -> bool:
+    """Does `data` hold a whole request head, ended by CRLFCRLF or by bare LFs (RFC 9112 section
+    2.2 lets a server accept those; pywsgi does)?"""
+    return b"\n\r\n" in data or b"\n\n" in data

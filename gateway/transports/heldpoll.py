@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from gateway.admission import Ticket
 from gateway.errors import BadRequest
+from gateway.heads import holds_a_head
 from gateway.hub import Batch, Event, Hub
 from gateway.transports import pollbody
 
@@ -375,7 +376,7 @@ class HeldPoll:
         try:
             data = self._raw.recv(CARRY_MAX + 1 - len(self._carry))
             # Half a head can never be answered: an EOF after it is a hang-up like any other.
-            gone = not data and not _holds_a_head(self._carry)
+            gone = not data and not holds_a_head(self._carry)
             self._sent_all = not data
         except BlockingIOError:  # nothing after all
             data, gone = b"", False
@@ -477,8 +478,3 @@ class HeldPoll:
     def _release(self) -> None:
         self.hold = 1
         self._hub.detach(self._channel, self)
-
-
-def _holds_a_head(data: bytes) -> bool:
-    """Does `data` hold a whole request head (CRLF- or bare-LF-ended)?"""
-    return b"\n\r\n" in data or b"\n\n" in data

@@ -23,7 +23,7 @@ from email.utils import formatdate
 from typing import Any
 
 from gateway.errors import BadRequest
-from gateway.heads import asks_to_close
+from gateway.heads import asks_to_close, holds_a_head
 from gateway.hub import WaitAbandoned
 from gateway.memo import BoundedMemo
 from gateway.transports.fastpoll import REASONS, TAKEN, Answer, FastLongPoll, error_answer, ok
@@ -164,13 +164,6 @@ def _parse_fields(block: bytes, publish: bool) -> Fields | None:
     return environ, keep_alive
 
 
-def _ended_by_bare_lf(buf: bytes) -> bool:
-    """Has a head with no CRLFCRLF in it ended anyway, its last line ended by a bare LF (RFC 9112
-    section 2.2 lets a server accept that; pywsgi does)? With no CRLFCRLF in `buf`, both can
-    only come after a bare LF."""
-    return b"\n\n" in buf or b"\n\r\n" in buf
-
-
 def _small_length(text: str) -> bool:
     return text.isdigit() and text.isascii() and len(text) <= 6 and int(text) <= MAX_BODY
 
@@ -251,8 +244,8 @@ class LongPollLoop:
             end = buf.find(b"\r\n\r\n")
             deadline = None
             while end < 0:
-                if len(buf) > self.max_head or _ended_by_bare_lf(buf):
-                    return buf  # the general server's (its 431, or a head it accepts)
+                if len(buf) > self.max_head or holds_a_head(buf):
+                    return buf  # the general server's: its 431, or a head ended by bare LFs
                 if buf and deadline is None:
                     deadline = time.monotonic() + self.head_timeout_s
                 if deadline is not None and time.monotonic() > deadline:

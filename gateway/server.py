@@ -303,11 +303,13 @@ class _Server(WSGIServer):
         if sock not in self.detached_streams:
             super().do_close(sock, *args)
 
-    def drain_detached(self, deadline: float) -> None:
-        """Shutting down: streams the loop holds (no greenlet the server could wait for) say
-        goodbye on their own; wait for them until the deadline, then cut what is left."""
-        while self.detached_streams and time.monotonic() < deadline:
-            gevent.sleep(0.05)
+    def drain(self, deadline: float, held_polls: Callable[[], int]) -> None:
+        """Shutting down: what the loop holds, with no greenlet the server (no pool) could wait
+        for, finishes on its own: streams say goodbye, held long polls answer the hub's close (a
+        loop turn or two later, from the Runner or a parked greenlet). Wait for both until the
+        deadline, then cut the streams left."""
+        while (self.detached_streams or held_polls()) and time.monotonic() < deadline:
+            gevent.sleep(0.02)
         for sock in list(self.detached_streams):
             _hang_up(sock)
 
@@ -815,13 +817,8 @@ def serve(app: Flask) -> None:
     for service in services:
         service.stop()
     # Give streams a moment to write their goodbye, then cut what is left.
-    deadline = started + config.server.shutdown_grace_s
     server.stop(timeout=config.server.shutdown_grace_s)
-    # Held long polls answer the hub's close a loop turn or two later, from the Runner or a
-    # parked greenlet that the server (no pool) does not wait for: wait for their answers.
-    admission = st.admission
-    while admission is not None and admission.held_polls() and time.monotonic() < deadline:
-        gevent.sleep(0.02)
-    server.drain_detached(deadline)
+    assert st.admission is not None  # create_app made it
+    server.drain(started + config.server.shutdown_grace_s, st.admission.held_polls)
     hub.store.close()
     log.info("stopped in %.1f s", time.monotonic() - started)

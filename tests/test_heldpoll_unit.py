@@ -140,12 +140,13 @@ def test_the_publish_answers_and_the_greenlet_wakes_only_for_the_next_request(se
     gevent.sleep(0.05)
     assert setup.hub._pushers["c"]  # held as a pusher, not waiting on a signal
     event = setup.hub.publish("c", "one")
-    body = json.loads(setup.receive()[len(HEAD) :])
+    raw = setup.receive()[len(HEAD) :]
+    body = json.loads(raw)
     assert body == {"events": [json.loads(event.json)], "cursor": event.id, "gap": False, "more": False}
     gevent.sleep(0.05)
     assert not poll.ready()  # answered, closed and logged without it
-    assert (ticket.closes, ticket.events_sent) == (1, 1)
-    assert [status for _, status, *_ in setup.answered] == [200]
+    assert (ticket.closes, ticket.events_sent, ticket.bytes_sent) == (1, 1, len(raw))
+    assert [(status, length) for _, status, length, _ in setup.answered] == [(200, len(raw))]  # the body's
     assert "c" not in setup.hub._pushers
     setup.client.sendall(b"GET /next")  # the next request wakes it
     assert poll.get(timeout=2) == ("handed back", b"") and setup.held.readable

@@ -133,6 +133,13 @@ class Runner:
                 self._spawn(self._run)
 
 
+class _Pushed(bytes):
+    """A pushed answer's whole response, with its body's length for the access line of every
+    poll it answers (the hub hands pushers bytes only)."""
+
+    body_len: int
+
+
 class HeldPoll:
     """One keep-alive connection's held long polls (see the module doc)."""
 
@@ -268,7 +275,10 @@ class HeldPoll:
         """The whole answer (head and body) to these new events, made once for every poll they
         answer: the held polls of one server share their limit and their response's shape."""
         shown = events[: self._limit]
-        return self._respond(Batch(shown, cursor=shown[-1].id, more=len(events) > len(shown)).poll_body())
+        body = Batch(shown, cursor=shown[-1].id, more=len(events) > len(shown)).poll_body()
+        answer = _Pushed(self._respond(body))
+        answer.body_len = len(body)
+        return answer
 
     def push(self, data: bytes, cursor: str, events: int = 1) -> None:
         self.hold = 1
@@ -277,7 +287,7 @@ class HeldPoll:
         self._watch.disarm()
         self._hub.detach(self._channel, self)
         self._count = min(events, self._limit)
-        self._body_len = len(data) - data.find(b"\r\n\r\n") - 4  # the access line's length: the body's
+        self._body_len = data.body_len  # type: ignore[attr-defined]  # made by encode(), once per event
         self._send(data)
         self._runner.add(self, FINISH)
 

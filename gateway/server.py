@@ -494,7 +494,7 @@ class _PollWatch:
     that is moved only when it must fire sooner: it may fire long before a later deadline (the
     poll then re-arms for the rest). Shorter than a slot, a timer of its own keeps it precisely."""
 
-    __slots__ = ("_raw", "_watcher", "_glet", "_deadlines", "_slot", "_timer", "_kept", "_closed", "report")
+    __slots__ = ("_raw", "_watcher", "_glet", "_deadlines", "_slot", "_timer", "_kept", "report")
 
     def __init__(self, raw: socket.socket, deadlines: _CoarseDeadlines) -> None:
         self._raw = raw
@@ -504,11 +504,10 @@ class _PollWatch:
         self._slot = -1  # where it is registered in the deadlines (-1: not)
         self._timer: Any = None
         self._kept: Any = _NOTHING  # an unpark() that came before the park
-        self._closed = False
-        self.report: Callable[[int], None] = _ignore
+        self.report: Callable[[int], None] = _ignore  # its poll's, from then until close()
 
     def arm(self, readable: bool, timeout: float | None) -> None:
-        if self._closed:  # a step that yielded while its connection closed: its fd may be reused
+        if self.report is _ignore:  # closed (a step yielded while its connection closed): the fd may be reused
             return
         watcher = self._watcher
         if readable:
@@ -580,8 +579,7 @@ class _PollWatch:
             glet.switch(value)
 
     def close(self) -> None:
-        self._closed = True
-        self.report = _ignore  # no cycle left between this watch and its poll
+        self.report = _ignore  # closed: nothing more is armed, and no cycle is left with its poll
         self.disarm()
         if self._slot >= 0:
             self._deadlines.remove(self, self._slot)

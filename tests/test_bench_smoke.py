@@ -40,6 +40,9 @@ def test_a_tiny_case_delivers_every_event_in_order(tmp_path):
         assert r["connected"] == 6 and r["expected"] == 48, r
         assert r["delivered"] == 48 and r["lost"] == 0 and r["disorder"] == 0, r
         assert r["cpu_us_per_delivery"] is not None and r["peak_pss_mb"] > 0, r
+        assert 0 <= r["user_us_per_delivery"] <= r["cpu_us_per_delivery"], r  # user time apart from the kernel's
+    lp = results[-1]
+    assert 1 <= lp["events_per_answer"] <= 8 and "events_per_answer" not in results[0], lp  # long poll only
 
 
 def test_redis_and_two_worker_cases_deliver_every_event_in_order(tmp_path):

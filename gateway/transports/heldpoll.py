@@ -396,24 +396,18 @@ class HeldPoll:
             self._carry += data
             self._watch.arm(self._watching(), self._deadline - time.monotonic())
             return STAY
-        ticket, (request_line, started) = self._ticket, self.request
+        ticket, self._ticket = self._ticket, None
         self._state = CLOSED
         self._release()
-        if ticket is not None:
-            ticket.close()
-        if self._on_answer is not None:
-            self._on_answer(request_line, CLIENT_CLOSED, 0, started)  # as nginx logs it
+        self._end(ticket, CLIENT_CLOSED, 0)  # as nginx logs it
         return None
 
     def _finish(self) -> None:
         """A pushed poll's ticket closed and its access line written."""
-        ticket, (request_line, started), length = self._ticket, self.request, self._body_len
-        self._ticket = None
+        ticket, self._ticket = self._ticket, None
         if ticket is not None:
-            ticket.events_sent, ticket.bytes_sent = self._count, length
-            ticket.close()  # may yield (a lazy source's listener): nothing else acts on us meanwhile
-        if self._on_answer is not None:
-            self._on_answer(request_line, 200, length, started)
+            ticket.events_sent, ticket.bytes_sent = self._count, self._body_len
+        self._end(ticket, 200, self._body_len)
 
     def answered(self, response: bytes, status: int, length: int, close_ticket: bool = False) -> Outcome:
         """An answer not pushed (read from history, or a request the lean loop answered inline)
@@ -421,12 +415,16 @@ class HeldPoll:
         ticket = self._ticket if close_ticket else None
         self._ticket = None
         self._send(response)
-        if ticket is not None:
-            ticket.close()
-        if self._on_answer is not None:
-            request_line, started = self.request
-            self._on_answer(request_line, status, length, started)
+        self._end(ticket, status, length)
         return self._after_answer()
+
+    def _end(self, ticket: Ticket | None, status: int, length: int) -> None:
+        """A poll's ticket closed (if it is this step's to close) and its access line written."""
+        request_line, started = self.request
+        if ticket is not None:
+            ticket.close()  # may yield (a lazy source's listener): nothing else acts on us meanwhile
+        if self._on_answer is not None:
+            self._on_answer(request_line, status, length, started)
 
     def _after_answer(self) -> Outcome:
         if self._state == CLOSED:  # closed while the answer's ticket close yielded
